@@ -1,0 +1,191 @@
+"""``BlockDiffusionLM``: an ordinary Hugging Face causal decoder driven with block-diffusion masks.
+
+One network path for both uses (DESIGN.md §4): a from-scratch network built from a small config, or a
+pretrained decoder. The wrapper adds only what block diffusion needs on top of the decoder:
+
+* the vectorised training forward over ``x_t ⊕ x_0`` with the three-part mask (``masks.py``);
+* the SUBS output: the mask token is never predicted (its logit is ``-inf``);
+* the optional logit shift for AR-initialised backbones (predict token ``i`` from the output at
+  ``i-1``; the first token of block ``k`` reads the clean stream at the last position of block ``k-1``);
+* save/load as a plain ``save_pretrained`` directory (safetensors) plus ``blockdiff.json``.
+
+It knows nothing about time, noise schedules or samplers.
+
+Shape legend: ``b`` batch, ``n`` tokens per half, ``q``/``s`` query/key lengths, ``v`` vocab, ``d`` hidden.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from blockdiff.config import Family, ModelConfig
+from blockdiff.masks import training_block_mask, training_mask
+
+__all__ = ["BlockDiffusionLM", "BlockDiffusionSpec", "build_backbone"]
+
+SPEC_FILE = "blockdiff.json"
+
+
+@dataclass
+class BlockDiffusionSpec:
+    """What turns a decoder into a block diffuser; stored next to the weights as ``blockdiff.json``."""
+
+    mask_token_id: int
+    block_length: int
+    logit_shift: bool = False
+    max_seq_len: int | None = None  # training context length, for reference
+
+
+def build_backbone(cfg: ModelConfig, vocab_size: int, max_seq_len: int, **special_ids) -> PreTrainedModel:
+    """A randomly initialised Hugging Face decoder of the configured family and size."""
+    family = Family(cfg.family)
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        max_position_embeddings=max_seq_len,
+        **{k: v for k, v in special_ids.items() if v is not None},
+    )
+    if family is Family.gpt2:
+        kwargs["n_inner"] = cfg.intermediate_size or 4 * cfg.hidden_size
+    else:  # gated-MLP families (llama, qwen2)
+        kwargs["intermediate_size"] = cfg.intermediate_size or 64 * round(8 * cfg.hidden_size / 3 / 64)
+        kwargs["num_key_value_heads"] = cfg.num_heads
+        kwargs["tie_word_embeddings"] = True
+    hf_config = AutoConfig.for_model(family.value, **kwargs)
+    return AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attn_implementation)
+
+
+@lru_cache(maxsize=16)
+def _cached_training_mask(n: int, block_length: int, device: str, kind: str):
+    if kind == "flex_attention":
+        return training_block_mask(n, block_length, None, device=device)
+    return training_mask(n, block_length, device=device)[None, None]  # (1, 1, 2n, 2n)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean "may attend" mask -> additive float mask (eager attention adds it to the scores)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+class BlockDiffusionLM(nn.Module):
+    """A Hugging Face decoder plus the block-diffusion contract (mask token, block length, logit shift)."""
+
+    def __init__(self, backbone: PreTrainedModel, spec: BlockDiffusionSpec):
+        super().__init__()
+        vocab = backbone.get_input_embeddings().num_embeddings
+        if not 0 <= spec.mask_token_id < vocab:
+            raise ValueError(f"mask_token_id={spec.mask_token_id} is outside the backbone's vocabulary of {vocab}")
+        if spec.block_length < 1:
+            raise ValueError(f"block_length must be >= 1, got {spec.block_length}")
+        self.backbone = backbone
+        self.spec = spec
+
+    # -- properties -------------------------------------------------------------------------------
+    @property
+    def mask_token_id(self) -> int:
+        return self.spec.mask_token_id
+
+    @property
+    def block_length(self) -> int:
+        return self.spec.block_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backbone.get_input_embeddings().num_embeddings
+
+    @property
+    def num_unpredictable(self) -> int:
+        """Leading positions with no prediction (position 0 under the logit shift has no predecessor)."""
+        return 1 if self.spec.logit_shift else 0
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.backbone.config._attn_implementation
+
+    # -- the network call -------------------------------------------------------------------------
+    def hidden_states(self, input_ids, position_ids, attention_mask, past_key_values=None, use_cache=False):
+        """Run the decoder body with an explicit 4-D mask and positions; returns ``(hidden (b,q,d), cache)``."""
+        out = self.backbone.base_model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        return out.last_hidden_state, out.past_key_values
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output head + SUBS: the mask token gets ``-inf`` (never predicted). ``(b, q, d) -> (b, q, v)``."""
+        logits = self.backbone.get_output_embeddings()(hidden).float()  # (b, q, v)
+        logits[..., self.mask_token_id] = float("-inf")
+        return logits
+
+    def format_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """Boolean (b|1, 1, q, s) "may attend" mask in the form the attention implementation expects."""
+        if self.attn_implementation == "eager":
+            return _additive(allowed, self.backbone.dtype)
+        return allowed
+
+    # -- training forward -------------------------------------------------------------------------
+    def forward(self, xt: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Vectorised training forward: logits ``(b, n, v)`` predicting ``x0`` at every position of ``xt``.
+
+        Runs the network once on ``x_t ⊕ x_0`` (length ``2n``, positions ``0..n-1`` twice) under the
+        three-part mask. With the logit shift, row ``0`` has no predecessor and holds no prediction
+        (see ``num_unpredictable``).
+        """
+        return self.logits(self.training_hidden(xt, x0))
+
+    def training_hidden(self, xt: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The hidden states behind ``forward``'s logits, ``(b, n, d)`` (lets the loss project only masked rows)."""
+        b, n = xt.shape
+        if n % self.block_length:
+            raise ValueError(f"block_length={self.block_length} must divide the sequence length {n}")
+        kind = self.attn_implementation
+        if kind == "flex_attention" and xt.device.type != "cuda":
+            raise RuntimeError("model.attn_implementation=flex_attention needs CUDA; use sdpa on CPU")
+        mask = _cached_training_mask(n, self.block_length, str(xt.device), kind)
+        if kind != "flex_attention":
+            mask = self.format_mask(mask)
+        positions = torch.arange(n, device=xt.device).repeat(2)[None].expand(b, -1)  # (b, 2n)
+        hidden, _ = self.hidden_states(torch.cat([xt, x0], dim=1), positions, mask)  # (b, 2n, d)
+        h_xt, h_x0 = hidden[:, :n], hidden[:, n:]  # (b, n, d) each
+        if self.spec.logit_shift:
+            first_of_block = (torch.arange(1, n, device=xt.device) % self.block_length == 0)[None, :, None]
+            shifted = torch.where(first_of_block, h_x0[:, :-1], h_xt[:, :-1])  # (b, n-1, d)
+            h_xt = torch.cat([h_xt[:, :1], shifted], dim=1)  # (b, n, d); row 0 is a placeholder
+        return h_xt
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write weights (safetensors), the HF config and ``blockdiff.json`` into ``directory``."""
+        directory = Path(directory)
+        self.backbone.save_pretrained(directory, safe_serialization=True)
+        (directory / SPEC_FILE).write_text(json.dumps(asdict(self.spec), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, attn_implementation: str = "sdpa") -> "BlockDiffusionLM":
+        """Load a directory written by ``save_pretrained`` (never executes remote code)."""
+        directory = Path(directory)
+        spec_path = directory / SPEC_FILE
+        if not spec_path.is_file():
+            raise FileNotFoundError(
+                f"{directory} is not a blockdiff model directory (no {SPEC_FILE}); "
+                "pass the model/ folder of a run, or a directory written by BlockDiffusionLM.save_pretrained"
+            )
+        spec = BlockDiffusionSpec(**json.loads(spec_path.read_text()))
+        backbone = AutoModelForCausalLM.from_pretrained(
+            directory, attn_implementation=attn_implementation, trust_remote_code=False, use_safetensors=True
+        )
+        return cls(backbone, spec)

@@ -1,0 +1,113 @@
+"""Noise schedules and the absorbing-state forward process (DESIGN.md §2). Pure, no hidden state.
+
+``alpha(t)`` is the probability that a token is still clean at time ``t`` (``alpha(0) = 1``,
+``alpha(1) = 0``). The NELBO weight of a masked token at time ``t`` is ``-alpha'(t) / (1 - alpha(t))``
+(``1/t`` for the log-linear schedule). Each *block* gets its own ``t``; ``sample_t`` draws them
+stratified (antithetic) across the batch so the Monte-Carlo estimate of the loss has low variance.
+Training may clip ``t ~ U[beta, omega]``; evaluation always uses the full range ``[eps, 1]``.
+
+This module does not know about networks or attention masks.
+
+Shape legend: ``b`` batch, ``n`` tokens, ``k`` number of blocks, ``l`` block length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["LogLinearSchedule", "CosineSchedule", "make_schedule", "sample_t", "add_noise", "NoisedBatch"]
+
+
+class LogLinearSchedule:
+    """``alpha(t) = 1 - t``; weight ``1/t``. The MDLM/BD3-LM default."""
+
+    name = "loglinear"
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return 1.0 - t
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """``-alpha'(t) / (1 - alpha(t))``."""
+        return 1.0 / t
+
+
+class CosineSchedule:
+    """``alpha(t) = cos(pi t / 2)``; weight ``(pi/2) sin(pi t/2) / (1 - cos(pi t/2))``."""
+
+    name = "cosine"
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cos(0.5 * math.pi * t).clamp(min=0.0)
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        half = 0.5 * math.pi * t
+        return 0.5 * math.pi * torch.sin(half) / (1.0 - torch.cos(half))
+
+
+_SCHEDULES = {"loglinear": LogLinearSchedule, "cosine": CosineSchedule}
+
+
+def make_schedule(name: str):
+    """Schedule object by name (``loglinear`` or ``cosine``)."""
+    try:
+        return _SCHEDULES[str(name)]()
+    except KeyError:
+        raise ValueError(f"unknown noise schedule {name!r}; choose one of {sorted(_SCHEDULES)}") from None
+
+
+def sample_t(
+    shape: tuple[int, ...],
+    low: float,
+    high: float,
+    antithetic: bool = True,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Draw ``t ~ U[low, high]`` for every entry of ``shape`` (typically ``(b, k)``: one per block).
+
+    With ``antithetic`` the ``m`` draws are stratified: one uniform in each of ``m`` equal strata of
+    ``[0, 1)``, randomly assigned to entries, then mapped affinely to ``[low, high]``.
+    ``low == high`` gives the constant ``t = low`` (``(1, 1)`` masks everything).
+    """
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"need 0 <= low <= high <= 1 for t, got low={low}, high={high}")
+    m = math.prod(shape)
+    u = torch.rand(m, generator=generator, device=device)  # (m,)
+    if antithetic and m > 1:
+        strata = torch.randperm(m, generator=generator, device=device)  # (m,)
+        u = (strata + u) / m
+    return (low + (high - low) * u).reshape(shape)
+
+
+@dataclass
+class NoisedBatch:
+    """Output of the forward process."""
+
+    xt: torch.Tensor  # (b, n) noisy tokens, mask_token_id where masked
+    masked: torch.Tensor  # (b, n) bool, True where the token was replaced by the mask
+    t: torch.Tensor  # (b, k) time of each block
+    weight: torch.Tensor  # (b, n) NELBO weight of each token's block, -alpha'(t)/(1-alpha(t))
+
+
+def add_noise(
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    schedule,
+    block_length: int,
+    mask_token_id: int,
+    generator: torch.Generator | None = None,
+) -> NoisedBatch:
+    """Mask each token of block ``k`` independently with probability ``1 - alpha(t[:, k])``."""
+    b, n = x0.shape
+    if n % block_length != 0:
+        raise ValueError(f"block_length={block_length} must divide the sequence length {n}")
+    if t.shape != (b, n // block_length):
+        raise ValueError(f"t must have shape (batch, num_blocks)=({b}, {n // block_length}), got {tuple(t.shape)}")
+    t_tok = t.repeat_interleave(block_length, dim=1)  # (b, n)
+    p_mask = 1.0 - schedule.alpha(t_tok)  # (b, n)
+    masked = torch.rand(x0.shape, generator=generator, device=x0.device) < p_mask  # (b, n)
+    xt = torch.where(masked, torch.full_like(x0, mask_token_id), x0)  # (b, n)
+    return NoisedBatch(xt=xt, masked=masked, t=t, weight=schedule.loss_weight(t_tok))
