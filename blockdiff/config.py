@@ -269,8 +269,10 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> Conf
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        raise ConfigError(f"invalid config{f' key {key!r}' if key else ''}: {err.msg if hasattr(err, 'msg') else err}") from None
+        key, reason = getattr(err, "full_key", None), str(err).splitlines()[0]
+        if key is None:
+            raise ConfigError(f"invalid config: {reason}") from None
+        raise ConfigError(f"invalid config key {key!r}: {reason} (`blockdiff config show` lists every key)") from None
 
 
 def to_yaml(config: Config) -> str:
