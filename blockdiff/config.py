@@ -59,8 +59,6 @@ class LRSchedule(str, enum.Enum):
 class ModelConfig:
     family: Family = Family.llama
     """Backbone family for a from-scratch network."""
-    pretrained: Optional[str] = None
-    """Hub id or local directory of a pretrained decoder to adapt (overrides the size fields)."""
     hidden_size: int = 192
     """Width of the from-scratch network."""
     num_layers: int = 4
