@@ -15,7 +15,7 @@ from typing import Callable
 from rich.console import Console
 from rich.table import Table
 
-from blockdiff.config import ConfigError, load_config, to_yaml
+from blockdiff.config import ConfigError, describe_keys, load_config, to_yaml
 from blockdiff.data import DataError
 
 console = Console()
@@ -60,7 +60,13 @@ def cmd_sample(args) -> None:
 
 
 def cmd_config(args) -> None:
-    """Show the resolved config (`show`) or only check it (`validate`)."""
+    """Show the resolved config (`show`), only check it (`validate`), or list every key with its meaning (`keys`)."""
+    if args.action == "keys":
+        table = Table("key", "default", "meaning", title="config keys")
+        for row in describe_keys():
+            table.add_row(*row)
+        console.print(table)
+        return
     cfg = load_config(args.config, args.overrides)
     if args.action == "show":
         console.print(to_yaml(cfg), markup=False, highlight=False)
@@ -132,7 +138,7 @@ def _sample_args(p):
 
 
 def _config_verb_args(p):
-    p.add_argument("action", choices=["show", "validate"])
+    p.add_argument("action", choices=["show", "validate", "keys"])
     _config_args(p)
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "load_config",
+    "describe_keys",
     "to_yaml",
 ]
 
@@ -271,6 +272,29 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> Conf
         if key is None:
             raise ConfigError(f"invalid config: {reason}") from None
         raise ConfigError(f"invalid config key {key!r}: {reason} (`blockdiff config show` lists every key)") from None
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """``(key, default, help)`` for every config key; help is the docstring under each field."""
+    import ast
+    import dataclasses
+    import inspect
+    import sys
+
+    helps: dict[tuple[str, str], str] = {}
+    for node in ast.parse(inspect.getsource(sys.modules[__name__])).body:
+        if isinstance(node, ast.ClassDef):
+            for stmt, nxt in zip(node.body, node.body[1:]):
+                if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                    helps[(node.name, stmt.target.id)] = str(nxt.value.value)
+    rows, defaults = [], Config()
+    for section in dataclasses.fields(Config):
+        sub = getattr(defaults, section.name)
+        for f in dataclasses.fields(sub):
+            value = getattr(sub, f.name)
+            value = value.value if isinstance(value, enum.Enum) else value
+            rows.append((f"{section.name}.{f.name}", str(value), helps.get((type(sub).__name__, f.name), "")))
+    return rows
 
 
 def to_yaml(config: Config) -> str:

@@ -265,7 +265,8 @@ def test_mdlm_block_length_equals_n(logit_shift):
     model = tiny_model(block_length=n, logit_shift=logit_shift, max_seq_len=n)
     x0 = random_tokens(4, n)
     with torch.no_grad():
-        out = block_diffusion_loss(model, x0, LogLinearSchedule(), (1e-3, 1.0), generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)
+        out = block_diffusion_loss(model, x0, LogLinearSchedule(), (1e-3, 1.0), generator=g)
     assert torch.isfinite(out.loss) and out.loss.item() > 0
     assert out.num_masked.item() > 0
 

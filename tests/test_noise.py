@@ -109,16 +109,18 @@ def test_sample_t_inside_window(low, high, antithetic):
 def test_sample_t_antithetic_one_draw_per_stratum(m, low, high, seed):
     t = sample_t((m,), low, high, antithetic=True, generator=_gen(seed)).double()
     u = (t - low) / (high - low)  # back to [0, 1]
-    strata = torch.floor(u * m).long().clamp(max=m - 1)
-    counts = torch.bincount(strata, minlength=m)
-    assert torch.equal(counts, torch.ones(m, dtype=torch.long)), counts
+    # exactly one draw per stratum [i/m, (i+1)/m) <=> the i-th smallest draw lies in stratum i
+    # (up to fp32 rounding at the stratum edges, hence the 1e-6 slack)
+    u_sorted = u.sort().values
+    i = torch.arange(m, dtype=torch.float64)
+    assert (u_sorted >= i / m - 1e-6).all() and (u_sorted <= (i + 1) / m + 1e-6).all()
 
 
 def test_sample_t_antithetic_stratifies_across_a_2d_shape():
     b, k = 8, 4
     t = sample_t((b, k), 0.0, 1.0, antithetic=True, generator=_gen(3)).double()
     counts = torch.bincount(torch.floor(t.flatten() * b * k).long(), minlength=b * k)
-    assert torch.equal(counts, torch.ones(b * k, dtype=torch.long))
+    assert torch.equal(counts, torch.ones(b * k, dtype=torch.long))  # 32 strata: far from fp32 rounding
 
 
 def test_sample_t_plain_is_not_stratified():
