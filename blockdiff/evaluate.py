@@ -90,5 +90,5 @@ def evaluate(path: str | Path, overrides: list[str] = (), max_batches: int | Non
     cfg = loaded.config
     corpus = pack_documents(load_documents(cfg.data), loaded.tokenizer, cfg.data.max_seq_len, cfg.data.val_fraction)
     loader = torch.utils.data.DataLoader(corpus.val, batch_size=cfg.data.batch_size, collate_fn=collate_windows)
-    schedule = make_schedule(cfg.noise.schedule.value)
+    schedule = make_schedule(cfg.noise.schedule)
     return evaluate_nelbo(loaded.model, loader, schedule, cfg.noise.eval_range, corpus.tokens_per_byte, seed, max_batches)

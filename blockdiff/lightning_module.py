@@ -48,7 +48,7 @@ class BlockDiffusionModule(L.LightningModule):
         super().__init__()
         self.model, self.noise, self.optim = model, noise, optim
         self.max_steps, self.tokens_per_byte, self.seed = max_steps, tokens_per_byte, seed
-        self.schedule = make_schedule(noise.schedule.value if hasattr(noise.schedule, "value") else noise.schedule)
+        self.schedule = make_schedule(noise.schedule)
         self.val_nll = MeanMetric()
         self._val_generator: torch.Generator | None = None
 

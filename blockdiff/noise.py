@@ -50,10 +50,10 @@ class CosineSchedule:
 _SCHEDULES = {"loglinear": LogLinearSchedule, "cosine": CosineSchedule}
 
 
-def make_schedule(name: str):
-    """Schedule object by name (``loglinear`` or ``cosine``)."""
+def make_schedule(name) -> LogLinearSchedule | CosineSchedule:
+    """Schedule object by name (``loglinear`` or ``cosine``; a ``config.Schedule`` member works too)."""
     try:
-        return _SCHEDULES[str(name)]()
+        return _SCHEDULES[getattr(name, "value", name)]()
     except KeyError:
         raise ValueError(f"unknown noise schedule {name!r}; choose one of {sorted(_SCHEDULES)}") from None
 

@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint, RichProgressBar, Timer
 from lightning.pytorch.loggers import CSVLogger
 
-from blockdiff.config import Config, to_yaml
+from blockdiff.config import Config, ConfigError, to_yaml
 from blockdiff.data import BlockDiffusionDataModule, load_documents, pack_documents
 from blockdiff.lightning_module import BlockDiffusionModule
 from blockdiff.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
@@ -63,6 +63,8 @@ def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
 def train(cfg: Config, overwrite: bool = False, progress: bool = True) -> TrainResult:
     """Train a block diffusion LM as configured; returns where it went and the final validation numbers."""
     start = time.monotonic()
+    if cfg.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise ConfigError("model.attn_implementation=flex_attention needs a CUDA GPU; use sdpa (the default) on CPU")
     L.seed_everything(cfg.trainer.seed, verbose=False)
 
     # -- inputs first: nothing is written until they are known to be usable -------------------------
