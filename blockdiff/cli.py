@@ -69,7 +69,7 @@ def cmd_config(args) -> None:
         return
     cfg = load_config(args.config, args.overrides)
     if args.action == "show":
-        console.print(to_yaml(cfg), markup=False, highlight=False)
+        sys.stdout.write(to_yaml(cfg))  # plain text: must stay loadable YAML when redirected
     else:
         console.print("[green]config OK[/]")
 

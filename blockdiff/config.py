@@ -253,25 +253,44 @@ class Config:
             )
 
 
+def _merge(merged: DictConfig, update, source: str) -> DictConfig:
+    """Merge one file or override; any failure becomes a ``ConfigError`` naming the key or the source."""
+    try:
+        return OmegaConf.merge(merged, update)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or source
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"invalid config key {key!r}: {reason} (`blockdiff config keys` lists every key)") from None
+
+
 def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> Config:
     """Merge YAML files (in order) and ``key=value`` overrides onto the defaults, then validate."""
     merged: DictConfig = OmegaConf.structured(Config)
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # noqa: BLE001 - YAML syntax errors come in several types
+            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...), not a list")
+        merged = _merge(merged, loaded, str(path))
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"overrides must look like key=value (e.g. model.block_length=8), got {override!r}")
+        try:
+            update = OmegaConf.from_dotlist([override])
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"cannot parse override {override!r}: {str(err).splitlines()[0]}") from None
+        merged = _merge(merged, update, key)
     try:
-        for path in paths:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must look like key=value (e.g. model.block_length=8), got {bad}")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        key, reason = getattr(err, "full_key", None), str(err).splitlines()[0]
-        if key is None:
-            raise ConfigError(f"invalid config: {reason}") from None
-        raise ConfigError(f"invalid config key {key!r}: {reason} (`blockdiff config show` lists every key)") from None
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"invalid config key {key!r}: {str(err).splitlines()[0]}") from None
 
 
 def describe_keys() -> list[tuple[str, str, str]]:

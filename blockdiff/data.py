@@ -7,7 +7,9 @@ Sources (``data.source``):
 * anything else — a hub dataset id for ``datasets.load_dataset`` (for users online).
 
 Each document is tokenised as ``BOS + text + EOS`` (``datasets.map(batched=True)``, cached by
-``datasets`` for file-backed corpora) and the stream is cut into windows of ``max_seq_len`` tokens.
+``datasets`` for file-backed corpora); the streams of each group of 1,000 documents are concatenated
+and cut into windows of ``max_seq_len`` tokens (each group's last ``< max_seq_len`` tokens are dropped).
+Special-token *text* inside documents (e.g. a literal ``<|mask|>``) stays text.
 The held-out split is the *tail* of the window stream (the last documents, never trained on), so
 ``blockdiff eval`` re-creates exactly the same held-out tokens from the same config.
 
@@ -126,7 +128,7 @@ def pack_documents(docs: datasets.Dataset, tokenizer, max_seq_len: int, val_frac
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
 
     def tokenize(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(batch["text"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return {
             "input_ids": [[bos, *x, eos] for x in ids],
             "num_bytes": [len(t.encode("utf-8")) for t in batch["text"]],

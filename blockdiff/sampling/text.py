@@ -25,7 +25,7 @@ def sample_texts(
     generator = torch.Generator(device=device).manual_seed(seed)
     texts, outputs = [], []
     for prompt in prompts:
-        ids = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+        ids = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
         prompt_ids = torch.tensor([ids], device=device)  # (1, p)
         out = generate(model, prompt_ids, max_new_tokens, steps_per_block, temperature, generator)
         new = out.sequences[0, len(ids) :].tolist()
