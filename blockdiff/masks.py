@@ -77,11 +77,15 @@ def training_mask(n: int, block_length: int, device: torch.device | str | None =
     return training_mask_mod(n, block_length)(None, None, idx[:, None], idx[None, :])  # (2n, 2n)
 
 
-def training_block_mask(n: int, block_length: int, batch_size: int | None = None, device="cuda"):
-    """Sparse flex-attention ``BlockMask`` of the same mask; the fast path on CUDA (never compiled on CPU)."""
+def training_block_mask(
+    n: int, block_length: int, batch_size: int | None = None, device="cuda", length: int | None = None
+):
+    """Sparse flex-attention ``BlockMask`` of the same mask (its leading ``length`` rows and columns,
+    default ``2n``); the fast path on CUDA (never compiled on CPU)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(training_mask_mod(n, block_length), batch_size, None, 2 * n, 2 * n, device=device)
+    length = 2 * n if length is None else length
+    return create_block_mask(training_mask_mod(n, block_length), batch_size, None, length, length, device=device)
 
 
 def block_causal_mask(

@@ -66,9 +66,11 @@ def build_backbone(cfg: ModelConfig, vocab_size: int, max_seq_len: int, **specia
 
 @lru_cache(maxsize=16)
 def _cached_training_mask(n: int, block_length: int, device: str, kind: str):
+    """The training mask without the last clean block (no query ever needs it): ``2n - l`` square."""
+    length = 2 * n - block_length
     if kind == "flex_attention":
-        return training_block_mask(n, block_length, None, device=device)
-    return training_mask(n, block_length, device=device)[None, None]  # (1, 1, 2n, 2n)
+        return training_block_mask(n, block_length, None, device=device, length=length)
+    return training_mask(n, block_length, device=device)[None, None, :length, :length]  # (1, 1, 2n-l, 2n-l)
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -141,9 +143,10 @@ class BlockDiffusionLM(nn.Module):
     def forward(self, xt: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Vectorised training forward: logits ``(b, n, v)`` predicting ``x0`` at every position of ``xt``.
 
-        Runs the network once on ``x_t ⊕ x_0`` (length ``2n``, positions ``0..n-1`` twice) under the
-        three-part mask. With the logit shift, row ``0`` has no predecessor and holds no prediction
-        (see ``num_unpredictable``).
+        Runs the network once on ``x_t ⊕ x_0`` (positions ``0..n-1`` twice) under the three-part mask.
+        The last clean block is left out of the input: no noisy block may see it and no clean block
+        before it does, so dropping it is exact and the input is ``2n - l`` tokens (``n`` for MDLM).
+        With the logit shift, row ``0`` has no predecessor and holds no prediction (``num_unpredictable``).
         """
         return self.logits(self.training_hidden(xt, x0))
 
@@ -158,12 +161,14 @@ class BlockDiffusionLM(nn.Module):
         mask = _cached_training_mask(n, self.block_length, str(xt.device), kind)
         if kind != "flex_attention":
             mask = self.format_mask(mask)
-        positions = torch.arange(n, device=xt.device).repeat(2)[None].expand(b, -1)  # (b, 2n)
-        hidden, _ = self.hidden_states(torch.cat([xt, x0], dim=1), positions, mask)  # (b, 2n, d)
-        h_xt, h_x0 = hidden[:, :n], hidden[:, n:]  # (b, n, d) each
+        clean = n - self.block_length  # clean tokens fed: all blocks but the last
+        positions = torch.cat([torch.arange(n), torch.arange(clean)]).to(xt.device)[None].expand(b, -1)  # (b, n+clean)
+        hidden, _ = self.hidden_states(torch.cat([xt, x0[:, :clean]], dim=1), positions, mask)  # (b, n+clean, d)
+        h_xt, h_x0 = hidden[:, :n], hidden[:, n:]  # (b, n, d), (b, clean, d)
         if self.spec.logit_shift:
             first_of_block = (torch.arange(1, n, device=xt.device) % self.block_length == 0)[None, :, None]
-            shifted = torch.where(first_of_block, h_x0[:, :-1], h_xt[:, :-1])  # (b, n-1, d)
+            h_x0 = torch.nn.functional.pad(h_x0, (0, 0, 0, n - 1 - clean))  # (b, n-1, d); pad rows never read
+            shifted = torch.where(first_of_block, h_x0, h_xt[:, :-1])  # (b, n-1, d)
             h_xt = torch.cat([h_xt[:, :1], shifted], dim=1)  # (b, n, d); row 0 is a placeholder
         return h_xt
 
