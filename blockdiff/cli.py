@@ -17,6 +17,7 @@ from rich.table import Table
 
 from blockdiff.config import ConfigError, describe_keys, load_config, to_yaml
 from blockdiff.data import DataError
+from blockdiff.sampling.config import SAMPLERS
 
 console = Console()
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError, OSError)
@@ -45,18 +46,71 @@ def cmd_eval(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    """Generate text from a trained model, block by block (prompts from --prompt, repeatable)."""
-    from blockdiff.evaluate import load_model_dir
-    from blockdiff.sampling import sample_texts
+    """Generate text block by block; prompts from --prompt, --prompt-file or stdin are batched together."""
+    import contextlib
 
-    loaded = load_model_dir(args.path)
-    prompts = args.prompt or [""]
-    texts, outputs = sample_texts(
-        loaded.model, loaded.tokenizer, prompts, args.max_new_tokens, args.steps_per_block, args.temperature, args.seed
-    )
-    for prompt, text, out in zip(prompts, texts, outputs):
-        console.rule(f"NFE {out.nfe}, {out.tokens_per_forward:.2f} tokens/forward")
+    import torch
+
+    from blockdiff.evaluate import load_model_dir
+    from blockdiff.sampling import encode_prompts, sample_texts
+    from blockdiff.sampling.watch import FinishedBlocks, LiveView, TraceWriter, fan_out
+
+    path = args.checkpoint or args.path
+    if path is None:
+        raise ValueError("say which model to sample from: blockdiff sample RUN_DIR (or --checkpoint RUN_DIR)")
+    prompts = _read_prompts(args)
+    loaded = load_model_dir(path)
+    settings = {
+        "max_new_tokens": args.max_new_tokens, "sampler": args.sampler, "steps_per_block": args.steps_per_block,
+        "tau": args.tau, "tokens_per_step": args.tokens_per_step, "temperature": args.temperature,
+        "top_k": args.top_k, "top_p": args.top_p, "window": args.window,
+    }
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if args.no_cache:
+        settings["use_cache"] = False
+    config = loaded.model.generation_config
+    for key, value in settings.items():  # check everything before any work (and before --trace makes a file)
+        setattr(config, key, value)
+    config.check(loaded.model.block_length)
+    finished = FinishedBlocks([len(p) for p in encode_prompts(loaded.tokenizer, prompts)])
+    trace = TraceWriter(args.trace) if args.trace else None
+    live = LiveView(loaded.tokenizer, loaded.model.mask_token_id, console) if args.show_denoising else None
+    generator = torch.Generator().manual_seed(args.seed)
+    try:
+        with live or contextlib.nullcontext():
+            texts, out = sample_texts(
+                loaded.model, loaded.tokenizer, prompts, generator, observer=fan_out(finished, trace, live)
+            )
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted — finished blocks so far:[/]")
+        for i, prompt in enumerate(prompts):
+            console.print(prompt + finished.text(i, loaded.tokenizer), markup=False, highlight=False)
+        raise
+    finally:
+        if trace is not None:
+            trace.close()
+    for i, (prompt, text) in enumerate(zip(prompts, texts)):
+        stop = "EOS" if bool(out.stopped_at_eos[i]) else "max_new_tokens"
+        console.rule(f"sample {i}: {int(out.lengths[i])} tokens, stopped at {stop}")
         console.print(prompt + text, markup=False, highlight=False)
+    console.print(
+        f"NFE {out.nfe}, {out.tokens_per_forward:.2f} new tokens/forward, "
+        f"{out.tokens_processed_per_forward:.1f} tokens processed/forward", highlight=False
+    )
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = []
+    for prompt in args.prompt or []:
+        prompts.extend(sys.stdin.read().splitlines() if prompt == "-" else [prompt])
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts.extend(line.rstrip("\n") for line in f if line.strip())
+    if not args.prompt and not args.prompt_file and not sys.stdin.isatty():
+        prompts.extend(line for line in sys.stdin.read().splitlines() if line.strip())
+    if not prompts and (args.prompt or args.prompt_file):
+        raise ValueError("the prompt list is empty (empty --prompt-file or stdin)")
+    return prompts or [""]
 
 
 def cmd_config(args) -> None:
@@ -88,15 +142,19 @@ def cmd_demo(args) -> None:
         result.metrics,
         extra={"steps": result.steps, "minutes": result.seconds / 60},
     )
+    import torch
+
     loaded = load_model_dir(result.model_dir)
     prompts = [cfg.sample.prompt] * cfg.sample.num_samples
-    texts, outputs = sample_texts(
-        loaded.model, loaded.tokenizer, prompts, cfg.sample.max_new_tokens, cfg.sample.steps_per_block,
-        cfg.sample.temperature, cfg.trainer.seed,
+    texts, out = sample_texts(
+        loaded.model, loaded.tokenizer, prompts, torch.Generator().manual_seed(cfg.trainer.seed),
+        max_new_tokens=cfg.sample.max_new_tokens, steps_per_block=cfg.sample.steps_per_block,
+        temperature=cfg.sample.temperature, sampler=cfg.sample.sampler, tau=cfg.sample.tau,
     )
-    for prompt, text, out in zip(prompts, texts, outputs):
-        console.rule(f"sample — NFE {out.nfe}, {out.tokens_per_forward:.2f} tokens/forward")
+    for prompt, text in zip(prompts, texts):
+        console.rule("sample")
         console.print(prompt + text, markup=False, highlight=False)
+    console.print(f"NFE {out.nfe}, {out.tokens_per_forward:.2f} new tokens per forward", highlight=False)
     console.print(f"\nmodel: [bold]{result.model_dir}[/]  — try `blockdiff eval {result.run_dir}`")
 
 
@@ -129,12 +187,23 @@ def _eval_args(p):
 
 
 def _sample_args(p):
-    p.add_argument("path", help="run directory or its model/ folder")
-    p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--steps-per-block", type=int, default=None, help="default: block_length (one token per step)")
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("path", nargs="?", help="run directory or its model/ folder")
+    p.add_argument("--checkpoint", help="same as the positional path")
+    p.add_argument("--prompt", action="append", help="prompt text (repeatable; '-' reads one prompt per line from stdin)")
+    p.add_argument("--prompt-file", help="file with one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, help="hard bound on new tokens per prompt (generation stops at EOS)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="threshold (default), first_hitting, fixed, ddpm, remask")
+    p.add_argument("--steps-per-block", type=int, help="denoising-step budget per block (default: block_length)")
+    p.add_argument("--tau", type=float, help="threshold sampler: reveal tokens with confidence >= tau (default 0.9)")
+    p.add_argument("--tokens-per-step", type=int, help="fixed sampler: tokens revealed per step")
+    p.add_argument("--temperature", type=float, help="softmax temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--window", type=int, help="sliding-window size in tokens (default: the training context)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the prefix every forward (for comparison)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--show-denoising", action="store_true", help="draw the block being denoised live")
+    p.add_argument("--trace", help="write every denoising step as JSON lines to this file")
 
 
 def _config_verb_args(p):

@@ -221,11 +221,15 @@ class SampleConfig:
     """Samples printed after the demo."""
     max_new_tokens: int = 64
     """Tokens generated per sample."""
+    sampler: str = "threshold"
+    """Sampler: threshold, first_hitting, fixed, ddpm or remask."""
+    tau: float = 0.9
+    """Confidence threshold of the threshold sampler."""
     steps_per_block: Optional[int] = None
-    """Denoising steps per block (default block_length: one token per step)."""
+    """Denoising-step budget per block (default block_length)."""
     temperature: float = 0.8
     """Softmax temperature."""
-    prompt: str = "ROMEO:"
+    prompt: str = "ROMEO."
     """Prompt for the demo samples."""
 
     def __post_init__(self) -> None:
@@ -235,6 +239,12 @@ class SampleConfig:
             raise ConfigError(f"sample.steps_per_block must be >= 1, got {self.steps_per_block}")
         if self.temperature < 0:
             raise ConfigError(f"sample.temperature must be >= 0, got {self.temperature}")
+        from blockdiff.sampling.config import SAMPLERS
+
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sample.sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
+        if not 0.0 < self.tau <= 1.0:
+            raise ConfigError(f"sample.tau must be in (0, 1], got {self.tau}")
 
 
 @dataclass

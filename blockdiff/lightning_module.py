@@ -50,6 +50,7 @@ class BlockDiffusionModule(L.LightningModule):
         self.max_steps, self.tokens_per_byte, self.seed = max_steps, tokens_per_byte, seed
         self.schedule = make_schedule(noise.schedule)
         self.val_nll = MeanMetric()
+        self.generation_overrides: dict = {}  # e.g. {"max_new_tokens": 128, "sampler": "first_hitting"}
         self._val_generator: torch.Generator | None = None
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -78,6 +79,13 @@ class BlockDiffusionModule(L.LightningModule):
             prog_bar=True,
             sync_dist=True,
         )
+
+    def predict_step(self, batch, batch_idx: int):
+        """Generation for ``Trainer.predict``: ``batch`` is a list of prompts (token-id lists) or a dict with
+        ``input_ids`` (and ``attention_mask``); settings come from ``self.generation_overrides``."""
+        if isinstance(batch, dict):
+            return self.model.generate(batch["input_ids"], batch.get("attention_mask"), **self.generation_overrides)
+        return self.model.generate(batch, **self.generation_overrides)
 
     def configure_optimizers(self):
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]

@@ -16,6 +16,7 @@ Shape legend: ``b`` batch, ``n`` tokens per half, ``q``/``s`` query/key lengths,
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -27,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from blockdiff.config import Family, ModelConfig
 from blockdiff.masks import training_block_mask, training_mask
+from blockdiff.sampling.config import GENERATION_CONFIG_FILE, BlockDiffusionGenerationConfig
 
 __all__ = ["BlockDiffusionLM", "BlockDiffusionSpec", "build_backbone"]
 
@@ -92,6 +94,9 @@ class BlockDiffusionLM(nn.Module):
             raise ValueError(f"block_length must be >= 1, got {spec.block_length}")
         self.backbone = backbone
         self.spec = spec
+        self.generation_config = BlockDiffusionGenerationConfig(
+            eos_token_id=backbone.config.eos_token_id, pad_token_id=backbone.config.pad_token_id
+        )
 
     # -- properties -------------------------------------------------------------------------------
     @property
@@ -172,12 +177,46 @@ class BlockDiffusionLM(nn.Module):
             h_xt = torch.cat([h_xt[:, :1], shifted], dim=1)  # (b, n, d); row 0 is a placeholder
         return h_xt
 
+    # -- generation -------------------------------------------------------------------------------
+    def generate(
+        self,
+        input_ids: torch.Tensor | list[list[int]],
+        attention_mask: torch.Tensor | None = None,
+        generation_config: BlockDiffusionGenerationConfig | None = None,
+        generator: torch.Generator | None = None,
+        streamer=None,
+        observer=None,
+        **overrides,
+    ):
+        """Write up to ``max_new_tokens`` after each prompt, block by block (``sampling/generation.py``).
+
+        ``input_ids``: a ``(b, p)`` tensor (left padding marked by ``attention_mask``) or a list of token-id
+        lists of any lengths. Settings come from ``generation_config`` (default: the model's own, saved
+        with it) updated by keyword ``overrides`` such as ``max_new_tokens=256, sampler="first_hitting"``.
+        Returns a ``GenerationOutput``.
+        """
+        from blockdiff.sampling.generation import generate
+
+        config = copy.deepcopy(generation_config or self.generation_config)
+        unknown = [k for k in overrides if not hasattr(config, k)]
+        if unknown:
+            raise ValueError(f"unknown generation setting(s) {unknown}; see BlockDiffusionGenerationConfig")
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+            keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            input_ids = [row[m].tolist() for row, m in zip(input_ids, keep)]
+        return generate(self, [list(p) for p in input_ids], config, generator, streamer, observer)
+
     # -- persistence ------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write weights (safetensors), the HF config and ``blockdiff.json`` into ``directory``."""
+        """Write weights (safetensors), the HF config, ``blockdiff.json`` and the generation defaults."""
         directory = Path(directory)
         self.backbone.save_pretrained(directory, safe_serialization=True)
         (directory / SPEC_FILE).write_text(json.dumps(asdict(self.spec), indent=2) + "\n")
+        self.generation_config.save_pretrained(directory, config_file_name=GENERATION_CONFIG_FILE)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, attn_implementation: str = "sdpa") -> "BlockDiffusionLM":
@@ -193,4 +232,9 @@ class BlockDiffusionLM(nn.Module):
         backbone = AutoModelForCausalLM.from_pretrained(
             directory, attn_implementation=attn_implementation, trust_remote_code=False, use_safetensors=True
         )
-        return cls(backbone, spec)
+        model = cls(backbone, spec)
+        if (directory / GENERATION_CONFIG_FILE).is_file():
+            model.generation_config = BlockDiffusionGenerationConfig.from_pretrained(
+                directory, config_file_name=GENERATION_CONFIG_FILE
+            )
+        return model

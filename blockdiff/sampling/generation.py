@@ -1,85 +1,296 @@
-"""Block-by-block generation (DESIGN.md §3), uncached reference loop.
+"""Block-by-block generation with an exact KV cache over finished blocks (DESIGN.md §3).
 
-Outer loop over blocks, inner denoising loop over the current block. Blocks are aligned to the
-training grid (block ``k`` covers absolute positions ``[k l, (k+1) l)``), so a prompt that ends mid-block
-simply leaves the rest of its block to be denoised first — the prompt tail plays the part of the
-block's unmasked tokens, exactly as in training. Every forward runs the network on
-``[finished tokens ; current block]`` under the block-causal mask, which gives the same logits as the
-training forward's noisy half (finished blocks are clean, the current block sees itself).
+```
+cache = empty
+for each new block:
+    block = prompt tail + [m] * rest          # blocks sit on the training grid: block k = positions [k l, (k+1) l)
+    first forward: [finished block not yet cached ; block]   -> writes the finished block into the cache
+    repeat until no m left:
+        logits = net(block, past=cache)        # the cache is read-only: it is cropped back after every forward
+        block  = sampler.step(logits, block)   # which masks to reveal (or re-open), with which tokens
+    stop the samples whose block holds EOS or reaches max_new_tokens; they leave the batch
+```
 
-The step rule here is the simple confidence-ordered one: at each of ``steps_per_block`` steps, sample a
-token at every masked position and reveal the ``ceil(remaining / steps_left)`` most confident ones.
-This module never imports Lightning.
+Layout: a batch is a grid of *columns*. Prompts are left-padded by whole blocks so that every sample's
+first generation block occupies the same columns; pad columns are never attended to. Position ids are
+``column - first valid column`` per sample. A sliding window keeps the last ``window`` columns: when a
+new block would not fit, the oldest half is dropped, the cache is reset, and the kept tokens are
+re-encoded at fresh positions by the next block's first forward (rotary keys are stored rotated, so
+they cannot simply be shifted).
 
-Shape legend: ``b`` batch, ``p`` prompt length, ``s`` tokens so far, ``l`` block length, ``v`` vocab.
+Counting: every network call is one forward (NFE); ``tokens_processed_per_forward`` counts input
+tokens summed over the active batch; ``tokens_per_forward`` counts kept new tokens.
+
+Shape legend: ``b`` active batch, ``c`` columns, ``q`` input columns, ``s`` key columns, ``l`` block
+length, ``v`` vocab, ``d`` hidden.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+from transformers import DynamicCache
 
-from blockdiff.masks import block_causal_mask
+from blockdiff.sampling.base import BlockState, reveal
+from blockdiff.sampling.config import BlockDiffusionGenerationConfig, make_sampler
+from blockdiff.sampling.logits import choose_tokens
 
-__all__ = ["GenerationOutput", "generate"]
+__all__ = ["GenerationOutput", "StepEvent", "generate"]
 
 
 @dataclass
 class GenerationOutput:
-    sequences: torch.Tensor  # (b, p + max_new_tokens) prompt followed by generated tokens
+    sequences: torch.Tensor  # (b, longest) prompt + new tokens, right-padded with pad_token_id
+    prompt_lengths: torch.Tensor  # (b,)
+    lengths: torch.Tensor  # (b,) new tokens kept per sample (EOS included when it stopped there)
+    stopped_at_eos: torch.Tensor  # (b,) bool
     nfe: int  # network forward evaluations
-    tokens_per_forward: float  # generated tokens per forward
+    tokens_processed_per_forward: float  # input tokens (summed over the active batch) per forward
+    tokens_per_forward: float  # kept new tokens (all samples) per forward
+    max_cache_length: int = 0  # largest KV cache (in tokens) held during generation
+
+    def new_tokens(self, i: int) -> list[int]:
+        """The generated tokens of sample ``i`` (prompt excluded)."""
+        start = int(self.prompt_lengths[i])
+        return self.sequences[i, start : start + int(self.lengths[i])].tolist()
 
 
-def _block_logits(model, tokens: torch.Tensor, start: int) -> torch.Tensor:
-    """Logits ``(b, s - start, v)`` predicting positions ``start..s-1`` of ``tokens`` (b, s)."""
-    b, s = tokens.shape
-    pos = torch.arange(s, device=tokens.device)  # (s,)
-    mask = model.format_mask(block_causal_mask(pos, pos, model.block_length)[None, None])  # (1, 1, s, s)
-    hidden, _ = model.hidden_states(tokens, pos[None].expand(b, -1), mask)  # (b, s, d)
-    shift = 1 if model.spec.logit_shift else 0
-    return model.logits(hidden[:, start - shift : s - shift])
+@dataclass
+class StepEvent:
+    """One denoising step, for traces and live displays. Positions are per-sample token positions."""
+
+    block: int  # column block index (blocks of every sample share columns)
+    step: int
+    samples: list[int]  # original batch indices of the active samples
+    block_start: list[int]  # position of the block's first column, per active sample
+    tokens: list[list[int]]  # the block after this step (mask id where still masked)
+    revealed: list[list[int]]  # positions revealed at this step, per active sample
+    remasked: list[list[int]]  # positions re-opened at this step
+    confidence: list[list[float]]  # confidence of each revealed token
+    forward: bool  # whether this step ran the network (False: prediction reused)
+    finished: bool = False  # the block is final (cache write follows)
+
+
+@dataclass
+class _State:
+    cols: torch.Tensor  # (B, c) every column of every sample (pads, prompt, generated)
+    first_valid: torch.Tensor  # (B,) first non-pad column per sample
+    gen_start: torch.Tensor  # (B,) column of the first generated token per sample
+    active: list[int]  # original indices of samples still generating
+    window_start: int = 0  # first column the network sees
+    cache: DynamicCache | None = None  # KV of columns [window_start, cache_end) for the active samples
+    cache_end: int = 0
+    last_hidden: torch.Tensor | None = None  # (b, d) hidden state at column cache_end - 1 (logit shift)
+    nfe: int = 0
+    processed: int = 0
+    max_cache: int = 0
+    stopped: dict[int, bool] = field(default_factory=dict)
+
+
+def _layout(prompts: list[list[int]], l: int, pad_id: int, device) -> _State:
+    full_blocks = [len(p) // l for p in prompts]
+    start = max(full_blocks) * l  # first column of the first generation block
+    first_valid = torch.tensor([start - k * l for k in full_blocks], device=device)
+    cols = torch.full((len(prompts), start + l), pad_id, device=device)
+    for i, p in enumerate(prompts):
+        cols[i, int(first_valid[i]) : int(first_valid[i]) + len(p)] = torch.tensor(p, device=device)
+    gen_start = first_valid + torch.tensor([len(p) for p in prompts], device=device)
+    return _State(cols=cols, first_valid=first_valid, gen_start=gen_start, active=list(range(len(prompts))))
+
+
+def _forward(model, st: _State, feed_from: int, end: int, use_cache: bool):
+    """Run columns ``[feed_from, end)`` of the active samples against the cache; returns ``(hidden (b, q, d), cache)``."""
+    l, act = model.block_length, torch.tensor(st.active, device=st.cols.device)
+    q_cols = torch.arange(feed_from, end, device=st.cols.device)  # (q,)
+    k_cols = torch.arange(st.window_start, end, device=st.cols.device)  # (s,)
+    first = st.first_valid[act].clamp(min=st.window_start)  # (b,)
+    allowed = (k_cols[None, :] // l <= q_cols[:, None] // l)[None] & (k_cols[None, None, :] >= first[:, None, None])
+    allowed |= q_cols[:, None] == k_cols[None, :]  # pad queries attend to themselves (no empty rows)
+    positions = (q_cols[None, :] - first[:, None]).clamp(min=0)  # (b, q)
+    past = st.cache if use_cache else None
+    if use_cache and past is None:
+        past = DynamicCache(config=model.backbone.config)
+    hidden, past = model.hidden_states(
+        st.cols[act, feed_from:end], positions, model.format_mask(allowed[:, None]), past_key_values=past, use_cache=use_cache
+    )
+    st.nfe += 1
+    st.processed += hidden.shape[0] * hidden.shape[1]
+    if use_cache:
+        st.max_cache = max(st.max_cache, past.get_seq_length())
+    return hidden, past
+
+
+def _block_logits(model, st: _State, start: int, end: int, use_cache: bool) -> torch.Tensor:
+    """Logits (b, l, v) for the block at columns ``[start, end)``; folds the finished block into the cache."""
+    feed_from = st.cache_end if use_cache else st.window_start
+    hidden, past = _forward(model, st, feed_from, end, use_cache)  # (b, q, d)
+    if use_cache:
+        past.crop(-(end - start))  # keep finished columns only: the cache stays read-only for the block
+        st.cache, st.cache_end = past, start
+    rows = hidden[:, start - feed_from : end - feed_from]  # (b, l, d)
+    if model.spec.logit_shift:
+        if start > feed_from:
+            prev = hidden[:, start - feed_from - 1]  # (b, d): last finished column, clean
+            st.last_hidden = prev
+        else:
+            prev = st.last_hidden if st.last_hidden is not None else torch.zeros_like(rows[:, 0])
+        rows = torch.cat([prev[:, None], rows[:, :-1]], dim=1)  # (b, l, d)
+    return model.logits(rows)
+
+
+def _slide(model, st: _State, window: int) -> None:
+    """Drop the oldest columns so the next block fits in ``window``; the cache is rebuilt at fresh positions."""
+    l = model.block_length
+    end = st.cols.shape[1]
+    if end - st.window_start <= window:
+        return
+    keep = max(l, (window // 2) // l * l)
+    st.window_start = end - l - keep
+    st.cache, st.cache_end, st.last_hidden = None, st.window_start, None
+
+
+def _drop_finished(st: _State, keep_rows: list[int]) -> None:
+    idx = torch.tensor(keep_rows, dtype=torch.long, device=st.cols.device)
+    st.active = [st.active[r] for r in keep_rows]
+    if st.cache is not None:
+        st.cache.batch_select_indices(idx)
+    if st.last_hidden is not None:
+        st.last_hidden = st.last_hidden[idx]
 
 
 @torch.no_grad()
 def generate(
     model,
-    prompt_ids: torch.Tensor,
-    max_new_tokens: int,
-    steps_per_block: int | None = None,
-    temperature: float = 1.0,
+    prompts: list[list[int]],
+    config: BlockDiffusionGenerationConfig,
     generator: torch.Generator | None = None,
+    streamer=None,
+    observer: Callable[[StepEvent], None] | None = None,
 ) -> GenerationOutput:
-    """Generate ``max_new_tokens`` after ``prompt_ids`` (b, p), one block at a time."""
-    if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
-        raise ValueError("prompt_ids must be a (batch, length>=1) tensor of token ids")
-    l, m = model.block_length, model.mask_token_id
-    b, p = prompt_ids.shape
-    total = p + max_new_tokens
-    tokens = prompt_ids
-    nfe = 0
-    while tokens.shape[1] < total:
-        start = tokens.shape[1]
-        end = min(total, (start // l + 1) * l)  # the end of the block that position `start` falls in
-        tokens = torch.cat([tokens, torch.full((b, end - start), m, device=tokens.device)], dim=1)  # (b, end)
-        steps = steps_per_block or l
-        for step in range(steps):
-            masked = tokens[:, start:] == m  # (b, end-start)
-            if not masked.any():
-                break
-            logits = _block_logits(model, tokens, start)  # (b, end-start, v)
-            nfe += 1
-            if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                sampled = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(b, -1)
+    """Continue each prompt (a list of token ids, at least one) by up to ``config.max_new_tokens`` tokens."""
+    l, mask_id = model.block_length, model.mask_token_id
+    config.check(l)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("give at least one prompt, each with at least one token (e.g. BOS)")
+    if streamer is not None and len(prompts) != 1:
+        raise ValueError("a streamer follows one sample: pass a single prompt")
+    device = next(model.parameters()).device
+    vocab = model.vocab_size
+    if any(not 0 <= t < vocab or t == mask_id for p in prompts for t in p):
+        raise ValueError(f"prompt token ids must be in [0, {vocab}) and not the mask token {mask_id}")
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    eos = config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    window = config.window or (model.spec.max_seq_len // l * l if model.spec.max_seq_len else None)
+    if window is not None and window < 2 * l:
+        window = 2 * l
+    if window is not None and max(len(p) for p in prompts) + l > window:
+        raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens does not fit the window of {window} "
+                         "tokens with one block to spare; shorten it or pass a larger window")
+    if generator is None and config.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    sampler = make_sampler(config)
+    num_steps = config.steps_per_block or l
+    hard_cap = num_steps + 2 * l  # every sampler finishes sooner; this only guards against a faulty one
+    st = _layout(prompts, l, pad_id, device)
+    if streamer is not None:
+        streamer.put(torch.tensor([prompts[0]]))
+
+    while st.active:
+        start = st.cols.shape[1] - l
+        if window is not None:
+            _slide(model, st, window)
+        act = torch.tensor(st.active, device=device)
+        block = st.cols[act, start:]  # (b, l): prompt tail (if any), then columns to generate
+        cols = torch.arange(start, start + l, device=device)[None]  # (1, l)
+        after_prompt = cols >= st.gen_start[act][:, None]  # (b, l)
+        # Columns past max_new_tokens stay masked in the input (still noise) but are never revealed.
+        in_gen = after_prompt & (cols < st.gen_start[act][:, None] + config.max_new_tokens)  # (b, l)
+        block = torch.where(after_prompt, torch.full_like(block, mask_id), block)
+        state = BlockState(block, in_gen.clone(), in_gen, torch.ones(block.shape, device=device), 0, num_steps)
+        logits, changed = None, True
+        while state.masked.any():
+            ran = changed or not config.reuse_predictions or logits is None
+            if ran:
+                st.cols[act, start:] = state.tokens
+                logits = _block_logits(model, st, start, start + l, config.use_cache)  # (b, l, v)
+            proposal, conf, _ = choose_tokens(logits, config.temperature or 0.0, config.top_k, config.top_p, generator)
+            if state.step >= hard_cap:
+                result = _force(state, proposal, conf)
             else:
-                probs = torch.softmax(logits, dim=-1)
-                sampled = probs.argmax(-1)
-            confidence = probs.gather(-1, sampled[..., None]).squeeze(-1).masked_fill(~masked, -1.0)
-            k = math.ceil(masked.sum(1).max().item() / (steps - step))
-            top = confidence.topk(min(k, confidence.shape[1]), dim=1).indices  # (b, k)
-            reveal = torch.zeros_like(masked).scatter_(1, top, True) & masked
-            tokens[:, start:] = torch.where(reveal, sampled, tokens[:, start:])
-    return GenerationOutput(sequences=tokens, nfe=nfe, tokens_per_forward=max_new_tokens / max(1, nfe))
+                result = sampler.step(proposal, conf, state, generator)
+            tokens = result.tokens.masked_fill(result.remasked, mask_id)
+            changed = bool(result.revealed.any() or result.remasked.any())
+            state = BlockState(tokens, (tokens == mask_id) & in_gen, in_gen, result.confidence, state.step + 1, num_steps)
+            if observer is not None:
+                observer(_event(st, start, l, state, result, ran, conf))
+        st.cols[act, start:] = state.tokens
+        if observer is not None:
+            observer(_event(st, start, l, state, None, False, None, finished=True))
+        if streamer is not None:
+            streamer.put(st.cols[act, max(start, int(st.gen_start[0])) :].cpu())
+        keep = []
+        for row, i in enumerate(st.active):
+            new = st.cols[i, max(start, int(st.gen_start[i])) :].tolist()
+            if eos_ids & set(new):
+                st.stopped[i] = True
+            elif start + l - int(st.gen_start[i]) < config.max_new_tokens:
+                keep.append(row)
+        if len(keep) < len(st.active):
+            _drop_finished(st, keep)
+        if st.active:
+            st.cols = torch.cat([st.cols, torch.full((len(st.cols), l), pad_id, device=device)], dim=1)
+    if streamer is not None:
+        streamer.end()
+    return _output(st, prompts, config.max_new_tokens, eos_ids, pad_id)
+
+
+def _force(state: BlockState, proposal, conf):
+    """Reveal everything still masked (only reached if a sampler fails to make progress)."""
+    return reveal(state, proposal, conf, state.masked)
+
+
+def _event(st, start, l, state, result, ran, conf, finished=False) -> StepEvent:
+    first = [int(st.first_valid[i]) for i in st.active]
+    def positions(mask):
+        return [[start - f + j for j in torch.nonzero(row).flatten().tolist()] for row, f in zip(mask, first)]
+    revealed = positions(result.revealed) if result is not None else [[] for _ in first]
+    return StepEvent(
+        block=start // l,
+        step=state.step,
+        samples=list(st.active),
+        block_start=[start - f for f in first],
+        tokens=state.tokens.tolist(),
+        revealed=revealed,
+        remasked=positions(result.remasked) if result is not None else [[] for _ in first],
+        confidence=[[round(float(c), 4) for c in row[m]] for row, m in zip(conf, result.revealed)] if result is not None else [[] for _ in first],
+        forward=ran,
+        finished=finished,
+    )
+
+
+def _output(st: _State, prompts, max_new_tokens: int, eos_ids: set[int], pad_id: int) -> GenerationOutput:
+    rows, lengths = [], []
+    for i, p in enumerate(prompts):
+        new = st.cols[i, int(st.gen_start[i]) :].tolist()[:max_new_tokens]
+        cut = next((j + 1 for j, t in enumerate(new) if t in eos_ids), len(new))
+        rows.append(p + new[:cut])
+        lengths.append(cut)
+    longest = max(len(r) for r in rows)
+    sequences = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sequences[i, : len(r)] = torch.tensor(r)
+    nfe = max(1, st.nfe)
+    return GenerationOutput(
+        sequences=sequences,
+        prompt_lengths=torch.tensor([len(p) for p in prompts]),
+        lengths=torch.tensor(lengths),
+        stopped_at_eos=torch.tensor([st.stopped.get(i, False) for i in range(len(prompts))]),
+        nfe=st.nfe,
+        tokens_processed_per_forward=st.processed / nfe,
+        tokens_per_forward=sum(lengths) / nfe,
+        max_cache_length=st.max_cache,
+    )

@@ -1,36 +1,35 @@
-"""Text in, text out: tokenise prompts, run ``generate``, decode and cut at EOS."""
+"""Text in, text out: tokenise prompts (BOS prepended), generate as one batch, decode up to EOS."""
 
 from __future__ import annotations
 
 import torch
 
-from blockdiff.sampling.generation import GenerationOutput, generate
+from blockdiff.sampling.generation import GenerationOutput
 
-__all__ = ["sample_texts"]
+__all__ = ["encode_prompts", "sample_texts"]
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """``[BOS] + tokens`` per prompt; special-token *text* in a prompt stays text."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    encoded = tokenizer(list(prompts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    ids = [bos + list(e) for e in encoded]
+    if any(not p for p in ids):
+        raise ValueError("an empty prompt needs a tokenizer with a BOS token")
+    return ids
 
 
 def sample_texts(
-    model,
-    tokenizer,
-    prompts: list[str],
-    max_new_tokens: int,
-    steps_per_block: int | None = None,
-    temperature: float = 1.0,
-    seed: int = 0,
-) -> tuple[list[str], list[GenerationOutput]]:
-    """Continue each prompt (BOS is prepended); returns the continuations (without the prompt) and raw outputs."""
-    if not prompts:
-        raise ValueError("no prompts given")
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    texts, outputs = [], []
-    for prompt in prompts:
-        ids = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
-        prompt_ids = torch.tensor([ids], device=device)  # (1, p)
-        out = generate(model, prompt_ids, max_new_tokens, steps_per_block, temperature, generator)
-        new = out.sequences[0, len(ids) :].tolist()
-        if tokenizer.eos_token_id in new:
-            new = new[: new.index(tokenizer.eos_token_id)]
-        texts.append(tokenizer.decode(new, skip_special_tokens=True))
-        outputs.append(out)
-    return texts, outputs
+    model, tokenizer, prompts: list[str], generator: torch.Generator | None = None, observer=None, **settings
+) -> tuple[list[str], GenerationOutput]:
+    """Continue every prompt in one ragged batch; returns the continuations (prompt excluded) and the output.
+
+    ``settings`` are generation overrides (``max_new_tokens``, ``sampler``, ``tau``, ``temperature``, ...).
+    """
+    settings.setdefault("eos_token_id", tokenizer.eos_token_id)
+    settings.setdefault("pad_token_id", tokenizer.pad_token_id)
+    out = model.generate(encode_prompts(tokenizer, prompts), generator=generator, observer=observer, **settings)
+    texts = [tokenizer.decode(out.new_tokens(i), skip_special_tokens=True) for i in range(len(prompts))]
+    return texts, out

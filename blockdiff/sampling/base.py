@@ -1,0 +1,64 @@
+"""The one interface every sampler implements, and the state of the block being denoised.
+
+A sampler decides, at one denoising step of the current block, which masked positions to reveal and
+with which tokens (and, for remasking, which committed tokens to re-open). It sees only the current
+block: the cache of finished blocks is not its business. It must make progress: every sampler reveals
+at least one token per step except the ancestral DDPM sampler, whose last step reveals everything.
+
+Shape legend: ``b`` batch, ``l`` block length, ``v`` vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+__all__ = ["BlockState", "StepResult", "Sampler", "reveal"]
+
+
+@dataclass
+class BlockState:
+    tokens: torch.Tensor  # (b, l) current block, mask id where still masked
+    masked: torch.Tensor  # (b, l) bool
+    editable: torch.Tensor  # (b, l) bool: positions the model generated (prompt tokens are not)
+    confidence: torch.Tensor  # (b, l) model probability of each committed token when it was revealed
+    step: int  # 0-based step within this block
+    num_steps: int  # the block's step budget (steps_per_block)
+
+
+@dataclass
+class StepResult:
+    tokens: torch.Tensor  # (b, l) the block after this step
+    confidence: torch.Tensor  # (b, l) updated confidences
+    revealed: torch.Tensor  # (b, l) bool: positions unmasked at this step
+    remasked: torch.Tensor  # (b, l) bool: committed positions re-opened at this step
+
+
+class Sampler(Protocol):
+    name: str
+
+    def step(
+        self, tokens: torch.Tensor, confidence: torch.Tensor, state: BlockState, generator: torch.Generator | None
+    ) -> StepResult:
+        """One step. ``tokens``/``confidence`` (b, l): a proposal for every position (from ``choose_tokens``)."""
+        ...
+
+
+def reveal(state: BlockState, proposal: torch.Tensor, proposal_conf: torch.Tensor, chosen: torch.Tensor) -> StepResult:
+    """Commit ``proposal`` at ``chosen & masked`` positions; the common tail of every sampler."""
+    chosen = chosen & state.masked
+    return StepResult(
+        tokens=torch.where(chosen, proposal, state.tokens),
+        confidence=torch.where(chosen, proposal_conf, state.confidence),
+        revealed=chosen,
+        remasked=torch.zeros_like(chosen),
+    )
+
+
+def top_confident(confidence: torch.Tensor, masked: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Bool (b, l): the ``k[i]`` most confident masked positions of each row."""
+    order = confidence.masked_fill(~masked, -1.0).argsort(dim=-1, descending=True)  # (b, l)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return masked & (rank < k[:, None])

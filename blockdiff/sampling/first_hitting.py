@@ -1,0 +1,24 @@
+"""First-hitting sampler: exactly one token per step (Zheng et al., 2024).
+
+Under the absorbing process every masked token is revealed at its own time; jumping straight to the
+next reveal time unmasks one uniformly chosen masked position per step, with a token from its
+predictive distribution. A block of ``l`` masks takes exactly ``l`` forwards (fewer with a prompt tail).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from blockdiff.sampling.base import BlockState, StepResult, reveal
+
+__all__ = ["FirstHittingSampler"]
+
+
+class FirstHittingSampler:
+    name = "first_hitting"
+
+    def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None) -> StepResult:
+        scores = torch.rand(state.masked.shape, generator=generator, device=state.masked.device)  # (b, l)
+        pick = scores.masked_fill(~state.masked, -1.0).argmax(-1, keepdim=True)  # (b, 1)
+        chosen = torch.zeros_like(state.masked).scatter_(-1, pick, True)
+        return reveal(state, tokens, confidence, chosen)

@@ -1,0 +1,35 @@
+"""Fixed tokens-per-step decoding, most confident first (MaskGIT / LLaDA low-confidence order).
+
+Reveal ``tokens_per_step`` masked positions per step, choosing the most confident. Without
+``tokens_per_step`` the block's budget ``steps_per_block`` is spread evenly: ``ceil(remaining / steps_left)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from blockdiff.sampling.base import BlockState, StepResult, reveal, top_confident
+
+__all__ = ["FixedStepSampler", "even_share"]
+
+
+def even_share(state: BlockState) -> torch.Tensor:
+    """Per row: ``ceil(masked / steps_left)``, at least 1 (all of it on the last step)."""
+    steps_left = max(1, state.num_steps - state.step)
+    return (state.masked.sum(-1) + steps_left - 1) // steps_left
+
+
+class FixedStepSampler:
+    name = "fixed"
+
+    def __init__(self, tokens_per_step: int | None = None):
+        if tokens_per_step is not None and tokens_per_step < 1:
+            raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
+        self.tokens_per_step = tokens_per_step
+
+    def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None) -> StepResult:
+        if self.tokens_per_step is None:
+            k = even_share(state)
+        else:
+            k = torch.full((len(tokens),), self.tokens_per_step, device=tokens.device)
+        return reveal(state, tokens, confidence, top_confident(confidence, state.masked, k.clamp(min=1)))

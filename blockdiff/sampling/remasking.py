@@ -1,0 +1,39 @@
+"""Remasking within the current block (ReMDM-style): the model may revise a token it already wrote.
+
+Each step reveals the most confident masked positions on the even schedule of ``fixed.py``; then, while
+``step < remask_until * steps_per_block``, up to ``max_remask`` *generated* tokens of the current block
+whose confidence (the model's probability when they were revealed) is below ``remask_threshold`` are
+re-opened and will be predicted again with more context. Prompt tokens and finished blocks are never
+touched, so the cross-block cache stays exact. After ``remask_until`` it behaves like ``fixed``; the block
+loop's step budget and final reveal guarantee a finished block holds no mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from blockdiff.sampling.base import BlockState, StepResult, reveal, top_confident
+from blockdiff.sampling.fixed import even_share
+
+__all__ = ["RemaskingSampler"]
+
+
+class RemaskingSampler:
+    name = "remask"
+
+    def __init__(self, remask_threshold: float = 0.3, max_remask: int = 1, remask_until: float = 0.75):
+        if not 0.0 < remask_threshold <= 1.0:
+            raise ValueError(f"remask_threshold must be in (0, 1], got {remask_threshold}")
+        if max_remask < 1:
+            raise ValueError(f"max_remask must be >= 1, got {max_remask}")
+        self.remask_threshold, self.max_remask, self.remask_until = remask_threshold, max_remask, remask_until
+
+    def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None) -> StepResult:
+        result = reveal(state, tokens, confidence, top_confident(confidence, state.masked, even_share(state)))
+        if state.step >= self.remask_until * state.num_steps:
+            return result
+        # Re-open the least confident earlier commitments (not the ones revealed just now).
+        candidates = state.editable & ~state.masked & (state.confidence < self.remask_threshold)  # (b, l)
+        k = torch.full((len(tokens),), self.max_remask, device=tokens.device)
+        result.remasked = top_confident(-state.confidence, candidates, k)  # lowest confidence first
+        return result  # the block loop puts the mask token back at `remasked`

@@ -1,0 +1,113 @@
+"""Watching the model think: a JSON-lines trace of every denoising step, and a live terminal view.
+
+Both are *observers*: callables that ``generate`` calls with a ``StepEvent`` after every step (and once
+more when a block is final). They never change what is generated.
+
+* ``TraceWriter(path)`` — one JSON object per line: block, step, per-sample revealed positions, tokens,
+  confidences, re-opened positions, whether the network ran. Written to ``path.partial`` and renamed on
+  ``close()``, so a crash never leaves a truncated file under the real name; on Ctrl-C the lines written
+  so far are kept (complete lines only).
+* ``LiveView(tokenizer)`` — a ``rich`` live display: finished text above, the current block below with
+  ``░`` for each masked position, turning into tokens step by step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
+from blockdiff.sampling.generation import StepEvent
+
+__all__ = ["TraceWriter", "LiveView", "FinishedBlocks", "fan_out"]
+
+MASK_GLYPH = "░"
+
+
+class TraceWriter:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise IsADirectoryError(f"--trace {self.path} is a directory; give a file name")
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.file = self.partial.open("w", encoding="utf-8")
+
+    def __call__(self, event: StepEvent) -> None:
+        self.file.write(json.dumps(asdict(event)) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+        os.replace(self.partial, self.path)
+
+
+class FinishedBlocks:
+    """Collects the generated tokens of every finished block per sample (what Ctrl-C can still print)."""
+
+    def __init__(self, prompt_lengths: list[int]):
+        self.prompt_lengths = prompt_lengths
+        self.tokens: dict[int, list[int]] = {i: [] for i in range(len(prompt_lengths))}
+
+    def __call__(self, event: StepEvent) -> None:
+        if event.finished:
+            for i, start, row in zip(event.samples, event.block_start, event.tokens):
+                self.tokens[i].extend(t for j, t in enumerate(row) if start + j >= self.prompt_lengths[i])
+
+    def text(self, i: int, tokenizer) -> str:
+        return tokenizer.decode(self.tokens[i], skip_special_tokens=True)
+
+
+class LiveView:
+    """Live terminal view of sample 0..``max_samples``-1: finished text, then the block being denoised."""
+
+    def __init__(self, tokenizer, mask_id: int, console: Console | None = None, max_samples: int = 4):
+        self.tokenizer, self.mask_id, self.max_samples = tokenizer, mask_id, max_samples
+        self.done: dict[int, list[int]] = {}
+        self.current: dict[int, list[int]] = {}
+        self.live = Live(console=console or Console(), refresh_per_second=12, transient=False)
+
+    def __enter__(self):
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.live.__exit__(*exc)
+
+    def __call__(self, event: StepEvent) -> None:
+        for i, row in zip(event.samples, event.tokens):
+            if event.finished:
+                self.done.setdefault(i, []).extend(t for t in row if t != self.tokenizer.pad_token_id)
+                self.current[i] = []
+            else:
+                self.current[i] = row
+        self.live.update(self._render(event))
+
+    def _render(self, event: StepEvent) -> Group:
+        lines = []
+        for i in sorted(set(self.done) | set(self.current))[: self.max_samples]:
+            line = Text(self.tokenizer.decode(self.done.get(i, []), skip_special_tokens=True), style="dim")
+            for t in self.current.get(i, []):
+                if t == self.mask_id:
+                    line.append(MASK_GLYPH, style="bold magenta")
+                else:
+                    line.append(self.tokenizer.decode([t], skip_special_tokens=True), style="bold green")
+            lines.append(line)
+        lines.append(Text(f"block {event.block}, step {event.step}", style="italic"))
+        return Group(*lines)
+
+
+def fan_out(*observers):
+    """One observer that calls every non-None observer in order."""
+    active = [o for o in observers if o is not None]
+    if not active:
+        return None
+
+    def call(event: StepEvent) -> None:
+        for o in active:
+            o(event)
+
+    return call
