@@ -115,6 +115,10 @@ def _read_prompts(args) -> list[str]:
 
 def cmd_config(args) -> None:
     """Show the resolved config (`show`), only check it (`validate`), or list every key with its meaning (`keys`)."""
+    if args.action == "keys" and args.markdown:  # the table in docs/configuration.md
+        print("| key | default | meaning |\n|---|---|---|")
+        print("\n".join(f"| `{k}` | `{d}` | {h} |" for k, d, h in describe_keys()))
+        return
     if args.action == "keys":
         table = Table("key", "default", "meaning", title="config keys")
         for row in describe_keys():
@@ -208,6 +212,7 @@ def _sample_args(p):
 
 def _config_verb_args(p):
     p.add_argument("action", choices=["show", "validate", "keys"])
+    p.add_argument("--markdown", action="store_true", help="keys: print a markdown table")
     _config_args(p)
 
 
