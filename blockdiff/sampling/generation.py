@@ -171,76 +171,24 @@ def generate(
     observer: Callable[[StepEvent], None] | None = None,
 ) -> GenerationOutput:
     """Continue each prompt (a list of token ids, at least one) by up to ``config.max_new_tokens`` tokens."""
-    l, mask_id = model.block_length, model.mask_token_id
-    config.check(l)
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("give at least one prompt, each with at least one token (e.g. BOS)")
-    if streamer is not None and len(prompts) != 1:
-        raise ValueError("a streamer follows one sample: pass a single prompt")
+    window, eos_ids, pad_id = _check_inputs(model, prompts, config, streamer)
     device = next(model.parameters()).device
-    vocab = model.vocab_size
-    if any(not 0 <= t < vocab or t == mask_id for p in prompts for t in p):
-        raise ValueError(f"prompt token ids must be in [0, {vocab}) and not the mask token {mask_id}")
-    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    eos = config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    window = config.window or (model.spec.max_seq_len // l * l if model.spec.max_seq_len else None)
-    if window is not None and window < 2 * l:
-        window = 2 * l
-    if window is not None and max(len(p) for p in prompts) + l > window:
-        raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens does not fit the window of {window} "
-                         "tokens with one block to spare; shorten it or pass a larger window")
     if generator is None and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
-    sampler = make_sampler(config)
-    num_steps = config.steps_per_block or l
-    hard_cap = num_steps + 2 * l  # every sampler finishes sooner; this only guards against a faulty one
+    l = model.block_length
     st = _layout(prompts, l, pad_id, device)
     if streamer is not None:
         streamer.put(torch.tensor([prompts[0]]))
-
     while st.active:
-        start = st.cols.shape[1] - l
+        start = st.cols.shape[1] - l  # the new block is always the last l columns
         if window is not None:
             _slide(model, st, window)
-        act = torch.tensor(st.active, device=device)
-        block = st.cols[act, start:]  # (b, l): prompt tail (if any), then columns to generate
-        cols = torch.arange(start, start + l, device=device)[None]  # (1, l)
-        after_prompt = cols >= st.gen_start[act][:, None]  # (b, l)
-        # Columns past max_new_tokens stay masked in the input (still noise) but are never revealed.
-        in_gen = after_prompt & (cols < st.gen_start[act][:, None] + config.max_new_tokens)  # (b, l)
-        block = torch.where(after_prompt, torch.full_like(block, mask_id), block)
-        state = BlockState(block, in_gen.clone(), in_gen, torch.ones(block.shape, device=device), 0, num_steps)
-        logits, changed = None, True
-        while state.masked.any():
-            ran = changed or not config.reuse_predictions or logits is None
-            if ran:
-                st.cols[act, start:] = state.tokens
-                logits = _block_logits(model, st, start, start + l, config.use_cache)  # (b, l, v)
-            proposal, conf, _ = choose_tokens(logits, config.temperature or 0.0, config.top_k, config.top_p, generator)
-            if state.step >= hard_cap:
-                result = _force(state, proposal, conf)
-            else:
-                result = sampler.step(proposal, conf, state, generator)
-            tokens = result.tokens.masked_fill(result.remasked, mask_id)
-            changed = bool(result.revealed.any() or result.remasked.any())
-            state = BlockState(tokens, (tokens == mask_id) & in_gen, in_gen, result.confidence, state.step + 1, num_steps)
-            if observer is not None:
-                observer(_event(st, start, l, state, result, ran, conf))
-        st.cols[act, start:] = state.tokens
-        if observer is not None:
-            observer(_event(st, start, l, state, None, False, None, finished=True))
+        tokens = _denoise_block(model, st, start, config, generator, observer)  # (b, l)
+        st.cols[torch.tensor(st.active, device=device), start:] = tokens
         if streamer is not None:
-            streamer.put(st.cols[act, max(start, int(st.gen_start[0])) :].cpu())
-        keep = []
-        for row, i in enumerate(st.active):
-            new = st.cols[i, max(start, int(st.gen_start[i])) :].tolist()
-            if eos_ids & set(new):
-                st.stopped[i] = True
-            elif start + l - int(st.gen_start[i]) < config.max_new_tokens:
-                keep.append(row)
-        if len(keep) < len(st.active):
-            _drop_finished(st, keep)
+            first, limit = int(st.gen_start[0]), int(st.gen_start[0]) + config.max_new_tokens
+            streamer.put(st.cols[:1, max(start, first) : min(start + l, limit)].cpu())
+        _retire_finished(st, start, l, config.max_new_tokens, eos_ids)
         if st.active:
             st.cols = torch.cat([st.cols, torch.full((len(st.cols), l), pad_id, device=device)], dim=1)
     if streamer is not None:
@@ -248,27 +196,97 @@ def generate(
     return _output(st, prompts, config.max_new_tokens, eos_ids, pad_id)
 
 
-def _force(state: BlockState, proposal, conf):
+def _check_inputs(model, prompts, config, streamer) -> tuple[int | None, set[int], int]:
+    """Every input check before any work; returns ``(window, eos ids, pad id)``."""
+    l, mask_id, vocab = model.block_length, model.mask_token_id, model.vocab_size
+    config.check(l)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("give at least one prompt, each with at least one token (e.g. BOS)")
+    if streamer is not None and len(prompts) != 1:
+        raise ValueError("a streamer follows one sample: pass a single prompt")
+    if any(not 0 <= t < vocab or t == mask_id for p in prompts for t in p):
+        raise ValueError(f"prompt token ids must be in [0, {vocab}) and not the mask token {mask_id}")
+    window = config.window or (model.spec.max_seq_len // l * l if model.spec.max_seq_len else None)
+    if window is not None:
+        window = max(window, 2 * l)
+        longest = max(len(p) for p in prompts)
+        if longest + l > window:
+            raise ValueError(
+                f"a prompt of {longest} tokens does not fit the window of {window} tokens with one block to "
+                "spare; shorten it or pass a larger window"
+            )
+    eos = config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    return window, eos_ids, pad_id
+
+
+def _denoise_block(model, st: _State, start: int, config, generator, observer) -> torch.Tensor:
+    """Denoise the block at columns ``[start, start + l)`` of the active samples; returns its tokens (b, l)."""
+    l, mask_id, device = model.block_length, model.mask_token_id, st.cols.device
+    act = torch.tensor(st.active, device=device)
+    cols = torch.arange(start, start + l, device=device)[None]  # (1, l)
+    after_prompt = cols >= st.gen_start[act][:, None]  # (b, l)
+    # Columns past max_new_tokens stay masked in the input (still noise) but are never revealed.
+    in_gen = after_prompt & (cols < st.gen_start[act][:, None] + config.max_new_tokens)  # (b, l)
+    tokens = st.cols[act, start:].masked_fill(after_prompt, mask_id)  # (b, l): prompt tail, then masks
+    num_steps = config.steps_per_block or l
+    state = BlockState(tokens, in_gen.clone(), in_gen, torch.ones(tokens.shape, device=device), 0, num_steps)
+    sampler, hard_cap = make_sampler(config), num_steps + 2 * l  # samplers finish sooner; the cap guards bugs
+    logits, changed = None, True
+    while state.masked.any():
+        ran = logits is None or changed or not config.reuse_predictions
+        if ran:  # otherwise nothing changed since the last forward: its prediction is still exact
+            st.cols[act, start:] = state.tokens
+            logits = _block_logits(model, st, start, start + l, config.use_cache)  # (b, l, v)
+        proposal, conf, _ = choose_tokens(logits, config.temperature or 0.0, config.top_k, config.top_p, generator)
+        step = sampler.step if state.step < hard_cap else _force
+        result = step(proposal, conf, state, generator)
+        tokens = result.tokens.masked_fill(result.remasked, mask_id)
+        changed = bool(result.revealed.any() or result.remasked.any())
+        state = BlockState(tokens, (tokens == mask_id) & in_gen, in_gen, result.confidence, state.step + 1, num_steps)
+        if observer is not None:
+            observer(_event(st, start, l, state, result, ran, conf))
+    if observer is not None:
+        observer(_event(st, start, l, state, None, False, None, finished=True))
+    return state.tokens
+
+
+def _retire_finished(st: _State, start: int, l: int, max_new_tokens: int, eos_ids: set[int]) -> None:
+    """Samples whose new block holds EOS, or that reached ``max_new_tokens``, leave the batch."""
+    keep = []
+    for row, i in enumerate(st.active):
+        gen_start = int(st.gen_start[i])
+        new = st.cols[i, max(start, gen_start) : min(start + l, gen_start + max_new_tokens)].tolist()
+        if eos_ids & set(new):
+            st.stopped[i] = True
+        elif start + l - gen_start < max_new_tokens:
+            keep.append(row)
+    if len(keep) < len(st.active):
+        _drop_finished(st, keep)
+
+
+def _force(proposal, conf, state: BlockState, generator=None):
     """Reveal everything still masked (only reached if a sampler fails to make progress)."""
     return reveal(state, proposal, conf, state.masked)
 
 
-def _event(st, start, l, state, result, ran, conf, finished=False) -> StepEvent:
-    first = [int(st.first_valid[i]) for i in st.active]
-    def positions(mask):
-        return [[start - f + j for j in torch.nonzero(row).flatten().tolist()] for row, f in zip(mask, first)]
-    revealed = positions(result.revealed) if result is not None else [[] for _ in first]
+def _event(st: _State, start: int, l: int, state: BlockState, result, ran: bool, conf, finished=False) -> StepEvent:
+    """A ``StepEvent`` for observers; positions are per-sample token positions (column - first valid column)."""
+    offsets = [start - int(st.first_valid[i]) for i in st.active]  # position of the block's first column
+
+    def positions(mask: torch.Tensor) -> list[list[int]]:
+        return [[off + j for j in torch.nonzero(row).flatten().tolist()] for row, off in zip(mask, offsets)]
+
+    if result is None:  # the block-is-final event
+        revealed = remasked = confidence = [[] for _ in offsets]
+    else:
+        revealed, remasked = positions(result.revealed), positions(result.remasked)
+        confidence = [[round(float(c), 4) for c in row[m]] for row, m in zip(conf, result.revealed)]
     return StepEvent(
-        block=start // l,
-        step=state.step,
-        samples=list(st.active),
-        block_start=[start - f for f in first],
-        tokens=state.tokens.tolist(),
-        revealed=revealed,
-        remasked=positions(result.remasked) if result is not None else [[] for _ in first],
-        confidence=[[round(float(c), 4) for c in row[m]] for row, m in zip(conf, result.revealed)] if result is not None else [[] for _ in first],
-        forward=ran,
-        finished=finished,
+        block=start // l, step=state.step, samples=list(st.active), block_start=offsets,
+        tokens=state.tokens.tolist(), revealed=revealed, remasked=remasked, confidence=confidence,
+        forward=ran, finished=finished,
     )
 
 
