@@ -196,7 +196,7 @@ def _sample_args(p):
     p.add_argument("--prompt", action="append", help="prompt text (repeatable; '-' reads one prompt per line from stdin)")
     p.add_argument("--prompt-file", help="file with one prompt per line")
     p.add_argument("--max-new-tokens", type=int, help="hard bound on new tokens per prompt (generation stops at EOS)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="threshold (default), first_hitting, fixed, ddpm, remask")
+    p.add_argument("--sampler", choices=SAMPLERS, help="threshold (default), first_hitting, fixed, ddpm, remask, entropy_bound")
     p.add_argument("--steps-per-block", type=int, help="denoising-step budget per block (default: block_length)")
     p.add_argument("--tau", type=float, help="threshold sampler: reveal tokens with confidence >= tau (default 0.9)")
     p.add_argument("--tokens-per-step", type=int, help="fixed sampler: tokens revealed per step")

@@ -40,9 +40,15 @@ class Sampler(Protocol):
     name: str
 
     def step(
-        self, tokens: torch.Tensor, confidence: torch.Tensor, state: BlockState, generator: torch.Generator | None
+        self,
+        tokens: torch.Tensor,
+        confidence: torch.Tensor,
+        state: BlockState,
+        generator: torch.Generator | None,
+        probs: torch.Tensor | None = None,
     ) -> StepResult:
-        """One step. ``tokens``/``confidence`` (b, l): a proposal for every position (from ``choose_tokens``)."""
+        """One step. ``tokens``/``confidence`` (b, l): a proposal for every position (from ``choose_tokens``);
+        ``probs`` (b, l, v): the model's distribution there, for samplers that need more than the proposal."""
         ...
 
 

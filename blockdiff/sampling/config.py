@@ -10,6 +10,7 @@ from __future__ import annotations
 from transformers import GenerationConfig
 
 from blockdiff.sampling.ddpm import DDPMSampler
+from blockdiff.sampling.entropy_bound import EntropyBoundSampler
 from blockdiff.sampling.first_hitting import FirstHittingSampler
 from blockdiff.sampling.fixed import FixedStepSampler
 from blockdiff.sampling.remasking import RemaskingSampler
@@ -18,7 +19,7 @@ from blockdiff.sampling.threshold import ThresholdSampler
 __all__ = ["BlockDiffusionGenerationConfig", "GENERATION_CONFIG_FILE", "SAMPLERS", "make_sampler"]
 
 GENERATION_CONFIG_FILE = "blockdiff_generation_config.json"
-SAMPLERS = ("threshold", "first_hitting", "fixed", "ddpm", "remask")
+SAMPLERS = ("threshold", "first_hitting", "fixed", "ddpm", "remask", "entropy_bound")
 
 _OURS = {
     "sampler": "threshold",  # one of SAMPLERS
@@ -27,6 +28,7 @@ _OURS = {
     "tokens_per_step": None,  # fixed sampler: tokens revealed per step (default: spread over steps_per_block)
     "remask_threshold": 0.3,  # remask sampler: re-open generated tokens below this confidence
     "max_remask": 1,  # remask sampler: at most this many re-opened per step
+    "entropy_bound": 0.5,  # entropy_bound sampler: reveal lowest-entropy tokens while sum - max <= this (nats)
     "window": None,  # sliding-window size in tokens (default: the training context); must be >= 2 blocks
     "use_cache": True,  # block KV cache over finished blocks (False recomputes the whole prefix)
     "reuse_predictions": True,  # skip the forward when no token of the block changed
@@ -88,4 +90,6 @@ def make_sampler(config: BlockDiffusionGenerationConfig):
         return DDPMSampler()
     if config.sampler == "remask":
         return RemaskingSampler(config.remask_threshold, config.max_remask)
+    if config.sampler == "entropy_bound":
+        return EntropyBoundSampler(config.entropy_bound)
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {config.sampler!r}")

@@ -22,7 +22,7 @@ class DDPMSampler:
     def __init__(self, schedule=None):
         self.schedule = schedule or LogLinearSchedule()
 
-    def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None) -> StepResult:
+    def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:
         steps = state.num_steps
         t = torch.tensor(1.0 - state.step / steps)
         t_next = torch.tensor(max(0.0, 1.0 - (state.step + 1) / steps))

@@ -17,7 +17,7 @@ __all__ = ["FirstHittingSampler"]
 class FirstHittingSampler:
     name = "first_hitting"
 
-    def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None) -> StepResult:
+    def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:
         scores = torch.rand(state.masked.shape, generator=generator, device=state.masked.device)  # (b, l)
         pick = scores.masked_fill(~state.masked, -1.0).argmax(-1, keepdim=True)  # (b, 1)
         chosen = torch.zeros_like(state.masked).scatter_(-1, pick, True)

@@ -27,7 +27,7 @@ class FixedStepSampler:
             raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
         self.tokens_per_step = tokens_per_step
 
-    def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None) -> StepResult:
+    def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:
         if self.tokens_per_step is None:
             k = even_share(state)
         else:

@@ -239,9 +239,9 @@ def _denoise_block(model, st: _State, start: int, config, generator, observer) -
         if ran:  # otherwise nothing changed since the last forward: its prediction is still exact
             st.cols[act, start:] = state.tokens
             logits = _block_logits(model, st, start, start + l, config.use_cache)  # (b, l, v)
-        proposal, conf, _ = choose_tokens(logits, config.temperature or 0.0, config.top_k, config.top_p, generator)
+        proposal, conf, probs = choose_tokens(logits, config.temperature or 0.0, config.top_k, config.top_p, generator)
         step = sampler.step if state.step < hard_cap else _force
-        result = step(proposal, conf, state, generator)
+        result = step(proposal, conf, state, generator, probs)
         tokens = result.tokens.masked_fill(result.remasked, mask_id)
         changed = bool(result.revealed.any() or result.remasked.any())
         state = BlockState(tokens, (tokens == mask_id) & in_gen, in_gen, result.confidence, state.step + 1, num_steps)
@@ -266,7 +266,7 @@ def _retire_finished(st: _State, start: int, l: int, max_new_tokens: int, eos_id
         _drop_finished(st, keep)
 
 
-def _force(proposal, conf, state: BlockState, generator=None):
+def _force(proposal, conf, state: BlockState, generator=None, probs=None):
     """Reveal everything still masked (only reached if a sampler fails to make progress)."""
     return reveal(state, proposal, conf, state.masked)
 

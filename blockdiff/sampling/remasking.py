@@ -28,7 +28,7 @@ class RemaskingSampler:
             raise ValueError(f"max_remask must be >= 1, got {max_remask}")
         self.remask_threshold, self.max_remask, self.remask_until = remask_threshold, max_remask, remask_until
 
-    def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None) -> StepResult:
+    def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:
         result = reveal(state, tokens, confidence, top_confident(confidence, state.masked, even_share(state)))
         if state.step >= self.remask_until * state.num_steps:
             return result

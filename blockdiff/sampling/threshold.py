@@ -22,7 +22,7 @@ class ThresholdSampler:
             raise ValueError(f"tau must be in (0, 1], got {tau}")
         self.tau = tau
 
-    def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None) -> StepResult:
+    def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:
         sure = state.masked & (confidence >= self.tau)  # (b, l)
         best = top_confident(confidence, state.masked, torch.ones(len(sure), dtype=torch.long, device=sure.device))
         return reveal(state, tokens, confidence, sure | best)
