@@ -85,10 +85,15 @@ def cmd_sample(args) -> None:
         console.print("[yellow]interrupted — finished blocks so far:[/]")
         for i, prompt in enumerate(prompts):
             console.print(prompt + finished.text(i, loaded.tokenizer), markup=False, highlight=False)
-        raise
-    finally:
         if trace is not None:
-            trace.close()
+            trace.close(keep=True)  # complete lines up to the interruption
+        raise
+    except BaseException:
+        if trace is not None:
+            trace.close(keep=False)
+        raise
+    if trace is not None:
+        trace.close()
     for i, (prompt, text) in enumerate(zip(prompts, texts)):
         stop = "EOS" if bool(out.stopped_at_eos[i]) else "max_new_tokens"
         console.rule(f"sample {i}: {int(out.lengths[i])} tokens, stopped at {stop}")

@@ -186,8 +186,7 @@ def generate(
         tokens = _denoise_block(model, st, start, config, generator, observer)  # (b, l)
         st.cols[torch.tensor(st.active, device=device), start:] = tokens
         if streamer is not None:
-            first, limit = int(st.gen_start[0]), int(st.gen_start[0]) + config.max_new_tokens
-            streamer.put(st.cols[:1, max(start, first) : min(start + l, limit)].cpu())
+            _stream_block(streamer, st, start, l, config.max_new_tokens, eos_ids)
         _retire_finished(st, start, l, config.max_new_tokens, eos_ids)
         if st.active:
             st.cols = torch.cat([st.cols, torch.full((len(st.cols), l), pad_id, device=device)], dim=1)
@@ -207,6 +206,12 @@ def _check_inputs(model, prompts, config, streamer) -> tuple[int | None, set[int
     if any(not 0 <= t < vocab or t == mask_id for p in prompts for t in p):
         raise ValueError(f"prompt token ids must be in [0, {vocab}) and not the mask token {mask_id}")
     window = config.window or (model.spec.max_seq_len // l * l if model.spec.max_seq_len else None)
+    max_positions = getattr(model.backbone.config, "max_position_embeddings", None)
+    if config.window is not None and max_positions is not None and config.window > max_positions:
+        raise ValueError(
+            f"window={config.window} exceeds the {max_positions} positions the network was built for; "
+            f"use window <= {max_positions}"
+        )
     if window is not None:
         window = max(window, 2 * l)
         longest = max(len(p) for p in prompts)
@@ -250,6 +255,14 @@ def _denoise_block(model, st: _State, start: int, config, generator, observer) -
     if observer is not None:
         observer(_event(st, start, l, state, None, False, None, finished=True))
     return state.tokens
+
+
+def _stream_block(streamer, st: _State, start: int, l: int, max_new_tokens: int, eos_ids: set[int]) -> None:
+    """Hand the streamer the new tokens of the finished block (single sample), up to and including EOS."""
+    first = int(st.gen_start[0])
+    new = st.cols[0, max(start, first) : min(start + l, first + max_new_tokens)].tolist()
+    cut = next((j + 1 for j, t in enumerate(new) if t in eos_ids), len(new))
+    streamer.put(torch.tensor([new[:cut]], dtype=torch.long))
 
 
 def _retire_finished(st: _State, start: int, l: int, max_new_tokens: int, eos_ids: set[int]) -> None:

@@ -4,8 +4,8 @@ Each step reveals the most confident masked positions on the even schedule of ``
 ``step < remask_until * steps_per_block``, up to ``max_remask`` *generated* tokens of the current block
 whose confidence (the model's probability when they were revealed) is below ``remask_threshold`` are
 re-opened and will be predicted again with more context. Prompt tokens and finished blocks are never
-touched, so the cross-block cache stays exact. After ``remask_until`` it behaves like ``fixed``; the block
-loop's step budget and final reveal guarantee a finished block holds no mask.
+touched, so the cross-block cache stays exact. After ``remask_until`` (and always on the last step) it
+behaves like ``fixed``, so every block finishes within ``steps_per_block`` steps with no mask left.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ class RemaskingSampler:
 
     def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:
         result = reveal(state, tokens, confidence, top_confident(confidence, state.masked, even_share(state)))
-        if state.step >= self.remask_until * state.num_steps:
-            return result
+        if state.step >= min(self.remask_until * state.num_steps, state.num_steps - 1):
+            return result  # no re-opening late, nor on the last step: the block ends within its budget
         # Re-open the least confident earlier commitments (not the ones revealed just now).
         candidates = state.editable & ~state.masked & (state.confidence < self.remask_threshold)  # (b, l)
         k = torch.full((len(tokens),), self.max_remask, device=tokens.device)

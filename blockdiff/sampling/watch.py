@@ -4,9 +4,9 @@ Both are *observers*: callables that ``generate`` calls with a ``StepEvent`` aft
 more when a block is final). They never change what is generated.
 
 * ``TraceWriter(path)`` — one JSON object per line: block, step, per-sample revealed positions, tokens,
-  confidences, re-opened positions, whether the network ran. Written to ``path.partial`` and renamed on
-  ``close()``, so a crash never leaves a truncated file under the real name; on Ctrl-C the lines written
-  so far are kept (complete lines only).
+  confidences, re-opened positions, whether the network ran. Written to ``path.partial`` and renamed by
+  ``close()``, so a crash never leaves a truncated file under the real name (``close(keep=False)``
+  discards it); on Ctrl-C the complete lines written so far are kept.
 * ``LiveView(tokenizer)`` — a ``rich`` live display: finished text above, the current block below with
   ``░`` for each masked position, turning into tokens step by step.
 """
@@ -30,19 +30,29 @@ MASK_GLYPH = "░"
 
 
 class TraceWriter:
+    """JSON lines, one per event; the file appears under its real name only when ``close()`` keeps it."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if self.path.is_dir():
             raise IsADirectoryError(f"--trace {self.path} is a directory; give a file name")
         self.partial = self.path.with_name(self.path.name + ".partial")
-        self.file = self.partial.open("w", encoding="utf-8")
+        self.file = None  # opened at the first event: an input error before any step leaves no file
 
     def __call__(self, event: StepEvent) -> None:
+        if self.file is None:
+            self.file = self.partial.open("w", encoding="utf-8")
         self.file.write(json.dumps(asdict(event)) + "\n")
 
-    def close(self) -> None:
+    def close(self, keep: bool = True) -> None:
+        """Rename the complete lines into place (``keep``) or discard them (a failed run)."""
+        if self.file is None:
+            return
         self.file.close()
-        os.replace(self.partial, self.path)
+        if keep:
+            os.replace(self.partial, self.path)
+        else:
+            self.partial.unlink(missing_ok=True)
 
 
 class FinishedBlocks:
