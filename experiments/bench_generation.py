@@ -1,0 +1,370 @@
+"""Benchmark: block-diffusion generation (block KV cache, samplers) vs Hugging Face AR ``generate()``.
+
+What is measured, in ONE process, on one prompt set (8 fixed strings such as ``"ROMEO.\\n"``, tokenised with
+the models' tokenizer, BOS prepended; batch 1 uses prompt ``round % 8``, batch 8 uses all eight, ragged):
+
+* **Rows**, per group (new tokens ``N`` in 256 and 1,024 — ``--quick``: 32 — and batch 1 or 8; by default batch 8
+  only for N <= 256, ``--max-batched-tokens``; 3 rounds for N <= 256, 2 beyond, ``--reps``/``--reps-long``;
+  ``--skip-slow`` drops the no-cache rows beyond 256 tokens):
+  - ``HF AR``, the reference: ``backbone.generate()`` (its own KV cache) of the same-size network trained as a
+    plain AR LM (``<models-dir>/gen_ar``), ``do_sample=True, temperature=1.0, top_k=0``,
+    ``min_new_tokens = max_new_tokens = N``, the mask token suppressed (our SUBS head never emits it either);
+    batch 8 is left-padded with an attention mask. Past the 256-token training context it simply goes on
+    (RoPE extrapolates; its cache grows to prompt + N);
+  - ours, ``model.generate(prompts, max_new_tokens=N, eos_token_id=None, temperature=1.0)`` (EOS disabled, so
+    every row writes exactly N tokens): the threshold sampler (tau = 0.9) with and without the block cache
+    (``use_cache=False``) on the block length 4, 8 and 16 models (``gen_bl{4,8,16}``), and, on the block length
+    4 model with cache, first-hitting, threshold tau 0.7 / 0.8 and fixed 2 tokens per step.
+* **tokens/s** = batch x N / wall time of one ``generate`` call (``time.perf_counter``, ``torch.inference_mode``).
+  Rows of a group are interleaved round-robin (the starting row rotates every round; every row gets one
+  untimed 32-token warm-up first); ``x HF`` = median over rounds of (row tokens/s / HF tokens/s of the same
+  round), ``x no-cache`` likewise against the same model's no-cache row.
+* **NFE/tok** = network forwards / new tokens per sequence (a batched forward counts once; HF = 1).
+* **AR NLL**: nats/token of the generated continuations under the ``gen_ar`` network (exact causal LM loss, the
+  mask token's logit removed), scored only on the continuation, in windows of at most 256 tokens with stride
+  128 (every token is scored once, with 128-255 tokens of truncated left context, or all there is).
+  Token-weighted over every sample of every round. **entropy** = unigram entropy (bits) of each
+  continuation's tokens, averaged over samples (repetition lowers it). **max cache** = ``out.max_cache_length``
+  (HF: the final cache length); ours slides a window of the training context (256) by default.
+* **Targets**: block cache >= 5x no cache at 1,024 tokens; threshold (tau 0.9) <= 0.5 NFE per token;
+  threshold tau 0.9 (L'=4) >= 1.5x HF AR tokens/s with AR NLL within 10% of first-hitting (<= 1.1x).
+
+``--random-init`` builds untrained networks of the same size (byte tokenizer) to test the script; their
+numbers mean nothing (an untrained model is never confident, so threshold = one token per step).
+Writes ``results.json`` (environment, per-round raw numbers) and ``table.md`` into ``--out``::
+
+    python experiments/bench_generation.py --quick --random-init --out /tmp/bench_gen
+    python experiments/bench_generation.py --models-dir runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import GenerationConfig
+from transformers.utils import logging as hf_logging
+
+from blockdiff.config import ModelConfig
+from blockdiff.evaluate import load_model_dir
+from blockdiff.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
+from blockdiff.sampling.config import BlockDiffusionGenerationConfig
+from blockdiff.sampling.text import encode_prompts
+from blockdiff.tokenizer import byte_tokenizer
+
+PROMPTS = ["ROMEO.\n", "JULIET.\n", "HAMLET.\n", "KING LEAR.\n", "MACBETH.\n", "OTHELLO.\n", "PORTIA.\n", "FALSTAFF.\n"]
+BLOCK_LENGTHS = (4, 8, 16)
+CONTEXT = 256  # training context of the gen_* models: the scoring window and the default sliding window
+SCORE_STRIDE = 128
+WARMUP_TOKENS = 32
+
+
+@dataclass
+class Row:
+    name: str
+    new_tokens: int
+    batch: int
+    model: str  # "ar" (HF generate) or "bl4" / "bl8" / "bl16"
+    settings: dict = field(default_factory=dict)  # model.generate overrides (ours only)
+    times: list[float] = field(default_factory=list)  # seconds per round
+    nfe: list[int] = field(default_factory=list)  # forwards per round
+    max_cache: list[int] = field(default_factory=list)
+    samples: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (prompt, continuation)
+
+    @property
+    def ours(self) -> bool:
+        return self.model != "ar"
+
+
+def cpu_model() -> str:
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown"
+
+
+def load_models(args) -> tuple[dict[str, BlockDiffusionLM], object]:
+    """``({"ar": ..., "bl4": ..., ...}, tokenizer)``: trained from ``--models-dir`` or freshly initialised."""
+    if args.random_init:
+        tok = byte_tokenizer()
+        ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        models = {}
+        for key, bl, shift in [("ar", 1, True)] + [(f"bl{b}", b, False) for b in BLOCK_LENGTHS]:
+            torch.manual_seed(args.seed + bl)
+            backbone = build_backbone(ModelConfig(), len(tok), CONTEXT, **ids)
+            models[key] = BlockDiffusionLM(backbone, BlockDiffusionSpec(tok.mask_token_id, bl, shift, CONTEXT)).eval()
+        return models, tok
+    loaded = {key: load_model_dir(args.models_dir / f"gen_{key}") for key in ["ar"] + [f"bl{b}" for b in BLOCK_LENGTHS]}
+    tok = loaded["ar"].tokenizer
+    ar = loaded["ar"].model
+    if ar.block_length != 1 or not ar.spec.logit_shift:
+        raise ValueError(f"{args.models_dir}/gen_ar must be block length 1 with logit shift (a plain AR LM)")
+    for b in BLOCK_LENGTHS:
+        lm = loaded[f"bl{b}"]
+        if lm.model.block_length != b:
+            raise ValueError(f"{lm.directory} has block length {lm.model.block_length}, expected {b}")
+        if lm.tokenizer.get_vocab() != tok.get_vocab():
+            raise ValueError(f"{lm.directory} uses a different tokenizer than gen_ar: AR NLL would be meaningless")
+    return {key: lm.model for key, lm in loaded.items()}, tok
+
+
+def build_rows(new_tokens: list[int], batches: list[int], args) -> list[Row]:
+    rows = []
+    for n in new_tokens:
+        for b in batches:
+            if b > 1 and n > args.max_batched_tokens:
+                continue
+            rows.append(Row("HF AR generate", n, b, "ar"))
+            for bl in BLOCK_LENGTHS:
+                rows.append(Row(f"L'={bl} threshold 0.9", n, b, f"bl{bl}", dict(sampler="threshold", tau=0.9)))
+                if not (args.skip_slow and n > CONTEXT):
+                    no_cache = dict(sampler="threshold", tau=0.9, use_cache=False)
+                    rows.append(Row(f"L'={bl} threshold 0.9 no-cache", n, b, f"bl{bl}", no_cache))
+            rows.append(Row("L'=4 first_hitting", n, b, "bl4", dict(sampler="first_hitting")))
+            for tau in (0.7, 0.8):
+                rows.append(Row(f"L'=4 threshold {tau}", n, b, "bl4", dict(sampler="threshold", tau=tau)))
+            rows.append(Row("L'=4 fixed 2/step", n, b, "bl4", dict(sampler="fixed", tokens_per_step=2)))
+    return rows
+
+
+def run_row(row: Row, models, tok, prompts: list[list[int]], n: int, seed: int):
+    """One timed ``generate`` call; returns ``(seconds, nfe, max_cache, [(prompt, continuation)])``."""
+    model = models[row.model]
+    if not row.ours:
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])  # (b, p) left-padded
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        config = GenerationConfig(
+            do_sample=True, temperature=1.0, top_k=0, max_new_tokens=n, min_new_tokens=n,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, suppress_tokens=[model.mask_token_id],
+        )
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        seqs = model.backbone.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        seconds = time.perf_counter() - start
+        new = seqs[:, width:].tolist()
+        return seconds, n, seqs.shape[1] - 1, [(p, c) for p, c in zip(prompts, new)]
+    config = BlockDiffusionGenerationConfig(
+        max_new_tokens=n, eos_token_id=None, pad_token_id=tok.pad_token_id, temperature=1.0, **row.settings
+    )
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    out = model.generate(prompts, generation_config=config, generator=generator)
+    seconds = time.perf_counter() - start
+    return seconds, out.nfe, out.max_cache_length, [(p, out.new_tokens(i)) for i, p in enumerate(prompts)]
+
+
+def ar_nll(ar: BlockDiffusionLM, prompt: list[int], cont: list[int]) -> tuple[float, int]:
+    """Summed NLL (nats) of ``cont`` after ``prompt`` under the AR network, windows <= CONTEXT, stride SCORE_STRIDE."""
+    seq = torch.tensor(prompt + cont)
+    total, scored = 0.0, len(prompt)  # next target position to score
+    while scored < len(seq):
+        end = min(len(seq), scored + SCORE_STRIDE)
+        start = max(0, end - CONTEXT)
+        logits = ar.backbone(input_ids=seq[None, start:end]).logits[0].float()  # (w, v)
+        logits[:, ar.mask_token_id] = float("-inf")
+        logp = logits.log_softmax(-1)[scored - start - 1 : end - start - 1]  # rows predicting targets [scored, end)
+        total -= logp.gather(-1, seq[scored:end, None]).sum().item()
+        scored = end
+    return total, len(cont)
+
+
+def entropy_bits(tokens: list[int]) -> float:
+    counts = Counter(tokens)
+    return -sum(c / len(tokens) * math.log2(c / len(tokens)) for c in counts.values())
+
+
+def summarise(rows: list[Row], models) -> list[dict]:
+    out = []
+    for row in rows:
+        ref = next(r for r in rows if r.new_tokens == row.new_tokens and r.batch == row.batch and not r.ours)
+        tps = [row.batch * row.new_tokens / t for t in row.times]
+        ref_tps = [ref.batch * ref.new_tokens / t for t in ref.times]
+        no_cache = next((r for r in rows if r.name == row.name + " no-cache" and r.batch == row.batch
+                         and r.new_tokens == row.new_tokens), None)
+        nll = [ar_nll(models["ar"], p, c) for p, c in row.samples]
+        out.append(dict(
+            name=row.name, new_tokens=row.new_tokens, batch=row.batch, model=row.model, settings=row.settings,
+            tokens_per_s=statistics.median(tps),
+            x_hf=statistics.median(a / b for a, b in zip(tps, ref_tps)),
+            x_no_cache=statistics.median(a / b for a, b in zip(no_cache.times, row.times)) if no_cache else None,
+            nfe_per_token=statistics.mean(row.nfe) / row.new_tokens,
+            ar_nll=sum(s for s, _ in nll) / sum(k for _, k in nll),
+            entropy_bits=statistics.mean(entropy_bits(c) for _, c in row.samples),
+            max_cache=max(row.max_cache),
+            times_s=row.times, nfe=row.nfe,
+        ))
+    return out
+
+
+def targets(results: list[dict]) -> list[dict]:
+    def find(name, n, b):
+        return next((r for r in results if r["name"] == name and r["new_tokens"] == n and r["batch"] == b), None)
+
+    checks = []
+    groups = sorted({(r["new_tokens"], r["batch"]) for r in results})
+    longest = max(n for n, _ in groups)  # the cache target is checked at the longest generation (1,024)
+    for n, b in groups:
+        for bl in BLOCK_LENGTHS:
+            row = find(f"L'={bl} threshold 0.9", n, b)
+            where = f"L'={bl}, {n} tok, batch {b}"
+            if n == longest:
+                value = row["x_no_cache"]
+                checks.append(dict(target=f"cache >= 5x no-cache ({where})", value=value,
+                                   ok=None if value is None else value >= 5.0))
+            checks.append(dict(target=f"threshold 0.9 <= 0.5 NFE/tok ({where})", value=row["nfe_per_token"],
+                               ok=row["nfe_per_token"] <= 0.5))
+        thr, fh = find("L'=4 threshold 0.9", n, b), find("L'=4 first_hitting", n, b)
+        checks.append(dict(target=f"threshold 0.9 >= 1.5x HF AR tok/s (L'=4, {n} tok, batch {b})",
+                           value=thr["x_hf"], ok=thr["x_hf"] >= 1.5))
+        rel = thr["ar_nll"] / fh["ar_nll"]
+        checks.append(dict(target=f"  and AR NLL <= 1.1x first-hitting's (L'=4, {n} tok, batch {b})",
+                           value=rel, ok=rel <= 1.1))
+    return checks
+
+
+def run(args, console: Console) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    models, tok = load_models(args)
+    prompts = encode_prompts(tok, PROMPTS)
+    new_tokens = [32] if args.quick else args.new_tokens
+    rows = build_rows(new_tokens, args.batch_sizes, args)
+    with torch.inference_mode():
+        for row in rows:  # warm-up: one short untimed call per row
+            run_row(row, models, tok, prompts[: row.batch], min(WARMUP_TOKENS, row.new_tokens), args.seed)
+        console.log(f"warmed up {len(rows)} rows")
+        groups = sorted({(r.new_tokens, r.batch) for r in rows})
+        for n, b in groups:
+            group = [r for r in rows if (r.new_tokens, r.batch) == (n, b)]
+            reps = args.reps if n <= CONTEXT else args.reps_long
+            for rnd in range(reps):
+                batch_prompts = prompts if b > 1 else [prompts[rnd % len(prompts)]]
+                for row in group[rnd % len(group) :] + group[: rnd % len(group)]:
+                    seconds, nfe, cache, samples = run_row(row, models, tok, batch_prompts, n, args.seed + rnd)
+                    if any(len(c) != n for _, c in samples):
+                        raise RuntimeError(f"{row.name}: a sample did not get exactly {n} new tokens")
+                    row.times.append(seconds)
+                    row.nfe.append(nfe)
+                    row.max_cache.append(cache)
+                    row.samples += samples
+                console.log(f"{n} tokens, batch {b}: round {rnd + 1}/{reps} done")
+        results = summarise(rows, models)
+    skipped = "; no-cache rows beyond 256 tokens skipped (--skip-slow)" if args.skip_slow else ""
+    notes = [
+        f"prompts: {len(PROMPTS)} fixed strings + BOS; batch 1 uses prompt (round % 8); batch 8 all of them, ragged",
+        f"rounds: {args.reps} for <= {CONTEXT} new tokens, {args.reps_long} beyond; batch > 1 only for <= "
+        f"{args.max_batched_tokens} new tokens{skipped}",
+        f"beyond {CONTEXT} tokens the HF AR reference runs past its training context (RoPE extrapolation, cache "
+        f"grows); ours slides a {CONTEXT}-token window",
+    ]
+    if args.random_init:
+        notes.append("RANDOM-INIT networks: timings test the script only; NFE, NLL and entropy are meaningless")
+    return dict(
+        command=shlex.join([sys.executable, *sys.argv]),
+        torch=torch.__version__, threads=torch.get_num_threads(), cpu=cpu_model(),
+        models="random-init" if args.random_init else str(args.models_dir), vocab=len(tok),
+        reps=args.reps, reps_long=args.reps_long, wall_s=time.perf_counter() - began, notes=notes,
+        results=results, targets=targets(results),
+    )
+
+
+COLUMNS = ["N", "b", "row", "tok/s", "x HF", "x no-cache", "NFE/tok", "AR NLL", "entropy", "max cache"]
+
+
+def table_rows(report: dict) -> list[list[str]]:
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    return [
+        [str(r["new_tokens"]), str(r["batch"]), r["name"], f"{r['tokens_per_s']:.0f}", f"{r['x_hf']:.2f}",
+         fmt(r["x_no_cache"], ".2f"), f"{r['nfe_per_token']:.3f}", f"{r['ar_nll']:.3f}", f"{r['entropy_bits']:.2f}",
+         str(r["max_cache"])]
+        for r in report["results"]
+    ]
+
+
+def target_lines(report: dict) -> list[str]:
+    def verdict(ok):
+        return "not measured" if ok is None else "ok" if ok else "MISSED"
+
+    return [f"{c['target']}: {'-' if c['value'] is None else format(c['value'], '.3f')} {verdict(c['ok'])}"
+            for c in report["targets"]]
+
+
+def header(report: dict) -> str:
+    return "\n".join([
+        f"torch {report['torch']}, {report['threads']} threads, CPU: {report['cpu']}; models: {report['models']} "
+        f"(vocab {report['vocab']})",
+        f"command: {report['command']}  (whole run {report['wall_s'] / 60:.1f} min)",
+        *report["notes"],
+    ])
+
+
+FOOTER = (
+    "tok/s: batch x N / wall time (median over rounds); x HF, x no-cache: median over rounds of same-round ratios. "
+    "NFE/tok: forwards per new token per sequence (HF = 1).\n"
+    "AR NLL: nats/token of the continuation under the gen_ar network (windows <= 256, stride 128); "
+    "entropy: unigram bits per continuation; max cache: largest KV cache in tokens."
+)
+
+
+def write_outputs(report: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"<!-- {line} -->" for line in (header(report) + "\n" + FOOTER).splitlines()]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
+    lines += ["", "Targets:", ""] + [f"- {line}" for line in target_lines(report)]
+    (out_dir / "table.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models-dir", type=Path, default=Path("runs"), help="holds gen_ar, gen_bl{4,8,16}")
+    parser.add_argument("--random-init", action="store_true", help="untrained networks of the same size (testing)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 32 new tokens, 2 rounds")
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--max-batched-tokens", type=int, default=256, help="batch > 1 only up to this many new tokens")
+    parser.add_argument("--reps", type=int, default=3, help="rounds for groups of <= 256 new tokens")
+    parser.add_argument("--reps-long", type=int, default=2, help="rounds for groups of > 256 new tokens")
+    parser.add_argument("--skip-slow", action="store_true", help="skip the no-cache rows beyond 256 new tokens")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave as is)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("experiments/results/bench_generation"))
+    args = parser.parse_args()
+    if args.quick:
+        args.reps = args.reps_long = 2
+    hf_logging.set_verbosity_error()  # HF warns on every call past max_position_embeddings; noted once instead
+
+    console = Console(width=max(Console().width, 140))
+    report = run(args, console)
+    table = Table(title="Generation: block diffusion (ours) vs HF AR generate(), same network size")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column == "row" else "right")
+    for row in table_rows(report):
+        table.add_row(*row)
+    console.print(header(report), markup=False)
+    console.print(table)
+    console.print(FOOTER, markup=False)
+    for line in target_lines(report):
+        console.print(line, markup=False)
+    write_outputs(report, args.out)
+    console.print(f"wrote {args.out / 'results.json'} and {args.out / 'table.md'}")
+
+
+if __name__ == "__main__":
+    main()
