@@ -60,6 +60,8 @@ class LRSchedule(str, enum.Enum):
 class ModelConfig:
     family: Family = Family.llama
     """Backbone family for a from-scratch network."""
+    init_from: Optional[str] = None
+    """Start from the weights and tokenizer of a blockdiff model/run directory (size fields and data.tokenizer are then ignored); e.g. an AR run to adapt to a larger block_length."""
     hidden_size: int = 192
     """Width of the from-scratch network."""
     num_layers: int = 4

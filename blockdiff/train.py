@@ -69,16 +69,8 @@ def train(cfg: Config, overwrite: bool = False, progress: bool = True) -> TrainR
 
     # -- inputs first: nothing is written until they are known to be usable -------------------------
     docs = load_documents(cfg.data)
-    tokenizer = build_tokenizer(cfg.data.tokenizer, docs["text"], cfg.data.bpe_vocab_size)
+    tokenizer, backbone = _tokenizer_and_backbone(cfg, docs)
     corpus = pack_documents(docs, tokenizer, cfg.data.max_seq_len, cfg.data.val_fraction)
-    backbone = build_backbone(
-        cfg.model,
-        vocab_size=len(tokenizer),
-        max_seq_len=cfg.data.max_seq_len,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     spec = BlockDiffusionSpec(tokenizer.mask_token_id, cfg.model.block_length, cfg.model.logit_shift, cfg.data.max_seq_len)
     model = BlockDiffusionLM(backbone, spec)
 
@@ -131,6 +123,31 @@ def train(cfg: Config, overwrite: bool = False, progress: bool = True) -> TrainR
         seconds=time.monotonic() - start,
         metrics={k: float(v) for k, v in metrics.items()},
     )
+
+
+def _tokenizer_and_backbone(cfg: Config, docs):
+    """A fresh tokenizer + randomly initialised network, or both taken from ``model.init_from``."""
+    if cfg.model.init_from is None:
+        tokenizer = build_tokenizer(cfg.data.tokenizer, docs["text"], cfg.data.bpe_vocab_size)
+        backbone = build_backbone(
+            cfg.model,
+            vocab_size=len(tokenizer),
+            max_seq_len=cfg.data.max_seq_len,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return tokenizer, backbone
+    from blockdiff.evaluate import load_model_dir
+
+    loaded = load_model_dir(cfg.model.init_from)
+    positions = getattr(loaded.model.backbone.config, "max_position_embeddings", None)
+    if positions is not None and cfg.data.max_seq_len > positions:
+        raise ConfigError(
+            f"data.max_seq_len={cfg.data.max_seq_len} exceeds the {positions} positions of model.init_from="
+            f"{cfg.model.init_from}; use data.max_seq_len <= {positions}"
+        )
+    return loaded.tokenizer, loaded.model.backbone
 
 
 def export_model(model: BlockDiffusionLM, tokenizer, cfg: Config, model_dir: Path) -> None:
