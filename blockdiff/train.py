@@ -147,7 +147,7 @@ def _tokenizer_and_backbone(cfg: Config, docs):
             f"data.max_seq_len={cfg.data.max_seq_len} exceeds the {positions} positions of model.init_from="
             f"{cfg.model.init_from}; use data.max_seq_len <= {positions}"
         )
-    return loaded.tokenizer, loaded.model.backbone
+    return loaded.tokenizer, loaded.model.backbone.train()  # loaded for inference; back to training mode
 
 
 def export_model(model: BlockDiffusionLM, tokenizer, cfg: Config, model_dir: Path) -> None:
