@@ -319,3 +319,11 @@ def test_init_from_refuses_a_longer_context_than_the_network_has(tmp_path, capsy
     second = tmp_path / "second"
     assert main(["train", *base, "data.max_seq_len=64", f"model.init_from={first}", f"trainer.out_dir={second}"]) == 2
     assert "data.max_seq_len=64" in capsys.readouterr().out and not second.exists()
+
+
+def test_cli_config_overrides_after_a_config_file(capsys):
+    """`config validate -c FILE key=value`: the trailing overrides are applied, not rejected."""
+    assert main(["config", "validate", "-c", str(ROOT / "configs" / "ar_shakespeare.yaml"), "model.block_length=3"]) == 2
+    assert "model.block_length=3" in capsys.readouterr().out
+    assert main(["config", "show", "-c", str(ROOT / "configs" / "ar_shakespeare.yaml"), "data.max_seq_len=64"]) == 0
+    assert "max_seq_len: 64" in capsys.readouterr().out
