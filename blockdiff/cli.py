@@ -100,7 +100,8 @@ def cmd_sample(args) -> None:
         console.print(prompt + text, markup=False, highlight=False)
     console.print(
         f"NFE {out.nfe}, {out.tokens_per_forward:.2f} new tokens/forward, "
-        f"{out.tokens_processed_per_forward:.1f} tokens processed/forward", highlight=False
+        f"{out.tokens_processed_per_forward:.1f} tokens processed/forward, "
+        f"largest KV cache {out.max_cache_length} tokens", highlight=False
     )
 
 

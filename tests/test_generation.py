@@ -578,3 +578,24 @@ def test_unknown_generation_setting_raises():
     model = tiny_model(4, max_seq_len=64)
     with pytest.raises(ValueError, match="unknown_setting"):
         model.generate([[1, 2, 3]], unknown_setting=1)
+
+
+def test_cli_sample_ctrl_c_prints_the_finished_blocks(run_dir, capsys, monkeypatch):
+    """Ctrl-C during `blockdiff sample` prints what was finished so far and exits 130."""
+    from blockdiff.cli import main
+    from blockdiff.sampling import watch
+
+    original = watch.FinishedBlocks.__call__
+    seen = {"finished": 0}
+
+    def interrupt_after_two_blocks(self, event):
+        original(self, event)
+        seen["finished"] += event.finished
+        if seen["finished"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(watch.FinishedBlocks, "__call__", interrupt_after_two_blocks)
+    assert main(["sample", str(run_dir), "--prompt", "abc", "--max-new-tokens", "40"]) == 130
+    out = capsys.readouterr().out
+    assert "finished blocks so far" in out
+    assert "abc" in out.split("finished blocks so far", 1)[1]
