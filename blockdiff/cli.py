@@ -75,11 +75,11 @@ def cmd_sample(args) -> None:
     finished = FinishedBlocks([len(p) for p in encode_prompts(loaded.tokenizer, prompts)])
     trace = TraceWriter(args.trace) if args.trace else None
     live = LiveView(loaded.tokenizer, loaded.model.mask_token_id, console) if args.show_denoising else None
-    generator = torch.Generator().manual_seed(args.seed)
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]  # sample i: seed + i
     try:
         with live or contextlib.nullcontext():
             texts, out = sample_texts(
-                loaded.model, loaded.tokenizer, prompts, generator, observer=fan_out(finished, trace, live)
+                loaded.model, loaded.tokenizer, prompts, generators, observer=fan_out(finished, trace, live)
             )
     except KeyboardInterrupt:
         console.print("[yellow]interrupted — finished blocks so far:[/]")
@@ -211,7 +211,7 @@ def _sample_args(p):
     p.add_argument("--top-p", type=float)
     p.add_argument("--window", type=int, help="sliding-window size in tokens (default: the training context)")
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix every forward (for comparison)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i, whatever else is in the batch")
     p.add_argument("--show-denoising", action="store_true", help="draw the block being denoised live")
     p.add_argument("--trace", help="write every denoising step as JSON lines to this file")
 

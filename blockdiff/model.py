@@ -183,7 +183,7 @@ class BlockDiffusionLM(nn.Module):
         input_ids: torch.Tensor | list[list[int]],
         attention_mask: torch.Tensor | None = None,
         generation_config: BlockDiffusionGenerationConfig | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         streamer=None,
         observer=None,
         **overrides,
@@ -193,6 +193,7 @@ class BlockDiffusionLM(nn.Module):
         ``input_ids``: a ``(b, p)`` tensor (left padding marked by ``attention_mask``) or a list of token-id
         lists of any lengths. Settings come from ``generation_config`` (default: the model's own, saved
         with it) updated by keyword ``overrides`` such as ``max_new_tokens=256, sampler="first_hitting"``.
+        ``generator``: one for the batch, or one per prompt so each sample is independent of its batch.
         Returns a ``GenerationOutput``.
         """
         from blockdiff.sampling.generation import generate

@@ -599,3 +599,29 @@ def test_cli_sample_ctrl_c_prints_the_finished_blocks(run_dir, capsys, monkeypat
     out = capsys.readouterr().out
     assert "finished blocks so far" in out
     assert "abc" in out.split("finished blocks so far", 1)[1]
+
+
+@pytest.mark.parametrize("sampler", ["first_hitting", "threshold", "ddpm", "fixed", "remask", "entropy_bound"])
+def test_sampled_batch_with_per_sample_generators_equals_one_by_one(sampler):
+    """With one generator per prompt, sampled (temperature 1) output does not depend on the batch.
+
+    float64: a random tiny model is nearly uniform, so the entropy order of its positions can flip under the
+    ~1e-7 float32 difference between a padded batched forward and a single one (checked: fp32 flips it for
+    entropy_bound, fp64 does not). The identity is about the random streams, not that float noise."""
+    model = tiny_model(4, max_seq_len=64).double()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15]]
+    settings = dict(max_new_tokens=13, sampler=sampler, temperature=1.0, eos_token_id=None, pad_token_id=0,
+                    tau=0.05, entropy_bound=3.0)
+    seeds = [11, 22, 33, 44]
+    batch = model.generate(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], **settings)
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        alone = model.generate([prompt], generator=[torch.Generator().manual_seed(seed)], **settings)
+        assert batch.new_tokens(i) == alone.new_tokens(0), f"sample {i} changed with its batch ({sampler})"
+    other = model.generate(prompts, generator=[torch.Generator().manual_seed(s + 1) for s in seeds], **settings)
+    assert any(other.new_tokens(i) != batch.new_tokens(i) for i in range(len(prompts)))
+
+
+def test_a_generator_list_must_match_the_prompts():
+    model = tiny_model(4, max_seq_len=64)
+    with pytest.raises(ValueError, match="one per prompt"):
+        model.generate([[1, 2], [3]], generator=[torch.Generator()], max_new_tokens=4)

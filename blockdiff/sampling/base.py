@@ -15,7 +15,11 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["BlockState", "StepResult", "Sampler", "reveal"]
+__all__ = ["BlockState", "StepResult", "Sampler", "Generators", "reveal", "top_confident", "uniform"]
+
+# One generator for the whole batch, or one per sample (then a sample's random stream, and so its text,
+# does not depend on which other prompts share its batch).
+Generators = torch.Generator | list[torch.Generator] | None
 
 
 @dataclass
@@ -44,7 +48,7 @@ class Sampler(Protocol):
         tokens: torch.Tensor,
         confidence: torch.Tensor,
         state: BlockState,
-        generator: torch.Generator | None,
+        generator: Generators,
         probs: torch.Tensor | None = None,
     ) -> StepResult:
         """One step. ``tokens``/``confidence`` (b, l): a proposal for every position (from ``choose_tokens``);
@@ -61,6 +65,18 @@ def reveal(state: BlockState, proposal: torch.Tensor, proposal_conf: torch.Tenso
         revealed=chosen,
         remasked=torch.zeros_like(chosen),
     )
+
+
+def uniform(shape, generator: Generators, device, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``U[0, 1)`` of ``shape`` (b, ...). With per-sample generators each row draws from its own, and only
+    the ``rows`` (bool (b,)) still denoising draw at all."""
+    if not isinstance(generator, list):
+        return torch.rand(shape, generator=generator, device=device)
+    out = torch.zeros(shape, device=device)
+    for i, g in enumerate(generator):
+        if rows is None or rows[i]:
+            out[i] = torch.rand(shape[1:], generator=g, device=device)
+    return out
 
 
 def top_confident(confidence: torch.Tensor, masked: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

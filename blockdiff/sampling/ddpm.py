@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from blockdiff.noise import LogLinearSchedule
-from blockdiff.sampling.base import BlockState, StepResult, reveal
+from blockdiff.sampling.base import BlockState, StepResult, reveal, uniform
 
 __all__ = ["DDPMSampler"]
 
@@ -28,5 +28,5 @@ class DDPMSampler:
         t_next = torch.tensor(max(0.0, 1.0 - (state.step + 1) / steps))
         a, a_next = self.schedule.alpha(t), self.schedule.alpha(t_next)
         p = 1.0 if state.step >= steps - 1 else float((a_next - a) / (1.0 - a))
-        chosen = torch.rand(state.masked.shape, generator=generator, device=state.masked.device) < p
+        chosen = uniform(state.masked.shape, generator, state.masked.device, rows=state.masked.any(-1)) < p
         return reveal(state, tokens, confidence, chosen)

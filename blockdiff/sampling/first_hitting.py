@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from blockdiff.sampling.base import BlockState, StepResult, reveal
+from blockdiff.sampling.base import BlockState, StepResult, reveal, uniform
 
 __all__ = ["FirstHittingSampler"]
 
@@ -18,7 +18,7 @@ class FirstHittingSampler:
     name = "first_hitting"
 
     def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:
-        scores = torch.rand(state.masked.shape, generator=generator, device=state.masked.device)  # (b, l)
+        scores = uniform(state.masked.shape, generator, state.masked.device, rows=state.masked.any(-1))  # (b, l)
         pick = scores.masked_fill(~state.masked, -1.0).argmax(-1, keepdim=True)  # (b, 1)
         chosen = torch.zeros_like(state.masked).scatter_(-1, pick, True)
         return reveal(state, tokens, confidence, chosen)

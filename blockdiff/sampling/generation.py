@@ -170,8 +170,14 @@ def generate(
     streamer=None,
     observer: Callable[[StepEvent], None] | None = None,
 ) -> GenerationOutput:
-    """Continue each prompt (a list of token ids, at least one) by up to ``config.max_new_tokens`` tokens."""
+    """Continue each prompt (a list of token ids, at least one) by up to ``config.max_new_tokens`` tokens.
+
+    ``generator``: one ``torch.Generator`` for the batch, or one per prompt (then each sample's output is the
+    same whatever else is in the batch).
+    """
     window, eos_ids, pad_id = _check_inputs(model, prompts, config, streamer)
+    if isinstance(generator, list) and len(generator) != len(prompts):
+        raise ValueError(f"got {len(generator)} generators for {len(prompts)} prompts; pass one per prompt or one")
     device = next(model.parameters()).device
     if generator is None and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -238,13 +244,17 @@ def _denoise_block(model, st: _State, start: int, config, generator, observer) -
     num_steps = config.steps_per_block or l
     state = BlockState(tokens, in_gen.clone(), in_gen, torch.ones(tokens.shape, device=device), 0, num_steps)
     sampler, hard_cap = make_sampler(config), num_steps + 2 * l  # samplers finish sooner; the cap guards bugs
+    if isinstance(generator, list):  # per-sample generators of the samples still in the batch
+        generator = [generator[i] for i in st.active]
     logits, changed = None, True
     while state.masked.any():
         ran = logits is None or changed or not config.reuse_predictions
         if ran:  # otherwise nothing changed since the last forward: its prediction is still exact
             st.cols[act, start:] = state.tokens
             logits = _block_logits(model, st, start, start + l, config.use_cache)  # (b, l, v)
-        proposal, conf, probs = choose_tokens(logits, config.temperature or 0.0, config.top_k, config.top_p, generator)
+        proposal, conf, probs = choose_tokens(
+            logits, config.temperature or 0.0, config.top_k, config.top_p, generator, rows=state.masked.any(-1)
+        )
         step = sampler.step if state.step < hard_cap else _force
         result = step(proposal, conf, state, generator, probs)
         tokens = result.tokens.masked_fill(result.remasked, mask_id)

@@ -33,14 +33,25 @@ def choose_tokens(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator=None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(tokens (b, l), confidence (b, l), probs (b, l, v))`` — probs are the model's untempered ones."""
+    """``(tokens (b, l), confidence (b, l), probs (b, l, v))`` — probs are the model's untempered ones.
+
+    ``generator`` is one ``torch.Generator`` or a list with one per row; with a list only the ``rows``
+    (bool (b,)) still denoising draw, so each row's random stream is independent of the batch.
+    """
     probs = logits.float().softmax(-1)  # (b, l, v)
     if temperature == 0:
         tokens = probs.argmax(-1)
     else:
         dist = (filter_logits(logits.float(), top_k, top_p) / temperature).softmax(-1)  # (b, l, v)
-        tokens = torch.multinomial(dist.flatten(0, -2), 1, generator=generator).view(dist.shape[:-1])
+        if isinstance(generator, list):
+            tokens = probs.argmax(-1)  # rows that do not draw keep a placeholder (they have nothing to reveal)
+            for i, g in enumerate(generator):
+                if rows is None or rows[i]:
+                    tokens[i] = torch.multinomial(dist[i], 1, generator=g).squeeze(-1)
+        else:
+            tokens = torch.multinomial(dist.flatten(0, -2), 1, generator=generator).view(dist.shape[:-1])
     confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)  # (b, l)
     return tokens, confidence, probs

@@ -33,7 +33,9 @@ class RemaskingSampler:
         if state.step >= min(self.remask_until * state.num_steps, state.num_steps - 1):
             return result  # no re-opening late, nor on the last step: the block ends within its budget
         # Re-open the least confident earlier commitments (not the ones revealed just now).
-        candidates = state.editable & ~state.masked & (state.confidence < self.remask_threshold)  # (b, l)
+        # Only in blocks still being denoised: a block with no mask left is finished.
+        still_open = state.masked.any(-1, keepdim=True)  # (b, 1)
+        candidates = still_open & state.editable & ~state.masked & (state.confidence < self.remask_threshold)
         k = torch.full((len(tokens),), self.max_remask, device=tokens.device)
         result.remasked = top_confident(-state.confidence, candidates, k)  # lowest confidence first
         return result  # the block loop puts the mask token back at `remasked`

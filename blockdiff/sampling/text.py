@@ -22,7 +22,7 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 
 def sample_texts(
-    model, tokenizer, prompts: list[str], generator: torch.Generator | None = None, observer=None, **settings
+    model, tokenizer, prompts: list[str], generator=None, observer=None, **settings
 ) -> tuple[list[str], GenerationOutput]:
     """Continue every prompt in one ragged batch; returns the continuations (prompt excluded) and the output.
 
