@@ -40,9 +40,7 @@ Writes ``results.json`` (environment, per-round raw numbers) and ``table.md`` in
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import shlex
 import statistics
 import sys
@@ -57,6 +55,7 @@ from rich.table import Table
 from transformers import GenerationConfig
 from transformers.utils import logging as hf_logging
 
+from _report import cpu_model, write_report  # experiments/_report.py
 from blockdiff.config import ModelConfig
 from blockdiff.evaluate import load_model_dir
 from blockdiff.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
@@ -86,12 +85,6 @@ class Row:
     @property
     def ours(self) -> bool:
         return self.model != "ar"
-
-
-def cpu_model() -> str:
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
-    return names[0] if names else platform.processor() or "unknown"
 
 
 def load_models(args) -> tuple[dict[str, BlockDiffusionLM], object]:
@@ -339,13 +332,8 @@ FOOTER = (
 
 
 def write_outputs(report: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"<!-- {line} -->" for line in (header(report) + "\n" + FOOTER).splitlines()]
-    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
-    lines += ["", "Targets:", ""] + [f"- {line}" for line in target_lines(report)]
-    (out_dir / "table.md").write_text("\n".join(lines) + "\n")
+    tail = ["", "Targets:", ""] + [f"- {line}" for line in target_lines(report)]
+    write_report(out_dir, report, header(report) + "\n" + FOOTER, COLUMNS, table_rows(report), tail)
 
 
 def main() -> None:

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import platform
 import shlex
 import statistics
 import sys
@@ -48,6 +46,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from _report import cpu_model, write_report  # experiments/_report.py
 from blockdiff.config import ModelConfig
 from blockdiff.loss import block_diffusion_loss
 from blockdiff.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
@@ -97,13 +96,6 @@ class Variant:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def cpu_model() -> str:
-    """The ``model name`` line of /proc/cpuinfo (Linux), else whatever ``platform`` knows."""
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
-    return names[0] if names else platform.processor() or "unknown"
 
 
 def build_variants(shape: Shape, device: torch.device, lr: float, seed: int):
@@ -257,12 +249,7 @@ FOOTER = (
 
 
 def write_outputs(report: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"<!-- {line} -->" for line in (header(report) + "\n" + FOOTER).splitlines()]
-    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
-    (out_dir / "table.md").write_text("\n".join(lines) + "\n")
+    write_report(out_dir, report, header(report) + "\n" + FOOTER, COLUMNS, table_rows(report))
 
 
 def main() -> None:

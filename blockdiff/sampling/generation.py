@@ -271,8 +271,7 @@ def _stream_block(streamer, st: _State, start: int, l: int, max_new_tokens: int,
     """Hand the streamer the new tokens of the finished block (single sample), up to and including EOS."""
     first = int(st.gen_start[0])
     new = st.cols[0, max(start, first) : min(start + l, first + max_new_tokens)].tolist()
-    cut = next((j + 1 for j, t in enumerate(new) if t in eos_ids), len(new))
-    streamer.put(torch.tensor([new[:cut]], dtype=torch.long))
+    streamer.put(torch.tensor([_cut_after_eos(new, eos_ids)], dtype=torch.long))
 
 
 def _retire_finished(st: _State, start: int, l: int, max_new_tokens: int, eos_ids: set[int]) -> None:
@@ -313,13 +312,18 @@ def _event(st: _State, start: int, l: int, state: BlockState, result, ran: bool,
     )
 
 
+def _cut_after_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
+    """``tokens`` up to and including the first EOS (all of them if there is none)."""
+    return next((tokens[: j + 1] for j, t in enumerate(tokens) if t in eos_ids), tokens)
+
+
 def _output(st: _State, prompts, max_new_tokens: int, eos_ids: set[int], pad_id: int) -> GenerationOutput:
     rows, lengths = [], []
     for i, p in enumerate(prompts):
         new = st.cols[i, int(st.gen_start[i]) :].tolist()[:max_new_tokens]
-        cut = next((j + 1 for j, t in enumerate(new) if t in eos_ids), len(new))
-        rows.append(p + new[:cut])
-        lengths.append(cut)
+        new = _cut_after_eos(new, eos_ids)
+        rows.append(p + new)
+        lengths.append(len(new))
     longest = max(len(r) for r in rows)
     sequences = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
