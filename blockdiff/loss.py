@@ -58,17 +58,18 @@ def block_diffusion_loss(
     antithetic: bool = True,
     generator: torch.Generator | None = None,
     t: torch.Tensor | None = None,
+    block_length: int | None = None,
 ) -> LossOutput:
     """Noise ``x0`` with one ``t ~ U[t_range]`` per block (or the given ``t`` of shape ``(b, k)``), run
-    the vectorised forward, and return the per-token NELBO."""
+    the vectorised forward, and return the per-token NELBO. ``block_length`` overrides the model's."""
     b, n = x0.shape
-    block_length = model.block_length
+    block_length = block_length or model.block_length
     if t is None:
         t = sample_t((b, n // block_length), *t_range, antithetic=antithetic, generator=generator, device=x0.device)
     noised = add_noise(x0, t, schedule, block_length, model.mask_token_id, generator=generator)
     valid = torch.ones_like(x0, dtype=torch.bool)  # (b, n)
     valid[:, : model.num_unpredictable] = False
-    hidden = model.training_hidden(noised.xt, x0)  # (b, n, d)
+    hidden = model.training_hidden(noised.xt, x0, block_length)  # (b, n, d)
     logits = model.logits(hidden[noised.masked & valid])  # (m, v)
     return nelbo(logits, x0, noised.masked, noised.weight, valid)
 

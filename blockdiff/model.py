@@ -145,7 +145,7 @@ class BlockDiffusionLM(nn.Module):
         return allowed
 
     # -- training forward -------------------------------------------------------------------------
-    def forward(self, xt: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    def forward(self, xt: torch.Tensor, x0: torch.Tensor, block_length: int | None = None) -> torch.Tensor:
         """Vectorised training forward: logits ``(b, n, v)`` predicting ``x0`` at every position of ``xt``.
 
         Runs the network once on ``x_t ⊕ x_0`` (positions ``0..n-1`` twice) under the three-part mask.
@@ -153,25 +153,30 @@ class BlockDiffusionLM(nn.Module):
         before it does, so dropping it is exact and the input is ``2n - l`` tokens (``n`` for MDLM).
         With the logit shift, row ``0`` has no predecessor and holds no prediction (``num_unpredictable``).
         """
-        return self.logits(self.training_hidden(xt, x0))
+        return self.logits(self.training_hidden(xt, x0, block_length))
 
-    def training_hidden(self, xt: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """The hidden states behind ``forward``'s logits, ``(b, n, d)`` (lets the loss project only masked rows)."""
+    def training_hidden(self, xt: torch.Tensor, x0: torch.Tensor, block_length: int | None = None) -> torch.Tensor:
+        """The hidden states behind ``forward``'s logits, ``(b, n, d)`` (lets the loss project only masked rows).
+
+        ``block_length`` overrides the model's own for this call (block-length curricula and mixtures);
+        the spec, and so generation, keeps the model's.
+        """
         b, n = xt.shape
-        if n % self.block_length:
-            raise ValueError(f"block_length={self.block_length} must divide the sequence length {n}")
+        block_length = block_length or self.block_length
+        if n % block_length:
+            raise ValueError(f"block_length={block_length} must divide the sequence length {n}")
         kind = self.attn_implementation
         if kind == "flex_attention" and xt.device.type != "cuda":
             raise RuntimeError("model.attn_implementation=flex_attention needs CUDA; use sdpa on CPU")
-        mask = _cached_training_mask(n, self.block_length, str(xt.device), kind)
+        mask = _cached_training_mask(n, block_length, str(xt.device), kind)
         if kind != "flex_attention":
             mask = self.format_mask(mask)
-        clean = n - self.block_length  # clean tokens fed: all blocks but the last
+        clean = n - block_length  # clean tokens fed: all blocks but the last
         positions = torch.cat([torch.arange(n), torch.arange(clean)]).to(xt.device)[None].expand(b, -1)  # (b, n+clean)
         hidden, _ = self.hidden_states(torch.cat([xt, x0[:, :clean]], dim=1), positions, mask)  # (b, n+clean, d)
         h_xt, h_x0 = hidden[:, :n], hidden[:, n:]  # (b, n, d), (b, clean, d)
         if self.spec.logit_shift:
-            first_of_block = (torch.arange(1, n, device=xt.device) % self.block_length == 0)[None, :, None]
+            first_of_block = (torch.arange(1, n, device=xt.device) % block_length == 0)[None, :, None]
             h_x0 = torch.nn.functional.pad(h_x0, (0, 0, 0, n - 1 - clean))  # (b, n-1, d); pad rows never read
             shifted = torch.where(first_of_block, h_x0, h_xt[:, :-1])  # (b, n-1, d)
             h_xt = torch.cat([h_xt[:, :1], shifted], dim=1)  # (b, n, d); row 0 is a placeholder
