@@ -50,7 +50,7 @@ def load_model_dir(path: str | Path, overrides: list[str] = ()) -> LoadedModel:
         raise FileNotFoundError(f"{path} does not exist; pass a run directory or its model/ folder")
     model = BlockDiffusionLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    if len(tokenizer) != model.vocab_size:
+    if len(tokenizer) > model.vocab_size:  # fewer is fine: some decoders pad their embedding matrix
         raise ValueError(
             f"the tokenizer in {path} has {len(tokenizer)} tokens but the model has {model.vocab_size} embedding rows: "
             "the checkpoint comes from a different vocabulary"
@@ -66,29 +66,37 @@ def load_model_dir(path: str | Path, overrides: list[str] = ()) -> LoadedModel:
 
 @torch.no_grad()
 def evaluate_nelbo(
-    model: BlockDiffusionLM, batches, schedule, t_range, tokens_per_byte: float, seed: int = 0, max_batches: int | None = None
+    model: BlockDiffusionLM, batches, schedule, t_range, tokens_per_byte: float, seed: int = 0, max_batches: int | None = None,
+    block_length: int | None = None,
 ) -> EvalResult:
-    """Token-weighted mean NELBO over ``batches`` of ``(b, n)`` token tensors."""
+    """Token-weighted mean NELBO over ``batches`` of ``(b, n)`` token tensors, at the model's block length or
+    at ``block_length`` (e.g. a block-length-mixture model evaluated at each length it was trained on)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     nll_sum, num_tokens = 0.0, 0
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        out = block_diffusion_loss(model, batch.to(device), schedule, t_range, True, generator)
+        out = block_diffusion_loss(model, batch.to(device), schedule, t_range, True, generator, block_length=block_length)
         nll_sum += out.nll_sum.item()
         num_tokens += int(out.num_tokens)
     if num_tokens == 0:
         raise ValueError("no held-out tokens to evaluate on")
     nll = nll_sum / num_tokens
-    return EvalResult(nll, math.exp(nll), bits_per_byte(nll, tokens_per_byte), num_tokens, model.block_length)
+    return EvalResult(nll, math.exp(nll), bits_per_byte(nll, tokens_per_byte), num_tokens, block_length or model.block_length)
 
 
-def evaluate(path: str | Path, overrides: list[str] = (), max_batches: int | None = None, seed: int = 0) -> EvalResult:
+def evaluate(
+    path: str | Path, overrides: list[str] = (), max_batches: int | None = None, seed: int = 0, block_length: int | None = None
+) -> EvalResult:
     """NELBO / PPL / BPB of a trained model on the held-out split of its (possibly overridden) corpus."""
     loaded = load_model_dir(path, overrides)
     cfg = loaded.config
     corpus = pack_documents(load_documents(cfg.data), loaded.tokenizer, cfg.data.max_seq_len, cfg.data.val_fraction)
     loader = torch.utils.data.DataLoader(corpus.val, batch_size=cfg.data.batch_size, collate_fn=collate_windows)
     schedule = make_schedule(cfg.noise.schedule)
-    return evaluate_nelbo(loaded.model, loader, schedule, cfg.noise.eval_range, corpus.tokens_per_byte, seed, max_batches)
+    if block_length is not None and cfg.data.max_seq_len % block_length:
+        raise ValueError(f"--block-length {block_length} must divide the model's data.max_seq_len={cfg.data.max_seq_len}")
+    return evaluate_nelbo(
+        loaded.model, loader, schedule, cfg.noise.eval_range, corpus.tokens_per_byte, seed, max_batches, block_length
+    )

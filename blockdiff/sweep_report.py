@@ -1,0 +1,195 @@
+"""``blockdiff sweep --report DIR``: every finished run below ``DIR`` -> a rich table, CSVs, markdown, plots.
+
+Reads each ``summary.json`` (written by ``sweep.run_one``) and its ``logs/metrics.csv``. Runs that differ
+only in ``trainer.seed`` form one group; groups are reported as mean ± sample standard deviation over
+seeds (``n`` says how many). Writes into ``DIR``:
+
+* ``results.csv`` — one row per run (NELBO/PPL/BPB at the trained block length, clip-search window);
+* ``evals.csv`` / ``samples.csv`` — one row per (run, inference block length) / (run, sampling setting);
+* ``results.md`` — the grouped tables (bounds, inference block lengths, sampling) and the ordering check;
+* ``*.png`` — PPL vs block length, quality vs NFE per token, training loss curves, NELBO variance vs
+  clipping window (``plots.py``; needs matplotlib, the ``plots`` extra).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from rich.table import Table
+
+from blockdiff.sweep import SUMMARY_FILE
+
+__all__ = ["load_summaries", "report", "variant", "mean_sd"]
+
+
+def load_summaries(root: str | Path) -> list[dict]:
+    """Every run's summary below ``root`` (with ``run_dir`` added); ``ValueError`` if there is none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"sweep report: {root} is not a directory")
+    runs = []
+    for path in sorted(root.rglob(SUMMARY_FILE)):
+        summary = json.loads(path.read_text())
+        summary["run_dir"] = str(path.parent)
+        runs.append(summary)
+    if not runs:
+        raise ValueError(f"sweep report: {root} holds no finished runs (no */{SUMMARY_FILE}); run `blockdiff sweep FILE` first")
+    return runs
+
+
+def variant(run: dict) -> str:
+    """What was trained, ignoring block length and seed: the schedule / objective label of a run."""
+    s = run["settings"]
+    if s["block_length_mixture"]:
+        return "mixture " + "/".join(f"{k}:{v:g}" for k, v in s["block_length_mixture"].items())
+    if s["clip_search"] == "apply":
+        return "clip search (applied)"
+    if (s["beta"], s["omega"]) != (0.0, 1.0):
+        return f"clipped U[{s['beta']:g},{s['omega']:g}]"
+    return f"{s['schedule']} U[0,1]"
+
+
+def mean_sd(values: list[float]) -> tuple[float, float, int]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan"), 0
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan")), len(values)
+
+
+def _pm(values: list[float], digits: int = 3) -> str:
+    m, sd, n = mean_sd(values)
+    if n == 0:
+        return "–"
+    return f"{m:.{digits}f}" if n == 1 else f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _native(run: dict) -> dict:
+    """The evaluation at the block length the run was trained (and generates) with."""
+    l = run["settings"]["block_length"]
+    for e in run.get("eval", []):
+        if e["block_length"] == l:
+            return e
+    f = run["final"]
+    return {"block_length": l, "nll": f.get("val/nll"), "ppl": f.get("val/ppl"), "bpb": f.get("val/bpb")}
+
+
+def _rows(runs: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    results, evals, samples = [], [], []
+    for r in runs:
+        s, native, clip = r["settings"], _native(r), r.get("clip") or {}
+        base = {"sweep": r["sweep"], "run": r["name"], "variant": variant(r), "block_length": s["block_length"],
+                "seed": s["seed"], "max_seq_len": s["max_seq_len"]}
+        full = next((v for b, o, v in clip.get("windows", []) if (b, o) == (0.0, 1.0)), None)
+        results.append({**base, "steps": r["train"]["steps"], "tokens": r["train"]["tokens"],
+                        "minutes": round(r["train"]["minutes"], 2), "nll": native["nll"], "ppl": native["ppl"],
+                        "bpb": native["bpb"], "clip_beta": clip.get("beta"), "clip_omega": clip.get("omega"),
+                        "clip_var": clip.get("variance"), "var_U01": full})
+        for e in r.get("eval", []):
+            evals.append({**base, "eval_block_length": e["block_length"], "nll": e["nll"], "ppl": e["ppl"], "bpb": e["bpb"]})
+        for smp in r.get("samples", []):
+            samples.append({**base, "sampler": smp["sampler"], "tau": smp.get("tau"),
+                            "sample_block_length": smp["block_length"], "nfe_per_token": smp["nfe_per_token"],
+                            "gen_nll": smp.get("gen_nll"), "entropy": smp["entropy"], "example": smp["example"]})
+    return results, evals, samples
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        if not rows:
+            return
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _group(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[tuple(row[k] for k in keys)].append(row)
+    return dict(sorted(groups.items(), key=lambda kv: tuple(str(x).zfill(6) for x in kv[0])))
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ordering_check(results: list[dict]) -> str:
+    """Does AR <= L'=4 <= L'=8 <= L'=16 <= MDLM hold for the mean PPL of the log-linear runs?"""
+    plain = [r for r in results if r["variant"].endswith("U[0,1]") and not r["variant"].startswith("mixture")]
+    by_l = {l: mean_sd([r["ppl"] for r in rows]) for (l,), rows in _group(plain, ("block_length",)).items()}
+    if not by_l:
+        return "ordering check: no log-linear runs"
+    mdlm = max(r["max_seq_len"] for r in plain)
+    chain = [l for l in (1, 4, 8, 16, mdlm) if l in by_l]
+    holds = all(by_l[a][0] <= by_l[b][0] for a, b in zip(chain, chain[1:]))
+    text = " ≤ ".join(f"L'={l}: {by_l[l][0]:.2f}" for l in chain)
+    return f"BD3-LM ordering (mean PPL, log-linear) {'HOLDS' if holds else 'does NOT hold'}: {text}"
+
+
+def report(root: str | Path, console=None) -> list[Path]:
+    """Write results.csv, evals.csv, samples.csv, results.md and the plots into ``root``; print the table."""
+    root = Path(root)
+    runs = load_summaries(root)
+    results, evals, samples = _rows(runs)
+    written = [root / "results.csv", root / "evals.csv", root / "samples.csv", root / "results.md"]
+    _write_csv(written[0], results)
+    _write_csv(written[1], evals)
+    _write_csv(written[2], [{k: v for k, v in s.items() if k != "example"} for s in samples])
+
+    bound_rows = []
+    for (var, l), rows in _group(results, ("variant", "block_length")).items():
+        bound_rows.append([var, l, len(rows), _pm([r["nll"] for r in rows]), _pm([r["ppl"] for r in rows], 2),
+                           _pm([r["bpb"] for r in rows]), _pm([r["clip_var"] for r in rows], 2),
+                           ", ".join(sorted({f"[{r['clip_beta']:g},{r['clip_omega']:g}]" for r in rows if r["clip_beta"] is not None})) or "–",
+                           _pm([r["minutes"] for r in rows], 1)])
+    bound_header = ["variant", "L' (train)", "seeds", "NELBO nats/tok", "PPL ≤", "BPB ≤", "min clip var",
+                    "min-var window", "minutes"]
+    eval_rows = [[var, l, el, len(rows), _pm([r["nll"] for r in rows]), _pm([r["ppl"] for r in rows], 2),
+                  _pm([r["bpb"] for r in rows])]
+                 for (var, l, el), rows in _group(evals, ("variant", "block_length", "eval_block_length")).items()]
+    sample_rows = [[var, l, smp, tau if smp != "first_hitting" else "–", sl, len(rows),
+                    _pm([r["nfe_per_token"] for r in rows], 3), _pm([r["gen_nll"] for r in rows], 3),
+                    _pm([r["entropy"] for r in rows], 2)]
+                   for (var, l, smp, tau, sl), rows in _group(
+                       samples, ("variant", "block_length", "sampler", "tau", "sample_block_length")).items()]
+    check = ordering_check(results)
+    md = [f"# Sweep report: {root}", "", f"{len(runs)} runs; mean ± sample sd over seeds.", "", check, "",
+          "## Held-out NELBO bounds at the trained block length", "", _md_table(bound_header, bound_rows), "",
+          "## NELBO at inference block lengths", "",
+          _md_table(["variant", "L' (train)", "L' (eval)", "seeds", "NELBO nats/tok", "PPL ≤", "BPB ≤"], eval_rows)]
+    if sample_rows:
+        md += ["", "## Sampling: NFE per token and quality (AR NLL of the samples under the reference run)", "",
+               _md_table(["variant", "L' (train)", "sampler", "tau", "L' (sample)", "seeds", "NFE/token",
+                          "gen NLL (nats/tok)", "unigram entropy (bits)"], sample_rows)]
+    plots = _plots(root, runs, results, evals, samples)
+    if plots:
+        md += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    written[3].write_text("\n".join(md) + "\n")
+    if console is not None:
+        table = Table(*bound_header, title=f"sweep report — {root}")
+        for row in bound_rows:
+            table.add_row(*(str(c) for c in row))
+        console.print(table)
+        console.print(check)
+    return written + plots
+
+
+def _plots(root: Path, runs, results, evals, samples) -> list[Path]:
+    try:
+        from blockdiff import plots
+    except ImportError:  # matplotlib is an optional extra
+        return []
+    out = [plots.ppl_vs_block_length(results, evals, root / "ppl_vs_block_length.png"),
+           plots.loss_curves(runs, root / "loss_curves.png")]
+    if samples:
+        out.append(plots.quality_vs_nfe(samples, root / "quality_vs_nfe.png"))
+    if any(r.get("clip") for r in runs):
+        out.append(plots.clip_variance(runs, root / "clip_variance.png"))
+    return [p for p in out if p is not None]
