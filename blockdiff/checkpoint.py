@@ -1,0 +1,198 @@
+"""Checkpoints that cannot hurt you: atomic writes, a kept previous file, safe and explained loading.
+
+``SafeCheckpointIO`` is a Lightning ``CheckpointIO`` plugin (``Trainer(plugins=[SafeCheckpointIO()])``):
+
+* **atomic writes** — the checkpoint is written to ``NAME.tmp`` *in the same directory*, flushed to disk
+  (``fsync``) and renamed over ``NAME``; a crash or a full disk mid-save leaves the old ``NAME`` intact
+  and no half-written file under the real name. (Lightning's own ``_atomic_save`` serialises to memory
+  and then writes through an ``fsspec`` transaction whose temporary file lives in the system temp dir:
+  when that is another file system the final "move" is a copy, which is not atomic, and nothing is
+  fsynced.)
+* **the previous checkpoint is kept** — before ``last.ckpt`` is replaced, the current one is hard-linked
+  (or copied) to ``prev.ckpt``, so one bad file never costs the run;
+* **no non-finite weights** — a state dict holding NaN/Inf is refused before anything is written;
+* **safe loading** — every load uses ``torch.load(weights_only=True)``: tensors and plain data only, a
+  pickled object that would run code is refused; a truncated or corrupted file raises
+  ``CheckpointError`` naming the file (and the previous checkpoint, if it is readable).
+
+``resolve_resume(path)`` turns ``--resume RUN_DIR|CKPT`` into a readable checkpoint, falling back from
+a damaged ``last.ckpt`` of a run directory to its ``prev.ckpt``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+
+__all__ = ["CheckpointError", "SafeCheckpointIO", "load_checkpoint", "resolve_resume", "run_dir_of", "LAST", "PREV"]
+
+LAST, PREV = "last.ckpt", "prev.ckpt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used (unreadable, corrupted, unsafe, or holding NaN); the message names the file."""
+
+
+def previous_of(path: Path) -> Path:
+    """Where the checkpoint replaced by a write to ``path`` is kept (``last.ckpt`` -> ``prev.ckpt``)."""
+    return path.with_name(PREV) if path.name == LAST else path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def _non_finite(obj: Any, prefix: str = "") -> str | None:
+    """The key of the first floating-point tensor holding NaN/Inf in a nested state, or ``None``."""
+    if isinstance(obj, torch.Tensor):
+        return prefix if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for key, value in items:
+        found = _non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path.tmp`` in the same directory, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            reason = os.strerror(err.errno) if err.errno else str(err)
+            raise OSError(
+                err.errno or errno.EIO,
+                f"could not write checkpoint {path} ({reason}); nothing was replaced: "
+                f"{'the previous ' + path.name + ' is intact' if path.exists() else 'no checkpoint existed yet'}. "
+                "Free some space (or choose another trainer.out_dir) and resume with `blockdiff train --resume`",
+            ) from None
+        raise
+    if path.exists():  # keep the checkpoint being replaced, without a moment where `path` is missing
+        prev, prev_tmp = previous_of(path), path.with_name(path.name + ".prev.tmp")
+        prev_tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, prev_tmp)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(path, prev_tmp)
+        os.replace(prev_tmp, prev)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; any failure is a ``CheckpointError`` naming the file.
+
+    ``mmap=True`` maps tensors from the file instead of reading them (cheap validation of a large file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    hint = ""
+    prev = previous_of(path)
+    if prev.is_file() and prev != path:
+        hint = f"; the previous checkpoint {prev} may still be good: resume from it with `blockdiff train --resume {prev}`"
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
+            raise CheckpointError(
+                f"refusing to load {path}: it holds pickled Python objects other than tensors and plain data "
+                f"(they could run code when unpickled) [{first}]. Only load checkpoints you trust; blockdiff never "
+                "unpickles arbitrary objects" + hint
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is corrupted ({first}){hint}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({first}){hint}") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {path} does not hold a Lightning checkpoint (a dict), got {type(checkpoint).__name__}")
+    return checkpoint
+
+
+class SafeCheckpointIO(CheckpointIO):
+    """Lightning ``CheckpointIO``: atomic, finite-only writes that keep the previous file; ``weights_only`` loads."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("SafeCheckpointIO does not take storage_options")
+        bad = _non_finite(checkpoint.get("state_dict", {}))
+        if bad is not None:
+            raise CheckpointError(
+                f"refusing to write {path}: weight {bad!r} is NaN/Inf; the last good checkpoint is kept"
+            )
+        atomic_torch_save(checkpoint, Path(path))
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        # weights_only is always True here, whatever the caller asked for.
+        return load_checkpoint(path, map_location=map_location or "cpu")
+
+    def remove_checkpoint(self, path) -> None:
+        Path(path).unlink(missing_ok=True)
+
+
+def resolve_resume(path: str | Path) -> tuple[Path, Path, list[str]]:
+    """``(checkpoint, run_dir, warnings)`` for ``--resume PATH``: a run directory or a ``.ckpt`` file.
+
+    A run directory resumes from ``checkpoints/last.ckpt``, or from ``checkpoints/prev.ckpt`` (with a
+    warning) when ``last.ckpt`` is missing or damaged. A named file is used as is: if it is damaged the
+    error says so and names the previous checkpoint to try.
+    """
+    path = Path(path)
+    if path.is_dir():
+        run_dir = path
+        last, prev = path / "checkpoints" / LAST, path / "checkpoints" / PREV
+        if not last.is_file() and not prev.is_file():
+            raise CheckpointError(
+                f"{path} holds no checkpoint to resume from (no checkpoints/{LAST}); the run may have stopped "
+                "before its first trainer.checkpoint_every_n_steps"
+            )
+        try:
+            load_checkpoint(last, mmap=True)
+            return last, run_dir, []
+        except CheckpointError as err:
+            if not prev.is_file():
+                raise
+            load_checkpoint(prev, mmap=True)  # raises, naming prev.ckpt, if that one is bad too
+            return prev, run_dir, [f"{err}; resuming from the previous checkpoint {prev} instead"]
+    if not path.is_file():
+        raise CheckpointError(f"--resume {path}: no such run directory or checkpoint file")
+    load_checkpoint(path, mmap=True)
+    return path, run_dir_of(path), []
+
+
+def run_dir_of(path: str | Path) -> Path:
+    """The run directory of ``--resume PATH``: the directory itself, or ``RUN`` for ``RUN/checkpoints/x.ckpt``."""
+    path = Path(path)
+    if path.is_dir() or not path.suffix:
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
