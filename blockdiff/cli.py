@@ -259,7 +259,7 @@ def cmd_sweep(args) -> None:
         raise ValueError("say which sweep to run (blockdiff sweep configs/sweeps/NAME.yaml) or pass --report DIR")
     if args.parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
-    sweep = load_sweep(args.file, args.out_dir)  # every run's config is validated before any starts
+    sweep = load_sweep(args.file, args.out_dir, args.config, args.overrides)  # every run validated before any starts
     console.print(f"sweep [bold]{sweep.name}[/]: {len(sweep.runs)} runs in {sweep.out_dir}")
     failed = run_sweep(sweep, args.parallel, args.only, log=lambda m: console.print(m, highlight=False))
     if failed:
@@ -348,6 +348,8 @@ def _sweep_args(p):
     p.add_argument("--only", action="append", help="run only this run name (repeatable)")
     p.add_argument("--out-dir", help="override the sweep file's out_dir")
     p.add_argument("--report", metavar="DIR", help="summarise the finished runs below DIR instead of running")
+    p.add_argument("-c", "--config", action="append", default=[], help="config file applied to every run (after the sweep's overrides)")
+    p.add_argument("overrides", nargs="*", help="key=value applied to every run, e.g. trainer.max_steps=2000")
 
 
 def _config_verb_args(p):

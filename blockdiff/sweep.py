@@ -7,7 +7,7 @@ A sweep file (``configs/sweeps/*.yaml``, ``experiments/block_length/*.yaml``)::
     base: [../../configs/demo.yaml]     # config files, relative to the sweep file (optional)
     overrides: {data.max_seq_len: 64}   # applied to every run (dotted or nested keys)
     grid:                               # key: [values] -> the cartesian product, one run each
-      model.block_length: [1, 4, 64]
+      model.block_length: [1, 4, "${data.max_seq_len}"]   # interpolations resolve per run
       noise.beta,noise.omega: [[0.0, 1.0], [0.3, 0.8]]   # comma-joined keys vary together
       trainer.seed: [0, 1]
     # grid may also be a list of such mappings: the union of their products
@@ -18,7 +18,8 @@ A sweep file (``configs/sweeps/*.yaml``, ``experiments/block_length/*.yaml``)::
       reference: block_length-1_seed-0  # run whose model scores the samples (AR NLL); optional
       grid: {sampler: [threshold, first_hitting], tau: [0.9], block_length: [null]}
 
-Every run directory holds the training run (``config.yaml``, ``logs/metrics.csv``, ``model/``) and, once
+``blockdiff sweep FILE -c bigger.yaml key=value`` layers more config between the file's ``overrides`` and
+the grid (the same sweep at GPU size). Every run directory holds the training run (``config.yaml``, ``logs/metrics.csv``, ``model/``) and, once
 everything finished, ``summary.json``: a run with a ``summary.json`` is never run again, so re-launching a
 sweep resumes it. All runs are expanded and their configs validated before the first one starts.
 ``--parallel N`` runs N at a time as subprocesses (``blockdiff sweep FILE --only NAME``); with 1 they run
@@ -77,6 +78,8 @@ class Sweep:
     evaluate: dict = field(default_factory=dict)
     sample: dict = field(default_factory=dict)
     sample_settings: list[dict] = field(default_factory=list)
+    configs: list[str] = field(default_factory=list)  # -c files applied to every run
+    cli_overrides: list[str] = field(default_factory=list)  # key=value applied to every run
 
 
 # -- expansion --------------------------------------------------------------------------------------
@@ -113,6 +116,8 @@ def expand_grid(grid: dict | list) -> list[dict[str, Any]]:
 
 
 def _fmt(value) -> str:
+    if isinstance(value, str) and value.startswith("${"):  # an interpolation such as ${data.max_seq_len}
+        return value.strip("${}").rsplit(".", 1)[-1]
     if isinstance(value, dict):
         return "+".join(f"{k}x{_fmt(v)}" for k, v in value.items())
     if isinstance(value, float):
@@ -157,19 +162,35 @@ def _flat_keys(mapping: dict, known: set[str], prefix: str = "") -> list[str]:
     return out
 
 
-def _config_for(base: list[Path], mapping: dict) -> Config:
-    """Defaults <- base files <- ``mapping`` (written to a temporary YAML so dict values such as the
-    block-length mixture keep their types), validated."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(_nested(mapping), f, sort_keys=False)
+def _config_for(base: list[Path], overrides: dict, extra: list[str | Path], values: dict, cli: list[str] = ()) -> Config:
+    """Defaults <- base files <- the sweep's ``overrides`` <- ``extra`` files <- ``cli`` key=value <- the
+    run's grid ``values``, validated. Mappings go through temporary YAML files so dict values (the
+    block-length mixture) keep their types and interpolations (``${data.max_seq_len}``) resolve."""
+    files = []
     try:
-        return load_config([*base, f.name])
+        for mapping in (overrides, values):
+            with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+                yaml.safe_dump(_nested(mapping), f, sort_keys=False)
+            files.append(f.name)
+        if cli:
+            from omegaconf import OmegaConf
+
+            with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+                f.write(OmegaConf.to_yaml(OmegaConf.from_dotlist(list(cli))))
+            files.insert(1, f.name)
+        return load_config([*base, files[0], *extra, *files[1:]])
     finally:
-        os.unlink(f.name)
+        for name in files:
+            os.unlink(name)
 
 
-def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
-    """Read a sweep file, expand its grid and validate every run's config (nothing is written)."""
+def load_sweep(
+    path: str | Path, out_dir: str | Path | None = None, configs: list[str | Path] = (), overrides: list[str] = ()
+) -> Sweep:
+    """Read a sweep file, expand its grid and validate every run's config (nothing is written).
+
+    ``configs`` / ``overrides`` (``-c FILE`` and ``key=value`` on the command line) apply to every run after
+    the file's own ``overrides`` and before the grid: the same sweep at another model/data size."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep file {path} does not exist")
@@ -182,10 +203,14 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
     name = spec.get("name", path.stem)
     root = Path(out_dir or spec.get("out_dir") or f"runs/sweeps/{name}")
     base = [(path.parent / p) for p in spec.get("base") or []]
-    overrides = spec.get("overrides") or {}
+    file_overrides = spec.get("overrides") or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"overrides must look like key=value, got {item!r}")
     combos = expand_grid(spec.get("grid"))
     keys = {k for k, _, _ in describe_keys()}
-    for key in [*itertools.chain.from_iterable(c.keys() for c in combos), *_flat_keys(overrides, keys)]:
+    cli_keys = [item.partition("=")[0] for item in overrides]
+    for key in [*itertools.chain.from_iterable(c.keys() for c in combos), *_flat_keys(file_overrides, keys), *cli_keys]:
         if key not in keys:
             raise ConfigError(f"sweep {path}: key {key!r} is not a config key (`blockdiff config keys` lists them)")
     runs, seen = [], set()
@@ -195,7 +220,7 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
             raise ConfigError(f"sweep {path}: two grid entries give the same run {name_!r}")
         seen.add(name_)
         try:
-            cfg = _config_for(base, {**overrides, **values, "trainer.out_dir": str(root / name_)})
+            cfg = _config_for(base, file_overrides, list(configs), {**values, "trainer.out_dir": str(root / name_)}, overrides)
         except ConfigError as err:
             raise ConfigError(f"sweep {path}, run {name_}: {err}") from None
         runs.append(Run(name_, values, cfg))
@@ -208,7 +233,8 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
     reference = sample.get("reference")
     if reference is not None:  # the scoring model trains first
         runs.sort(key=lambda r: r.name != reference)
-    return Sweep(name, path, root, runs, spec.get("evaluate") or {}, sample, settings)
+    return Sweep(name, path, root, runs, spec.get("evaluate") or {}, sample, settings,
+                 [str(c) for c in configs], list(overrides))
 
 
 # -- running ----------------------------------------------------------------------------------------
@@ -246,7 +272,8 @@ def _run_subprocesses(sweep: Sweep, todo: list[Run], parallel: int, log) -> list
     while pending or active:
         while pending and len(active) < parallel:
             run = pending.pop(0)
-            cmd = [sys.executable, "-m", "blockdiff.cli", "sweep", str(sweep.path), "--out-dir", str(sweep.out_dir), "--only", run.name]
+            cmd = [sys.executable, "-m", "blockdiff.cli", "sweep", str(sweep.path), "--out-dir", str(sweep.out_dir),
+                   "--only", run.name, *itertools.chain.from_iterable(["-c", c] for c in sweep.configs), *sweep.cli_overrides]
             out = open(logs / f"{run.name}.log", "w")
             active[run.name] = (subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT), out)
             log(f"started {run.name} (log: {logs / (run.name + '.log')})")

@@ -152,3 +152,18 @@ def test_bad_sample_key_and_empty_report(tmp_path):
     with pytest.raises(ValueError, match="no finished runs"):
         load_summaries(tmp_path / "empty")
     assert main(["sweep", "--report", str(tmp_path / "empty")]) == 2
+
+
+def test_command_line_layers_sit_between_the_file_and_the_grid(tmp_path):
+    """`blockdiff sweep FILE -c more.yaml key=value`: the same grid at another size; the grid still wins,
+    and ``${data.max_seq_len}`` in the grid follows the layered context length (the MDLM end)."""
+    path = write_sweep(tmp_path, {"model.block_length": [4, "${data.max_seq_len}"]})
+    more = tmp_path / "more.yaml"
+    more.write_text("model:\n  hidden_size: 48\n  block_length: 2\n")
+    sweep = load_sweep(path, tmp_path / "elsewhere", [more], ["data.max_seq_len=32"])
+    assert [r.name for r in sweep.runs] == ["block_length-4", "block_length-max_seq_len"]
+    assert [r.config.model.block_length for r in sweep.runs] == [4, 32]
+    assert all(r.config.model.hidden_size == 48 and r.config.model.num_layers == 2 for r in sweep.runs)
+    assert sweep.runs[0].run_dir == tmp_path / "elsewhere" / "block_length-4"
+    with pytest.raises(ConfigError, match="model.hidden"):
+        load_sweep(path, None, [], ["model.hidden=3"])
