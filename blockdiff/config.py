@@ -372,6 +372,10 @@ class Config:
             raise ConfigError(
                 f"model.block_length_mixture block lengths {bad} must divide data.max_seq_len={self.data.max_seq_len}"
             )
+        if self.model.block_length_mixture and self.curriculum.block_length_fraction > 0:
+            raise ConfigError(
+                "model.block_length_mixture and curriculum.block_length_fraction both set the training block length; use one"
+            )
 
     @property
     def logit_shift(self) -> bool:
