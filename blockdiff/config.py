@@ -420,7 +420,7 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = (), default
             raise ConfigError(f"overrides must look like key=value (e.g. model.block_length=8), got {override!r}")
         try:
             update = OmegaConf.from_dotlist([override])
-        except OmegaConfBaseException as err:
+        except Exception as err:  # noqa: BLE001 - OmegaConf and its YAML parser raise several types
             raise ConfigError(f"cannot parse override {override!r}: {str(err).splitlines()[0]}") from None
         merged = _merge(merged, update, key)
     try:

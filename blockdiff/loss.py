@@ -7,6 +7,8 @@ or not). Only masked positions contribute (SUBS: unmasked positions are copied, 
 The returned ``nll`` is in nats/token; ``exp(nll)`` is the NELBO perplexity bound, and
 ``nll / ln 2 * tokens_per_byte`` the bits-per-byte bound.
 
+``mixture_loss`` trains one network on several block lengths at once (each sequence draws its own).
+
 This module composes the pure pieces (``noise.py``) with a network call; it holds no state.
 
 Shape legend: ``b`` batch, ``n`` tokens, ``k`` blocks, ``m`` masked positions, ``v`` vocab.
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from blockdiff.noise import add_noise, sample_t
 
-__all__ = ["LossOutput", "nelbo", "block_diffusion_loss", "bits_per_byte"]
+__all__ = ["LossOutput", "nelbo", "block_diffusion_loss", "draw_block_lengths", "mixture_loss", "bits_per_byte"]
 
 
 @dataclass
@@ -31,6 +33,7 @@ class LossOutput:
     nll_sum: torch.Tensor  # scalar: summed weighted -log p over masked tokens
     num_tokens: torch.Tensor  # scalar: predicted positions (the per-token denominator)
     num_masked: torch.Tensor  # scalar: positions that were masked and contributed
+    block_lengths: torch.Tensor | None = None  # (b,) block length each sequence drew (mixtures only)
 
 
 def nelbo(
@@ -50,6 +53,22 @@ def nelbo(
     )
 
 
+def check_batch(model, x0: torch.Tensor) -> torch.Tensor:
+    """A ``(b, n)`` batch of token ids in the model's vocabulary (never the mask token), as ``long``; else ``ValueError``."""
+    if not isinstance(x0, torch.Tensor) or x0.dim() != 2 or x0.numel() == 0:
+        shape = tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__
+        raise ValueError(f"a training batch must be a non-empty (batch, length) tensor of token ids, got {shape}")
+    if x0.dtype.is_floating_point or x0.dtype.is_complex or x0.dtype == torch.bool:
+        raise ValueError(f"a training batch must hold integer token ids, got dtype {x0.dtype}")
+    x0 = x0.long()
+    if bool(((x0 < 0) | (x0 >= model.vocab_size) | (x0 == model.mask_token_id)).any()):
+        raise ValueError(
+            f"a training batch holds token ids outside [0, {model.vocab_size}) or the mask token {model.mask_token_id}; "
+            "was it tokenised with another tokenizer?"
+        )
+    return x0
+
+
 def block_diffusion_loss(
     model,
     x0: torch.Tensor,
@@ -59,9 +78,12 @@ def block_diffusion_loss(
     generator: torch.Generator | None = None,
     t: torch.Tensor | None = None,
     block_length: int | None = None,
+    bidirectional: float = 1.0,
 ) -> LossOutput:
     """Noise ``x0`` with one ``t ~ U[t_range]`` per block (or the given ``t`` of shape ``(b, k)``), run
-    the vectorised forward, and return the per-token NELBO. ``block_length`` overrides the model's."""
+    the vectorised forward, and return the per-token NELBO. ``block_length`` overrides the model's;
+    ``bidirectional < 1`` anneals the in-block attention (see ``BlockDiffusionLM.training_hidden``)."""
+    x0 = check_batch(model, x0)
     b, n = x0.shape
     block_length = block_length or model.block_length
     if t is None:
@@ -69,9 +91,43 @@ def block_diffusion_loss(
     noised = add_noise(x0, t, schedule, block_length, model.mask_token_id, generator=generator)
     valid = torch.ones_like(x0, dtype=torch.bool)  # (b, n)
     valid[:, : model.num_unpredictable] = False
-    hidden = model.training_hidden(noised.xt, x0, block_length)  # (b, n, d)
+    hidden = model.training_hidden(noised.xt, x0, block_length, bidirectional, generator)  # (b, n, d)
     logits = model.logits(hidden[noised.masked & valid])  # (m, v)
     return nelbo(logits, x0, noised.masked, noised.weight, valid)
+
+
+def draw_block_lengths(mixture: dict[int, float], batch_size: int, generator=None, device=None) -> torch.Tensor:
+    """One block length per sequence, drawn from ``mixture`` (``{L': probability}``): ``(b,)`` long tensor."""
+    lengths = torch.tensor(list(mixture), dtype=torch.long)  # (c,)
+    weights = torch.tensor(list(mixture.values()), dtype=torch.float)  # (c,)
+    weights = weights.to(generator.device if generator is not None else "cpu")
+    choice = torch.multinomial(weights, batch_size, replacement=True, generator=generator)  # (b,)
+    return lengths[choice].to(device)
+
+
+def mixture_loss(
+    model,
+    x0: torch.Tensor,
+    schedule,
+    t_range: tuple[float, float],
+    mixture: dict[int, float],
+    antithetic: bool = True,
+    generator: torch.Generator | None = None,
+) -> LossOutput:
+    """NELBO under a mixture of block lengths: each sequence draws its ``L'`` from ``mixture``, and the rows
+    that drew the same ``L'`` go through one forward with that length's mask and noise blocks (exact: a row
+    never attends across rows). Sums and token counts are pooled, so the loss is per token over the batch."""
+    drawn = draw_block_lengths(mixture, x0.shape[0], generator, x0.device)  # (b,)
+    parts = [
+        block_diffusion_loss(model, x0[drawn == l], schedule, t_range, antithetic, generator, block_length=int(l))
+        for l in torch.unique(drawn).tolist()
+    ]
+    nll_sum = sum(p.nll_sum for p in parts)
+    num_tokens = sum(p.num_tokens for p in parts)
+    return LossOutput(
+        loss=nll_sum / num_tokens.clamp(min=1), nll_sum=nll_sum, num_tokens=num_tokens,
+        num_masked=sum(p.num_masked for p in parts), block_lengths=drawn,
+    )
 
 
 def bits_per_byte(nll_per_token: float, tokens_per_byte: float) -> float:

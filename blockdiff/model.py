@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import numbers
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -43,6 +44,7 @@ class BlockDiffusionSpec:
     block_length: int
     logit_shift: bool = False
     max_seq_len: int | None = None  # training context length, for reference
+    schedule: str = "loglinear"  # noise schedule it was trained with (evaluation uses the same)
 
 
 def build_backbone(cfg: ModelConfig, vocab_size: int, max_seq_len: int, **special_ids) -> PreTrainedModel:
@@ -73,6 +75,15 @@ def _cached_training_mask(n: int, block_length: int, device: str, kind: str):
     if kind == "flex_attention":
         return training_block_mask(n, block_length, None, device=device, length=length)
     return training_mask(n, block_length, device=device)[None, None, :length, :length]  # (1, 1, 2n-l, 2n-l)
+
+
+def _annealing_keep(n: int, block_length: int, p: float, generator, device) -> torch.Tensor:
+    """Cells kept open while annealing: everything except anti-causal x_t cells, which stay with probability ``p``."""
+    length = 2 * n - block_length
+    idx = torch.arange(length, device=device)
+    anticausal = (idx[None, :] > idx[:, None]) & (idx[:, None] < n) & (idx[None, :] < n)  # (q, s), inside x_t
+    drawn = torch.rand((length, length), generator=generator, device=device) < p
+    return (~anticausal | drawn)[None, None]  # (1, 1, q, s)
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -155,11 +166,19 @@ class BlockDiffusionLM(nn.Module):
         """
         return self.logits(self.training_hidden(xt, x0, block_length))
 
-    def training_hidden(self, xt: torch.Tensor, x0: torch.Tensor, block_length: int | None = None) -> torch.Tensor:
+    def training_hidden(
+        self,
+        xt: torch.Tensor,
+        x0: torch.Tensor,
+        block_length: int | None = None,
+        bidirectional: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """The hidden states behind ``forward``'s logits, ``(b, n, d)`` (lets the loss project only masked rows).
 
         ``block_length`` overrides the model's own for this call (block-length curricula and mixtures);
-        the spec, and so generation, keeps the model's.
+        the spec, and so generation, keeps the model's. ``bidirectional < 1`` anneals the mask: each
+        anti-causal cell inside a noisy block stays open with that probability (``curriculum.py``).
         """
         b, n = xt.shape
         block_length = block_length or self.block_length
@@ -169,6 +188,10 @@ class BlockDiffusionLM(nn.Module):
         if kind == "flex_attention" and xt.device.type != "cuda":
             raise RuntimeError("model.attn_implementation=flex_attention needs CUDA; use sdpa on CPU")
         mask = _cached_training_mask(n, block_length, str(xt.device), kind)
+        if bidirectional < 1.0:
+            if kind == "flex_attention":
+                raise ValueError("attention-mask annealing needs a dense mask; use attn_implementation=sdpa or eager")
+            mask = mask & _annealing_keep(n, block_length, bidirectional, generator, xt.device)
         if kind != "flex_attention":
             mask = self.format_mask(mask)
         clean = n - block_length  # clean tokens fed: all blocks but the last
@@ -212,9 +235,18 @@ class BlockDiffusionLM(nn.Module):
         if isinstance(input_ids, torch.Tensor):
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+            if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+                raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+            if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+                raise ValueError(
+                    f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+                )
             keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
             input_ids = [row[m].tolist() for row, m in zip(input_ids, keep)]
-        return generate(self, [list(p) for p in input_ids], config, generator, streamer, observer)
+        prompts = [list(p) for p in input_ids]
+        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for p in prompts for t in p):
+            raise ValueError("input_ids must be lists of integer token ids")
+        return generate(self, [[int(t) for t in p] for p in prompts], config, generator, streamer, observer)
 
     # -- persistence ------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
