@@ -151,3 +151,8 @@ class GracefulInterrupt(Checkpoint):
             trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
             self.interrupted = True
             trainer.should_stop = True
+            # Lightning validates once more when asked to stop; skip that unless this is a regular validation step
+            # (a resumed run would not repeat it, so the log would differ from an uninterrupted run's).
+            every = trainer.val_check_batch
+            if not isinstance(every, int) or (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % every:
+                trainer.limit_val_batches = 0

@@ -108,7 +108,7 @@ def _carry_over_log(logger: CSVLogger, rows: list[dict], before_step: int) -> No
         step = int(float(row.get("step") or 0))
         if step >= before_step:
             continue
-        values = {k: float(v) for k, v in row.items() if k != "step" and v not in ("", None)}
+        values = {k: float(v) if k != "epoch" else int(float(v)) for k, v in row.items() if k != "step" and v not in ("", None)}
         logger.experiment.log_metrics(values, step)
     logger.save()
 
@@ -212,10 +212,16 @@ def train(
         enable_model_summary=False,
         default_root_dir=run_dir,
     )
+    resumed_step = int(load_checkpoint(ckpt_path, mmap=True)["global_step"]) if ckpt_path else 0
     if old_log and is_zero:
-        _carry_over_log(logger, old_log, before_step=int(load_checkpoint(ckpt_path, mmap=True)["global_step"]))
+        _carry_over_log(logger, old_log, before_step=resumed_step)
     with interrupt.handling_sigint():
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if ckpt_path and resumed_step >= cfg.trainer.max_steps:
+        # The checkpoint is final (the run died while validating or exporting): Lightning skips the whole fit,
+        # end-of-fit hooks included, so take the weights the run would have exported (EMA ones, if any).
+        module.load_state_dict(load_checkpoint(ckpt_path)["state_dict"])
+        trainer.fit_loop.epoch_loop._batches_that_stepped = resumed_step  # the final validation's log step, as unbroken
     if interrupt.interrupted:
         raise TrainingInterrupted(
             f"interrupted at step {trainer.global_step}; a resumable checkpoint is in {checkpoint_dir / LAST}. "

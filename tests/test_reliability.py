@@ -124,6 +124,18 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(straight, corpus, tmp_
     assert read_log(run) == read_log(straight)  # the same loss curve, logged once per step
 
 
+def test_killed_while_exporting_resume_finishes_the_run(straight, corpus, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    with monkeypatch.context() as mp:
+        mp.setattr("blockdiff.train.export_model", lambda *args: kill(None, None))
+        with pytest.raises(Killed):
+            train(config(corpus, run), progress=False)
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == N_STEPS
+    train(config(corpus, run), progress=False, resume=run)  # nothing left to train: validate and export
+    assert_same_weights(straight, run)  # the EMA weights, as the uninterrupted run exported them
+    assert read_log(run) == read_log(straight)
+
+
 def test_ctrl_c_writes_a_resumable_checkpoint_and_resume_is_exact(straight, corpus, tmp_path, monkeypatch):
     run = tmp_path / "run"
 
