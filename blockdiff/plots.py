@@ -70,14 +70,13 @@ def quality_vs_nfe(samples: list[dict], path: Path) -> Path:
     points = defaultdict(list)  # (sampler, tau, variant, L'train, L'sample) -> [(nfe, nll)]
     for s in samples:
         if s["gen_nll"] is not None:
-            key = (s["sampler"], s["tau"] if s["sampler"] != "first_hitting" else None, s["variant"],
-                   s["block_length"], s["sample_block_length"])
+            key = (s["sampler"], s["variant"], s["block_length"], s["sample_block_length"])
             points[key].append((s["nfe_per_token"], s["gen_nll"]))
     by_sampler = defaultdict(list)
-    for (sampler, tau, var, l, sl), pts in points.items():
+    for (sampler, var, l, sl), pts in points.items():
         nfe, _ = _mean_sd([p[0] for p in pts])
         nll, _ = _mean_sd([p[1] for p in pts])
-        by_sampler[sampler if tau is None else f"{sampler} tau={tau:g}"].append((nfe, nll, sl))
+        by_sampler[sampler].append((nfe, nll, sl))
     for name, pts in sorted(by_sampler.items()):
         pts.sort()
         sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=name, s=25)

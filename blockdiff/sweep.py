@@ -21,7 +21,8 @@ A sweep file (``configs/sweeps/*.yaml``, ``experiments/block_length/*.yaml``)::
 ``blockdiff sweep FILE -c bigger.yaml key=value`` layers more config between the file's ``overrides`` and
 the grid (the same sweep at GPU size). Every run directory holds the training run (``config.yaml``, ``logs/metrics.csv``, ``model/``) and, once
 everything finished, ``summary.json``: a run with a ``summary.json`` is never run again, so re-launching a
-sweep resumes it. All runs are expanded and their configs validated before the first one starts.
+sweep resumes it (sampling settings added to the file since are run on the finished models without training
+them again). All runs are expanded and their configs validated before the first one starts.
 ``--parallel N`` runs N at a time as subprocesses (``blockdiff sweep FILE --only NAME``); with 1 they run
 one after another in this process. ``report(dir)`` gathers every ``summary.json`` below a directory.
 """
@@ -248,7 +249,12 @@ def run_sweep(sweep: Sweep, parallel: int = 1, only: list[str] | None = None, lo
             raise ValueError(f"--only names no run of {sweep.path}: {sorted(missing)}; runs: {[r.name for r in sweep.runs]}")
     done = [r for r in todo if r.finished]
     for r in done:
-        log(f"skip {r.name} (finished: {r.run_dir / SUMMARY_FILE})")
+        missing = _missing_samples(sweep, r)
+        if missing:  # trained and evaluated; only sampling settings added to the sweep since are run
+            log(f"{r.name}: sampling {len(missing)} new setting(s)")
+            _add_samples(sweep, r, missing)
+        else:
+            log(f"skip {r.name} (finished: {r.run_dir / SUMMARY_FILE})")
     todo = [r for r in todo if not r.finished]
     if parallel <= 1:
         failed = []
@@ -363,6 +369,30 @@ def _evaluate_run(sweep: Sweep, run: Run, model_dir: Path) -> dict:
     if sweep.sample_settings:
         out["samples"] = [_sample(sweep, loaded, s) for s in sweep.sample_settings]
     return out
+
+
+def _missing_samples(sweep: Sweep, run: Run) -> list[dict]:
+    """Sampling settings of the sweep that a finished run's summary does not hold yet."""
+    records = json.loads((run.run_dir / SUMMARY_FILE).read_text()).get("samples", [])
+    native = run.config.model.block_length
+
+    def held(setting):
+        want = {**setting, "block_length": setting.get("block_length") or native}
+        return any(all(rec.get(k) == v for k, v in want.items()) for rec in records)
+
+    return [s for s in sweep.sample_settings if not held(s)]
+
+
+def _add_samples(sweep: Sweep, run: Run, settings: list[dict]) -> None:
+    from blockdiff.evaluate import load_model_dir
+
+    loaded = load_model_dir(run.run_dir / "model")
+    path = run.run_dir / SUMMARY_FILE
+    summary = json.loads(path.read_text())
+    summary.setdefault("samples", []).extend(_sample(sweep, loaded, s) for s in settings)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.rename(path)
 
 
 def _reference_model(sweep: Sweep):

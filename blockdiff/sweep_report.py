@@ -24,7 +24,7 @@ from rich.table import Table
 
 from blockdiff.sweep import SUMMARY_FILE
 
-__all__ = ["load_summaries", "report", "variant", "mean_sd"]
+__all__ = ["load_summaries", "report", "variant", "sampler_label", "mean_sd"]
 
 
 def load_summaries(root: str | Path) -> list[dict]:
@@ -52,6 +52,18 @@ def variant(run: dict) -> str:
     if (s["beta"], s["omega"]) != (0.0, 1.0):
         return f"clipped U[{s['beta']:g},{s['omega']:g}]"
     return f"{s['schedule']} U[0,1]"
+
+
+def sampler_label(record: dict) -> str:
+    """``threshold tau=0.9``, ``fixed 2/step``, ``first_hitting``: the sampler and the knob that sets its NFE."""
+    name = record["sampler"]
+    if name == "threshold":
+        return f"threshold tau={record.get('tau', 0.9):g}"
+    if name == "fixed" and record.get("tokens_per_step"):
+        return f"fixed {record['tokens_per_step']}/step"
+    if record.get("steps_per_block"):
+        return f"{name} {record['steps_per_block']} steps/block"
+    return name
 
 
 def mean_sd(values: list[float]) -> tuple[float, float, int]:
@@ -92,7 +104,8 @@ def _rows(runs: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
         for e in r.get("eval", []):
             evals.append({**base, "eval_block_length": e["block_length"], "nll": e["nll"], "ppl": e["ppl"], "bpb": e["bpb"]})
         for smp in r.get("samples", []):
-            samples.append({**base, "sampler": smp["sampler"], "tau": smp.get("tau"),
+            samples.append({**base, "sampler": sampler_label(smp), "tau": smp.get("tau"),
+                            "tokens_per_step": smp.get("tokens_per_step"),
                             "sample_block_length": smp["block_length"], "nfe_per_token": smp["nfe_per_token"],
                             "gen_nll": smp.get("gen_nll"), "entropy": smp["entropy"], "example": smp["example"]})
     return results, evals, samples
@@ -154,11 +167,11 @@ def report(root: str | Path, console=None) -> list[Path]:
     eval_rows = [[var, l, el, len(rows), _pm([r["nll"] for r in rows]), _pm([r["ppl"] for r in rows], 2),
                   _pm([r["bpb"] for r in rows])]
                  for (var, l, el), rows in _group(evals, ("variant", "block_length", "eval_block_length")).items()]
-    sample_rows = [[var, l, smp, tau if smp != "first_hitting" else "–", sl, len(rows),
+    sample_rows = [[var, l, smp, sl, len(rows),
                     _pm([r["nfe_per_token"] for r in rows], 3), _pm([r["gen_nll"] for r in rows], 3),
                     _pm([r["entropy"] for r in rows], 2)]
-                   for (var, l, smp, tau, sl), rows in _group(
-                       samples, ("variant", "block_length", "sampler", "tau", "sample_block_length")).items()]
+                   for (var, l, smp, sl), rows in _group(
+                       samples, ("variant", "block_length", "sampler", "sample_block_length")).items()]
     check = ordering_check(results)
     md = [f"# Sweep report: {root}", "", f"{len(runs)} runs; mean ± sample sd over seeds.", "", check, "",
           "## Held-out NELBO bounds at the trained block length", "", _md_table(bound_header, bound_rows), "",
@@ -166,7 +179,7 @@ def report(root: str | Path, console=None) -> list[Path]:
           _md_table(["variant", "L' (train)", "L' (eval)", "seeds", "NELBO nats/tok", "PPL ≤", "BPB ≤"], eval_rows)]
     if sample_rows:
         md += ["", "## Sampling: NFE per token and quality (AR NLL of the samples under the reference run)", "",
-               _md_table(["variant", "L' (train)", "sampler", "tau", "L' (sample)", "seeds", "NFE/token",
+               _md_table(["variant", "L' (train)", "sampler", "L' (sample)", "seeds", "NFE/token",
                           "gen NLL (nats/tok)", "unigram entropy (bits)"], sample_rows)]
     plots = _plots(root, runs, results, evals, samples)
     if plots:

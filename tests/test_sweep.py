@@ -3,7 +3,8 @@
 * ``expand_grid``: the cartesian product in order, comma-joined keys varied together, a list of grids
   as the union; run names are stable and readable;
 * end to end on a tiny two-run sweep (block length 1 vs 4, 12 steps each): every run directory holds the
-  resolved config, the metrics CSV and ``summary.json``; launching again re-runs nothing; ``--report``
+  resolved config, the metrics CSV and ``summary.json``; launching again re-runs nothing (a sampling
+  setting added later is sampled on the finished models without training); ``--report``
   writes results.csv / results.md / the PNG plots from it; the CLI verb does the same;
 * bad input fails before any run starts, naming the problem: a grid key not in the config schema, an
   empty grid, a mixture whose weights do not sum to 1 or whose lengths do not divide max_seq_len, a
@@ -97,6 +98,17 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
         assert run_sweep(load_sweep(path), log=messages.append) == []
         assert messages == ["skip block_length-1 (finished: {})".format(tmp_path / "out" / "block_length-1" / "summary.json"),
                             "skip block_length-4 (finished: {})".format(tmp_path / "out" / "block_length-4" / "summary.json")]
+
+    # a sampling setting added to the file later: sampled on the finished models, nothing trained
+    spec = yaml.safe_load(path.read_text())
+    spec["sample"]["grid"]["sampler,tau"].append(["fixed", 0.9])
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sweep_mod, "run_one", no_training)
+        assert run_sweep(load_sweep(path), log=lambda m: None) == []
+    for run in sweep.runs:
+        samples = json.loads((tmp_path / "out" / run.name / "summary.json").read_text())["samples"]
+        assert [s["sampler"] for s in samples] == ["first_hitting", "threshold", "fixed"]
 
     written = report(tmp_path / "out")
     names = {p.name for p in written}
