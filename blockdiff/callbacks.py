@@ -1,10 +1,12 @@
 """Lightning callbacks that make a run resumable exactly and stop it safely.
 
-* ``ResumableRNG`` — stores the global random states (torch CPU and CUDA, Python, NumPy) in every
-  checkpoint and restores them right before the first training step after a resume, so the noise levels
-  and masks drawn by ``training_step`` continue the very same streams. (Lightning itself does not keep
-  random states in checkpoints.) It also flushes the loggers whenever a checkpoint is written, so the
-  CSV log on disk always covers at least the checkpointed steps.
+* ``ResumableRNG`` — stores the global random states (torch CPU and CUDA, Python, NumPy) *of every
+  rank* in every checkpoint and restores them right before the first training step after a resume, so
+  the noise levels and masks drawn by ``training_step`` continue the very same streams. (Lightning
+  itself does not keep random states in checkpoints.) With several processes it first gives each rank
+  its own stream (``seed`` and the rank), so the ranks do not draw identical noise for their different
+  data. It also flushes the loggers whenever a checkpoint is written, so the CSV log on disk always
+  covers at least the checkpointed steps.
 * ``NonFiniteLossGuard`` — a NaN/Inf training loss raises ``NonFiniteLoss`` *before* the backward pass,
   so no optimiser step (and no checkpoint) ever sees the bad values; every rank stops together.
 * ``GracefulInterrupt`` — the first Ctrl-C (SIGINT) asks the run to stop at the end of the current step,
@@ -65,22 +67,50 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 
 
 class ResumableRNG(L.Callback):
-    """Random states in the checkpoint, restored before the first step after a resume; loggers flushed on save."""
+    """Every rank's random states in the checkpoint, restored before the first step after a resume; loggers
+    flushed on save. ``seed`` seeds each rank's own stream when there are several processes."""
 
-    def __init__(self) -> None:
-        self._pending: dict[str, Any] | None = None
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._pending: list[dict[str, Any]] | None = None
+        self._world_size = 1
+        self._rank = 0
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._world_size, self._rank = trainer.world_size, trainer.global_rank
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.world_size > 1:  # one stream per rank (a resume then restores each rank's own state)
+            torch.manual_seed(self.seed * 1_000_003 + trainer.global_rank + 1)
+            random.seed(self.seed * 1_000_003 + trainer.global_rank + 1)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": _rng_states()}
+        # Called on every rank when a checkpoint is made (only rank 0 writes it): gather all ranks' states.
+        states = _rng_states()
+        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * self._world_size
+            torch.distributed.all_gather_object(gathered, states)
+            return {"rng_by_rank": gathered}
+        return {"rng_by_rank": [states]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict.get("rng")
+        self._pending = state_dict.get("rng_by_rank")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         # Restored here, not at load time: Lightning draws from the global generator between loading the
         # checkpoint and the first step (it builds the model and data loaders first).
         if self._pending is not None:
-            _set_rng_states(self._pending)
+            rank = trainer.global_rank
+            if len(self._pending) != trainer.world_size:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(
+                    f"the checkpoint holds random states for {len(self._pending)} process(es), this run has "
+                    f"{trainer.world_size}: noise streams are re-seeded, so this resume is not bit-exact"
+                )
+                torch.manual_seed(self.seed * 1_000_003 + rank + 1 + 7919 * trainer.global_step)
+            else:
+                _set_rng_states(self._pending[rank])
             self._pending = None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:

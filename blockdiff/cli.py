@@ -8,6 +8,7 @@ input (config, files, corpus) print one clear line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -34,6 +35,8 @@ def cmd_train(args) -> None:
     from blockdiff.train import train
 
     if args.resume:
+        if not os.path.exists(args.resume):
+            raise FileNotFoundError(f"--resume {args.resume}: no such run directory or checkpoint file")
         run_dir = run_dir_of(args.resume)
         saved = run_dir / "config.yaml"
         if not saved.is_file():

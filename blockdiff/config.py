@@ -280,8 +280,8 @@ class TrainerConfig:
 
             if self.strategy not in StrategyRegistry.available_strategies():
                 raise ConfigError(
-                    f"trainer.strategy={self.strategy!r} is not a Lightning strategy; use auto, ddp, fsdp, ddp_spawn "
-                    f"or one of {sorted(StrategyRegistry.available_strategies())}"
+                    f"trainer.strategy={self.strategy!r} is not a Lightning strategy; use auto, ddp, fsdp or ddp_spawn "
+                    "(lightning.pytorch.strategies.StrategyRegistry.available_strategies() lists them all)"
                 )
 
     def _check_devices(self) -> None:

@@ -134,7 +134,7 @@ def train(
     ckpt_path, in_place, old_log = None, False, []
     if resume is not None:
         ckpt_path, resume_dir, warnings = resolve_resume(resume)
-        for warning in warnings:
+        for warning in warnings if is_zero else []:
             print(f"warning: {warning}", flush=True)
         in_place = run_dir.resolve() == resume_dir.resolve()
         if in_place:
@@ -179,7 +179,7 @@ def train(
             save_last=True, save_top_k=0,
         ),
         LearningRateMonitor(logging_interval="step"),
-        ResumableRNG(),
+        ResumableRNG(cfg.trainer.seed),
         NonFiniteLossGuard(checkpoint_dir),
         interrupt,
     ]
