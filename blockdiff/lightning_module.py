@@ -6,6 +6,11 @@ comparable. Validation NELBO is averaged per token with ``torchmetrics.MeanMetri
 and logged as ``val/nll`` (nats/token), ``val/ppl`` and ``val/bpb``. The optimiser is AdamW with a
 linear warm-up then cosine or constant LR (``torch.optim.lr_scheduler``). EMA, checkpointing, gradient
 clipping, progress bars and logging are Lightning callbacks/flags configured in ``train.py``.
+
+With ``model.block_length_mixture`` each training sequence draws its block length (``loss.mixture_loss``).
+With ``noise.clip_search`` set, every validation also scores each ``(beta, omega)`` window of the grid on
+the first ``noise.clip_search_batches`` batches, logs the lowest-variance one (``val/clip_beta``,
+``val/clip_omega``, ``val/clip_var``) and, under ``apply``, trains with it from then on (``clip_search.py``).
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from blockdiff.config import LRSchedule, NoiseConfig, OptimConfig
-from blockdiff.loss import bits_per_byte, block_diffusion_loss
+from blockdiff.clip_search import block_nelbo_samples, select_clip_window
+from blockdiff.config import ClipSearch, CurriculumConfig, LRSchedule, NoiseConfig, OptimConfig
+from blockdiff.curriculum import bidirectional_fraction_at, block_length_at
+from blockdiff.loss import bits_per_byte, block_diffusion_loss, mixture_loss
 from blockdiff.model import BlockDiffusionLM
 from blockdiff.noise import make_schedule
 
@@ -44,28 +51,57 @@ class BlockDiffusionModule(L.LightningModule):
         max_steps: int,
         tokens_per_byte: float,
         seed: int = 0,
+        curriculum: CurriculumConfig | None = None,
+        block_length_mixture: dict[int, float] | None = None,
     ):
         super().__init__()
         self.model, self.noise, self.optim = model, noise, optim
+        self.curriculum = curriculum or CurriculumConfig()
         self.max_steps, self.tokens_per_byte, self.seed = max_steps, tokens_per_byte, seed
         self.schedule = make_schedule(noise.schedule)
         self.val_nll = MeanMetric()
         self.generation_overrides: dict = {}  # e.g. {"max_new_tokens": 128, "sampler": "first_hitting"}
         self._val_generator: torch.Generator | None = None
+        self.block_length_mixture = dict(block_length_mixture or {})
+        self.train_range = noise.train_range  # replaced by the clip search's window under noise.clip_search=apply
+        self._clip_samples: dict = {}
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        out = block_diffusion_loss(self.model, batch, self.schedule, self.noise.train_range, self.noise.antithetic)
+        block_length, bidirectional = self.curriculum_at(self.global_step)
+        if self.block_length_mixture:  # each sequence draws its own block length
+            out = mixture_loss(self.model, batch, self.schedule, self.train_range, self.block_length_mixture, self.noise.antithetic)
+        else:
+            out = block_diffusion_loss(
+                self.model, batch, self.schedule, self.train_range, self.noise.antithetic,
+                block_length=block_length, bidirectional=bidirectional,
+            )
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch.shape[0])
+        if self.curriculum.block_length_fraction > 0 or bidirectional < 1.0:
+            self.log_dict({"train/block_length": float(block_length), "train/bidirectional": bidirectional}, batch_size=batch.shape[0])
         return out.loss
+
+    def curriculum_at(self, step: int) -> tuple[int, float]:
+        """``(block length, open fraction of anti-causal in-block attention)`` at optimiser step ``step``."""
+        c = self.curriculum
+        block_length = block_length_at(step, self.max_steps, self.model.block_length, c.block_length_fraction, c.start_block_length)
+        return block_length, bidirectional_fraction_at(step, self.max_steps, c.mask_annealing_fraction)
 
     def on_validation_epoch_start(self) -> None:
         self._val_generator = torch.Generator(device=self.device).manual_seed(self.seed + 1)
+        if ClipSearch(self.noise.clip_search) is not ClipSearch.off:  # its own generator: val/nll is unchanged
+            self._clip_generator = torch.Generator(device=self.device).manual_seed(self.seed + 2)
+            self._clip_samples = {w: [] for w in self.noise.clip_windows}
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         out = block_diffusion_loss(
             self.model, batch, self.schedule, self.noise.eval_range, self.noise.antithetic, self._val_generator
         )
         self.val_nll.update(out.loss, weight=out.num_tokens)
+        if self._clip_samples and batch_idx < self.noise.clip_search_batches:
+            for window, samples in self._clip_samples.items():
+                samples.append(
+                    block_nelbo_samples(self.model, batch, self.schedule, window, self.noise.eps, self._clip_generator).flatten()
+                )
 
     def on_validation_epoch_end(self) -> None:
         nll = self.val_nll.compute()
@@ -79,6 +115,16 @@ class BlockDiffusionModule(L.LightningModule):
             prog_bar=True,
             sync_dist=True,
         )
+        if self._clip_samples:
+            self._log_clip_search()
+
+    def _log_clip_search(self) -> None:
+        """Pick the lowest-variance (beta, omega) window of this validation; adopt it under ``apply``."""
+        choice = select_clip_window({w: torch.cat(s) for w, s in self._clip_samples.items()})
+        self._clip_samples = {}
+        self.log_dict({"val/clip_beta": choice.beta, "val/clip_omega": choice.omega, "val/clip_var": choice.variance})
+        if ClipSearch(self.noise.clip_search) is ClipSearch.apply:
+            self.train_range = (max(choice.beta, self.noise.eps), max(choice.omega, self.noise.eps))
 
     def predict_step(self, batch, batch_idx: int):
         """Generation for ``Trainer.predict``: ``batch`` is a list of prompts (token-id lists) or a dict with

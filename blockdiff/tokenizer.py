@@ -64,7 +64,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
 def load_tokenizer(name_or_path: str, **kwargs) -> PreTrainedTokenizerBase:
     """A Hugging Face tokenizer by hub id or local directory (never trusts remote code)."""
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False, **kwargs)
+        return AutoTokenizer.from_pretrained(name_or_path, **{"trust_remote_code": False, **kwargs})
     except OSError as err:
         raise OSError(
             f"could not load tokenizer {name_or_path!r}: not a local directory and not reachable on the hub "

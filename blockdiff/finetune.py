@@ -1,0 +1,90 @@
+"""Fine-tuning recipe: a pretrained decoder -> a block diffuser, and checkpoint -> model directory export.
+
+``finetune(base, overrides)`` is ``train`` with the fine-tuning defaults below (``FINETUNE_DEFAULTS``,
+also shipped as ``configs/finetune_smollm2.yaml``): the offline SmolLM2-135M-Instruct, block length 4
+with the logit shift, a short block-length curriculum from the AR end (1 -> 2 -> 4), a small learning
+rate and no EMA. Any key can be overridden as usual.
+
+``export_checkpoint(ckpt, out_dir)`` rebuilds the network from a run's ``config.yaml`` and writes a
+Hugging Face directory (safetensors + ``blockdiff.json`` + tokenizer) from a Lightning checkpoint,
+loading it with ``torch.load(weights_only=True)`` so no pickled code can run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from blockdiff.config import Config, load_config
+
+__all__ = ["FINETUNE_DEFAULTS", "finetune_config", "export_checkpoint"]
+
+FINETUNE_DEFAULTS = {
+    "model": {"pretrained": "smollm2", "block_length": 4, "logit_shift": None},
+    "data": {"max_seq_len": 128, "batch_size": 8, "val_fraction": 0.02},
+    "optim": {"lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 20, "ema_decay": 0.0, "min_lr_ratio": 0.1},
+    "trainer": {
+        "max_steps": 300, "max_minutes": 45.0, "val_every_n_steps": 100, "limit_val_batches": 8,
+        "checkpoint_every_n_steps": 50, "out_dir": "runs/finetune",
+    },
+    "curriculum": {"block_length_fraction": 0.2},
+    "sample": {"temperature": 0.8, "prompt": "ROMEO."},
+}
+
+
+def finetune_config(base: str | None = None, paths: list[str] = (), overrides: list[str] = ()) -> Config:
+    """The fine-tuning config: defaults, then files, then overrides; ``base`` sets ``model.pretrained``."""
+    overrides = list(overrides)
+    if base is not None:
+        overrides.insert(0, f"model.pretrained={base}")
+    return load_config(paths, overrides, defaults=FINETUNE_DEFAULTS)
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, config_path: str | Path | None = None) -> Path:
+    """Write a model directory from a Lightning checkpoint of a blockdiff run; returns ``out_dir``.
+
+    The network and tokenizer are rebuilt from the run's ``config.yaml`` (next to ``checkpoints/``), the
+    weights come from the checkpoint (``weights_only=True``); LoRA adapters are merged.
+    """
+    from blockdiff.data import load_documents
+    from blockdiff.model import BlockDiffusionLM, BlockDiffusionSpec
+    from blockdiff.train import _adapt_for_training, _tokenizer_and_backbone, export_model
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():  # a run directory
+        checkpoint = checkpoint / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist; pass a .ckpt file or a run directory")
+    config_path = Path(config_path) if config_path else checkpoint.parent.parent / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no run config at {config_path}; pass --config with the run's config.yaml")
+    cfg = load_config([config_path])
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    except Exception as err:  # noqa: BLE001 - truncated, corrupted or unsafe files all end here
+        raise ValueError(f"cannot read checkpoint {checkpoint}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    saved_tokenizer = checkpoint.parent.parent / "tokenizer"
+    if cfg.model.pretrained is None and cfg.model.init_from is None and saved_tokenizer.is_dir():
+        from blockdiff.tokenizer import load_tokenizer
+
+        tokenizer, backbone = _tokenizer_and_backbone(cfg, None, load_tokenizer(str(saved_tokenizer)))
+    else:
+        tokenizer, backbone = _tokenizer_and_backbone(cfg, load_documents(cfg.data))
+    spec = BlockDiffusionSpec(
+        tokenizer.mask_token_id, cfg.model.block_length, cfg.logit_shift, cfg.data.max_seq_len,
+        getattr(cfg.noise.schedule, "value", cfg.noise.schedule),
+    )
+    model = BlockDiffusionLM(_adapt_for_training(backbone, cfg, tokenizer.mask_token_id), spec)
+    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {checkpoint} does not match the network of {config_path}: "
+            f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+    out_dir = Path(out_dir)
+    export_model(model, tokenizer, cfg, out_dir)
+    return out_dir
+

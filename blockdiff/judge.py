@@ -1,0 +1,212 @@
+"""Evaluation against an autoregressive reference: exact AR perplexity and generative perplexity.
+
+* ``ar_perplexity`` — the base decoder's *exact* perplexity on the same held-out windows the NELBO bound
+  is computed on (token 0 of each window is not predicted by either, so both average over the same
+  tokens). A block diffuser's bound can then be read against the model it started from.
+* ``generative_eval`` — samples from held-out prompts, scored by a frozen judge decoder (default: the base
+  model itself): generative perplexity of the continuation given the prompt, the mean unigram entropy of
+  each sample (low entropy exposes repetitive text that a judge scores too kindly), and tokens/s.
+  ``base_generative_eval`` runs the same protocol with the base model's own ``generate()``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Judge", "load_judge", "ar_perplexity", "unigram_entropy", "GenerativeResult", "generative_eval",
+    "base_generative_eval", "Comparison", "compare_with_base",
+]
+
+
+@dataclass
+class Judge:
+    model: torch.nn.Module  # a plain Hugging Face causal LM, eval mode
+    tokenizer: object
+    name: str
+
+
+def load_judge(name: str, trust_remote_code: bool = False) -> Judge:
+    """A frozen decoder as it was published: no tokens added, no masks checked."""
+    from transformers import AutoModelForCausalLM
+
+    from blockdiff.pretrained import _check_gguf_support, resolve_source
+    from blockdiff.tokenizer import load_tokenizer
+
+    source = resolve_source(name)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if source.gguf_file:
+        _check_gguf_support()
+        kwargs["gguf_file"] = source.gguf_file
+    tokenizer = load_tokenizer(source.name_or_path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.name_or_path, dtype=torch.float32, **kwargs)
+    except OSError as err:
+        raise OSError(f"could not load judge {name!r} (offline? use a local directory or 'smollm2'): {err}") from None
+    return Judge(model.eval().requires_grad_(False), tokenizer, name)
+
+
+@torch.no_grad()
+def ar_perplexity(model, batches, max_batches: int | None = None) -> tuple[float, int]:
+    """``(nats/token, tokens)``: exact next-token NLL of a causal LM on ``(b, n)`` windows, tokens ``1..n-1``."""
+    nll_sum, count = 0.0, 0
+    vocab = model.get_output_embeddings().weight.shape[0]
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        if int(batch.max()) >= vocab:
+            raise ValueError(f"the held-out text has token id {int(batch.max())} outside the base model's {vocab} rows")
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (b, n-1, v)
+        nll_sum += torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return nll_sum / max(count, 1), count
+
+
+def unigram_entropy(tokens: list[int]) -> float:
+    """Entropy (nats) of the token frequencies of one sample."""
+    if not tokens:
+        return 0.0
+    counts = Counter(tokens)
+    total = len(tokens)
+    return -sum(c / total * math.log(c / total) for c in counts.values())
+
+
+@torch.no_grad()
+def judge_nll(judge: Judge, prompts: list[str], continuations: list[str]) -> tuple[float, int]:
+    """``(nats/token, tokens)`` of each continuation given its prompt under the judge (its own tokenizer)."""
+    tok = judge.tokenizer
+    nll_sum, count = 0.0, 0
+    for prompt, text in zip(prompts, continuations):
+        head = tok(prompt, add_special_tokens=False)["input_ids"]
+        tail = tok(text, add_special_tokens=False)["input_ids"]
+        if not tail:
+            continue
+        if tok.bos_token_id is not None:
+            head = [tok.bos_token_id, *head]
+        ids = torch.tensor([head + tail])
+        logits = judge.model(input_ids=ids, use_cache=False).logits[0, len(head) - 1 : -1].float()
+        nll_sum += torch.nn.functional.cross_entropy(logits, ids[0, len(head):], reduction="sum").item()
+        count += len(tail)
+    return nll_sum / max(count, 1), count
+
+
+@dataclass
+class GenerativeResult:
+    label: str  # e.g. "threshold tau=0.9"
+    gen_ppl: float  # judge perplexity of the continuations
+    entropy: float  # mean unigram entropy per sample (nats)
+    nfe_per_token: float  # network calls per generated token (1.0 for AR)
+    tokens_per_second: float
+    samples: list[str]
+
+
+def _result(label, judge, prompts, texts, token_lists, nfe, seconds) -> GenerativeResult:
+    nll, _ = judge_nll(judge, prompts, texts)
+    produced = sum(len(t) for t in token_lists)
+    return GenerativeResult(
+        label, math.exp(nll), sum(unigram_entropy(t) for t in token_lists) / len(token_lists),
+        nfe / max(produced, 1), produced / seconds, texts,
+    )
+
+
+def generative_eval(model, tokenizer, prompts: list[str], judge: Judge, label: str, seed: int = 0, **settings) -> GenerativeResult:
+    """Continue ``prompts`` with the block diffuser (``settings`` are generation overrides) and judge them."""
+    from blockdiff.sampling import sample_texts
+
+    texts, tokens, nfe, start = [], [], 0, time.perf_counter()
+    for i, prompt in enumerate(prompts):  # batch 1, like the base model's generate() below
+        text, out = sample_texts(model, tokenizer, [prompt], torch.Generator().manual_seed(seed + i), **settings)
+        texts.append(text[0])
+        tokens.append(list(out.new_tokens(0)))
+        nfe += out.nfe
+    return _result(label, judge, prompts, texts, tokens, nfe, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def base_generative_eval(
+    judge: Judge, prompts: list[str], max_new_tokens: int, temperature: float, seed: int = 0, label: str = "base AR generate()"
+) -> GenerativeResult:
+    """The same protocol with the base decoder's own ``generate()`` (one prompt at a time, KV cache on)."""
+    tok = judge.tokenizer
+    texts, token_lists, start = [], [], time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([[tok.bos_token_id, *ids] if tok.bos_token_id is not None else ids])
+        torch.manual_seed(seed + i)
+        out = judge.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+            temperature=temperature or None, top_k=None, top_p=None, pad_token_id=tok.eos_token_id,
+        )
+        new = out[0, ids.shape[1]:].tolist()
+        if tok.eos_token_id in new:
+            new = new[: new.index(tok.eos_token_id)]
+        token_lists.append(new)
+        texts.append(tok.decode(new, skip_special_tokens=True))
+    seconds = time.perf_counter() - start
+    return _result(label, judge, prompts, texts, token_lists, sum(len(t) for t in token_lists), seconds)
+
+
+@dataclass
+class Comparison:
+    nelbo: object  # evaluate.EvalResult of the block diffuser
+    base_name: str
+    base_nll: float  # exact AR nats/token of the base decoder on the same tokens
+    base_tokens: int
+    generative: list[GenerativeResult]
+
+    @property
+    def base_ppl(self) -> float:
+        return math.exp(self.base_nll)
+
+    @property
+    def bound_ratio(self) -> float:
+        """NELBO-perplexity bound / base AR perplexity (1.0 = the bound reaches the base model)."""
+        return self.nelbo.ppl / self.base_ppl
+
+
+def compare_with_base(
+    path,
+    overrides: list[str] = (),
+    base: str | None = None,
+    judge: str | None = None,
+    samplers: list[str] = ("threshold", "first_hitting"),
+    num_samples: int = 8,
+    prompt_tokens: int = 16,
+    gen_length: int = 64,
+    temperature: float = 0.8,
+    max_batches: int | None = None,
+    seed: int = 0,
+) -> Comparison:
+    """NELBO bound vs the base model's exact AR perplexity, then judged samples (``num_samples=0`` skips them)."""
+    from blockdiff.data import collate_windows, load_documents, pack_documents
+    from blockdiff.evaluate import evaluate_nelbo, load_model_dir
+    from blockdiff.noise import make_schedule
+
+    loaded = load_model_dir(path, overrides)
+    cfg = loaded.config
+    base = base or cfg.model.pretrained
+    if base is None:
+        raise ValueError(f"{path} was not fine-tuned from a pretrained decoder; name the reference with --base NAME")
+    corpus = pack_documents(load_documents(cfg.data), loaded.tokenizer, cfg.data.max_seq_len, cfg.data.val_fraction)
+    loader = torch.utils.data.DataLoader(corpus.val, batch_size=cfg.data.batch_size, collate_fn=collate_windows)
+    nelbo = evaluate_nelbo(
+        loaded.model, loader, make_schedule(cfg.noise.schedule), cfg.noise.eval_range, corpus.tokens_per_byte, seed, max_batches
+    )
+    reference = load_judge(base, cfg.model.trust_remote_code)
+    base_nll, base_tokens = ar_perplexity(reference.model, loader, max_batches)
+    judge_model = reference if judge in (None, base) else load_judge(judge)
+    results = []
+    if num_samples > 0:
+        rows = corpus.val[: num_samples]["input_ids"]
+        prompts = [loaded.tokenizer.decode(r[1 : 1 + prompt_tokens], skip_special_tokens=True) for r in rows]
+        common = {"max_new_tokens": gen_length, "temperature": temperature}
+        for sampler in samplers:
+            label = f"{sampler} tau={loaded.model.generation_config.tau}" if sampler == "threshold" else sampler
+            results.append(generative_eval(loaded.model, loaded.tokenizer, prompts, judge_model, label, seed, sampler=sampler, **common))
+        results.append(base_generative_eval(reference, prompts, gen_length, temperature, seed))
+    return Comparison(nelbo, base, base_nll, base_tokens, results)

