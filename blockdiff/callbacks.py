@@ -9,8 +9,9 @@
   covers at least the checkpointed steps.
 * ``NonFiniteLossGuard`` — a NaN/Inf training loss raises ``NonFiniteLoss`` *before* the backward pass,
   so no optimiser step (and no checkpoint) ever sees the bad values; every rank stops together.
-* ``GracefulInterrupt`` — the first Ctrl-C (SIGINT) asks the run to stop at the end of the current step,
-  writes a resumable ``checkpoints/last.ckpt`` and stops; a second Ctrl-C interrupts at once.
+* ``GracefulInterrupt`` — the first Ctrl-C (SIGINT) or a SIGTERM (preemption) asks the run to stop at the
+  end of the current step, writes a resumable ``checkpoints/last.ckpt`` and stops; a second Ctrl-C
+  interrupts at once.
 
 None of these changes what is computed; they only decide what is saved, restored and when to stop.
 """
@@ -174,7 +175,9 @@ class GracefulInterrupt(Checkpoint):
             signal.signal(signal.SIGINT, previous)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        requested = self.requested
+        # SIGTERM (preemption, a scheduler's time limit) is caught by Lightning, which would exit before the next
+        # step without a checkpoint; treat it like Ctrl-C.
+        requested = self.requested or bool(getattr(trainer, "received_sigterm", False))
         if trainer.world_size > 1:
             requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
         if requested and not self.interrupted:

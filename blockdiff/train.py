@@ -215,8 +215,18 @@ def train(
     resumed_step = int(load_checkpoint(ckpt_path, mmap=True)["global_step"]) if ckpt_path else 0
     if old_log and is_zero:
         _carry_over_log(logger, old_log, before_step=resumed_step)
-    with interrupt.handling_sigint():
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        with interrupt.handling_sigint():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SystemExit:  # Lightning ends a SIGTERMed run with SIGTERMException (a SystemExit, status 0)
+        if not getattr(trainer, "received_sigterm", False):
+            raise
+        last = checkpoint_dir / LAST
+        saved = "a resumable checkpoint is in" if interrupt.interrupted else "the last checkpoint is"
+        raise TrainingInterrupted(
+            f"terminated (SIGTERM) at step {trainer.global_step}; {saved} {last}. "
+            f"Continue with `blockdiff train --resume {run_dir}`"
+        ) from None
     if ckpt_path and resumed_step >= cfg.trainer.max_steps:
         # The checkpoint is final (the run died while validating or exporting): Lightning skips the whole fit,
         # end-of-fit hooks included, so take the weights the run would have exported (EMA ones, if any).

@@ -8,8 +8,8 @@ Every run is a tiny model (hidden 32, 2 layers, context 32, byte tokenizer) on C
 2. ``kill``: starts the same run, sends SIGKILL at a random moment (possibly in the middle of a
    checkpoint write), checks ``checkpoints/`` (``last.ckpt`` loads, no stray temp file), resumes it with
    ``blockdiff train --resume`` and compares final weights and the logged loss curve with the reference;
-3. ``sigint``: sends SIGINT (Ctrl-C) once, expects exit status 130 and a resumable ``last.ckpt`` written
-   at the interrupted step, resumes and compares;
+3. ``sigint`` / ``sigterm``: sends SIGINT (Ctrl-C) or SIGTERM once, expects a resumable ``last.ckpt``
+   written at the interrupted step and a message saying how to resume, resumes and compares;
 4. ``fsize``: runs under ``RLIMIT_FSIZE`` (files over 64 KiB cannot be written, as on a full disk), expects
    exit status 2, a message naming the checkpoint, and no partial checkpoint left behind.
 
@@ -96,13 +96,14 @@ def fault_kill(corpus: Path, reference: Path, tmp: Path, trial: int, rng: random
         time.sleep(0.05)
     time.sleep(rng.uniform(0.0, 2.5))
     if proc.poll() is not None:
-        return [f"SIGKILL (trial {trial})", "run finished before the kill", "", "", ""]
+        return [f"SIGKILL (trial {trial})", "run finished before the kill", "", "", "`python experiments/faults.py`"]
     last_logged = _last_logged_step(run)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     state = checkpoint_state(run)
     resumed, compared = resume_and_compare(reference, run)
-    return [f"SIGKILL at ~step {last_logged} (trial {trial})", state, resumed, compared, "`python experiments/faults.py`"]
+    return [f"SIGKILL, trial {trial} (log on disk reached step {last_logged})", state, resumed, compared,
+            "`python experiments/faults.py`"]
 
 
 def _last_logged_step(run: Path) -> str:
@@ -112,18 +113,18 @@ def _last_logged_step(run: Path) -> str:
         return "?"
 
 
-def fault_sigint(corpus: Path, reference: Path, tmp: Path) -> list[str]:
-    run = tmp / "sigint"
+def fault_signal(corpus: Path, reference: Path, tmp: Path, sig: signal.Signals, label: str) -> list[str]:
+    run = tmp / sig.name
     proc = blockdiff(*train_args(corpus, run))
     while not (run / "checkpoints" / "last.ckpt").exists() and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=600)
     said = "says how to resume" if "--resume" in out else "no resume hint"
     state = checkpoint_state(run)
     resumed, compared = resume_and_compare(reference, run)
-    return ["Ctrl-C (SIGINT) once", f"exit {proc.returncode}, {said}; {state}", resumed, compared, "`python experiments/faults.py`"]
+    return [label, f"exit {proc.returncode}, {said}; {state}", resumed, compared, "`python experiments/faults.py`"]
 
 
 def fault_fsize(corpus: Path, tmp: Path) -> list[str]:
@@ -158,7 +159,8 @@ def main() -> None:
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out
         rows = [fault_kill(corpus, reference, tmp, i, rng) for i in range(args.kills)]
-        rows.append(fault_sigint(corpus, reference, tmp))
+        rows.append(fault_signal(corpus, reference, tmp, signal.SIGINT, "Ctrl-C (SIGINT) once"))
+        rows.append(fault_signal(corpus, reference, tmp, signal.SIGTERM, "SIGTERM (preemption, scheduler time limit)"))
         rows.append(fault_fsize(corpus, tmp))
     columns = ["fault", "state after the fault", "resume", "vs. uninterrupted run", "reproduce"]
     for row in rows:
