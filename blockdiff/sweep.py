@@ -378,7 +378,7 @@ def _missing_samples(sweep: Sweep, run: Run) -> list[dict]:
 
     def held(setting):
         want = {**setting, "block_length": setting.get("block_length") or native}
-        return any(all(rec.get(k) == v for k, v in want.items()) for rec in records)
+        return any(rec.get("per_sequence") and all(rec.get(k) == v for k, v in want.items()) for rec in records)
 
     return [s for s in sweep.sample_settings if not held(s)]
 
@@ -389,22 +389,29 @@ def _add_samples(sweep: Sweep, run: Run, settings: list[dict]) -> None:
     loaded = load_model_dir(run.run_dir / "model")
     path = run.run_dir / SUMMARY_FILE
     summary = json.loads(path.read_text())
-    summary.setdefault("samples", []).extend(_sample(sweep, loaded, s) for s in settings)
+    kept = [rec for rec in summary.get("samples", []) if rec.get("per_sequence")]  # older batched-NFE records go
+    summary["samples"] = kept + [_sample(sweep, loaded, s) for s in settings]
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     tmp.rename(path)
 
 
+_REFERENCES: dict[Path, Any] = {}  # loaded once per process
+
+
 def _reference_model(sweep: Sweep):
+    """The run named by ``sample.reference`` (relative to the sweep's out_dir), or None until it is trained."""
     ref = sweep.sample.get("reference")
     if ref is None:
         return None
-    model_dir = sweep.out_dir / ref / "model"
-    if not model_dir.is_dir():
-        return None
-    from blockdiff.evaluate import load_model_dir
+    model_dir = (sweep.out_dir / ref / "model").resolve()
+    if model_dir not in _REFERENCES:
+        if not model_dir.is_dir():
+            return None
+        from blockdiff.evaluate import load_model_dir
 
-    return load_model_dir(model_dir)
+        _REFERENCES[model_dir] = load_model_dir(model_dir)
+    return _REFERENCES[model_dir]
 
 
 def _sample(sweep: Sweep, loaded, setting: dict) -> dict:
@@ -422,14 +429,20 @@ def _sample(sweep: Sweep, loaded, setting: dict) -> dict:
         model.generation_config = loaded.model.generation_config
     prompts = sweep.sample.get("prompts", DEFAULT_PROMPTS)
     n_new = int(sweep.sample.get("max_new_tokens", 48))
-    texts, out = sample_texts(
-        model, loaded.tokenizer, prompts, torch.Generator().manual_seed(int(sweep.sample.get("seed", 0))),
-        max_new_tokens=n_new, eos_token_id=None, temperature=float(sweep.sample.get("temperature", 1.0)), **setting,
-    )
-    tokens = [out.new_tokens(i) for i in range(len(prompts))]
+    seed = int(sweep.sample.get("seed", 0))
+    texts, nfes, tokens = [], [], []
+    for i, prompt in enumerate(prompts):  # one at a time: a batch's NFE is that of its slowest row
+        (text,), out = sample_texts(
+            model, loaded.tokenizer, [prompt], torch.Generator().manual_seed(seed + i),
+            max_new_tokens=n_new, eos_token_id=None, temperature=float(sweep.sample.get("temperature", 1.0)), **setting,
+        )
+        texts.append(text)
+        nfes.append(out.nfe)
+        tokens.append(out.new_tokens(0))
     record = {
         "sampler": setting.get("sampler", model.generation_config.sampler), **setting, "block_length": l,
-        "nfe": out.nfe, "new_tokens": n_new, "nfe_per_token": out.nfe / n_new,
+        "per_sequence": True, "nfe": sum(nfes) / len(nfes), "new_tokens": n_new,
+        "nfe_per_token": sum(nfes) / len(nfes) / n_new,
         "entropy": sum(_unigram_entropy(t) for t in tokens) / len(tokens),
         "example": prompts[0] + texts[0],
     }
