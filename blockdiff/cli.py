@@ -21,7 +21,7 @@ from blockdiff.data import DataError
 from blockdiff.sampling.config import SAMPLERS
 
 console = Console()
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError, OSError)
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError, OSError, ModuleNotFoundError)
 
 
 def cmd_train(args) -> None:

