@@ -10,7 +10,8 @@
   fsynced.)
 * **the previous checkpoint is kept** — before ``last.ckpt`` is replaced, the current one is hard-linked
   (or copied) to ``prev.ckpt``, so one bad file never costs the run;
-* **no non-finite weights** — a state dict holding NaN/Inf is refused before anything is written;
+* **no non-finite weights** — weights, EMA weights or optimiser moments holding NaN/Inf are refused before
+  anything is written;
 * **safe loading** — every load uses ``torch.load(weights_only=True)``: tensors and plain data only, a
   pickled object that would run code is refused; a truncated or corrupted file raises
   ``CheckpointError`` naming the file (and the previous checkpoint, if it is readable).
@@ -145,7 +146,8 @@ class SafeCheckpointIO(CheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("SafeCheckpointIO does not take storage_options")
-        bad = _non_finite(checkpoint.get("state_dict", {}))
+        states = {key: checkpoint[key] for key in ("state_dict", "current_model_state", "optimizer_states") if key in checkpoint}
+        bad = _non_finite(states)  # weights, EMA / raw weights, optimiser moments (not e.g. ModelCheckpoint's inf scores)
         if bad is not None:
             raise CheckpointError(
                 f"refusing to write {path}: weight {bad!r} is NaN/Inf; the last good checkpoint is kept"

@@ -236,11 +236,15 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(corpus, tmp_
     assert not (run / "model").exists()
 
 
-def test_a_checkpoint_with_nan_weights_is_never_written(tmp_path):
+@pytest.mark.parametrize("where", ["state_dict", "current_model_state", "optimizer_states"])
+def test_a_checkpoint_with_nan_weights_is_never_written(tmp_path, where):
     path = tmp_path / "last.ckpt"
-    SafeCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 1}, path)
+    good = {"state_dict": {"w": torch.ones(2)}, "global_step": 1, "callbacks": {"kth_value": torch.tensor(float("inf"))}}
+    SafeCheckpointIO().save_checkpoint(good, path)  # an inf score outside the weights is fine
+    bad = {**good, where: [{"state": {0: {"exp_avg": torch.tensor([1.0, float("nan")])}}}] if where == "optimizer_states"
+           else {"w": torch.tensor([1.0, float("nan")])}}
     with pytest.raises(CheckpointError, match="NaN"):
-        SafeCheckpointIO().save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, path)
+        SafeCheckpointIO().save_checkpoint(bad, path)
     assert load_checkpoint(path)["global_step"] == 1 and not (tmp_path / "prev.ckpt").exists()
 
 
