@@ -9,6 +9,9 @@
   covers at least the checkpointed steps.
 * ``NonFiniteLossGuard`` — a NaN/Inf training loss raises ``NonFiniteLoss`` *before* the backward pass,
   so no optimiser step (and no checkpoint) ever sees the bad values; every rank stops together.
+* ``FinalCheckpoint`` — the state after the last step (``trainer.max_steps`` reached, or the
+  ``trainer.max_minutes`` timer ran out) is written to ``last.ckpt`` even when it is not a multiple of
+  ``trainer.checkpoint_every_n_steps``, so a time-boxed run can be continued with ``--resume``.
 * ``GracefulInterrupt`` — the first Ctrl-C (SIGINT) or a SIGTERM (preemption) asks the run to stop at the
   end of the current step, writes a resumable ``checkpoints/last.ckpt`` and stops; a second Ctrl-C
   interrupts at once.
@@ -29,7 +32,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
-__all__ = ["ResumableRNG", "NonFiniteLossGuard", "NonFiniteLoss", "GracefulInterrupt", "TrainingInterrupted"]
+__all__ = ["ResumableRNG", "NonFiniteLossGuard", "NonFiniteLoss", "FinalCheckpoint", "GracefulInterrupt", "TrainingInterrupted"]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -140,6 +143,18 @@ class NonFiniteLossGuard(L.Callback):
             f"this step was applied{kept}. Try a lower optim.lr, optim.grad_clip=1.0, or precision=32-true, then "
             "`blockdiff train --resume RUN_DIR`"
         )
+
+
+class FinalCheckpoint(Checkpoint):
+    """Write ``checkpoint_path`` after the last training step unless the periodic checkpoint just did."""
+
+    def __init__(self, checkpoint_path: Path, every_n_steps: int) -> None:
+        self.checkpoint_path, self.every_n_steps = Path(checkpoint_path), every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        last_step = trainer.should_stop or (trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps)
+        if last_step and trainer.global_step % self.every_n_steps:
+            trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
 
 
 class GracefulInterrupt(Checkpoint):

@@ -32,7 +32,7 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint, RichProgressBar, Timer
 from lightning.pytorch.loggers import CSVLogger
 
-from blockdiff.callbacks import GracefulInterrupt, NonFiniteLossGuard, ResumableRNG, TrainingInterrupted
+from blockdiff.callbacks import FinalCheckpoint, GracefulInterrupt, NonFiniteLossGuard, ResumableRNG, TrainingInterrupted
 from blockdiff.checkpoint import LAST, SafeCheckpointIO, load_checkpoint, resolve_resume
 from blockdiff.config import Config, ConfigError, load_config, to_yaml
 from blockdiff.data import BlockDiffusionDataModule, load_documents, pack_documents
@@ -181,6 +181,7 @@ def train(
         LearningRateMonitor(logging_interval="step"),
         ResumableRNG(cfg.trainer.seed),
         NonFiniteLossGuard(checkpoint_dir),
+        FinalCheckpoint(checkpoint_dir / LAST, cfg.trainer.checkpoint_every_n_steps),
         interrupt,
     ]
     if progress:

@@ -155,6 +155,18 @@ def test_ctrl_c_writes_a_resumable_checkpoint_and_resume_is_exact(straight, corp
     assert read_log(run) == read_log(straight)
 
 
+def test_the_last_step_is_checkpointed_and_a_run_can_be_extended(corpus, tmp_path):
+    # 7 steps (not a multiple of checkpoint_every_n_steps=2), then resumed to 9, equals 9 steps straight
+    # (constant LR after warm-up, so the schedule does not depend on max_steps).
+    constant = ["optim.lr_schedule=constant", "trainer.val_every_n_steps=100"]
+    extended, straight9 = tmp_path / "extended", tmp_path / "straight9"
+    train(config(corpus, extended, *constant, "trainer.max_steps=7"), progress=False)
+    assert load_checkpoint(extended / "checkpoints" / "last.ckpt")["global_step"] == 7
+    assert main(["train", "--resume", str(extended), "trainer.max_steps=9"]) == 0
+    train(config(corpus, straight9, *constant, "trainer.max_steps=9"), progress=False)
+    assert_same_weights(straight9, extended)
+
+
 def test_resume_refuses_a_changed_model(straight, corpus, tmp_path):
     with pytest.raises(ConfigError, match="model"):
         train(config(corpus, straight, "model.block_length=8"), progress=False, resume=straight)
