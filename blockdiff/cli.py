@@ -140,6 +140,8 @@ def cmd_sample(args) -> None:
         raise ValueError("say which model to sample from: blockdiff sample RUN_DIR (or --checkpoint RUN_DIR)")
     prompts = _read_prompts(args)
     loaded = load_model_dir(path)
+    if args.block_length is not None:  # e.g. a block-length-mixture model at another of its lengths
+        loaded.model = loaded.model.with_block_length(args.block_length)
     settings = {
         "max_new_tokens": args.max_new_tokens, "sampler": args.sampler, "steps_per_block": args.steps_per_block,
         "tau": args.tau, "tokens_per_step": args.tokens_per_step, "temperature": args.temperature,
@@ -339,6 +341,7 @@ def _sample_args(p):
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--window", type=int, help="sliding-window size in tokens (default: the training context)")
+    p.add_argument("--block-length", type=int, help="generate with this block length instead of the model's (mixture models)")
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix every forward (for comparison)")
     p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i, whatever else is in the batch")
     p.add_argument("--show-denoising", action="store_true", help="draw the block being denoised live")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -130,6 +130,17 @@ class BlockDiffusionLM(nn.Module):
     @property
     def attn_implementation(self) -> str:
         return self.backbone.config._attn_implementation
+
+    def with_block_length(self, block_length: int) -> "BlockDiffusionLM":
+        """The same network (shared weights) generating and evaluating with another block length, e.g. a
+        model trained on a block-length mixture sampled at each length it saw."""
+        if block_length == self.block_length:
+            return self
+        if block_length < 1 or (self.spec.max_seq_len and self.spec.max_seq_len % block_length):
+            raise ValueError(f"block_length={block_length} must be >= 1 and divide the training context {self.spec.max_seq_len}")
+        other = BlockDiffusionLM(self.backbone, replace(self.spec, block_length=block_length))
+        other.generation_config = self.generation_config
+        return other.train(self.training)
 
     # -- the network call -------------------------------------------------------------------------
     def hidden_states(self, input_ids, position_ids, attention_mask, past_key_values=None, use_cache=False):

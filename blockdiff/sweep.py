@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -418,15 +418,11 @@ def _sample(sweep: Sweep, loaded, setting: dict) -> dict:
     """Generate from fixed prompts with one sampling setting; NFE per token and quality under the reference."""
     import torch
 
-    from blockdiff.model import BlockDiffusionLM
     from blockdiff.sampling import sample_texts
 
     setting = dict(setting)
     l = setting.pop("block_length", None) or loaded.model.block_length
-    model = loaded.model
-    if l != model.block_length:  # the same network, generating with another block length
-        model = BlockDiffusionLM(model.backbone, replace(model.spec, block_length=l)).eval()
-        model.generation_config = loaded.model.generation_config
+    model = loaded.model.with_block_length(l)  # the same network, maybe generating with another block length
     prompts = sweep.sample.get("prompts", DEFAULT_PROMPTS)
     n_new = int(sweep.sample.get("max_new_tokens", 48))
     seed = int(sweep.sample.get("seed", 0))
@@ -466,12 +462,9 @@ def _score(ref, prompts: list[str], texts: list[str]) -> float:
     import torch
     import torch.nn.functional as F
 
-    from blockdiff.model import BlockDiffusionLM
     from blockdiff.sampling.text import encode_prompts
 
-    model = ref.model
-    if model.block_length != 1:
-        model = BlockDiffusionLM(model.backbone, replace(model.spec, block_length=1)).eval()
+    model = ref.model.with_block_length(1)
     limit = model.spec.max_seq_len or 10**9
     nll, count = 0.0, 0
     with torch.no_grad():

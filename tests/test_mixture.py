@@ -117,3 +117,16 @@ def test_training_step_uses_the_mixture():
     loss = module.training_step(random_tokens(16, N), 0)
     assert loss.requires_grad and torch.isfinite(loss)
     assert sorted(used) == [2, 16]
+
+
+def test_with_block_length_shares_weights_and_generates_at_that_length():
+    model = tiny_model(block_length=4, max_seq_len=N)
+    at16 = model.with_block_length(16)
+    assert at16.block_length == 16 and model.block_length == 4 and model.with_block_length(4) is model
+    assert at16.backbone is model.backbone
+    one_step = dict(max_new_tokens=16, eos_token_id=None, sampler="fixed", steps_per_block=1)
+    prompt = [list(range(1, 17))]  # 16 tokens: new blocks start at position 16 for both lengths
+    assert model.generate(prompt, **one_step).nfe == 4  # four blocks of 4, one forward each
+    assert at16.generate(prompt, **one_step).nfe == 1  # one block of 16
+    with pytest.raises(ValueError, match="divide"):
+        model.with_block_length(5)
