@@ -79,6 +79,16 @@ def _env_is_global_zero() -> bool:
     return int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0))) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
+def _known_process_count(cfg: Config) -> int | None:
+    """devices x num_nodes when the config says it outright (``None`` for 'auto', -1 and the like)."""
+    devices = cfg.trainer.devices
+    if isinstance(devices, (list, tuple)):
+        devices = len(devices)
+    elif isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    return devices * cfg.trainer.num_nodes if isinstance(devices, int) and devices > 0 else None
+
+
 def _check_resumable(cfg: Config, run_dir: Path) -> None:
     """A resume must train the same network on the same data with the same noise as the run it continues."""
     saved_path = run_dir / "config.yaml"
@@ -147,6 +157,12 @@ def train(
                 from transformers import AutoTokenizer
 
                 saved_tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer", trust_remote_code=False)
+    processes = _known_process_count(cfg)
+    if processes and cfg.data.batch_size % processes:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} (the global batch) must be a multiple of the {processes} processes "
+            f"(trainer.devices x trainer.num_nodes)"
+        )
     docs = load_documents(cfg.data)
     tokenizer, backbone = _tokenizer_and_backbone(cfg, docs, saved_tokenizer)
     corpus = pack_documents(docs, tokenizer, cfg.data.max_seq_len, cfg.data.val_fraction)

@@ -308,3 +308,10 @@ def test_ddp_two_processes_match_one_process_and_only_rank_zero_writes(corpus, t
     assert steps == sorted(set(steps)) == list(range(4))
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["last.ckpt", "prev.ckpt"]
     assert sorted(p.name for p in two.iterdir()) == ["checkpoints", "config.yaml", "logs", "model", "tokenizer"]
+
+
+def test_a_global_batch_that_does_not_split_over_the_processes_is_refused_before_writing(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", *TINY, f"data.source={corpus}", f"trainer.out_dir={run}", "data.batch_size=5", "trainer.devices=2"]
+    assert main(args) == 2
+    assert "data.batch_size=5" in " ".join(capsys.readouterr().out.split()) and not run.exists()
