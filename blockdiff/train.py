@@ -24,7 +24,7 @@ import csv
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -89,6 +89,33 @@ def _known_process_count(cfg: Config) -> int | None:
     return devices * cfg.trainer.num_nodes if isinstance(devices, int) and devices > 0 else None
 
 
+@dataclass
+class _Resume:
+    checkpoint: Path | None = None
+    in_place: bool = False  # continuing in the checkpoint's own run directory (kept, log carried over)
+    old_log: list[dict] = field(default_factory=list)  # that run's CSV rows
+    tokenizer: object = None  # that run's tokenizer (a BPE is not re-trained)
+
+
+def _plan_resume(cfg: Config, run_dir: Path, resume: str | Path, is_zero: bool) -> _Resume:
+    """Check the checkpoint (falling back to ``prev.ckpt`` of a run directory) and what a resume keeps."""
+    checkpoint, resume_dir, warnings = resolve_resume(resume)
+    for warning in warnings if is_zero else []:
+        print(f"warning: {warning}", flush=True)
+    plan = _Resume(checkpoint, in_place=run_dir.resolve() == resume_dir.resolve())
+    if plan.in_place:
+        _check_resumable(cfg, run_dir)
+        log_file = run_dir / "logs" / "metrics.csv"
+        if log_file.is_file():
+            with open(log_file, newline="") as f:
+                plan.old_log = list(csv.DictReader(f))
+        if (run_dir / "tokenizer").is_dir():
+            from transformers import AutoTokenizer
+
+            plan.tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer", trust_remote_code=False)
+    return plan
+
+
 def _check_resumable(cfg: Config, run_dir: Path) -> None:
     """A resume must train the same network on the same data with the same noise as the run it continues."""
     saved_path = run_dir / "config.yaml"
@@ -96,7 +123,7 @@ def _check_resumable(cfg: Config, run_dir: Path) -> None:
         return
     saved = load_config([saved_path])
     for section in ("model", "data", "noise"):
-        if to_yaml_section(saved, section) != to_yaml_section(cfg, section):
+        if _section_yaml(saved, section) != _section_yaml(cfg, section):
             raise ConfigError(
                 f"cannot resume {run_dir} with a different {section}.* config than the run used ({saved_path}); "
                 "only trainer.* keys (e.g. trainer.max_steps) may change on resume. To train a changed model from "
@@ -106,7 +133,7 @@ def _check_resumable(cfg: Config, run_dir: Path) -> None:
         raise ConfigError(f"cannot resume {run_dir} with trainer.seed={cfg.trainer.seed}; the run used {saved.trainer.seed}")
 
 
-def to_yaml_section(cfg: Config, section: str) -> str:
+def _section_yaml(cfg: Config, section: str) -> str:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_yaml(OmegaConf.structured(getattr(cfg, section)))
@@ -140,23 +167,8 @@ def train(
     # -- inputs first: nothing is written until they are known to be usable -------------------------
     run_dir = Path(cfg.trainer.out_dir)
     is_zero = _env_is_global_zero()
-    saved_tokenizer = None
-    ckpt_path, in_place, old_log = None, False, []
-    if resume is not None:
-        ckpt_path, resume_dir, warnings = resolve_resume(resume)
-        for warning in warnings if is_zero else []:
-            print(f"warning: {warning}", flush=True)
-        in_place = run_dir.resolve() == resume_dir.resolve()
-        if in_place:
-            _check_resumable(cfg, run_dir)
-            log_file = run_dir / "logs" / "metrics.csv"
-            if log_file.is_file():
-                with open(log_file, newline="") as f:
-                    old_log = list(csv.DictReader(f))
-            if (run_dir / "tokenizer").is_dir():  # the run's own vocabulary, not a re-trained one
-                from transformers import AutoTokenizer
-
-                saved_tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer", trust_remote_code=False)
+    plan = _plan_resume(cfg, run_dir, resume, is_zero) if resume is not None else _Resume()
+    ckpt_path, in_place = plan.checkpoint, plan.in_place
     processes = _known_process_count(cfg)
     if processes and cfg.data.batch_size % processes:
         raise ConfigError(
@@ -164,7 +176,7 @@ def train(
             f"(trainer.devices x trainer.num_nodes)"
         )
     docs = load_documents(cfg.data)
-    tokenizer, backbone = _tokenizer_and_backbone(cfg, docs, saved_tokenizer)
+    tokenizer, backbone = _tokenizer_and_backbone(cfg, docs, plan.tokenizer)
     corpus = pack_documents(docs, tokenizer, cfg.data.max_seq_len, cfg.data.val_fraction)
     spec = BlockDiffusionSpec(
         tokenizer.mask_token_id, cfg.model.block_length, cfg.logit_shift, cfg.data.max_seq_len,
@@ -230,8 +242,8 @@ def train(
         default_root_dir=run_dir,
     )
     resumed_step = int(load_checkpoint(ckpt_path, mmap=True)["global_step"]) if ckpt_path else 0
-    if old_log and is_zero:
-        _carry_over_log(logger, old_log, before_step=resumed_step)
+    if plan.old_log and is_zero:
+        _carry_over_log(logger, plan.old_log, before_step=resumed_step)
     try:
         with interrupt.handling_sigint():
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
