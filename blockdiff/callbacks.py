@@ -78,10 +78,9 @@ class ResumableRNG(L.Callback):
         self.seed = seed
         self._pending: list[dict[str, Any]] | None = None
         self._world_size = 1
-        self._rank = 0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self._world_size, self._rank = trainer.world_size, trainer.global_rank
+        self._world_size = trainer.world_size
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.world_size > 1:  # one stream per rank (a resume then restores each rank's own state)
