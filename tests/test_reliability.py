@@ -315,3 +315,12 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused_before
     args = ["train", *TINY, f"data.source={corpus}", f"trainer.out_dir={run}", "data.batch_size=5", "trainer.devices=2"]
     assert main(args) == 2
     assert "data.batch_size=5" in " ".join(capsys.readouterr().out.split()) and not run.exists()
+
+
+def test_a_yaml_config_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f'model:\n  block_length: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config([evil])
+    assert not marker.exists()
