@@ -215,7 +215,8 @@ def test_byte_tokenizer_round_trips_one_token_per_byte(text):
 @settings(max_examples=200, deadline=None)
 @given(st.text())
 def test_byte_tokenizer_round_trips_arbitrary_unicode(text):
-    ids = _BYTES(text, add_special_tokens=False)["input_ids"]
+    # as the package tokenises data and prompts: special-token *text* such as "<|mask|>" stays text
+    ids = _BYTES(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     assert len(ids) == len(text.encode("utf-8"))
     assert _BYTES.decode(ids) == text
 
