@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from blockdiff.config import Config, load_config
 
 __all__ = ["FINETUNE_DEFAULTS", "finetune_config", "export_checkpoint"]
@@ -47,6 +45,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, config_path: 
     The network and tokenizer are rebuilt from the run's ``config.yaml`` (next to ``checkpoints/``), the
     weights come from the checkpoint (``weights_only=True``); LoRA adapters are merged.
     """
+    from blockdiff.checkpoint import load_checkpoint
     from blockdiff.data import load_documents
     from blockdiff.model import BlockDiffusionLM, BlockDiffusionSpec
     from blockdiff.train import _adapt_for_training, _tokenizer_and_backbone, export_model
@@ -60,10 +59,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, config_path: 
     if not config_path.is_file():
         raise FileNotFoundError(f"no run config at {config_path}; pass --config with the run's config.yaml")
     cfg = load_config([config_path])
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    except Exception as err:  # noqa: BLE001 - truncated, corrupted or unsafe files all end here
-        raise ValueError(f"cannot read checkpoint {checkpoint}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    state = load_checkpoint(checkpoint).get("state_dict")  # weights_only; clear errors naming the file
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {checkpoint} holds no state_dict; is it a blockdiff Lightning checkpoint?")
     saved_tokenizer = checkpoint.parent.parent / "tokenizer"
     if cfg.model.pretrained is None and cfg.model.init_from is None and saved_tokenizer.is_dir():
         from blockdiff.tokenizer import load_tokenizer

@@ -75,7 +75,7 @@ class BlockDiffusionModule(L.LightningModule):
                 self.model, batch, self.schedule, self.train_range, self.noise.antithetic,
                 block_length=block_length, bidirectional=bidirectional,
             )
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch.shape[0])
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch.shape[0], sync_dist=True)  # mean over ranks
         if self.curriculum.block_length_fraction > 0 or bidirectional < 1.0:
             self.log_dict({"train/block_length": float(block_length), "train/bidirectional": bidirectional}, batch_size=batch.shape[0])
         return out.loss

@@ -122,7 +122,7 @@ def _check_resumable(cfg: Config, run_dir: Path) -> None:
     if not saved_path.is_file():
         return
     saved = load_config([saved_path])
-    for section in ("model", "data", "noise"):
+    for section in ("model", "data", "noise", "curriculum"):
         if _section_yaml(saved, section) != _section_yaml(cfg, section):
             raise ConfigError(
                 f"cannot resume {run_dir} with a different {section}.* config than the run used ({saved_path}); "
