@@ -5,7 +5,7 @@
   *inference* block length;
 * ``quality_vs_nfe`` — generative quality (AR NLL of the samples under the reference run) vs network
   forwards per generated token, one colour per sampler, each sampler's Pareto front drawn as a line;
-* ``loss_curves`` — logged ``train/loss`` per run (colour = block length);
+* ``loss_curves`` — logged ``train/loss`` per run, smoothed (colour = block length);
 * ``clip_variance`` — variance of the per-block NELBO estimate vs clipping window, one line per L'.
 
 The rows are those of ``sweep_report`` (dicts); nothing here reads files except ``logs/metrics.csv``.
@@ -96,8 +96,9 @@ def quality_vs_nfe(samples: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def loss_curves(runs: list[dict], path: Path) -> Path:
+def loss_curves(runs: list[dict], path: Path, smooth: int = 5) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    runs = sorted(runs, key=lambda r: (bool(r["settings"]["block_length_mixture"]), r["settings"]["block_length"]))
     lengths = sorted({r["settings"]["block_length"] for r in runs})
     cmap = plt.get_cmap("viridis", max(2, len(lengths)))
     labelled = set()
@@ -112,12 +113,14 @@ def loss_curves(runs: list[dict], path: Path) -> Path:
         l = r["settings"]["block_length"]
         mixture = bool(r["settings"]["block_length_mixture"])
         label = "mixture" if mixture else f"L'={l}"
-        ax.plot([s for s, _ in rows], [v for _, v in rows], linewidth=0.8, alpha=0.8,
+        k = min(smooth, len(rows))  # moving average over k logged points
+        values = [sum(v for _, v in rows[max(0, i - k + 1) : i + 1]) / len(rows[max(0, i - k + 1) : i + 1]) for i in range(len(rows))]
+        ax.plot([s for s, _ in rows], values, linewidth=0.8, alpha=0.8,
                 color="black" if mixture else cmap(lengths.index(l)), linestyle="--" if mixture else "-",
                 label=None if label in labelled else label)
         labelled.add(label)
     ax.set_xlabel("step")
-    ax.set_ylabel("train/loss (NELBO nats/token, training t-range)")
+    ax.set_ylabel(f"train/loss (NELBO nats/token, moving average of {smooth} logs)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -142,8 +142,14 @@ def ordering_check(results: list[dict]) -> str:
     mdlm = max(r["max_seq_len"] for r in plain)
     chain = [l for l in (1, 4, 8, 16, mdlm) if l in by_l]
     holds = all(by_l[a][0] <= by_l[b][0] for a, b in zip(chain, chain[1:]))
-    text = " ≤ ".join(f"L'={l}: {by_l[l][0]:.2f}" for l in chain)
-    return f"BD3-LM ordering (mean PPL, log-linear) {'HOLDS' if holds else 'does NOT hold'}: {text}"
+    text = " ≤ ".join(f"L'={l}: {by_l[l][0]:.2f} ± {by_l[l][1]:.2f}" for l in chain)
+    pairs = []  # each adjacent pair, compared seed by seed (same seed = same data order)
+    for a, b in zip(chain, chain[1:]):
+        ppl = {l: {r["seed"]: r["ppl"] for r in plain if r["block_length"] == l} for l in (a, b)}
+        seeds = sorted(set(ppl[a]) & set(ppl[b]))
+        pairs.append(f"L'={a} < L'={b} in {sum(ppl[a][s] < ppl[b][s] for s in seeds)}/{len(seeds)} seeds")
+    return (f"BD3-LM ordering (mean PPL ± sd, log-linear) {'HOLDS' if holds else 'does NOT hold'}: {text}; "
+            + ", ".join(pairs))
 
 
 def report(root: str | Path, console=None) -> list[Path]:
