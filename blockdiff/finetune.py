@@ -73,7 +73,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, config_path: 
         tokenizer.mask_token_id, cfg.model.block_length, cfg.logit_shift, cfg.data.max_seq_len,
         getattr(cfg.noise.schedule, "value", cfg.noise.schedule),
     )
-    model = BlockDiffusionLM(_adapt_for_training(backbone, cfg, tokenizer.mask_token_id), spec)
+    model = BlockDiffusionLM(_adapt_for_training(backbone, cfg), spec)
     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]

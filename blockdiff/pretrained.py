@@ -164,12 +164,12 @@ def check_custom_masks(backbone: PreTrainedModel) -> None:
         )
 
 
-def apply_lora(backbone: PreTrainedModel, rank: int, alpha: float, mask_token_id: int) -> PreTrainedModel:
+def apply_lora(backbone: PreTrainedModel, rank: int, alpha: float) -> PreTrainedModel:
     """Inject LoRA adapters into every linear layer (in place); everything else is frozen.
 
     Returns the same ``PreTrainedModel`` object, now with adapter layers, so ``BlockDiffusionLM`` drives it
     exactly as before. The embeddings stay frozen, so the mask token keeps its mean-embedding row: the
-    adapters learn to read it. (``mask_token_id`` is accepted for adapters that also train that row.)
+    adapters learn to read it.
     """
     try:
         from peft import LoraConfig, get_peft_model

@@ -182,7 +182,7 @@ def train(
         tokenizer.mask_token_id, cfg.model.block_length, cfg.logit_shift, cfg.data.max_seq_len,
         getattr(cfg.noise.schedule, "value", cfg.noise.schedule),
     )
-    model = BlockDiffusionLM(_adapt_for_training(backbone, cfg, tokenizer.mask_token_id), spec)
+    model = BlockDiffusionLM(_adapt_for_training(backbone, cfg), spec)
     model.generation_config.update(  # sampler defaults saved with the model
         sampler=cfg.sample.sampler, tau=cfg.sample.tau, steps_per_block=cfg.sample.steps_per_block,
         temperature=cfg.sample.temperature,
@@ -316,14 +316,14 @@ def _check_positions(backbone, max_seq_len: int, source: str) -> None:
         raise ConfigError(f"data.max_seq_len={max_seq_len} exceeds the {positions} positions of {source}; use data.max_seq_len <= {positions}")
 
 
-def _adapt_for_training(backbone, cfg: Config, mask_token_id: int):
+def _adapt_for_training(backbone, cfg: Config):
     """Optional LoRA adapters and gradient checkpointing (both mostly for large pretrained decoders)."""
     if cfg.model.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.lora_rank > 0:
         from blockdiff.pretrained import apply_lora
 
-        backbone = apply_lora(backbone, cfg.model.lora_rank, cfg.model.lora_alpha, mask_token_id)
+        backbone = apply_lora(backbone, cfg.model.lora_rank, cfg.model.lora_alpha)
     return backbone
 
 

