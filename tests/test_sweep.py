@@ -179,3 +179,18 @@ def test_command_line_layers_sit_between_the_file_and_the_grid(tmp_path):
     assert sweep.runs[0].run_dir == tmp_path / "elsewhere" / "block_length-4"
     with pytest.raises(ConfigError, match="model.hidden"):
         load_sweep(path, None, [], ["model.hidden=3"])
+
+
+SHIPPED = sorted([*Path(__file__).resolve().parents[1].glob("configs/sweeps/*.yaml"),
+                  *Path(__file__).resolve().parents[1].glob("experiments/block_length/*.yaml")])
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.name != "gpu.yaml"], ids=lambda p: p.name)
+def test_shipped_sweeps_load(path, tmp_path):
+    """Every shipped sweep expands and validates (also with the GPU-scale layer); nothing is written."""
+    sweep = load_sweep(path, tmp_path / "out")
+    assert sweep.runs and all(r.config.data.max_seq_len % r.config.model.block_length == 0 for r in sweep.runs)
+    if path.parent.name == "block_length":
+        gpu = load_sweep(path, tmp_path / "gpu", [path.parent / "gpu.yaml"])
+        assert all(r.config.data.max_seq_len == 1024 and r.config.model.hidden_size == 768 for r in gpu.runs)
+    assert not (tmp_path / "out").exists()
