@@ -297,11 +297,8 @@ def _run_subprocesses(sweep: Sweep, todo: list[Run], parallel: int, log) -> list
 
 def run_one(sweep: Sweep, run: Run) -> dict:
     """Train one run, then evaluate and sample it as the sweep says; writes and returns ``summary.json``."""
-    import torch
-
     from blockdiff.train import train
 
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     result = train(run.config, overwrite=True, progress=False)
     cfg = run.config
     summary = {
