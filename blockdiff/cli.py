@@ -119,7 +119,7 @@ def _compare_with_base(args) -> None:
         record = {
             "base": cmp.base_name, "base_ppl": cmp.base_ppl, "nelbo_ppl": cmp.nelbo.ppl, "nelbo_nll": cmp.nelbo.nll,
             "bpb": cmp.nelbo.bpb, "bound_ratio": cmp.bound_ratio, "tokens": cmp.base_tokens,
-            "block_length": cmp.nelbo.block_length, "generative": [vars(r) for r in cmp.generative],
+            "block_length": cmp.nelbo.block_length, "prompts": cmp.prompts, "generative": [vars(r) for r in cmp.generative],
         }
         write_text_atomic(args.json, json.dumps(record, indent=2) + "\n")
         console.print(f"written to {args.json}")

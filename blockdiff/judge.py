@@ -158,6 +158,7 @@ class Comparison:
     base_nll: float  # exact AR nats/token of the base decoder on the same tokens
     base_tokens: int
     generative: list[GenerativeResult]
+    prompts: list[str]  # the held-out prompts the samples continue
 
     @property
     def base_ppl(self) -> float:
@@ -200,7 +201,7 @@ def compare_with_base(
     reference = load_judge(base, cfg.model.trust_remote_code)
     base_nll, base_tokens = ar_perplexity(reference.model, loader, max_batches)
     judge_model = reference if judge in (None, base) else load_judge(judge)
-    results = []
+    results, prompts = [], []
     if num_samples > 0:
         rows = corpus.val[: num_samples]["input_ids"]
         prompts = [loaded.tokenizer.decode(r[1 : 1 + prompt_tokens], skip_special_tokens=True) for r in rows]
@@ -209,4 +210,4 @@ def compare_with_base(
             label = f"{sampler} tau={loaded.model.generation_config.tau}" if sampler == "threshold" else sampler
             results.append(generative_eval(loaded.model, loaded.tokenizer, prompts, judge_model, label, seed, sampler=sampler, **common))
         results.append(base_generative_eval(reference, prompts, gen_length, temperature, seed))
-    return Comparison(nelbo, base, base_nll, base_tokens, results)
+    return Comparison(nelbo, base, base_nll, base_tokens, results, prompts)

@@ -303,6 +303,7 @@ def test_eval_against_the_base_model_writes_numbers_and_samples(finetuned, tmp_p
     record = json.loads(out.read_text())
     assert record["base_ppl"] > 1 and record["nelbo_ppl"] > 1
     assert record["bound_ratio"] == pytest.approx(record["nelbo_ppl"] / record["base_ppl"])
+    assert len(record["prompts"]) == 2 and all(record["prompts"])
     labels = [g["label"] for g in record["generative"]]
     assert labels == ["threshold tau=0.9", "first_hitting", "base AR generate()"]
     for g in record["generative"]:
