@@ -33,21 +33,9 @@ class Judge:
 
 def load_judge(name: str, trust_remote_code: bool = False) -> Judge:
     """A frozen decoder as it was published: no tokens added, no masks checked."""
-    from transformers import AutoModelForCausalLM
+    from blockdiff.pretrained import load_decoder
 
-    from blockdiff.pretrained import _check_gguf_support, resolve_source
-    from blockdiff.tokenizer import load_tokenizer
-
-    source = resolve_source(name)
-    kwargs = {"trust_remote_code": trust_remote_code}
-    if source.gguf_file:
-        _check_gguf_support()
-        kwargs["gguf_file"] = source.gguf_file
-    tokenizer = load_tokenizer(source.name_or_path, **kwargs)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source.name_or_path, dtype=torch.float32, **kwargs)
-    except OSError as err:
-        raise OSError(f"could not load judge {name!r} (offline? use a local directory or 'smollm2'): {err}") from None
+    model, tokenizer, _ = load_decoder(name, trust_remote_code, what="--base/--judge")
     return Judge(model.eval().requires_grad_(False), tokenizer, name)
 
 

