@@ -47,8 +47,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, config_path: 
     """
     from blockdiff.checkpoint import load_checkpoint
     from blockdiff.data import load_documents
-    from blockdiff.model import BlockDiffusionLM, BlockDiffusionSpec
-    from blockdiff.train import _adapt_for_training, _tokenizer_and_backbone, export_model
+    from blockdiff.tokenizer import load_tokenizer
+    from blockdiff.train import build_model, export_model
 
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():  # a run directory
@@ -63,17 +63,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, config_path: 
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {checkpoint} holds no state_dict; is it a blockdiff Lightning checkpoint?")
     saved_tokenizer = checkpoint.parent.parent / "tokenizer"
-    if cfg.model.pretrained is None and cfg.model.init_from is None and saved_tokenizer.is_dir():
-        from blockdiff.tokenizer import load_tokenizer
-
-        tokenizer, backbone = _tokenizer_and_backbone(cfg, None, load_tokenizer(str(saved_tokenizer)))
-    else:
-        tokenizer, backbone = _tokenizer_and_backbone(cfg, load_documents(cfg.data))
-    spec = BlockDiffusionSpec(
-        tokenizer.mask_token_id, cfg.model.block_length, cfg.logit_shift, cfg.data.max_seq_len,
-        getattr(cfg.noise.schedule, "value", cfg.noise.schedule),
-    )
-    model = BlockDiffusionLM(_adapt_for_training(backbone, cfg), spec)
+    tokenizer = load_tokenizer(str(saved_tokenizer)) if saved_tokenizer.is_dir() else None
+    from_scratch = cfg.model.pretrained is None and cfg.model.init_from is None
+    docs = load_documents(cfg.data) if from_scratch and tokenizer is None else None  # only to re-train a BPE
+    tokenizer, model = build_model(cfg, docs, tokenizer)
     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]

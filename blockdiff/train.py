@@ -176,17 +176,8 @@ def train(
             f"(trainer.devices x trainer.num_nodes)"
         )
     docs = load_documents(cfg.data)
-    tokenizer, backbone = _tokenizer_and_backbone(cfg, docs, plan.tokenizer)
+    tokenizer, model = build_model(cfg, docs, plan.tokenizer)
     corpus = pack_documents(docs, tokenizer, cfg.data.max_seq_len, cfg.data.val_fraction)
-    spec = BlockDiffusionSpec(
-        tokenizer.mask_token_id, cfg.model.block_length, cfg.logit_shift, cfg.data.max_seq_len,
-        getattr(cfg.noise.schedule, "value", cfg.noise.schedule),
-    )
-    model = BlockDiffusionLM(_adapt_for_training(backbone, cfg), spec)
-    model.generation_config.update(  # sampler defaults saved with the model
-        sampler=cfg.sample.sampler, tau=cfg.sample.tau, steps_per_block=cfg.sample.steps_per_block,
-        temperature=cfg.sample.temperature,
-    )
 
     if is_zero:  # only global rank 0 writes (DDP/FSDP run this function once per process)
         if not in_place:
@@ -279,6 +270,23 @@ def train(
         seconds=time.monotonic() - start,
         metrics={k: float(v) for k, v in metrics.items()},
     )
+
+
+def build_model(cfg: Config, docs, tokenizer=None) -> tuple[object, BlockDiffusionLM]:
+    """``(tokenizer, model)`` as ``cfg`` describes them, ready to train: the backbone (``_tokenizer_and_backbone``;
+    ``docs`` is only read to train a BPE), the block-diffusion spec, LoRA / checkpointing, and the sampler
+    defaults of the ``sample`` section saved with the model."""
+    tokenizer, backbone = _tokenizer_and_backbone(cfg, docs, tokenizer)
+    spec = BlockDiffusionSpec(
+        tokenizer.mask_token_id, cfg.model.block_length, cfg.logit_shift, cfg.data.max_seq_len,
+        getattr(cfg.noise.schedule, "value", cfg.noise.schedule),
+    )
+    model = BlockDiffusionLM(_adapt_for_training(backbone, cfg), spec)
+    model.generation_config.update(
+        sampler=cfg.sample.sampler, tau=cfg.sample.tau, steps_per_block=cfg.sample.steps_per_block,
+        temperature=cfg.sample.temperature,
+    )
+    return tokenizer, model
 
 
 def _tokenizer_and_backbone(cfg: Config, docs, tokenizer=None):

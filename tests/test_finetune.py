@@ -274,6 +274,8 @@ def test_export_from_the_lightning_checkpoint_equals_the_exported_model(finetune
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    for name in ("blockdiff.json", "blockdiff_generation_config.json"):  # the same recipe and sampler defaults
+        assert json.loads((tmp_path / "exported" / name).read_text()) == json.loads((run / "model" / name).read_text())
 
 
 def test_export_refuses_a_checkpoint_holding_code(finetuned, tmp_path):

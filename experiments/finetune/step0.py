@@ -10,16 +10,13 @@ import sys
 from pathlib import Path
 
 from blockdiff.config import load_config
-from blockdiff.model import BlockDiffusionLM, BlockDiffusionSpec
-from blockdiff.pretrained import load_pretrained
-from blockdiff.train import export_model
+from blockdiff.train import build_model, export_model
 
 
 def main(run_dir: str, out_dir: str) -> None:
     cfg = load_config([Path(run_dir) / "config.yaml"])
-    backbone, tokenizer, _ = load_pretrained(cfg.model.pretrained)
-    spec = BlockDiffusionSpec(tokenizer.mask_token_id, cfg.model.block_length, cfg.logit_shift, cfg.data.max_seq_len)
-    export_model(BlockDiffusionLM(backbone.eval(), spec), tokenizer, cfg, Path(out_dir))
+    tokenizer, model = build_model(cfg, docs=None)  # the base decoder + mask token, as training starts from it
+    export_model(model, tokenizer, cfg, Path(out_dir))
     print(f"untrained block diffuser written to {out_dir}")
 
 
