@@ -80,14 +80,18 @@ def cmd_eval(args) -> None:
     """Evaluate a trained model (run dir or model dir): NELBO, perplexity bound and bits/byte on held-out text."""
     from blockdiff.evaluate import evaluate
 
-    result = evaluate(args.path, args.overrides, max_batches=args.max_batches, seed=args.seed, block_length=args.block_length)
-    table = Table(title=f"held-out NELBO bound — {args.path}")
+    if args.base_ppl or args.gen:
+        _compare_with_base(args)
+    else:
+        _print_nelbo(args.path, evaluate(args.path, args.overrides, args.max_batches, args.seed, args.block_length))
+
+
+def _print_nelbo(path, result) -> None:
+    table = Table(title=f"held-out NELBO bound — {path}")
     for col in ("block_length", "NELBO (nats/tok)", "PPL ≤", "BPB ≤", "tokens"):
         table.add_column(col, justify="right")
     table.add_row(str(result.block_length), f"{result.nll:.4f}", f"{result.ppl:.2f}", f"{result.bpb:.4f}", f"{result.num_tokens:,}")
     console.print(table)
-    if args.base_ppl or args.gen:
-        _compare_with_base(args)
 
 
 def _compare_with_base(args) -> None:
@@ -99,8 +103,9 @@ def _compare_with_base(args) -> None:
     cmp = compare_with_base(
         args.path, args.overrides, base=args.base, judge=args.judge, samplers=args.samplers.split(","),
         num_samples=args.num_samples if args.gen else 0, gen_length=args.gen_length, max_batches=args.max_batches,
-        seed=args.seed,
+        seed=args.seed, block_length=args.block_length,
     )
+    _print_nelbo(args.path, cmp.nelbo)
     table = Table(title=f"vs the base decoder {cmp.base_name} (same held-out tokens)")
     for col in ("base AR PPL", "block diffuser PPL ≤", "bound / AR", "tokens"):
         table.add_column(col, justify="right")

@@ -21,7 +21,7 @@ from blockdiff.loss import bits_per_byte, block_diffusion_loss
 from blockdiff.model import SPEC_FILE, BlockDiffusionLM
 from blockdiff.noise import make_schedule
 
-__all__ = ["EvalResult", "LoadedModel", "load_model_dir", "evaluate_nelbo", "evaluate"]
+__all__ = ["EvalResult", "LoadedModel", "load_model_dir", "evaluate_nelbo", "evaluate_held_out", "evaluate"]
 
 
 @dataclass
@@ -86,17 +86,23 @@ def evaluate_nelbo(
     return EvalResult(nll, math.exp(nll), bits_per_byte(nll, tokens_per_byte), num_tokens, block_length or model.block_length)
 
 
+def evaluate_held_out(loaded: LoadedModel, max_batches: int | None = None, seed: int = 0, block_length: int | None = None):
+    """``(EvalResult, corpus, loader)``: the NELBO of a loaded model on the held-out split of its config's corpus,
+    with the packed corpus and the loader, for callers that evaluate more on the same tokens."""
+    cfg = loaded.config
+    if block_length is not None and cfg.data.max_seq_len % block_length:
+        raise ValueError(f"--block-length {block_length} must divide the model's data.max_seq_len={cfg.data.max_seq_len}")
+    corpus = pack_documents(load_documents(cfg.data), loaded.tokenizer, cfg.data.max_seq_len, cfg.data.val_fraction)
+    loader = torch.utils.data.DataLoader(corpus.val, batch_size=cfg.data.batch_size, collate_fn=collate_windows)
+    result = evaluate_nelbo(
+        loaded.model, loader, make_schedule(cfg.noise.schedule), cfg.noise.eval_range, corpus.tokens_per_byte, seed,
+        max_batches, block_length,
+    )
+    return result, corpus, loader
+
+
 def evaluate(
     path: str | Path, overrides: list[str] = (), max_batches: int | None = None, seed: int = 0, block_length: int | None = None
 ) -> EvalResult:
     """NELBO / PPL / BPB of a trained model on the held-out split of its (possibly overridden) corpus."""
-    loaded = load_model_dir(path, overrides)
-    cfg = loaded.config
-    corpus = pack_documents(load_documents(cfg.data), loaded.tokenizer, cfg.data.max_seq_len, cfg.data.val_fraction)
-    loader = torch.utils.data.DataLoader(corpus.val, batch_size=cfg.data.batch_size, collate_fn=collate_windows)
-    schedule = make_schedule(cfg.noise.schedule)
-    if block_length is not None and cfg.data.max_seq_len % block_length:
-        raise ValueError(f"--block-length {block_length} must divide the model's data.max_seq_len={cfg.data.max_seq_len}")
-    return evaluate_nelbo(
-        loaded.model, loader, schedule, cfg.noise.eval_range, corpus.tokens_per_byte, seed, max_batches, block_length
-    )
+    return evaluate_held_out(load_model_dir(path, overrides), max_batches, seed, block_length)[0]

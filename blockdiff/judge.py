@@ -170,22 +170,18 @@ def compare_with_base(
     temperature: float = 0.8,
     max_batches: int | None = None,
     seed: int = 0,
+    block_length: int | None = None,
 ) -> Comparison:
-    """NELBO bound vs the base model's exact AR perplexity, then judged samples (``num_samples=0`` skips them)."""
-    from blockdiff.data import collate_windows, load_documents, pack_documents
-    from blockdiff.evaluate import evaluate_nelbo, load_model_dir
-    from blockdiff.noise import make_schedule
+    """NELBO bound (at ``block_length``, default the model's) vs the base model's exact AR perplexity on the same
+    tokens, then judged samples (``num_samples=0`` skips them)."""
+    from blockdiff.evaluate import evaluate_held_out, load_model_dir
 
     loaded = load_model_dir(path, overrides)
     cfg = loaded.config
     base = base or cfg.model.pretrained
     if base is None:
         raise ValueError(f"{path} was not fine-tuned from a pretrained decoder; name the reference with --base NAME")
-    corpus = pack_documents(load_documents(cfg.data), loaded.tokenizer, cfg.data.max_seq_len, cfg.data.val_fraction)
-    loader = torch.utils.data.DataLoader(corpus.val, batch_size=cfg.data.batch_size, collate_fn=collate_windows)
-    nelbo = evaluate_nelbo(
-        loaded.model, loader, make_schedule(cfg.noise.schedule), cfg.noise.eval_range, corpus.tokens_per_byte, seed, max_batches
-    )
+    nelbo, corpus, loader = evaluate_held_out(loaded, max_batches, seed, block_length)
     reference = load_judge(base, cfg.model.trust_remote_code)
     base_nll, base_tokens = ar_perplexity(reference.model, loader, max_batches)
     judge_model = reference if judge in (None, base) else load_judge(judge)
