@@ -46,6 +46,7 @@ from typing import Any
 import yaml
 
 from blockdiff.config import Config, ConfigError, describe_keys, load_config
+from blockdiff.files import write_text_atomic
 
 __all__ = ["Sweep", "Run", "load_sweep", "expand_grid", "run_sweep", "run_one", "SUMMARY_FILE"]
 
@@ -318,15 +319,13 @@ def run_one(sweep: Sweep, run: Run) -> dict:
         "train": {
             "steps": result.steps,
             "minutes": result.seconds / 60,
-            "tokens": result.steps * cfg.data.batch_size * cfg.data.max_seq_len * getattr(cfg.trainer, "accumulate_grad_batches", 1),
+            "tokens": result.steps * cfg.data.batch_size * cfg.data.max_seq_len * cfg.trainer.accumulate_grad_batches,
         },
         "final": result.metrics,
     }
     summary.update(_evaluate_run(sweep, run, result.model_dir))
     path = run.run_dir / SUMMARY_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.rename(path)
+    write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -388,9 +387,7 @@ def _add_samples(sweep: Sweep, run: Run, settings: list[dict]) -> None:
     summary = json.loads(path.read_text())
     kept = [rec for rec in summary.get("samples", []) if rec.get("per_sequence")]  # older batched-NFE records go
     summary["samples"] = kept + [_sample(sweep, loaded, s) for s in settings]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.rename(path)
+    write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
 
 
 _REFERENCES: dict[Path, Any] = {}  # loaded once per process
