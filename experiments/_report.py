@@ -2,7 +2,7 @@
 
 ``write_report`` puts ``results.json`` (the whole report, raw numbers included) and ``table.md`` (the
 environment and definitions as HTML comments, then a markdown table, then optional trailing lines)
-into ``out_dir``. Imported by the scripts as ``from _report import ...`` (they run as
+into ``out_dir``; ``print_report`` shows the same table on the terminal. Imported by the scripts as ``from _report import ...`` (they run as
 ``python experiments/NAME.py``, which puts this folder on ``sys.path``).
 """
 
@@ -12,7 +12,7 @@ import json
 import platform
 from pathlib import Path
 
-__all__ = ["cpu_model", "write_report"]
+__all__ = ["cpu_model", "print_report", "write_report"]
 
 
 def cpu_model() -> str:
@@ -32,3 +32,17 @@ def write_report(
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     (out_dir / "table.md").write_text("\n".join([*lines, *tail]) + "\n")
+
+
+def print_report(console, title: str, columns: list[str], rows: list[list[str]], header: str, footer: str, left: str) -> None:
+    """``header``, then a rich table (column ``left`` left-aligned, the others right-aligned), then ``footer``."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="left" if column == left else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(header, markup=False)
+    console.print(table)
+    console.print(footer, markup=False)

@@ -51,11 +51,10 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from transformers import GenerationConfig
 from transformers.utils import logging as hf_logging
 
-from _report import cpu_model, write_report  # experiments/_report.py
+from _report import cpu_model, print_report, write_report  # experiments/_report.py
 from blockdiff.config import ModelConfig
 from blockdiff.evaluate import load_model_dir
 from blockdiff.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
@@ -357,14 +356,7 @@ def main() -> None:
 
     console = Console(width=max(Console().width, 140))
     report = run(args, console)
-    table = Table(title="Generation: block diffusion (ours) vs HF AR generate(), same network size")
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column == "row" else "right")
-    for row in table_rows(report):
-        table.add_row(*row)
-    console.print(header(report), markup=False)
-    console.print(table)
-    console.print(FOOTER, markup=False)
+    print_report(console, "Generation: block diffusion (ours) vs HF AR generate(), same network size", COLUMNS, table_rows(report), header(report), FOOTER, left="row")
     for line in target_lines(report):
         console.print(line, markup=False)
     write_outputs(report, args.out)

@@ -43,10 +43,9 @@ from typing import Callable
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from _report import cpu_model, write_report  # experiments/_report.py
+from _report import cpu_model, print_report, write_report  # experiments/_report.py
 from blockdiff.config import ModelConfig
 from blockdiff.loss import block_diffusion_loss
 from blockdiff.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
@@ -270,14 +269,7 @@ def main() -> None:
 
     console = Console(width=max(Console().width, 130))
     report = run(args, console)
-    table = Table(title="Training step: block diffusion (x_t ⊕ x_0, 2L tokens) vs AR (L tokens)")
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column == "variant" else "right")
-    for row in table_rows(report):
-        table.add_row(*row)
-    console.print(header(report), markup=False)
-    console.print(table)
-    console.print(FOOTER, markup=False)
+    print_report(console, "Training step: block diffusion (x_t ⊕ x_0, 2L tokens) vs AR (L tokens)", COLUMNS, table_rows(report), header(report), FOOTER, left="variant")
     write_outputs(report, args.out)
     console.print(f"wrote {args.out / 'results.json'} and {args.out / 'table.md'}")
 
