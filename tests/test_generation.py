@@ -30,7 +30,6 @@ import io
 import json
 import re
 import sys
-from pathlib import Path
 
 import datasets
 import pytest

@@ -21,7 +21,6 @@ Shape legend: ``b`` batch, ``l`` block length, ``v`` vocab.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 import pytest
 import torch
@@ -34,7 +33,7 @@ from blockdiff.sampling.fixed import FixedStepSampler
 from blockdiff.sampling.logits import choose_tokens, filter_logits
 from blockdiff.sampling.remasking import RemaskingSampler
 from blockdiff.sampling.threshold import ThresholdSampler
-from conftest import MASK_ID, random_tokens, tiny_model
+from conftest import MASK_ID, tiny_model
 
 M = MASK_ID
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]

@@ -27,7 +27,6 @@ length, ``v`` vocab, ``d`` hidden.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
