@@ -55,13 +55,13 @@ def ar_perplexity(model, batches, max_batches: int | None = None) -> tuple[float
     return nll_sum / max(count, 1), count
 
 
-def unigram_entropy(tokens: list[int]) -> float:
-    """Entropy (nats) of the token frequencies of one sample."""
+def unigram_entropy(tokens: list[int], base: float = math.e) -> float:
+    """Entropy of the token frequencies of one sample, in nats (``base=2``: bits); 0 for an empty sample."""
     if not tokens:
         return 0.0
     counts = Counter(tokens)
     total = len(tokens)
-    return -sum(c / total * math.log(c / total) for c in counts.values())
+    return -sum(c / total * math.log(c / total, base) for c in counts.values())
 
 
 @torch.no_grad()

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import re
 import subprocess
@@ -47,6 +46,7 @@ import yaml
 
 from blockdiff.config import Config, ConfigError, describe_keys, load_config
 from blockdiff.files import write_text_atomic
+from blockdiff.judge import unigram_entropy
 
 __all__ = ["Sweep", "Run", "load_sweep", "expand_grid", "run_sweep", "run_one", "SUMMARY_FILE"]
 
@@ -433,21 +433,12 @@ def _sample(sweep: Sweep, loaded, setting: dict) -> dict:
         "sampler": setting.get("sampler", model.generation_config.sampler), **setting, "block_length": l,
         "per_sequence": True, "nfe": sum(nfes) / len(nfes), "new_tokens": n_new,
         "nfe_per_token": sum(nfes) / len(nfes) / n_new,
-        "entropy": sum(_unigram_entropy(t) for t in tokens) / len(tokens),
+        "entropy": sum(unigram_entropy(t, base=2) for t in tokens) / len(tokens),  # bits
         "example": prompts[0] + texts[0],
     }
     ref = _reference_model(sweep)
     record["gen_nll"] = _score(ref, prompts, texts) if ref is not None else None
     return record
-
-
-def _unigram_entropy(tokens: list[int]) -> float:
-    """Entropy (bits) of the token histogram of one sample (repetition lowers it)."""
-    from collections import Counter
-
-    counts = Counter(tokens)
-    total = sum(counts.values())
-    return -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
 
 
 def _score(ref, prompts: list[str], texts: list[str]) -> float:

@@ -40,12 +40,10 @@ Writes ``results.json`` (environment, per-round raw numbers) and ``table.md`` in
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import statistics
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +55,7 @@ from transformers.utils import logging as hf_logging
 from _report import cpu_model, print_report, write_report  # experiments/_report.py
 from blockdiff.config import ModelConfig
 from blockdiff.evaluate import load_model_dir
+from blockdiff.judge import unigram_entropy
 from blockdiff.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
 from blockdiff.sampling.text import encode_prompts
@@ -183,11 +182,6 @@ def ar_nll(ar: BlockDiffusionLM, prompt: list[int], cont: list[int]) -> tuple[fl
     return total, len(cont)
 
 
-def entropy_bits(tokens: list[int]) -> float:
-    counts = Counter(tokens)
-    return -sum(c / len(tokens) * math.log2(c / len(tokens)) for c in counts.values())
-
-
 def summarise(rows: list[Row], models) -> list[dict]:
     out = []
     for row in rows:
@@ -204,7 +198,7 @@ def summarise(rows: list[Row], models) -> list[dict]:
             x_no_cache=statistics.median(a / b for a, b in zip(no_cache.times, row.times)) if no_cache else None,
             nfe_per_token=statistics.mean(row.nfe) / row.new_tokens,
             ar_nll=sum(s for s, _ in nll) / sum(k for _, k in nll),
-            entropy_bits=statistics.mean(entropy_bits(c) for _, c in row.samples),
+            entropy_bits=statistics.mean(unigram_entropy(c, base=2) for _, c in row.samples),
             max_cache=max(row.max_cache),
             times_s=row.times, nfe=row.nfe,
         ))
