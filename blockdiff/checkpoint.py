@@ -33,12 +33,14 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
+from blockdiff.errors import StorageError, UserError
+
 __all__ = ["CheckpointError", "SafeCheckpointIO", "load_checkpoint", "resolve_resume", "run_dir_of", "LAST", "PREV"]
 
 LAST, PREV = "last.ckpt", "prev.ckpt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint cannot be used (unreadable, corrupted, unsafe, or holding NaN); the message names the file."""
 
 
@@ -77,7 +79,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):
             reason = os.strerror(err.errno) if err.errno else str(err)
-            raise OSError(
+            raise StorageError(
                 err.errno or errno.EIO,
                 f"could not write checkpoint {path} ({reason}); nothing was replaced: "
                 f"{'the previous ' + path.name + ' is intact' if path.exists() else 'no checkpoint existed yet'}. "

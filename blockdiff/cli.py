@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from blockdiff.config import ConfigError, describe_keys, load_config, to_yaml
-from blockdiff.data import DataError
+from blockdiff.errors import MissingFileError, UsageError, UserError
 from blockdiff.sampling.config import SAMPLERS
 
 console = Console()
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError, OSError, ModuleNotFoundError)
 
 
 def cmd_train(args) -> None:
@@ -36,7 +36,7 @@ def cmd_train(args) -> None:
 
     if args.resume:
         if not os.path.exists(args.resume):
-            raise FileNotFoundError(f"--resume {args.resume}: no such run directory or checkpoint file")
+            raise MissingFileError(f"--resume {args.resume}: no such run directory or checkpoint file")
         run_dir = run_dir_of(args.resume)
         saved = run_dir / "config.yaml"
         if not saved.is_file():
@@ -48,13 +48,13 @@ def cmd_train(args) -> None:
     try:
         result = train(cfg, overwrite=args.overwrite, resume=args.resume)
     except NonFiniteLoss as err:
-        console.print(f"[bold red]training stopped:[/] {err}", highlight=False)
+        console.print(f"[bold red]training stopped:[/] {escape(str(err))}", highlight=False)
         raise SystemExit(1) from None
     except TrainingInterrupted as err:
-        console.print(f"[yellow]{err}[/]", highlight=False)
+        console.print(f"[yellow]{escape(str(err))}[/]", highlight=False)
         raise
     _print_metrics("final validation", result.metrics, extra={"steps": result.steps, "minutes": result.seconds / 60})
-    console.print(f"model written to [bold]{result.model_dir}[/]")
+    console.print(f"model written to [bold]{escape(str(result.model_dir))}[/]")
 
 
 def cmd_finetune(args) -> None:
@@ -65,7 +65,10 @@ def cmd_finetune(args) -> None:
     cfg = finetune_config(args.base, args.config, args.overrides)
     result = train(cfg, overwrite=args.overwrite)
     _print_metrics("final validation", result.metrics, extra={"steps": result.steps, "minutes": result.seconds / 60})
-    console.print(f"model written to [bold]{result.model_dir}[/]  — compare with the base: `blockdiff eval {result.run_dir} --base-ppl`")
+    console.print(
+        f"model written to [bold]{escape(str(result.model_dir))}[/]  — compare with the base: "
+        f"`blockdiff eval {escape(str(result.run_dir))} --base-ppl`"
+    )
 
 
 def cmd_export(args) -> None:
@@ -73,7 +76,7 @@ def cmd_export(args) -> None:
     from blockdiff.finetune import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out_dir, args.run_config)
-    console.print(f"model written to [bold]{out}[/] (load with BlockDiffusionLM.from_pretrained)")
+    console.print(f"model written to [bold]{escape(str(out))}[/] (load with BlockDiffusionLM.from_pretrained)")
 
 
 def cmd_eval(args) -> None:
@@ -87,7 +90,7 @@ def cmd_eval(args) -> None:
 
 
 def _print_nelbo(path, result) -> None:
-    table = Table(title=f"held-out NELBO bound — {path}")
+    table = Table(title=escape(f"held-out NELBO bound — {path}"))
     for col in ("block_length", "NELBO (nats/tok)", "PPL ≤", "BPB ≤", "tokens"):
         table.add_column(col, justify="right")
     table.add_row(str(result.block_length), f"{result.nll:.4f}", f"{result.ppl:.2f}", f"{result.bpb:.4f}", f"{result.num_tokens:,}")
@@ -106,13 +109,13 @@ def _compare_with_base(args) -> None:
         seed=args.seed, block_length=args.block_length,
     )
     _print_nelbo(args.path, cmp.nelbo)
-    table = Table(title=f"vs the base decoder {cmp.base_name} (same held-out tokens)")
+    table = Table(title=escape(f"vs the base decoder {cmp.base_name} (same held-out tokens)"))
     for col in ("base AR PPL", "block diffuser PPL ≤", "bound / AR", "tokens"):
         table.add_column(col, justify="right")
     table.add_row(f"{cmp.base_ppl:.2f}", f"{cmp.nelbo.ppl:.2f}", f"{cmp.bound_ratio:.2f}×", f"{cmp.base_tokens:,}")
     console.print(table)
     if cmp.generative:
-        table = Table(title=f"samples judged by {args.judge or cmp.base_name}")
+        table = Table(title=escape(f"samples judged by {args.judge or cmp.base_name}"))
         for col in ("generator", "gen PPL", "entropy (nats)", "NFE/token", "tokens/s"):
             table.add_column(col, justify="right")
         for r in cmp.generative:
@@ -127,7 +130,7 @@ def _compare_with_base(args) -> None:
             "block_length": cmp.nelbo.block_length, "prompts": cmp.prompts, "generative": [vars(r) for r in cmp.generative],
         }
         write_text_atomic(args.json, json.dumps(record, indent=2) + "\n")
-        console.print(f"written to {args.json}")
+        console.print(f"written to {args.json}", markup=False)
 
 
 def cmd_sample(args) -> None:
@@ -142,7 +145,7 @@ def cmd_sample(args) -> None:
 
     path = args.checkpoint or args.path
     if path is None:
-        raise ValueError("say which model to sample from: blockdiff sample RUN_DIR (or --checkpoint RUN_DIR)")
+        raise UsageError("say which model to sample from: blockdiff sample RUN_DIR (or --checkpoint RUN_DIR)")
     prompts = _read_prompts(args)
     loaded = load_model_dir(path)
     if args.block_length is not None:  # e.g. a block-length-mixture model at another of its lengths
@@ -202,7 +205,7 @@ def _read_prompts(args) -> list[str]:
     if not args.prompt and not args.prompt_file and not sys.stdin.isatty():
         prompts.extend(line for line in sys.stdin.read().splitlines() if line.strip())
     if not prompts and (args.prompt or args.prompt_file):
-        raise ValueError("the prompt list is empty (empty --prompt-file or stdin)")
+        raise UsageError("the prompt list is empty (empty --prompt-file or stdin)")
     return prompts or [""]
 
 
@@ -252,7 +255,7 @@ def cmd_demo(args) -> None:
         console.rule("sample")
         console.print(prompt + text, markup=False, highlight=False)
     console.print(f"NFE {out.nfe}, {out.tokens_per_forward:.2f} new tokens per forward", highlight=False)
-    console.print(f"\nmodel: [bold]{result.model_dir}[/]  — try `blockdiff eval {result.run_dir}`")
+    console.print(f"\nmodel: [bold]{escape(str(result.model_dir))}[/]  — try `blockdiff eval {escape(str(result.run_dir))}`")
 
 
 def cmd_sweep(args) -> None:
@@ -263,19 +266,19 @@ def cmd_sweep(args) -> None:
         from blockdiff.sweep_report import report
 
         written = report(args.report, console)
-        console.print("wrote " + ", ".join(str(p) for p in written))
+        console.print("wrote " + ", ".join(str(p) for p in written), markup=False)
         return
     if not args.file:
-        raise ValueError("say which sweep to run (blockdiff sweep configs/sweeps/NAME.yaml) or pass --report DIR")
+        raise UsageError("say which sweep to run (blockdiff sweep configs/sweeps/NAME.yaml) or pass --report DIR")
     if args.parallel < 1:
-        raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
+        raise UsageError(f"--parallel must be >= 1, got {args.parallel}")
     sweep = load_sweep(args.file, args.out_dir, args.config, args.overrides)  # every run validated before any starts
-    console.print(f"sweep [bold]{sweep.name}[/]: {len(sweep.runs)} runs in {sweep.out_dir}")
-    failed = run_sweep(sweep, args.parallel, args.only, log=lambda m: console.print(m, highlight=False))
+    console.print(f"sweep [bold]{escape(sweep.name)}[/]: {len(sweep.runs)} runs in {escape(str(sweep.out_dir))}")
+    failed = run_sweep(sweep, args.parallel, args.only, log=lambda m: console.print(m, highlight=False, markup=False))
     if failed:
-        console.print(f"[bold red]{len(failed)} run(s) failed:[/] {', '.join(failed)} (see error.txt or logs/)")
+        console.print(f"[bold red]{len(failed)} run(s) failed:[/] {escape(', '.join(failed))} (see error.txt or logs/)")
         raise SystemExit(1)
-    console.print(f"done — `blockdiff sweep --report {sweep.out_dir}`")
+    console.print(f"done — `blockdiff sweep --report {sweep.out_dir}`", markup=False)
 
 
 def _print_metrics(title: str, metrics: dict[str, float], extra: dict[str, float]) -> None:
@@ -422,11 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         COMMANDS[args.verb].run(args)
-    except USER_ERRORS as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
+    except UserError as err:  # the one place user errors are caught: plain text, stderr, no markup
+        print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
+        print("interrupted", file=sys.stderr, flush=True)
         return 130
     return 0
 

@@ -29,12 +29,13 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from blockdiff.config import ConfigError, DataConfig
+from blockdiff.errors import UsageError, UserError
 
 __all__ = ["DataError", "shakespeare_files", "resolve_files", "load_documents", "pack_documents", "PackedCorpus", "collate_windows",
            "ShardedResumableSampler", "BlockDiffusionDataModule"]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The corpus cannot be used; the message says what was wrong and how to fix it."""
 
 
@@ -175,7 +176,7 @@ class ShardedResumableSampler(Sampler[int]):
 
     def __init__(self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+            raise UsageError(f"rank must be in [0, {world_size}), got {rank}")
         self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
         self.epoch = 0
         self._skip: tuple[int, int] | None = None  # (epoch, samples to skip in that epoch)

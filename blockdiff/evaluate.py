@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 
 from blockdiff.config import Config, load_config
 from blockdiff.data import collate_windows, load_documents, pack_documents
+from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.loss import bits_per_byte, block_diffusion_loss
 from blockdiff.model import SPEC_FILE, BlockDiffusionLM
 from blockdiff.noise import make_schedule
@@ -47,16 +48,16 @@ def load_model_dir(path: str | Path, overrides: list[str] = ()) -> LoadedModel:
     if (path / "model" / SPEC_FILE).is_file():
         path = path / "model"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass a run directory or its model/ folder")
+        raise MissingFileError(f"{path} does not exist; pass a run directory or its model/ folder")
     model = BlockDiffusionLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if len(tokenizer) > model.vocab_size:  # fewer is fine: some decoders pad their embedding matrix
-        raise ValueError(
+        raise UsageError(
             f"the tokenizer in {path} has {len(tokenizer)} tokens but the model has {model.vocab_size} embedding rows: "
             "the checkpoint comes from a different vocabulary"
         )
     if tokenizer.mask_token_id != model.mask_token_id:
-        raise ValueError(
+        raise UsageError(
             f"the tokenizer's mask token id {tokenizer.mask_token_id} differs from the model's {model.mask_token_id}"
         )
     config_path = path / "train_config.yaml"
@@ -81,7 +82,7 @@ def evaluate_nelbo(
         nll_sum += out.nll_sum.item()
         num_tokens += int(out.num_tokens)
     if num_tokens == 0:
-        raise ValueError("no held-out tokens to evaluate on")
+        raise UsageError("no held-out tokens to evaluate on")
     nll = nll_sum / num_tokens
     return EvalResult(nll, math.exp(nll), bits_per_byte(nll, tokens_per_byte), num_tokens, block_length or model.block_length)
 
@@ -91,7 +92,7 @@ def evaluate_held_out(loaded: LoadedModel, max_batches: int | None = None, seed:
     with the packed corpus and the loader, for callers that evaluate more on the same tokens."""
     cfg = loaded.config
     if block_length is not None and cfg.data.max_seq_len % block_length:
-        raise ValueError(f"--block-length {block_length} must divide the model's data.max_seq_len={cfg.data.max_seq_len}")
+        raise UsageError(f"--block-length {block_length} must divide the model's data.max_seq_len={cfg.data.max_seq_len}")
     corpus = pack_documents(load_documents(cfg.data), loaded.tokenizer, cfg.data.max_seq_len, cfg.data.val_fraction)
     loader = torch.utils.data.DataLoader(corpus.val, batch_size=cfg.data.batch_size, collate_fn=collate_windows)
     result = evaluate_nelbo(

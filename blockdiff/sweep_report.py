@@ -22,6 +22,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.sweep import SUMMARY_FILE
 
 __all__ = ["load_summaries", "report", "variant", "sampler_label", "mean_sd"]
@@ -31,14 +32,14 @@ def load_summaries(root: str | Path) -> list[dict]:
     """Every run's summary below ``root`` (with ``run_dir`` added); ``ValueError`` if there is none."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"sweep report: {root} is not a directory")
+        raise MissingFileError(f"sweep report: {root} is not a directory")
     runs = []
     for path in sorted(root.rglob(SUMMARY_FILE)):
         summary = json.loads(path.read_text())
         summary["run_dir"] = str(path.parent)
         runs.append(summary)
     if not runs:
-        raise ValueError(f"sweep report: {root} holds no finished runs (no */{SUMMARY_FILE}); run `blockdiff sweep FILE` first")
+        raise UsageError(f"sweep report: {root} holds no finished runs (no */{SUMMARY_FILE}); run `blockdiff sweep FILE` first")
     return runs
 
 

@@ -17,6 +17,8 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from blockdiff.errors import MissingFileError
+
 __all__ = ["SPECIAL_TOKENS", "byte_tokenizer", "train_bpe", "load_tokenizer", "ensure_special_tokens", "build_tokenizer"]
 
 SPECIAL_TOKENS = {
@@ -66,7 +68,7 @@ def load_tokenizer(name_or_path: str, **kwargs) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(name_or_path, **{"trust_remote_code": False, **kwargs})
     except OSError as err:
-        raise OSError(
+        raise MissingFileError(
             f"could not load tokenizer {name_or_path!r}: not a local directory and not reachable on the hub "
             f"(offline?). Use data.tokenizer=bpe or data.tokenizer=bytes to work offline. ({err})"
         ) from None

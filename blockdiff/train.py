@@ -32,10 +32,17 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint, RichProgressBar, Timer
 from lightning.pytorch.loggers import CSVLogger
 
-from blockdiff.callbacks import FinalCheckpoint, GracefulInterrupt, NonFiniteLossGuard, ResumableRNG, TrainingInterrupted
+from blockdiff.callbacks import (
+    FinalCheckpoint,
+    GracefulInterrupt,
+    NonFiniteLossGuard,
+    ResumableRNG,
+    TrainingInterrupted,
+)
 from blockdiff.checkpoint import LAST, SafeCheckpointIO, load_checkpoint, resolve_resume
 from blockdiff.config import Config, ConfigError, load_config, to_yaml
 from blockdiff.data import BlockDiffusionDataModule, load_documents, pack_documents
+from blockdiff.errors import WouldOverwriteError
 from blockdiff.lightning_module import BlockDiffusionModule
 from blockdiff.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
 from blockdiff.tokenizer import build_tokenizer
@@ -63,7 +70,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
-            raise FileExistsError(
+            raise WouldOverwriteError(
                 f"trainer.out_dir={str(run_dir)!r} already holds a run; choose another trainer.out_dir "
                 "or pass --overwrite"
             )

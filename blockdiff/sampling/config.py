@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from transformers import GenerationConfig
 
+from blockdiff.errors import UsageError
 from blockdiff.sampling.ddpm import DDPMSampler
 from blockdiff.sampling.entropy_bound import EntropyBoundSampler
 from blockdiff.sampling.first_hitting import FirstHittingSampler
@@ -53,21 +54,21 @@ class BlockDiffusionGenerationConfig(GenerationConfig):
     def check(self, block_length: int) -> None:
         """Every generation input check, in one place, with a message that says how to fix it."""
         if self.max_new_tokens is None or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise UsageError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+            raise UsageError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.steps_per_block is not None and self.steps_per_block < 1:
-            raise ValueError(f"steps_per_block must be >= 1, got {self.steps_per_block}")
+            raise UsageError(f"steps_per_block must be >= 1, got {self.steps_per_block}")
         if not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"tau must be in (0, 1], got {self.tau}")
+            raise UsageError(f"tau must be in (0, 1], got {self.tau}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise UsageError(f"top_k must be >= 0, got {self.top_k}")
         if self.temperature is not None and self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
         if self.window is not None and (self.window < 2 * block_length or self.window % block_length):
-            raise ValueError(
+            raise UsageError(
                 f"window={self.window} must be a multiple of block_length={block_length} and at least two blocks"
             )
         make_sampler(self)  # sampler-specific checks
@@ -92,4 +93,4 @@ def make_sampler(config: BlockDiffusionGenerationConfig):
         return RemaskingSampler(config.remask_threshold, config.max_remask)
     if config.sampler == "entropy_bound":
         return EntropyBoundSampler(config.entropy_bound)
-    raise ValueError(f"sampler must be one of {SAMPLERS}, got {config.sampler!r}")
+    raise UsageError(f"sampler must be one of {SAMPLERS}, got {config.sampler!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from blockdiff.errors import UsageError
 from blockdiff.sampling.base import BlockState, StepResult, reveal
 
 __all__ = ["EntropyBoundSampler"]
@@ -20,12 +21,12 @@ class EntropyBoundSampler:
 
     def __init__(self, entropy_bound: float = 0.5):
         if entropy_bound <= 0:
-            raise ValueError(f"entropy_bound must be > 0, got {entropy_bound}")
+            raise UsageError(f"entropy_bound must be > 0, got {entropy_bound}")
         self.entropy_bound = entropy_bound
 
     def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:
         if probs is None:
-            raise ValueError("the entropy_bound sampler needs the predictive distribution (probs)")
+            raise UsageError("the entropy_bound sampler needs the predictive distribution (probs)")
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)  # (b, l) nats
         entropy = entropy.masked_fill(~state.masked, float("inf"))
         sorted_h, order = entropy.sort(dim=-1)  # (b, l) ascending; unmasked last (inf)

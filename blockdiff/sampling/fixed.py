@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from blockdiff.errors import UsageError
 from blockdiff.sampling.base import BlockState, StepResult, reveal, top_confident
 
 __all__ = ["FixedStepSampler", "even_share"]
@@ -24,7 +25,7 @@ class FixedStepSampler:
 
     def __init__(self, tokens_per_step: int | None = None):
         if tokens_per_step is not None and tokens_per_step < 1:
-            raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
+            raise UsageError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
         self.tokens_per_step = tokens_per_step
 
     def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:

@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
+from blockdiff.errors import UsageError
 from blockdiff.sampling.base import BlockState, reveal
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig, make_sampler
 from blockdiff.sampling.logits import choose_tokens
@@ -176,7 +177,7 @@ def generate(
     """
     window, eos_ids, pad_id = _check_inputs(model, prompts, config, streamer)
     if isinstance(generator, list) and len(generator) != len(prompts):
-        raise ValueError(f"got {len(generator)} generators for {len(prompts)} prompts; pass one per prompt or one")
+        raise UsageError(f"got {len(generator)} generators for {len(prompts)} prompts; pass one per prompt or one")
     device = next(model.parameters()).device
     if generator is None and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -205,15 +206,15 @@ def _check_inputs(model, prompts, config, streamer) -> tuple[int | None, set[int
     l, mask_id, vocab = model.block_length, model.mask_token_id, model.vocab_size
     config.check(l)
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("give at least one prompt, each with at least one token (e.g. BOS)")
+        raise UsageError("give at least one prompt, each with at least one token (e.g. BOS)")
     if streamer is not None and len(prompts) != 1:
-        raise ValueError("a streamer follows one sample: pass a single prompt")
+        raise UsageError("a streamer follows one sample: pass a single prompt")
     if any(not 0 <= t < vocab or t == mask_id for p in prompts for t in p):
-        raise ValueError(f"prompt token ids must be in [0, {vocab}) and not the mask token {mask_id}")
+        raise UsageError(f"prompt token ids must be in [0, {vocab}) and not the mask token {mask_id}")
     window = config.window or (model.spec.max_seq_len // l * l if model.spec.max_seq_len else None)
     max_positions = getattr(model.backbone.config, "max_position_embeddings", None)
     if config.window is not None and max_positions is not None and config.window > max_positions:
-        raise ValueError(
+        raise UsageError(
             f"window={config.window} exceeds the {max_positions} positions the network was built for; "
             f"use window <= {max_positions}"
         )
@@ -221,7 +222,7 @@ def _check_inputs(model, prompts, config, streamer) -> tuple[int | None, set[int
         window = max(window, 2 * l)
         longest = max(len(p) for p in prompts)
         if longest + l > window:
-            raise ValueError(
+            raise UsageError(
                 f"a prompt of {longest} tokens does not fit the window of {window} tokens with one block to "
                 "spare; shorten it or pass a larger window"
             )

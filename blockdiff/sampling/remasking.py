@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from blockdiff.errors import UsageError
 from blockdiff.sampling.base import BlockState, StepResult, reveal, top_confident
 from blockdiff.sampling.fixed import even_share
 
@@ -23,9 +24,9 @@ class RemaskingSampler:
 
     def __init__(self, remask_threshold: float = 0.3, max_remask: int = 1, remask_until: float = 0.75):
         if not 0.0 < remask_threshold <= 1.0:
-            raise ValueError(f"remask_threshold must be in (0, 1], got {remask_threshold}")
+            raise UsageError(f"remask_threshold must be in (0, 1], got {remask_threshold}")
         if max_remask < 1:
-            raise ValueError(f"max_remask must be >= 1, got {max_remask}")
+            raise UsageError(f"max_remask must be >= 1, got {max_remask}")
         self.remask_threshold, self.max_remask, self.remask_until = remask_threshold, max_remask, remask_until
 
     def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:

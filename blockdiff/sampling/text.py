@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-
+from blockdiff.errors import UsageError
 from blockdiff.sampling.generation import GenerationOutput
 
 __all__ = ["encode_prompts", "sample_texts"]
@@ -11,12 +11,12 @@ __all__ = ["encode_prompts", "sample_texts"]
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     """``[BOS] + tokens`` per prompt; special-token *text* in a prompt stays text."""
     if not prompts:
-        raise ValueError("no prompts given")
+        raise UsageError("no prompts given")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     encoded = tokenizer(list(prompts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
     ids = [bos + list(e) for e in encoded]
     if any(not p for p in ids):
-        raise ValueError("an empty prompt needs a tokenizer with a BOS token")
+        raise UsageError("an empty prompt needs a tokenizer with a BOS token")
     return ids
 
 

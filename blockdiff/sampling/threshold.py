@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from blockdiff.errors import UsageError
 from blockdiff.sampling.base import BlockState, StepResult, reveal, top_confident
 
 __all__ = ["ThresholdSampler"]
@@ -19,7 +20,7 @@ class ThresholdSampler:
 
     def __init__(self, tau: float = 0.9):
         if not 0.0 < tau <= 1.0:
-            raise ValueError(f"tau must be in (0, 1], got {tau}")
+            raise UsageError(f"tau must be in (0, 1], got {tau}")
         self.tau = tau
 
     def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:

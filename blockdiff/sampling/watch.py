@@ -22,6 +22,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
+from blockdiff.errors import MissingFileError
 from blockdiff.sampling.generation import StepEvent
 
 __all__ = ["TraceWriter", "LiveView", "FinishedBlocks", "fan_out"]
@@ -35,7 +36,7 @@ class TraceWriter:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if self.path.is_dir():
-            raise IsADirectoryError(f"--trace {self.path} is a directory; give a file name")
+            raise MissingFileError(f"--trace {self.path} is a directory; give a file name")
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.file = None  # opened at the first event: an input error before any step leaves no file
 
