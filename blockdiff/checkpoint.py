@@ -17,7 +17,8 @@
   ``CheckpointError`` naming the file (and the previous checkpoint, if it is readable).
 
 ``resolve_resume(path)`` turns ``--resume RUN_DIR|CKPT`` into a readable checkpoint, falling back from
-a damaged ``last.ckpt`` of a run directory to its ``prev.ckpt``.
+a damaged ``last.ckpt`` of a run directory to its ``prev.ckpt`` (``restore_previous`` then puts the good
+copy back under ``last.ckpt``, so the backup survives the next save).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import pickle
 import shutil
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,12 @@ import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from blockdiff.errors import StorageError, UserError
+from blockdiff.files import write_failure_reason
 
-__all__ = ["CheckpointError", "SafeCheckpointIO", "load_checkpoint", "resolve_resume", "run_dir_of", "LAST", "PREV"]
+__all__ = [
+    "CheckpointError", "SafeCheckpointIO", "ResumePoint", "load_checkpoint", "resolve_resume", "restore_previous", "run_dir_of",
+    "LAST", "PREV",
+]
 
 LAST, PREV = "last.ckpt", "prev.ckpt"
 
@@ -77,13 +83,16 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             os.fsync(f.fileno())
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            reason = os.strerror(err.errno) if err.errno else str(err)
+        reason = write_failure_reason(err)
+        if reason is not None:
             raise StorageError(
-                err.errno or errno.EIO,
-                f"could not write checkpoint {path} ({reason}); nothing was replaced: "
-                f"{'the previous ' + path.name + ' is intact' if path.exists() else 'no checkpoint existed yet'}. "
-                "Free some space (or choose another trainer.out_dir) and resume with `blockdiff train --resume`",
+                getattr(err, "errno", None) or errno.EIO,
+                f"could not write checkpoint {path} ({reason}); nothing was replaced: " + (
+                    f"the previous {path.name} is intact. Free some space and resume with `blockdiff train --resume`"
+                    if path.exists() else
+                    "no checkpoint existed yet, so there is nothing to resume. Free some space (or choose another "
+                    "trainer.out_dir) and start the run again"
+                ),
             ) from None
         raise
     if path.exists():  # keep the checkpoint being replaced, without a moment where `path` is missing
@@ -164,16 +173,30 @@ class SafeCheckpointIO(CheckpointIO):
         Path(path).unlink(missing_ok=True)
 
 
-def resolve_resume(path: str | Path) -> tuple[Path, Path, list[str]]:
-    """``(checkpoint, run_dir, warnings)`` for ``--resume PATH``: a run directory or a ``.ckpt`` file.
+@dataclass
+class ResumePoint:
+    """Where ``--resume`` continues from: a readable checkpoint of a run, and what was noticed on the way."""
+
+    checkpoint: Path  # the checkpoint file to load
+    run_dir: Path  # the run directory it belongs to
+    state: dict[str, Any]  # its contents, memory-mapped (global_step, the stored run config, ...)
+    warnings: list[str] = field(default_factory=list)
+    fell_back: bool = False  # last.ckpt was missing or damaged: ``checkpoint`` is prev.ckpt
+
+    @property
+    def step(self) -> int:
+        return int(self.state.get("global_step", 0))
+
+
+def resolve_resume(path: str | Path) -> ResumePoint:
+    """The checkpoint ``--resume PATH`` continues from: a run directory or a ``.ckpt`` file.
 
     A run directory resumes from ``checkpoints/last.ckpt``, or from ``checkpoints/prev.ckpt`` (with a
     warning) when ``last.ckpt`` is missing or damaged. A named file is used as is: if it is damaged the
-    error says so and names the previous checkpoint to try.
+    error says so and names the previous checkpoint to try. Only reads: nothing is changed on disk.
     """
     path = Path(path)
     if path.is_dir():
-        run_dir = path
         last, prev = path / "checkpoints" / LAST, path / "checkpoints" / PREV
         if not last.is_file() and not prev.is_file():
             raise CheckpointError(
@@ -181,17 +204,32 @@ def resolve_resume(path: str | Path) -> tuple[Path, Path, list[str]]:
                 "before its first trainer.checkpoint_every_n_steps"
             )
         try:
-            load_checkpoint(last, mmap=True)
-            return last, run_dir, []
+            return ResumePoint(last, path, load_checkpoint(last, mmap=True))
         except CheckpointError as err:
             if not prev.is_file():
                 raise
-            load_checkpoint(prev, mmap=True)  # raises, naming prev.ckpt, if that one is bad too
-            return prev, run_dir, [f"{err}; resuming from the previous checkpoint {prev} instead"]
+            state = load_checkpoint(prev, mmap=True)  # raises, naming prev.ckpt, if that one is bad too
+            return ResumePoint(prev, path, state, [f"{err}; resuming from the previous checkpoint {prev} instead"], True)
     if not path.is_file():
         raise CheckpointError(f"--resume {path}: no such run directory or checkpoint file")
-    load_checkpoint(path, mmap=True)
-    return path, run_dir_of(path), []
+    return ResumePoint(path, run_dir_of(path), load_checkpoint(path, mmap=True))
+
+
+def restore_previous(checkpoint_dir: Path) -> None:
+    """Replace a damaged ``last.ckpt`` by a copy of the good ``prev.ckpt`` before a run resumes from it.
+
+    Without this the first save after the resume would rotate the damaged file over ``prev.ckpt`` and
+    leave the run with no good checkpoint but the newest one.
+    """
+    last, prev = checkpoint_dir / LAST, checkpoint_dir / PREV
+    tmp = last.with_name(LAST + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(prev, tmp)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(prev, tmp)
+    os.replace(tmp, last)
+    _fsync_dir(checkpoint_dir)
 
 
 def run_dir_of(path: str | Path) -> Path:

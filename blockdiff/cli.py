@@ -75,7 +75,7 @@ def cmd_export(args) -> None:
     """Export a Lightning checkpoint (or a run directory's last one) as a Hugging Face model directory."""
     from blockdiff.finetune import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out_dir, args.run_config)
+    out = export_checkpoint(args.checkpoint, args.out_dir, args.run_config, overwrite=args.overwrite)
     console.print(f"model written to [bold]{escape(str(out))}[/] (load with BlockDiffusionLM.from_pretrained)")
 
 
@@ -229,14 +229,17 @@ def cmd_config(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    """Train a small model on the offline Shakespeare corpus for a few minutes, evaluate it, print samples."""
+    """Train a small model on the offline Shakespeare corpus for a few minutes, evaluate it, print samples.
+
+    Writes runs/demo (trainer.out_dir); an earlier demo run there is replaced only with --overwrite.
+    """
     from blockdiff.evaluate import load_model_dir
     from blockdiff.sampling import sample_texts
     from blockdiff.train import train
 
     cfg = load_config(args.config, args.overrides)
     console.rule("[bold]blockdiff demo[/]: training")
-    result = train(cfg, overwrite=True)
+    result = train(cfg, overwrite=args.overwrite)
     _print_metrics(
         f"held-out NELBO bound, block_length={cfg.model.block_length}",
         result.metrics,
@@ -299,7 +302,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _train_args(p):
     _config_args(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in trainer.out_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the blockdiff run in trainer.out_dir (a folder holding anything else is never deleted)")
 
 
 def _train_verb_args(p):
@@ -317,6 +321,8 @@ def _export_args(p):
     p.add_argument("checkpoint", help="a .ckpt file or a run directory (uses checkpoints/last.ckpt)")
     p.add_argument("out_dir", help="directory to write (safetensors + blockdiff.json + tokenizer)")
     p.add_argument("--run-config", help="the run's config.yaml (default: next to checkpoints/)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR if it holds a previous blockdiff model export (anything else is never deleted)")
 
 
 def _eval_args(p):
@@ -385,7 +391,7 @@ COMMANDS: dict[str, Verb] = {
     "eval": Verb(cmd_eval, _eval_args),
     "sample": Verb(cmd_sample, _sample_args),
     "config": Verb(cmd_config, _config_verb_args),
-    "demo": Verb(cmd_demo, _config_args),
+    "demo": Verb(cmd_demo, _train_args),
     "sweep": Verb(cmd_sweep, _sweep_args),
 }
 

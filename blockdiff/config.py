@@ -42,6 +42,24 @@ class ConfigError(UserError, ValueError):
     """A configuration value is wrong; the message names the key and how to fix it."""
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def _check_numbers(section: str, obj) -> None:
+    """Every float field finite and every int field within int64 (what torch and the data loaders can hold)."""
+    import dataclasses
+    import math
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{section}.{f.name} must be a finite number, got {value}")
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > _INT64_MAX:
+                raise ConfigError(f"{section}.{f.name}={v} is too large (at most {_INT64_MAX})")
+
+
 class Family(str, enum.Enum):
     """Hugging Face decoder families buildable from scratch (any causal LM loads via ``model.pretrained``)."""
 
@@ -100,6 +118,7 @@ class ModelConfig:
     """Train on a mixture of block lengths: {L': probability} drawn per training sequence (e.g. {1: 0.1, 4: 0.3, 16: 0.6}); empty = off. block_length stays the one generation uses."""
 
     def __post_init__(self) -> None:
+        _check_numbers("model", self)
         for key in ("hidden_size", "num_layers", "num_heads", "block_length"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
@@ -115,8 +134,15 @@ class ModelConfig:
             raise ConfigError(
                 f"model.attn_implementation must be sdpa, eager or flex_attention, got {self.attn_implementation!r}"
             )
+        if not isinstance(self.block_length_mixture, dict):
+            raise ConfigError(
+                "model.block_length_mixture must map block lengths to probabilities, e.g. '{1: 0.5, 4: 0.5}'; "
+                f"got {self.block_length_mixture!r}"
+            )
         if self.block_length_mixture:
             lengths, weights = list(self.block_length_mixture), list(self.block_length_mixture.values())
+            if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w != w or abs(w) == float("inf") for w in weights):
+                raise ConfigError(f"model.block_length_mixture probabilities must be finite numbers, got {weights}")
             if any(not isinstance(k, int) or k < 1 for k in lengths):
                 raise ConfigError(f"model.block_length_mixture keys must be block lengths >= 1, got {lengths}")
             if any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
@@ -147,6 +173,7 @@ class NoiseConfig:
     """Held-out batches the clip search scores each window on (one extra forward per window and batch)."""
 
     def __post_init__(self) -> None:
+        _check_numbers("noise", self)
         if not 0.0 < self.eps < 1.0:
             raise ConfigError(f"noise.eps must be in (0, 1), got {self.eps}")
         if not 0.0 <= self.beta <= self.omega <= 1.0:
@@ -199,12 +226,17 @@ class DataConfig:
     """Use only the first N documents (quick experiments and tests)."""
 
     def __post_init__(self) -> None:
+        _check_numbers("data", self)
         if self.max_seq_len < 2:
             raise ConfigError(f"data.max_seq_len must be >= 2, got {self.max_seq_len}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0 (0 = load in the main process), got {self.num_workers}")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ConfigError(f"data.max_documents must be >= 1 (or null for all documents), got {self.max_documents}")
         if self.tokenizer == "bpe" and self.bpe_vocab_size < 300:
             raise ConfigError(f"data.bpe_vocab_size must be >= 300 (256 bytes + merges), got {self.bpe_vocab_size}")
 
@@ -229,8 +261,17 @@ class OptimConfig:
     """EMA of weights used for validation and export (0 disables)."""
 
     def __post_init__(self) -> None:
+        _check_numbers("optim", self)
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.98]; got {list(self.betas)}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.warmup_steps < 0:
@@ -242,7 +283,7 @@ class TrainerConfig:
     max_steps: int = 600
     """Optimisation steps."""
     max_minutes: Optional[float] = 4.0
-    """Wall-clock budget; training stops (and checkpoints) when it is spent. None = no limit."""
+    """Wall-clock training budget of one command; training stops (and checkpoints) when it is spent, and a --resume gets the budget again. None = no limit."""
     val_every_n_steps: int = 200
     """Validate every N steps (and at the end)."""
     limit_val_batches: int = 16
@@ -269,6 +310,9 @@ class TrainerConfig:
     """Run directory: config.yaml, checkpoints/, model/, metrics.csv."""
 
     def __post_init__(self) -> None:
+        _check_numbers("trainer", self)
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError(f"trainer.max_minutes must be > 0 (or null for no time limit), got {self.max_minutes}")
         for key in ("max_steps", "val_every_n_steps", "checkpoint_every_n_steps", "log_every_n_steps", "accumulate_grad_batches"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
@@ -277,6 +321,7 @@ class TrainerConfig:
         if self.num_nodes < 1:
             raise ConfigError(f"trainer.num_nodes must be >= 1, got {self.num_nodes}")
         self._check_devices()
+        self._check_lightning_names()
         if self.strategy != "auto":
             from lightning.pytorch.strategies import StrategyRegistry
 
@@ -285,6 +330,22 @@ class TrainerConfig:
                     f"trainer.strategy={self.strategy!r} is not a Lightning strategy; use auto, ddp, fsdp or ddp_spawn "
                     "(lightning.pytorch.strategies.StrategyRegistry.available_strategies() lists them all)"
                 )
+
+    def _check_lightning_names(self) -> None:
+        import typing
+
+        from lightning.fabric.connector import _PRECISION_INPUT_INT, _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+
+        precisions = ("auto", *typing.get_args(_PRECISION_INPUT_STR))
+        aliases = {str(p) for p in typing.get_args(_PRECISION_INPUT_INT) + typing.get_args(_PRECISION_INPUT_STR_ALIAS)}
+        if self.precision not in precisions and self.precision not in aliases:
+            raise ConfigError(f"trainer.precision={self.precision!r} is not a precision; use one of {', '.join(precisions)}")
+        accelerators = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
+        if self.accelerator not in accelerators:
+            raise ConfigError(
+                f"trainer.accelerator={self.accelerator!r} is not an accelerator; use one of {', '.join(accelerators)}"
+            )
 
     def _check_devices(self) -> None:
         devices = self.devices
@@ -318,6 +379,7 @@ class SampleConfig:
     """Prompt for the demo samples."""
 
     def __post_init__(self) -> None:
+        _check_numbers("sample", self)
         if self.max_new_tokens < 1:
             raise ConfigError(f"sample.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.steps_per_block is not None and self.steps_per_block < 1:
@@ -342,6 +404,7 @@ class CurriculumConfig:
     """Anneal attention inside noisy blocks from causal to bidirectional over this fraction of trainer.max_steps (0 = off)."""
 
     def __post_init__(self) -> None:
+        _check_numbers("curriculum", self)
         for key in ("block_length_fraction", "mask_annealing_fraction"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"curriculum.{key} must be in [0, 1], got {getattr(self, key)}")

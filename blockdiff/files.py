@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_text_atomic"]
+__all__ = ["write_text_atomic", "write_failure_reason"]
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -21,3 +21,21 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_WRITE_FAILURES = ("unexpected pos", "failed writing", "file write failed", "i/o error", "os error", "no space left")
+
+
+def write_failure_reason(err: BaseException) -> str | None:
+    """Why a write failed when ``err`` is the disk refusing it (full, over quota, read-only), else ``None``.
+
+    ``torch.save`` reports a full disk as a ``RuntimeError`` ("unexpected pos ...") and safetensors as a
+    ``SafetensorError`` ("I/O error: ..."), not as ``OSError``; this recognises all three.
+    """
+    if isinstance(err, OSError):
+        return os.strerror(err.errno) if err.errno else str(err)
+    text = str(err).lower()
+    if isinstance(err, RuntimeError) or type(err).__name__ == "SafetensorError":
+        if any(marker in text for marker in _WRITE_FAILURES):
+            return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return None

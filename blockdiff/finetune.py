@@ -40,30 +40,37 @@ def finetune_config(base: str | None = None, paths: list[str] = (), overrides: l
     return load_config(paths, overrides, defaults=FINETUNE_DEFAULTS)
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, config_path: str | Path | None = None) -> Path:
+def export_checkpoint(
+    checkpoint: str | Path, out_dir: str | Path, config_path: str | Path | None = None, overwrite: bool = False
+) -> Path:
     """Write a model directory from a Lightning checkpoint of a blockdiff run; returns ``out_dir``.
 
     The network and tokenizer are rebuilt from the run's ``config.yaml`` (next to ``checkpoints/``), the
-    weights come from the checkpoint (``weights_only=True``); LoRA adapters are merged.
+    weights come from the checkpoint (``weights_only=True``); LoRA adapters are merged. A non-empty
+    ``out_dir`` is refused unless it is a blockdiff model export and ``overwrite`` is set: nothing that is
+    not a previous export is ever deleted.
     """
-    from blockdiff.checkpoint import load_checkpoint
+    from blockdiff.checkpoint import LAST, load_checkpoint
     from blockdiff.data import load_documents
+    from blockdiff.rundir import CHECKPOINTS, CONFIG, TOKENIZER, check_replaceable
     from blockdiff.tokenizer import load_tokenizer
     from blockdiff.train import build_model, export_model
 
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir, overwrite)  # before any work
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():  # a run directory
-        checkpoint = checkpoint / "checkpoints" / "last.ckpt"
+        checkpoint = checkpoint / CHECKPOINTS / LAST
     if not checkpoint.is_file():
         raise MissingFileError(f"checkpoint {checkpoint} does not exist; pass a .ckpt file or a run directory")
-    config_path = Path(config_path) if config_path else checkpoint.parent.parent / "config.yaml"
+    config_path = Path(config_path) if config_path else checkpoint.parent.parent / CONFIG
     if not config_path.is_file():
         raise MissingFileError(f"no run config at {config_path}; pass --config with the run's config.yaml")
     cfg = load_config([config_path])
     state = load_checkpoint(checkpoint).get("state_dict")  # weights_only; clear errors naming the file
     if not isinstance(state, dict):
         raise UsageError(f"checkpoint {checkpoint} holds no state_dict; is it a blockdiff Lightning checkpoint?")
-    saved_tokenizer = checkpoint.parent.parent / "tokenizer"
+    saved_tokenizer = checkpoint.parent.parent / TOKENIZER
     tokenizer = load_tokenizer(str(saved_tokenizer)) if saved_tokenizer.is_dir() else None
     from_scratch = cfg.model.pretrained is None and cfg.model.init_from is None
     docs = load_documents(cfg.data) if from_scratch and tokenizer is None else None  # only to re-train a BPE
@@ -76,7 +83,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, config_path: 
             f"checkpoint {checkpoint} does not match the network of {config_path}: "
             f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
         )
-    out_dir = Path(out_dir)
-    export_model(model, tokenizer, cfg, out_dir)
+    export_model(model, tokenizer, cfg, out_dir, overwrite)
     return out_dir
 

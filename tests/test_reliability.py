@@ -193,8 +193,8 @@ def test_truncated_checkpoint_is_named_and_the_previous_one_still_loads(straight
 
     with pytest.raises(CheckpointError, match="truncated"):  # a named file is never swapped silently
         resolve_resume(last)
-    chosen, run_dir, warnings = resolve_resume(run)  # a run directory falls back, and says so
-    assert chosen == prev and run_dir == run and str(last) in warnings[0]
+    point = resolve_resume(run)  # a run directory falls back, and says so
+    assert point.checkpoint == prev and point.run_dir == run and str(last) in point.warnings[0] and point.fell_back
 
     assert main(["train", "--resume", str(last)]) == 2
     out = "".join(capsys.readouterr().err.split())  # the console wraps long paths

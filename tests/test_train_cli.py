@@ -249,7 +249,8 @@ def test_cli_train_refuses_an_existing_run_without_overwrite(tmp_path, capsys):
     args = ["train", *TINY, f"data.source={corpus}", "trainer.max_steps=2", f"trainer.out_dir={run}"]
     assert main(args) == 2
     out = " ".join(capsys.readouterr().err.split())
-    assert "--overwrite" in out and "trainer.out_dir" in out
+    assert "not a blockdiff run" in out and "notes.txt" in out and "trainer.out_dir" in out
+    assert main([*args, "--overwrite"]) == 2  # a folder holding other files is never deleted, whatever the flags
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "notes.txt"]
     assert (run / "config.yaml").read_text() == "precious: true\n"
     assert (run / "notes.txt").read_text() == "do not delete"
