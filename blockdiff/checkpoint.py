@@ -17,7 +17,7 @@
   ``CheckpointError`` naming the file (and the previous checkpoint, if it is readable).
 
 ``resolve_resume(path)`` turns ``--resume RUN_DIR|CKPT`` into a readable checkpoint, falling back from
-a damaged ``last.ckpt`` of a run directory to its ``prev.ckpt`` (``restore_previous`` then puts the good
+a damaged ``last.ckpt`` of a run directory to its ``prev.ckpt`` (``settle_checkpoints`` then puts the good
 copy back under ``last.ckpt``, so the backup survives the next save).
 """
 
@@ -39,7 +39,8 @@ from blockdiff.errors import StorageError, UserError
 from blockdiff.files import write_failure_reason
 
 __all__ = [
-    "CheckpointError", "SafeCheckpointIO", "ResumePoint", "load_checkpoint", "resolve_resume", "restore_previous", "run_dir_of",
+    "CheckpointError", "SafeCheckpointIO", "ResumePoint", "load_checkpoint", "resolve_resume", "settle_checkpoints",
+    "remove_legacy", "run_dir_of",
     "LAST", "PREV",
 ]
 
@@ -182,6 +183,7 @@ class ResumePoint:
     state: dict[str, Any]  # its contents, memory-mapped (global_step, the stored run config, ...)
     warnings: list[str] = field(default_factory=list)
     fell_back: bool = False  # last.ckpt was missing or damaged: ``checkpoint`` is prev.ckpt
+    legacy: list[Path] = field(default_factory=list)  # last-vN.ckpt files an older blockdiff left next to last.ckpt
 
     @property
     def step(self) -> int:
@@ -203,6 +205,9 @@ def resolve_resume(path: str | Path) -> ResumePoint:
                 f"{path} holds no checkpoint to resume from (no checkpoints/{LAST}); the run may have stopped "
                 "before its first trainer.checkpoint_every_n_steps"
             )
+        legacy = sorted(p for p in (path / "checkpoints").glob("last-v*.ckpt"))
+        if legacy:
+            return _newest_of(last, legacy, path)
         try:
             return ResumePoint(last, path, load_checkpoint(last, mmap=True))
         except CheckpointError as err:
@@ -215,21 +220,54 @@ def resolve_resume(path: str | Path) -> ResumePoint:
     return ResumePoint(path, run_dir_of(path), load_checkpoint(path, mmap=True))
 
 
-def restore_previous(checkpoint_dir: Path) -> None:
-    """Replace a damaged ``last.ckpt`` by a copy of the good ``prev.ckpt`` before a run resumes from it.
+def _newest_of(last: Path, legacy: list[Path], run_dir: Path) -> ResumePoint:
+    """Older blockdiff versions let Lightning write ``last-v1.ckpt``, ``last-v2.ckpt`` ... next to a ``last.ckpt`` that
+    then went stale: resume from whichever readable one holds the latest step."""
+    readable = []
+    for candidate in [last, *legacy]:
+        try:
+            readable.append((int(load_checkpoint(candidate, mmap=True).get("global_step", 0)), candidate))
+        except CheckpointError:
+            continue
+    if not readable:
+        raise CheckpointError(f"none of the checkpoints in {last.parent} can be read ({', '.join(p.name for p in [last, *legacy])})")
+    step, newest = max(readable)
+    warning = (
+        f"{last.parent} holds {', '.join(p.name for p in legacy)} next to {LAST} (written by an older blockdiff, which "
+        f"could leave {LAST} stale); resuming from the newest, {newest.name} at step {step}, which becomes {LAST}"
+    )
+    return ResumePoint(newest, run_dir, load_checkpoint(newest, mmap=True), [warning], legacy=legacy)
 
-    Without this the first save after the resume would rotate the damaged file over ``prev.ckpt`` and
-    leave the run with no good checkpoint but the newest one.
+
+def settle_checkpoints(point: ResumePoint) -> None:
+    """Before a run resumes in place, make ``last.ckpt`` the state it resumes from (rank 0, before fitting).
+
+    After a fallback the good ``prev.ckpt`` is copied back over the damaged ``last.ckpt`` (otherwise the first
+    save would rotate the damaged file over the good backup). When older versions left ``last-vN.ckpt``
+    files, the newest is copied to ``last.ckpt``; ``remove_legacy`` deletes them once the run is done with them
+    (other ranks may still be loading one).
     """
-    last, prev = checkpoint_dir / LAST, checkpoint_dir / PREV
-    tmp = last.with_name(LAST + ".tmp")
+    if point.fell_back or (point.legacy and point.checkpoint.name != LAST):
+        _copy_into_place(point.checkpoint, point.checkpoint.with_name(LAST))
+
+
+def remove_legacy(point: ResumePoint) -> None:
+    """Delete the ``last-vN.ckpt`` files (and their ``.prev`` copies) that older versions left in a run."""
+    for stale in point.legacy:
+        stale.unlink(missing_ok=True)
+        stale.with_name(stale.stem + ".prev" + stale.suffix).unlink(missing_ok=True)
+
+
+def _copy_into_place(source: Path, target: Path) -> None:
+    """``target`` becomes a copy of ``source`` (a hard link where possible), atomically."""
+    tmp = target.with_name(target.name + ".tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(prev, tmp)
+        os.link(source, tmp)
     except OSError:  # file systems without hard links
-        shutil.copyfile(prev, tmp)
-    os.replace(tmp, last)
-    _fsync_dir(checkpoint_dir)
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
 
 
 def run_dir_of(path: str | Path) -> Path:

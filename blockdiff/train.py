@@ -43,7 +43,7 @@ from blockdiff.callbacks import (
     SessionTimer,
     TrainingInterrupted,
 )
-from blockdiff.checkpoint import LAST, SafeCheckpointIO, load_checkpoint, restore_previous
+from blockdiff.checkpoint import LAST, SafeCheckpointIO, load_checkpoint, remove_legacy, settle_checkpoints
 from blockdiff.config import Config, ConfigError, to_yaml
 from blockdiff.data import BlockDiffusionDataModule, load_documents, pack_documents
 from blockdiff.errors import StorageError
@@ -154,8 +154,8 @@ def train(
         print(_announce(cfg, run_dir, plan), flush=True)
         if fresh:
             prepare_run_dir(run_dir, overwrite)
-        elif plan.point.fell_back:
-            restore_previous(checkpoint_dir)  # the damaged last.ckpt must not be rotated over the good prev.ckpt
+        else:
+            settle_checkpoints(plan.point)  # exactly last.ckpt (the state resumed from) + prev.ckpt
         with _removed_on_failure(run_dir if fresh else None, checkpoint_dir):
             write_text_atomic(run_dir / CONFIG, to_yaml(cfg))
             tokenizer.save_pretrained(run_dir / TOKENIZER)  # `blockdiff export` rebuilds the network from these two
@@ -164,6 +164,8 @@ def train(
 
     with _removed_on_failure(run_dir if fresh and is_zero else None, checkpoint_dir):
         _fit(run, module, datamodule, plan, run_dir)
+    if is_zero and plan.point is not None and plan.in_place:
+        remove_legacy(plan.point)  # last-vN.ckpt of older versions: last.ckpt is now the newest
     if plan.checkpoint and plan.step >= cfg.trainer.max_steps:
         # The checkpoint is final (the run died while validating or exporting): Lightning skips the whole fit,
         # end-of-fit hooks included, so take the weights the run would have exported (EMA ones, if any).

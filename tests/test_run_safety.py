@@ -152,6 +152,20 @@ def test_last_ckpt_stays_the_newest_across_a_resume(corpus, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_left_with_last_v1_by_an_older_version_resumes_from_the_newest_and_is_tidied(corpus, tmp_path, capsys):
+    run_dir = tmp_path / "old"
+    train(config(corpus, run_dir, "trainer.max_steps=4"), progress=False)
+    train(config(corpus, run_dir, "trainer.max_steps=8"), progress=False, resume=run_dir)
+    ckpts = run_dir / "checkpoints"
+    os.replace(ckpts / "last.ckpt", ckpts / "last-v1.ckpt")  # what older versions left: the newest under -v1 ...
+    os.replace(ckpts / "prev.ckpt", ckpts / "last.ckpt")  # ... and a stale last.ckpt
+    capsys.readouterr()
+    result = train(config(corpus, run_dir, "trainer.max_steps=10"), progress=False, resume=run_dir)
+    assert "resuming" in capsys.readouterr().out and result.steps == 10
+    assert sorted(os.listdir(ckpts)) == ["last.ckpt", "prev.ckpt"]
+    assert step_of(ckpts / "last.ckpt") == 10 and step_of(ckpts / "prev.ckpt") == 8  # resumed from 8, not 4
+
+
 def test_a_finished_run_logs_its_final_validation_once(corpus, tmp_path):
     run_dir = tmp_path / "r"
     train(config(corpus, run_dir, "trainer.max_steps=8"), progress=False)  # validates in fit at steps 4 and 8
