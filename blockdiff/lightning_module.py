@@ -113,8 +113,9 @@ class BlockDiffusionModule(L.LightningModule):
             "val/bpb": torch.tensor(bits_per_byte(nll.item(), self.tokens_per_byte)),
         }
         self.log_dict(metrics, prog_bar=True, sync_dist=True)
-        if self.trainer.state.fn == "fit":  # lets the recipe skip a final validation of the very same weights
-            self.last_fit_validation = (self.trainer.global_step, {k: float(v) for k, v in metrics.items()})
+        trainer = self._trainer  # None when the hooks are driven by hand (tests)
+        if trainer is not None and trainer.state.fn == "fit":  # lets the recipe skip re-validating the same weights
+            self.last_fit_validation = (trainer.global_step, {k: float(v) for k, v in metrics.items()})
         if self._clip_samples:
             self._log_clip_search()
 
