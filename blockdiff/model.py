@@ -35,24 +35,21 @@ from __future__ import annotations
 import copy
 import json
 import numbers
-import os
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
-from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
-from transformers.configuration_utils import SubConfigSpec
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from blockdiff.config import Family, ModelConfig
 from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.masks import training_block_mask, training_mask
+from blockdiff.model_files import (
+    CONFIG_FILE, BlockDiffusionConfig, backbone_config, check_decoder_type, honour_umask, load_backbone,
+    load_generation_config, read_json_file,
+)
 from blockdiff.noise import make_schedule
 from blockdiff.sampling.config import GENERATION_CONFIG_FILE, BlockDiffusionGenerationConfig
 
@@ -62,35 +59,10 @@ __all__ = [
 ]
 
 SPEC_FILE = "blockdiff.json"
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def read_json_file(path: str | Path) -> dict:
-    """The JSON object in ``path``; a missing, non-UTF-8, malformed or non-object file is a user error naming it."""
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise MissingFileError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise MissingFileError(f"{path} is a directory, not a JSON file") from None
-    except UnicodeDecodeError as err:
-        raise UsageError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): the file is damaged; "
-                         "copy it again from where the model was written") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}): the file is "
-                         "damaged or truncated; copy it again from where the model was written") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path} must hold a JSON object, got a {type(data).__name__}")
-    return data
 
 
 @dataclass
@@ -147,125 +119,6 @@ class BlockDiffusionSpec:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-
-class BlockDiffusionConfig(PreTrainedConfig):
-    """``config.json`` of a blockdiff model directory: ``model_type: "blockdiff"`` around the decoder's config.
-
-    The decoder's own config (``llama``, ``qwen2``, ``gpt2``, ...) is ``text_config``, as in transformers'
-    composite models (``DiffusionGemmaConfig``). Plain transformers refuses the unknown type; with
-    ``import blockdiff`` the Auto classes resolve it to ``BlockDiffusionLM``. The recipe (mask token, block
-    length, ...) is not repeated here: it lives in ``blockdiff.json``.
-    """
-
-    model_type = "blockdiff"
-    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
-
-    text_config: PreTrainedConfig | dict[str, Any] | None = None
-
-
-def _check_decoder_type(model_type, where: str) -> None:
-    """``model_type`` must name a causal decoder transformers knows (and not blockdiff itself)."""
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        raise UsageError(
-            f"{where}: model_type {model_type!r} is not a model type this transformers knows; the file is damaged, "
-            "or the model needs a newer transformers (pip install -U transformers)"
-        )
-    if model_type == BlockDiffusionConfig.model_type or CONFIG_MAPPING[model_type] not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise UsageError(
-            f"{where}: model_type {model_type!r} is not a causal decoder; blockdiff drives decoders such as "
-            "llama, qwen2 or gpt2"
-        )
-
-
-def _backbone_config(directory: Path) -> PreTrainedConfig:
-    """The decoder's config from ``config.json``: the ``text_config`` of a blockdiff config, or (directories written
-    before ``BlockDiffusionConfig``) the file itself."""
-    path = directory / CONFIG_FILE
-    data = read_json_file(path)
-    where = str(path)
-    if data.get("model_type") == BlockDiffusionConfig.model_type:
-        data, where = data.get("text_config"), f"{path} (text_config)"
-        if not isinstance(data, dict):
-            raise UsageError(f"{path} has model_type 'blockdiff' but no text_config object (the decoder's own config)")
-    _check_decoder_type(data.get("model_type"), where)
-    try:
-        return CONFIG_MAPPING[data["model_type"]].from_dict(data)
-    except (ValueError, TypeError, StrictDataclassError) as err:
-        raise UsageError(f"{where} is not a valid {data['model_type']} config: {err}") from None
-
-
-def _check_weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of ``directory`` (one, or the shards of an index), each with a readable header that
-    covers the file exactly (safetensors checks that: an empty or truncated file fails here, before loading)."""
-    index = directory / WEIGHTS_INDEX_FILE
-    if index.is_file():
-        weight_map = read_json_file(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise UsageError(f"{index} has no weight_map of tensor names to shard files")
-        files = sorted({directory / name for name in weight_map.values()})
-    else:
-        files = [directory / WEIGHTS_FILE]
-    for file in files:
-        if not file.is_file():
-            raise MissingFileError(
-                f"{file} does not exist: the model's weights are missing; copy the whole model directory again "
-                "(or re-export the run: blockdiff export RUN_DIR OUT_DIR)"
-            )
-        try:
-            with safe_open(str(file), framework="pt") as reader:
-                reader.keys()
-        except (SafetensorError, OSError) as err:
-            raise UsageError(
-                f"{file} is not a readable safetensors file ({err}): it is empty, truncated or corrupt; copy it again "
-                "(or re-export the run: blockdiff export RUN_DIR OUT_DIR)"
-            ) from None
-    return files
-
-
-def _load_backbone(directory: Path, config: PreTrainedConfig, attn_implementation: str, **hf_kwargs) -> PreTrainedModel:
-    """The decoder built from ``config`` with the weights of ``directory``; every weight must match the config."""
-    files = _check_weight_files(directory)
-    backbone, info = AutoModelForCausalLM.from_pretrained(
-        directory, config=config, attn_implementation=attn_implementation, trust_remote_code=False,
-        use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, **hf_kwargs,
-    )
-    problems = []
-    if info.get("missing_keys"):
-        keys = sorted(info["missing_keys"])
-        problems.append(f"{len(keys)} weight(s) the config needs are not in the file (e.g. {keys[:2]})")
-    if info.get("unexpected_keys"):
-        keys = sorted(info["unexpected_keys"])
-        problems.append(f"{len(keys)} weight(s) in the file have no place in the config's network (e.g. {keys[:2]})")
-    if info.get("mismatched_keys"):
-        key, in_file, wanted = sorted(info["mismatched_keys"])[0][:3]
-        problems.append(
-            f"{len(info['mismatched_keys'])} weight(s) have another shape (e.g. {key}: {tuple(in_file)} in the file, "
-            f"{tuple(wanted)} by the config)"
-        )
-    if problems:
-        raise UsageError(
-            f"{directory / CONFIG_FILE} does not describe the weights in {', '.join(f.name for f in files)}: "
-            f"{'; '.join(problems)}. The config was edited or comes from another model; restore the config.json "
-            "written with the weights"
-        )
-    return backbone
-
-
-def _load_generation_config(path: Path, block_length: int) -> BlockDiffusionGenerationConfig:
-    read_json_file(path)  # a clear error naming the file for bad JSON / UTF-8
-    try:
-        config = BlockDiffusionGenerationConfig.from_pretrained(path.parent, config_file_name=path.name)
-        config.check(block_length)
-    except (UsageError, ValueError, TypeError, OSError) as err:
-        raise UsageError(f"{path}: {err}; fix or delete the file (the defaults apply without it)") from None
-    return config
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
@@ -548,9 +401,7 @@ class BlockDiffusionLM(nn.Module):
         self.config.save_pretrained(directory)  # replaces the decoder's own config.json: plain transformers refuses it
         self.spec.save(directory / SPEC_FILE)
         self.generation_config.save_pretrained(directory, config_file_name=GENERATION_CONFIG_FILE)
-        mode = 0o666 & ~_umask()
-        for weights in directory.glob("*.safetensors"):
-            os.chmod(weights, mode)
+        honour_umask(directory)
 
     @classmethod
     def from_pretrained(
@@ -582,11 +433,11 @@ class BlockDiffusionLM(nn.Module):
         if config is not None and not isinstance(config, BlockDiffusionConfig):
             raise UsageError(f"config must be a BlockDiffusionConfig (the model's config.json), got {type(config).__name__}")
         if config is not None:
-            _check_decoder_type(getattr(config.text_config, "model_type", None), f"{directory / CONFIG_FILE} (text_config)")
-        backbone_config = config.text_config if config is not None else _backbone_config(directory)
+            check_decoder_type(getattr(config.text_config, "model_type", None), f"{directory / CONFIG_FILE} (text_config)")
+        decoder_config = config.text_config if config is not None else backbone_config(directory)
         for key in ("trust_remote_code", "adapter_kwargs", "_from_auto"):  # the decoder is a built-in class: no code runs
             hf_kwargs.pop(key, None)
-        backbone = _load_backbone(directory, backbone_config, attn_implementation, **hf_kwargs)
+        backbone = load_backbone(directory, decoder_config, attn_implementation, **hf_kwargs)
         vocab = backbone.get_input_embeddings().num_embeddings
         if spec.mask_token_id >= vocab:
             raise UsageError(
@@ -601,7 +452,7 @@ class BlockDiffusionLM(nn.Module):
             )
         model = cls(backbone, spec)
         if (directory / GENERATION_CONFIG_FILE).is_file():
-            model.generation_config = _load_generation_config(directory / GENERATION_CONFIG_FILE, spec.block_length)
+            model.generation_config = load_generation_config(directory / GENERATION_CONFIG_FILE, spec.block_length)
         return model.to(resolve_device(device)) if device is not None else model
 
 

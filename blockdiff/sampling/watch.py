@@ -95,8 +95,9 @@ class LiveView:
 
     def __call__(self, event: StepEvent) -> None:
         for i, start, row in zip(event.samples, event.block_start, event.tokens):
-            if event.finished:  # the block (prompt tail included) replaces whatever stood at its positions
-                self.done[i] = self.done.get(i, [])[:start] + list(row)
+            if event.finished:  # the block (prompt tail included) replaces whatever stood at its positions;
+                # masks left in a final block are past max_new_tokens: never written, not shown
+                self.done[i] = self.done.get(i, [])[:start] + [t for t in row if t != self.mask_id]
                 self.current.pop(i, None)
             else:
                 self.current[i] = (start, row)
