@@ -83,10 +83,29 @@ def cmd_eval(args) -> None:
     """Evaluate a trained model (run dir or model dir): NELBO, perplexity bound and bits/byte on held-out text."""
     from blockdiff.evaluate import evaluate
 
+    if args.block_length is not None and any(o.split("=", 1)[0].strip() == "model.block_length" for o in args.overrides):
+        raise UsageError("give the block length once: --block-length N or model.block_length=N, not both")
     if args.base_ppl or args.gen:
         _compare_with_base(args)
-    else:
-        _print_nelbo(args.path, evaluate(args.path, args.overrides, args.max_batches, args.seed, args.block_length))
+        return
+    result = evaluate(args.path, args.overrides, args.max_batches, args.seed, args.block_length, args.device)
+    _print_nelbo(args.path, result)
+    if args.json:
+        _write_json(args.json, _nelbo_record(result))
+
+
+def _nelbo_record(result) -> dict:
+    return {"nelbo_nll": result.nll, "nelbo_ppl": result.ppl, "bpb": result.bpb, "tokens": result.num_tokens,
+            "block_length": result.block_length}
+
+
+def _write_json(path: str, record: dict) -> None:
+    import json
+
+    from blockdiff.files import write_text_atomic
+
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+    console.print(f"written to {path}", markup=False)
 
 
 def _print_nelbo(path, result) -> None:
@@ -99,14 +118,12 @@ def _print_nelbo(path, result) -> None:
 
 def _compare_with_base(args) -> None:
     """`eval --base-ppl/--gen`: the bound next to the base decoder's exact AR perplexity, and judged samples."""
-    import json
-
     from blockdiff.judge import compare_with_base
 
     cmp = compare_with_base(
         args.path, args.overrides, base=args.base, judge=args.judge, samplers=args.samplers.split(","),
         num_samples=args.num_samples if args.gen else 0, gen_length=args.gen_length, max_batches=args.max_batches,
-        seed=args.seed, block_length=args.block_length,
+        seed=args.seed, block_length=args.block_length, device=args.device,
     )
     _print_nelbo(args.path, cmp.nelbo)
     table = Table(title=escape(f"vs the base decoder {cmp.base_name} (same held-out tokens)"))
@@ -122,15 +139,10 @@ def _compare_with_base(args) -> None:
             table.add_row(r.label, f"{r.gen_ppl:.2f}", f"{r.entropy:.2f}", f"{r.nfe_per_token:.2f}", f"{r.tokens_per_second:.1f}")
         console.print(table)
     if args.json:
-        from blockdiff.files import write_text_atomic
-
-        record = {
-            "base": cmp.base_name, "base_ppl": cmp.base_ppl, "nelbo_ppl": cmp.nelbo.ppl, "nelbo_nll": cmp.nelbo.nll,
-            "bpb": cmp.nelbo.bpb, "bound_ratio": cmp.bound_ratio, "tokens": cmp.base_tokens,
-            "block_length": cmp.nelbo.block_length, "prompts": cmp.prompts, "generative": [vars(r) for r in cmp.generative],
-        }
-        write_text_atomic(args.json, json.dumps(record, indent=2) + "\n")
-        console.print(f"written to {args.json}", markup=False)
+        _write_json(args.json, {
+            "base": cmp.base_name, "base_ppl": cmp.base_ppl, **_nelbo_record(cmp.nelbo), "bound_ratio": cmp.bound_ratio,
+            "tokens": cmp.base_tokens, "prompts": cmp.prompts, "generative": [vars(r) for r in cmp.generative],
+        })
 
 
 def cmd_sample(args) -> None:
@@ -147,7 +159,7 @@ def cmd_sample(args) -> None:
     if path is None:
         raise UsageError("say which model to sample from: blockdiff sample RUN_DIR (or --checkpoint RUN_DIR)")
     prompts = _read_prompts(args)
-    loaded = load_model_dir(path)
+    loaded = load_model_dir(path, device=args.device)
     if args.block_length is not None:  # e.g. a block-length-mixture model at another of its lengths
         loaded.model = loaded.model.with_block_length(args.block_length)
     settings = {
@@ -162,10 +174,12 @@ def cmd_sample(args) -> None:
     for key, value in settings.items():  # check everything before any work (and before --trace makes a file)
         setattr(config, key, value)
     config.check(loaded.model.block_length)
-    finished = FinishedBlocks([len(p) for p in encode_prompts(loaded.tokenizer, prompts)])
+    ids = encode_prompts(loaded.tokenizer, prompts)
+    finished = FinishedBlocks([len(p) for p in ids])
     trace = TraceWriter(args.trace) if args.trace else None
-    live = LiveView(loaded.tokenizer, loaded.model.mask_token_id, console) if args.show_denoising else None
-    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]  # sample i: seed + i
+    live = LiveView(loaded.tokenizer, loaded.model.mask_token_id, console, prompts=ids) if args.show_denoising else None
+    device = loaded.model.device  # sample i: seed + i, whatever else is in the batch
+    generators = [torch.Generator(device=device).manual_seed(args.seed + i) for i in range(len(prompts))]
     try:
         with live or contextlib.nullcontext():
             texts, out = sample_texts(
@@ -184,13 +198,15 @@ def cmd_sample(args) -> None:
         raise
     if trace is not None:
         trace.close()
+    reasons = {"eos": "EOS", "stop_string": "a stop string", "max_new_tokens": "max_new_tokens"}
     for i, (prompt, text) in enumerate(zip(prompts, texts)):
-        stop = "EOS" if bool(out.stopped_at_eos[i]) else "max_new_tokens"
-        console.rule(f"sample {i}: {int(out.lengths[i])} tokens, stopped at {stop}")
+        console.rule(f"sample {i}: {int(out.lengths[i])} tokens, stopped at {reasons[out.stop_reasons[i]]}")
         console.print(prompt + text, markup=False, highlight=False)
+    per_sample = out.sample_nfe.float().mean().item()
+    batched = f" ({out.nfe} batched forwards for {len(prompts)} samples)" if len(prompts) > 1 else ""
     console.print(
-        f"NFE {out.nfe}, {out.tokens_per_forward:.2f} new tokens/forward, "
-        f"{out.tokens_processed_per_forward:.1f} tokens processed/forward, "
+        f"NFE {per_sample:.1f} per sample{batched}, {out.sample_tokens_per_forward:.2f} new tokens per forward per "
+        f"sample, {out.tokens_processed_per_forward:.1f} tokens processed per batched forward, "
         f"largest KV cache {out.max_cache_length} tokens", highlight=False
     )
 
@@ -200,8 +216,15 @@ def _read_prompts(args) -> list[str]:
     for prompt in args.prompt or []:
         prompts.extend(sys.stdin.read().splitlines() if prompt == "-" else [prompt])
     if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts.extend(line.rstrip("\n") for line in f if line.strip())
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts.extend(line.rstrip("\n") for line in f if line.strip())
+        except FileNotFoundError:
+            raise MissingFileError(f"--prompt-file {args.prompt_file} does not exist") from None
+        except IsADirectoryError:
+            raise MissingFileError(f"--prompt-file {args.prompt_file} is a directory; give a text file") from None
+        except UnicodeDecodeError as err:
+            raise UsageError(f"--prompt-file {args.prompt_file} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not args.prompt and not args.prompt_file and not sys.stdin.isatty():
         prompts.extend(line for line in sys.stdin.read().splitlines() if line.strip())
     if not prompts and (args.prompt or args.prompt_file):
@@ -327,7 +350,8 @@ def _export_args(p):
 
 def _eval_args(p):
     p.add_argument("path", help="run directory or its model/ folder")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the training config, e.g. data.source=x.txt")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the training config, e.g. data.source=x.txt "
+                   "(model.block_length=N is --block-length N; other model.* keys are fixed by the trained network)")
     p.add_argument("--max-batches", type=int, default=None, help="evaluate on at most N held-out batches")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise levels and masks")
     p.add_argument("--block-length", type=int, help="evaluate at this block length instead of the model's (mixture models)")
@@ -338,7 +362,8 @@ def _eval_args(p):
     p.add_argument("--samplers", default="threshold,first_hitting", help="comma-separated samplers for --gen")
     p.add_argument("--num-samples", type=int, default=8, help="--gen: prompts taken from held-out windows")
     p.add_argument("--gen-length", type=int, default=64, help="--gen: new tokens per sample")
-    p.add_argument("--json", help="write the --base-ppl/--gen numbers and samples to this JSON file")
+    p.add_argument("--json", help="write the numbers (and the --gen samples) to this JSON file")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
 
 
 def _sample_args(p):
@@ -360,6 +385,7 @@ def _sample_args(p):
     p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i, whatever else is in the batch")
     p.add_argument("--show-denoising", action="store_true", help="draw the block being denoised live")
     p.add_argument("--trace", help="write every denoising step as JSON lines to this file")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
 
 
 def _sweep_args(p):

@@ -19,7 +19,7 @@ from blockdiff.config import Config, load_config
 from blockdiff.data import collate_windows, load_documents, pack_documents
 from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.loss import bits_per_byte, block_diffusion_loss
-from blockdiff.model import SPEC_FILE, BlockDiffusionLM
+from blockdiff.model import SPEC_FILE, BlockDiffusionLM, read_json_file
 from blockdiff.noise import make_schedule
 
 __all__ = ["EvalResult", "LoadedModel", "load_model_dir", "evaluate_nelbo", "evaluate_held_out", "evaluate"]
@@ -42,15 +42,32 @@ class LoadedModel:
     directory: Path
 
 
-def load_model_dir(path: str | Path, overrides: list[str] = ()) -> LoadedModel:
-    """Load model, tokenizer and training config from a model or run directory; checks they agree."""
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json")
+ADJUSTABLE_MODEL_KEYS = ("model.block_length",)  # the model.* overrides a trained model accepts
+
+
+def load_model_dir(path: str | Path, overrides: list[str] = (), device: str | None = None) -> LoadedModel:
+    """Load model, tokenizer and training config from a model or run directory; checks they agree.
+
+    ``overrides`` are ``key=value`` changes of the training config (e.g. ``data.source=other.txt``). Of the
+    ``model.*`` keys only ``model.block_length`` can change for a trained network: the model then evaluates
+    and generates at that block length (as ``--block-length``); any other ``model.*`` key is refused.
+    ``device``: ``cpu`` (default), ``cuda``, ``mps`` or ``auto``.
+    """
     path = Path(path)
     if (path / "model" / SPEC_FILE).is_file():
         path = path / "model"
     if not path.exists():
         raise MissingFileError(f"{path} does not exist; pass a run directory or its model/ folder")
-    model = BlockDiffusionLM.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    keys = [o.split("=", 1)[0].strip().lstrip("+~") for o in overrides]
+    fixed = [k for k in keys if k.startswith("model.") and k not in ADJUSTABLE_MODEL_KEYS]
+    if fixed:
+        raise UsageError(
+            f"{', '.join(fixed)}: a trained model's network is fixed, so these model.* keys cannot be overridden "
+            "(model.block_length=N can: the model then runs at that block length, like --block-length N)"
+        )
+    model = BlockDiffusionLM.from_pretrained(path, device=device)
+    tokenizer = _load_tokenizer(path)
     if len(tokenizer) > model.vocab_size:  # fewer is fine: some decoders pad their embedding matrix
         raise UsageError(
             f"the tokenizer in {path} has {len(tokenizer)} tokens but the model has {model.vocab_size} embedding rows: "
@@ -62,7 +79,23 @@ def load_model_dir(path: str | Path, overrides: list[str] = ()) -> LoadedModel:
         )
     config_path = path / "train_config.yaml"
     cfg = load_config([config_path] if config_path.is_file() else [], overrides)
+    if "model.block_length" in keys:
+        model = model.with_block_length(cfg.model.block_length)
     return LoadedModel(model.eval(), tokenizer, cfg, path)
+
+
+def _load_tokenizer(path: Path):
+    """The tokenizer saved in ``path``; a damaged file is a user error naming it."""
+    for name in TOKENIZER_JSON_FILES:
+        if (path / name).is_file():
+            read_json_file(path / name)  # bad JSON / UTF-8: the error names the file
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 - the files parse as JSON, so any failure here is their content
+        raise UsageError(
+            f"could not load the tokenizer saved in {path} ({type(err).__name__}: {err}); its files are damaged or "
+            "were written by an incompatible tokenizers version: copy them again from the run's model/ folder"
+        ) from None
 
 
 @torch.no_grad()
@@ -91,6 +124,8 @@ def evaluate_held_out(loaded: LoadedModel, max_batches: int | None = None, seed:
     """``(EvalResult, corpus, loader)``: the NELBO of a loaded model on the held-out split of its config's corpus,
     with the packed corpus and the loader, for callers that evaluate more on the same tokens."""
     cfg = loaded.config
+    if block_length is not None and (isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 1):
+        raise UsageError(f"--block-length must be an integer >= 1, got {block_length!r}")
     if block_length is not None and cfg.data.max_seq_len % block_length:
         raise UsageError(f"--block-length {block_length} must divide the model's data.max_seq_len={cfg.data.max_seq_len}")
     corpus = pack_documents(load_documents(cfg.data), loaded.tokenizer, cfg.data.max_seq_len, cfg.data.val_fraction)
@@ -103,7 +138,8 @@ def evaluate_held_out(loaded: LoadedModel, max_batches: int | None = None, seed:
 
 
 def evaluate(
-    path: str | Path, overrides: list[str] = (), max_batches: int | None = None, seed: int = 0, block_length: int | None = None
+    path: str | Path, overrides: list[str] = (), max_batches: int | None = None, seed: int = 0, block_length: int | None = None,
+    device: str | None = None,
 ) -> EvalResult:
     """NELBO / PPL / BPB of a trained model on the held-out split of its (possibly overridden) corpus."""
-    return evaluate_held_out(load_model_dir(path, overrides), max_batches, seed, block_length)[0]
+    return evaluate_held_out(load_model_dir(path, overrides, device), max_batches, seed, block_length)[0]

@@ -33,11 +33,13 @@ class Judge:
     name: str
 
 
-def load_judge(name: str, trust_remote_code: bool = False) -> Judge:
+def load_judge(name: str, trust_remote_code: bool = False, device: str | torch.device | None = None) -> Judge:
     """A frozen decoder as it was published: no tokens added, no masks checked."""
     from blockdiff.pretrained import load_decoder
 
     model, tokenizer, _ = load_decoder(name, trust_remote_code, what="--base/--judge")
+    if device is not None:
+        model = model.to(device)
     return Judge(model.eval().requires_grad_(False), tokenizer, name)
 
 
@@ -49,6 +51,7 @@ def ar_perplexity(model, batches, max_batches: int | None = None) -> tuple[float
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
+        batch = batch.to(model.device)
         if int(batch.max()) >= vocab:
             raise UsageError(f"the held-out text has token id {int(batch.max())} outside the base model's {vocab} rows")
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (b, n-1, v)
@@ -78,7 +81,7 @@ def judge_nll(judge: Judge, prompts: list[str], continuations: list[str]) -> tup
             continue
         if tok.bos_token_id is not None:
             head = [tok.bos_token_id, *head]
-        ids = torch.tensor([head + tail])
+        ids = torch.tensor([head + tail], device=judge.model.device)
         logits = judge.model(input_ids=ids, use_cache=False).logits[0, len(head) - 1 : -1].float()
         nll_sum += torch.nn.functional.cross_entropy(logits, ids[0, len(head):], reduction="sum").item()
         count += len(tail)
@@ -110,7 +113,8 @@ def generative_eval(model, tokenizer, prompts: list[str], judge: Judge, label: s
 
     texts, tokens, nfe, start = [], [], 0, time.perf_counter()
     for i, prompt in enumerate(prompts):  # batch 1, like the base model's generate() below
-        text, out = sample_texts(model, tokenizer, [prompt], torch.Generator().manual_seed(seed + i), **settings)
+        generator = torch.Generator(device=model.device).manual_seed(seed + i)
+        text, out = sample_texts(model, tokenizer, [prompt], generator, **settings)
         texts.append(text[0])
         tokens.append(list(out.new_tokens(0)))
         nfe += out.nfe
@@ -126,7 +130,7 @@ def base_generative_eval(
     texts, token_lists, start = [], [], time.perf_counter()
     for i, prompt in enumerate(prompts):
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([[tok.bos_token_id, *ids] if tok.bos_token_id is not None else ids])
+        ids = torch.tensor([[tok.bos_token_id, *ids] if tok.bos_token_id is not None else ids], device=judge.model.device)
         torch.manual_seed(seed + i)
         out = judge.model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=temperature > 0,
@@ -173,20 +177,21 @@ def compare_with_base(
     max_batches: int | None = None,
     seed: int = 0,
     block_length: int | None = None,
+    device: str | None = None,
 ) -> Comparison:
     """NELBO bound (at ``block_length``, default the model's) vs the base model's exact AR perplexity on the same
     tokens, then judged samples (``num_samples=0`` skips them)."""
     from blockdiff.evaluate import evaluate_held_out, load_model_dir
 
-    loaded = load_model_dir(path, overrides)
+    loaded = load_model_dir(path, overrides, device)
     cfg = loaded.config
     base = base or cfg.model.pretrained
     if base is None:
         raise UsageError(f"{path} was not fine-tuned from a pretrained decoder; name the reference with --base NAME")
     nelbo, corpus, loader = evaluate_held_out(loaded, max_batches, seed, block_length)
-    reference = load_judge(base, cfg.model.trust_remote_code)
+    reference = load_judge(base, cfg.model.trust_remote_code, loaded.model.device)
     base_nll, base_tokens = ar_perplexity(reference.model, loader, max_batches)
-    judge_model = reference if judge in (None, base) else load_judge(judge)
+    judge_model = reference if judge in (None, base) else load_judge(judge, device=loaded.model.device)
     results, prompts = [], []
     if num_samples > 0:
         rows = corpus.val[: num_samples]["input_ids"]

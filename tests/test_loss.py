@@ -284,9 +284,14 @@ def test_loss_is_differentiable():
 @pytest.mark.parametrize("block_length", [3, 5, 7])
 def test_non_dividing_block_length_raises(block_length):
     n = 32
-    model = tiny_model(block_length=block_length, max_seq_len=n)
-    x0 = random_tokens(2, n)
+    with pytest.raises(ValueError, match="must divide max_seq_len"):  # the spec refuses it at once
+        tiny_model(block_length=block_length, max_seq_len=n)
+    model = tiny_model(block_length=4, max_seq_len=n)
+    x0 = random_tokens(2, 4 * block_length + 1)  # a sequence length the model's block length does not divide
     with pytest.raises(ValueError):
         block_diffusion_loss(model, x0, LogLinearSchedule(), (0.1, 1.0))
     with pytest.raises(ValueError):
         model(x0, x0)
+    with pytest.raises(ValueError):
+        block_diffusion_loss(tiny_model(block_length=4, max_seq_len=n), random_tokens(2, n), LogLinearSchedule(),
+                             (0.1, 1.0), block_length=block_length)

@@ -3,9 +3,16 @@
 A ``transformers.GenerationConfig`` subclass (DESIGN.md §3), so it saves/loads as JSON next to the
 weights (``blockdiff_generation_config.json``) and can be overridden per call:
 ``model.generate(ids, max_new_tokens=256, sampler="threshold", tau=0.8)``.
+
+Of transformers' own settings, those in ``HONOURED`` mean what they mean there; any other one set to a value
+other than transformers' default (``num_beams=4``, ``repetition_penalty=1.2``, ...) is refused by name, never
+silently ignored.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 from transformers import GenerationConfig
 
@@ -17,7 +24,7 @@ from blockdiff.sampling.fixed import FixedStepSampler
 from blockdiff.sampling.remasking import RemaskingSampler
 from blockdiff.sampling.threshold import ThresholdSampler
 
-__all__ = ["BlockDiffusionGenerationConfig", "GENERATION_CONFIG_FILE", "SAMPLERS", "make_sampler"]
+__all__ = ["BlockDiffusionGenerationConfig", "GENERATION_CONFIG_FILE", "SAMPLERS", "HONOURED", "make_sampler"]
 
 GENERATION_CONFIG_FILE = "blockdiff_generation_config.json"
 SAMPLERS = ("threshold", "first_hitting", "fixed", "ddpm", "remask", "entropy_bound")
@@ -36,6 +43,24 @@ _OURS = {
     "seed": None,  # seed for a fresh generator when none is passed
 }
 
+# transformers GenerationConfig fields block generation honours (bos_token_id is only carried along)
+HONOURED = (
+    "max_new_tokens", "max_length", "min_new_tokens", "stop_strings", "do_sample", "temperature", "top_k", "top_p",
+    "num_return_sequences", "use_cache", "eos_token_id", "pad_token_id", "bos_token_id", "return_dict_in_generate",
+)
+_ACCEPTED = {"cache_implementation": ("dynamic",)}  # the one cache block generation uses
+_HF_FIELDS = tuple(k for k in vars(GenerationConfig()) if not k.startswith("_") and k != "transformers_version")
+_HF_DEFAULTS = {**vars(GenerationConfig()), **getattr(GenerationConfig, "_get_default_generation_params", dict)()}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    """A finite real number (``nan`` and ``inf`` are not: they would silently turn every choice into garbage)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
 
 class BlockDiffusionGenerationConfig(GenerationConfig):
     """Generation settings for block diffusion; the usual ``max_new_tokens``, ``temperature``, ``top_k``,
@@ -53,25 +78,62 @@ class BlockDiffusionGenerationConfig(GenerationConfig):
 
     def check(self, block_length: int) -> None:
         """Every generation input check, in one place, with a message that says how to fix it."""
-        if self.max_new_tokens is None or self.max_new_tokens < 1:
-            raise UsageError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        unsupported = self.unsupported_settings()
+        if unsupported:
+            raise UsageError(
+                f"generation setting(s) {', '.join(unsupported)} are not supported by block-diffusion generation; "
+                f"remove them (supported transformers settings: {', '.join(HONOURED)}; plus {', '.join(_OURS)})"
+            )
+        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens < 2**63:
+            raise UsageError(
+                f"max_new_tokens must be an integer in [1, 2**63), got {self.max_new_tokens!r} "
+                "(a huge value means: until EOS)"
+            )
         if self.sampler not in SAMPLERS:
             raise UsageError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.steps_per_block is not None and self.steps_per_block < 1:
-            raise UsageError(f"steps_per_block must be >= 1, got {self.steps_per_block}")
-        if not 0.0 < self.tau <= 1.0:
-            raise UsageError(f"tau must be in (0, 1], got {self.tau}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 0:
-            raise UsageError(f"top_k must be >= 0, got {self.top_k}")
-        if self.temperature is not None and self.temperature < 0:
-            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
-        if self.window is not None and (self.window < 2 * block_length or self.window % block_length):
+        if self.steps_per_block is not None and (not _is_int(self.steps_per_block) or self.steps_per_block < 1):
+            raise UsageError(f"steps_per_block must be an integer >= 1, got {self.steps_per_block!r}")
+        if not _is_real(self.tau) or not 0.0 < self.tau <= 1.0:
+            raise UsageError(f"tau must be in (0, 1], got {self.tau!r}")
+        if self.top_p is not None and (not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0):
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 0):
+            raise UsageError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.temperature is not None and (not _is_real(self.temperature) or self.temperature < 0):
+            raise UsageError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.do_sample not in (None, True, False):
+            raise UsageError(f"do_sample must be true or false, got {self.do_sample!r}")
+        if self.min_new_tokens is not None and (not _is_int(self.min_new_tokens) or self.min_new_tokens < 0):
+            raise UsageError(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
+        if self.num_return_sequences is not None and (not _is_int(self.num_return_sequences) or self.num_return_sequences < 1):
+            raise UsageError(f"num_return_sequences must be an integer >= 1, got {self.num_return_sequences!r}")
+        if self.stop_strings is not None and not self.stop_string_list():
+            raise UsageError(f"stop_strings must be a non-empty string or a list of them, got {self.stop_strings!r}")
+        if self.window is not None and (not _is_int(self.window) or self.window < 2 * block_length or self.window % block_length):
             raise UsageError(
-                f"window={self.window} must be a multiple of block_length={block_length} and at least two blocks"
+                f"window={self.window!r} must be a multiple of block_length={block_length} and at least two blocks"
             )
         make_sampler(self)  # sampler-specific checks
+
+    def unsupported_settings(self) -> list[str]:
+        """``name=value`` of every transformers setting this generation does not implement that is set to a value
+        other than transformers' default."""
+        out = []
+        for key in _HF_FIELDS:
+            if key in HONOURED or key in _OURS:
+                continue
+            value = getattr(self, key, None)
+            if value is None or value == _HF_DEFAULTS.get(key) or value in _ACCEPTED.get(key, ()):
+                continue
+            out.append(f"{key}={value!r}")
+        return out
+
+    def stop_string_list(self) -> list[str]:
+        """``stop_strings`` as a list (transformers accepts one string or a list); ``[]`` if malformed or unset."""
+        stops = [self.stop_strings] if isinstance(self.stop_strings, str) else self.stop_strings
+        if not isinstance(stops, (list, tuple)) or not stops or not all(isinstance(x, str) and x for x in stops):
+            return []
+        return list(stops)
 
     def to_diff_dict(self):  # keep our fields even when they equal GenerationConfig's defaults
         out = super().to_diff_dict()

@@ -8,6 +8,8 @@ sure of them collectively, not just one by one as the confidence threshold does.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from blockdiff.errors import UsageError
@@ -20,8 +22,8 @@ class EntropyBoundSampler:
     name = "entropy_bound"
 
     def __init__(self, entropy_bound: float = 0.5):
-        if entropy_bound <= 0:
-            raise UsageError(f"entropy_bound must be > 0, got {entropy_bound}")
+        if isinstance(entropy_bound, bool) or not isinstance(entropy_bound, (int, float)) or not 0 < entropy_bound < math.inf:
+            raise UsageError(f"entropy_bound must be a finite number > 0 (nats), got {entropy_bound!r}")
         self.entropy_bound = entropy_bound
 
     def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:

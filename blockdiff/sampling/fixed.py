@@ -24,8 +24,8 @@ class FixedStepSampler:
     name = "fixed"
 
     def __init__(self, tokens_per_step: int | None = None):
-        if tokens_per_step is not None and tokens_per_step < 1:
-            raise UsageError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
+        if tokens_per_step is not None and (isinstance(tokens_per_step, bool) or not isinstance(tokens_per_step, int) or tokens_per_step < 1):
+            raise UsageError(f"tokens_per_step must be an integer >= 1, got {tokens_per_step!r}")
         self.tokens_per_step = tokens_per_step
 
     def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:

@@ -8,7 +8,7 @@ for each new block:
     repeat until no m left:
         logits = net(block, past=cache)        # the cache is read-only: it is cropped back after every forward
         block  = sampler.step(logits, block)   # which masks to reveal (or re-open), with which tokens
-    stop the samples whose block holds EOS or reaches max_new_tokens; they leave the batch
+    stop the samples whose block holds EOS or a stop string, or reaches max_new_tokens; they leave the batch
 ```
 
 Layout: a batch is a grid of *columns*. Prompts are left-padded by whole blocks so that every sample's
@@ -18,8 +18,14 @@ new block would not fit, the oldest half is dropped, the cache is reset, and the
 re-encoded at fresh positions by the next block's first forward (rotary keys are stored rotated, so
 they cannot simply be shifted).
 
-Counting: every network call is one forward (NFE); ``tokens_processed_per_forward`` counts input
-tokens summed over the active batch; ``tokens_per_forward`` counts kept new tokens.
+Counting: every network call is one forward of the whole active batch (``nfe``); ``sample_nfe`` counts, per
+sample, the forwards that denoised it (its block still had masks), which is what it would cost alone.
+``tokens_processed_per_forward`` counts input tokens summed over the active batch; ``tokens_per_forward`` counts
+kept new tokens of *all* samples per batch forward (so it grows with the batch); ``sample_tokens_per_forward``
+is the per-sequence figure.
+
+Lengths: ``max_new_tokens`` is compared with ``column - gen_start`` (never added to a column index), so any
+value up to ``2**63 - 1`` just means "until EOS".
 
 Shape legend: ``b`` active batch, ``c`` columns, ``q`` input columns, ``s`` key columns, ``l`` block
 length, ``v`` vocab, ``d`` hidden.
@@ -43,19 +49,28 @@ __all__ = ["GenerationOutput", "StepEvent", "generate"]
 
 @dataclass
 class GenerationOutput:
+    """One row per returned sequence (``num_return_sequences`` rows per prompt, those of prompt 0 first)."""
+
     sequences: torch.Tensor  # (b, longest) prompt + new tokens, right-padded with pad_token_id
     prompt_lengths: torch.Tensor  # (b,)
-    lengths: torch.Tensor  # (b,) new tokens kept per sample (EOS included when it stopped there)
+    lengths: torch.Tensor  # (b,) new tokens kept per sample (EOS / the stop string's tokens included)
     stopped_at_eos: torch.Tensor  # (b,) bool
-    nfe: int  # network forward evaluations
-    tokens_processed_per_forward: float  # input tokens (summed over the active batch) per forward
-    tokens_per_forward: float  # kept new tokens (all samples) per forward
+    nfe: int  # network forwards of the batch (one forward serves every active sample)
+    tokens_processed_per_forward: float  # input tokens (summed over the active batch) per batch forward
+    tokens_per_forward: float  # kept new tokens of all samples per batch forward (grows with the batch)
     max_cache_length: int = 0  # largest KV cache (in tokens) held during generation
+    sample_nfe: torch.Tensor | None = None  # (b,) forwards that denoised each sample (its cost alone)
+    stop_reasons: list[str] | None = None  # per sample: "eos", "stop_string" or "max_new_tokens"
 
     def new_tokens(self, i: int) -> list[int]:
         """The generated tokens of sample ``i`` (prompt excluded)."""
         start = int(self.prompt_lengths[i])
         return self.sequences[i, start : start + int(self.lengths[i])].tolist()
+
+    @property
+    def sample_tokens_per_forward(self) -> float:
+        """New tokens per forward per sequence: all kept tokens over all per-sample forwards (1.0 for AR decoding)."""
+        return float(self.lengths.sum()) / max(1, int(self.sample_nfe.sum())) if self.sample_nfe is not None else 0.0
 
 
 @dataclass
@@ -87,7 +102,9 @@ class _State:
     nfe: int = 0
     processed: int = 0
     max_cache: int = 0
-    stopped: dict[int, bool] = field(default_factory=dict)
+    sample_nfe: torch.Tensor | None = None  # (B,) forwards that denoised each sample
+    final_length: dict[int, int] = field(default_factory=dict)  # new tokens kept, per finished sample
+    stop_reason: dict[int, str] = field(default_factory=dict)
 
 
 def _layout(prompts: list[list[int]], l: int, pad_id: int, device) -> _State:
@@ -98,7 +115,8 @@ def _layout(prompts: list[list[int]], l: int, pad_id: int, device) -> _State:
     for i, p in enumerate(prompts):
         cols[i, int(first_valid[i]) : int(first_valid[i]) + len(p)] = torch.tensor(p, device=device)
     gen_start = first_valid + torch.tensor([len(p) for p in prompts], device=device)
-    return _State(cols=cols, first_valid=first_valid, gen_start=gen_start, active=list(range(len(prompts))))
+    return _State(cols=cols, first_valid=first_valid, gen_start=gen_start, active=list(range(len(prompts))),
+                  sample_nfe=torch.zeros(len(prompts), dtype=torch.long))
 
 
 def _forward(model, st: _State, feed_from: int, end: int, use_cache: bool):
@@ -169,15 +187,27 @@ def generate(
     generator: torch.Generator | None = None,
     streamer=None,
     observer: Callable[[StepEvent], None] | None = None,
+    tokenizer=None,
 ) -> GenerationOutput:
     """Continue each prompt (a list of token ids, at least one) by up to ``config.max_new_tokens`` tokens.
 
-    ``generator``: one ``torch.Generator`` for the batch, or one per prompt (then each sample's output is the
-    same whatever else is in the batch).
+    ``num_return_sequences`` rows per prompt (prompt 0's first). ``generator``: one ``torch.Generator`` for the
+    batch, or one per returned sequence (then each sample's output is the same whatever else is in the batch).
+    ``tokenizer`` is needed only for ``stop_strings``.
     """
+    config.check(model.block_length)
+    copies = config.num_return_sequences or 1
+    prompts = [p for p in prompts for _ in range(copies)]
     window, eos_ids, pad_id = _check_inputs(model, prompts, config, streamer)
+    stops = config.stop_string_list() if config.stop_strings is not None else []
+    if stops and tokenizer is None:
+        raise UsageError("stop_strings needs the tokenizer to read the text: pass tokenizer=... (as in transformers)")
     if isinstance(generator, list) and len(generator) != len(prompts):
-        raise UsageError(f"got {len(generator)} generators for {len(prompts)} prompts; pass one per prompt or one")
+        per = f" ({len(prompts) // copies} prompts x num_return_sequences={copies})" if copies > 1 else ""
+        raise UsageError(
+            f"got {len(generator)} generators for {len(prompts)} sequences{per}; pass one per prompt (one per returned "
+            "sequence with num_return_sequences) or one"
+        )
     device = next(model.parameters()).device
     if generator is None and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -189,42 +219,51 @@ def generate(
         start = st.cols.shape[1] - l  # the new block is always the last l columns
         if window is not None:
             _slide(model, st, window)
-        tokens = _denoise_block(model, st, start, config, generator, observer)  # (b, l)
+        tokens = _denoise_block(model, st, start, config, generator, observer, eos_ids)  # (b, l)
         st.cols[torch.tensor(st.active, device=device), start:] = tokens
+        keep = _finish_samples(st, start, l, config.max_new_tokens, eos_ids, stops, tokenizer)
         if streamer is not None:
-            _stream_block(streamer, st, start, l, config.max_new_tokens, eos_ids)
-        _retire_finished(st, start, l, config.max_new_tokens, eos_ids)
+            _stream_block(streamer, st, start, l)
+        if len(keep) < len(st.active):
+            _drop_finished(st, keep)
         if st.active:
             st.cols = torch.cat([st.cols, torch.full((len(st.cols), l), pad_id, device=device)], dim=1)
     if streamer is not None:
         streamer.end()
-    return _output(st, prompts, config.max_new_tokens, eos_ids, pad_id)
+    return _output(st, prompts, pad_id)
 
 
 def _check_inputs(model, prompts, config, streamer) -> tuple[int | None, set[int], int]:
-    """Every input check before any work; returns ``(window, eos ids, pad id)``."""
+    """Every input check on the prompts before any work (the settings are ``config.check``'s); returns
+    ``(window, eos ids, pad id)``."""
     l, mask_id, vocab = model.block_length, model.mask_token_id, model.vocab_size
-    config.check(l)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UsageError("give at least one prompt, each with at least one token (e.g. BOS)")
     if streamer is not None and len(prompts) != 1:
-        raise UsageError("a streamer follows one sample: pass a single prompt")
+        raise UsageError("a streamer follows one sample: pass a single prompt (and num_return_sequences=1)")
     if any(not 0 <= t < vocab or t == mask_id for p in prompts for t in p):
         raise UsageError(f"prompt token ids must be in [0, {vocab}) and not the mask token {mask_id}")
     window = config.window or (model.spec.max_seq_len // l * l if model.spec.max_seq_len else None)
     max_positions = getattr(model.backbone.config, "max_position_embeddings", None)
-    if config.window is not None and max_positions is not None and config.window > max_positions:
+    largest = max_positions // l * l if max_positions else None  # the largest window the network's positions allow
+    if config.window is not None and largest is not None and config.window > largest:
         raise UsageError(
             f"window={config.window} exceeds the {max_positions} positions the network was built for; "
-            f"use window <= {max_positions}"
+            f"use window <= {largest}"
         )
     if window is not None:
         window = max(window, 2 * l)
         longest = max(len(p) for p in prompts)
         if longest + l > window:
+            needed = -(-(longest + l) // l) * l  # the smallest window that fits it, in whole blocks
+            if largest is None or needed <= largest:
+                fix = f"shorten it to at most {window - l} tokens, or pass window={needed} (or more)"
+            else:
+                fix = (f"shorten it to at most {largest - l} tokens: the network has {max_positions} positions, so "
+                       f"the largest window is {largest}" + (f" (pass window={largest})" if largest > window else ""))
             raise UsageError(
-                f"a prompt of {longest} tokens does not fit the window of {window} tokens with one block to "
-                "spare; shorten it or pass a larger window"
+                f"a prompt of {longest} tokens does not fit the window of {window} tokens with one block "
+                f"({l} tokens) to spare; {fix}"
             )
     eos = config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -232,14 +271,20 @@ def _check_inputs(model, prompts, config, streamer) -> tuple[int | None, set[int
     return window, eos_ids, pad_id
 
 
-def _denoise_block(model, st: _State, start: int, config, generator, observer) -> torch.Tensor:
+def _denoise_block(model, st: _State, start: int, config, generator, observer, eos_ids: set[int]) -> torch.Tensor:
     """Denoise the block at columns ``[start, start + l)`` of the active samples; returns its tokens (b, l)."""
     l, mask_id, device = model.block_length, model.mask_token_id, st.cols.device
     act = torch.tensor(st.active, device=device)
     cols = torch.arange(start, start + l, device=device)[None]  # (1, l)
-    after_prompt = cols >= st.gen_start[act][:, None]  # (b, l)
+    offset = cols - st.gen_start[act][:, None]  # (b, l) index among the new tokens (< 0: prompt)
+    after_prompt = offset >= 0  # (b, l)
     # Columns past max_new_tokens stay masked in the input (still noise) but are never revealed.
-    in_gen = after_prompt & (cols < st.gen_start[act][:, None] + config.max_new_tokens)  # (b, l)
+    in_gen = after_prompt & (offset < config.max_new_tokens)  # (b, l)
+    no_eos = None  # (b, l) positions where EOS may not be chosen yet (min_new_tokens)
+    eos_cols = torch.tensor(sorted(t for t in eos_ids if t < model.vocab_size), dtype=torch.long, device=device)
+    if config.min_new_tokens and len(eos_cols):
+        no_eos = offset < config.min_new_tokens
+    temperature = 0.0 if config.do_sample is False else (config.temperature or 0.0)  # do_sample=False: greedy
     tokens = st.cols[act, start:].masked_fill(after_prompt, mask_id)  # (b, l): prompt tail, then masks
     num_steps = config.steps_per_block or l
     state = BlockState(tokens, in_gen.clone(), in_gen, torch.ones(tokens.shape, device=device), 0, num_steps)
@@ -251,9 +296,12 @@ def _denoise_block(model, st: _State, start: int, config, generator, observer) -
         ran = logits is None or changed or not config.reuse_predictions
         if ran:  # otherwise nothing changed since the last forward: its prediction is still exact
             st.cols[act, start:] = state.tokens
+            st.sample_nfe[act[state.masked.any(-1)].cpu()] += 1  # the samples this forward denoises
             logits = _block_logits(model, st, start, start + l, config.use_cache)  # (b, l, v)
+            if no_eos is not None:
+                logits[..., eos_cols] = logits[..., eos_cols].masked_fill(no_eos[..., None], float("-inf"))
         proposal, conf, probs = choose_tokens(
-            logits, config.temperature or 0.0, config.top_k, config.top_p, generator, rows=state.masked.any(-1)
+            logits, temperature, config.top_k, config.top_p, generator, rows=state.masked.any(-1)
         )
         step = sampler.step if state.step < hard_cap else _force
         result = step(proposal, conf, state, generator, probs)
@@ -267,25 +315,45 @@ def _denoise_block(model, st: _State, start: int, config, generator, observer) -
     return state.tokens
 
 
-def _stream_block(streamer, st: _State, start: int, l: int, max_new_tokens: int, eos_ids: set[int]) -> None:
-    """Hand the streamer the new tokens of the finished block (single sample), up to and including EOS."""
-    first = int(st.gen_start[0])
-    new = st.cols[0, max(start, first) : min(start + l, first + max_new_tokens)].tolist()
-    streamer.put(torch.tensor([_cut_after_eos(new, eos_ids)], dtype=torch.long))
-
-
-def _retire_finished(st: _State, start: int, l: int, max_new_tokens: int, eos_ids: set[int]) -> None:
-    """Samples whose new block holds EOS, or that reached ``max_new_tokens``, leave the batch."""
+def _finish_samples(st: _State, start: int, l: int, max_new_tokens: int, eos_ids: set[int], stops: list[str], tokenizer) -> list[int]:
+    """Record the final length of every sample whose new block holds EOS or completes a stop string, or that reached
+    ``max_new_tokens``; returns the rows of the samples that go on."""
     keep = []
     for row, i in enumerate(st.active):
         gen_start = int(st.gen_start[i])
-        new = st.cols[i, max(start, gen_start) : min(start + l, gen_start + max_new_tokens)].tolist()
-        if eos_ids & set(new):
-            st.stopped[i] = True
-        elif start + l - gen_start < max_new_tokens:
+        written = min(start + l - gen_start, max_new_tokens)  # new tokens so far (python ints: no overflow)
+        earlier = max(0, start - gen_start)  # of them, written before this block (no EOS / stop string there)
+        new = st.cols[i, gen_start : gen_start + written].tolist()
+        length = next((j + 1 for j in range(earlier, written) if new[j] in eos_ids), None)
+        reason = "eos" if length is not None else None
+        cut = _stop_string_cut(new[:length], earlier, stops, tokenizer) if stops else None
+        if cut is not None:
+            length, reason = cut, "stop_string"
+        if length is None and written >= max_new_tokens:
+            length, reason = written, "max_new_tokens"
+        if length is None:
             keep.append(row)
-    if len(keep) < len(st.active):
-        _drop_finished(st, keep)
+        else:
+            st.final_length[i], st.stop_reason[i] = length, reason
+    return keep
+
+
+def _stop_string_cut(tokens: list[int], earlier: int, stops: list[str], tokenizer) -> int | None:
+    """The shortest prefix of ``tokens`` whose text contains a stop string (the first ``earlier`` tokens did not)."""
+    def hit(k: int) -> bool:
+        text = tokenizer.decode(tokens[:k], skip_special_tokens=False)
+        return any(s in text for s in stops)
+
+    if not hit(len(tokens)):
+        return None
+    return next(k for k in range(earlier + 1, len(tokens) + 1) if hit(k))
+
+
+def _stream_block(streamer, st: _State, start: int, l: int) -> None:
+    """Hand the streamer the kept new tokens of the finished block (single sample), up to EOS / the stop string."""
+    first = int(st.gen_start[0])
+    end = first + st.final_length[0] if 0 in st.final_length else start + l
+    streamer.put(torch.tensor([st.cols[0, max(start, first) : end].tolist()], dtype=torch.long))
 
 
 def _force(proposal, conf, state: BlockState, generator=None, probs=None):
@@ -312,16 +380,11 @@ def _event(st: _State, start: int, l: int, state: BlockState, result, ran: bool,
     )
 
 
-def _cut_after_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
-    """``tokens`` up to and including the first EOS (all of them if there is none)."""
-    return next((tokens[: j + 1] for j, t in enumerate(tokens) if t in eos_ids), tokens)
-
-
-def _output(st: _State, prompts, max_new_tokens: int, eos_ids: set[int], pad_id: int) -> GenerationOutput:
+def _output(st: _State, prompts, pad_id: int) -> GenerationOutput:
     rows, lengths = [], []
     for i, p in enumerate(prompts):
-        new = st.cols[i, int(st.gen_start[i]) :].tolist()[:max_new_tokens]
-        new = _cut_after_eos(new, eos_ids)
+        gen_start = int(st.gen_start[i])
+        new = st.cols[i, gen_start : gen_start + st.final_length[i]].tolist()
         rows.append(p + new)
         lengths.append(len(new))
     longest = max(len(r) for r in rows)
@@ -329,13 +392,16 @@ def _output(st: _State, prompts, max_new_tokens: int, eos_ids: set[int], pad_id:
     for i, r in enumerate(rows):
         sequences[i, : len(r)] = torch.tensor(r)
     nfe = max(1, st.nfe)
+    reasons = [st.stop_reason[i] for i in range(len(prompts))]
     return GenerationOutput(
         sequences=sequences,
         prompt_lengths=torch.tensor([len(p) for p in prompts]),
         lengths=torch.tensor(lengths),
-        stopped_at_eos=torch.tensor([st.stopped.get(i, False) for i in range(len(prompts))]),
+        stopped_at_eos=torch.tensor([r == "eos" for r in reasons]),
         nfe=st.nfe,
         tokens_processed_per_forward=st.processed / nfe,
         tokens_per_forward=sum(lengths) / nfe,
         max_cache_length=st.max_cache,
+        sample_nfe=st.sample_nfe.clone(),
+        stop_reasons=reasons,
     )

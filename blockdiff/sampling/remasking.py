@@ -23,10 +23,10 @@ class RemaskingSampler:
     name = "remask"
 
     def __init__(self, remask_threshold: float = 0.3, max_remask: int = 1, remask_until: float = 0.75):
-        if not 0.0 < remask_threshold <= 1.0:
-            raise UsageError(f"remask_threshold must be in (0, 1], got {remask_threshold}")
-        if max_remask < 1:
-            raise UsageError(f"max_remask must be >= 1, got {max_remask}")
+        if isinstance(remask_threshold, bool) or not isinstance(remask_threshold, (int, float)) or not 0.0 < remask_threshold <= 1.0:
+            raise UsageError(f"remask_threshold must be in (0, 1], got {remask_threshold!r}")
+        if isinstance(max_remask, bool) or not isinstance(max_remask, int) or max_remask < 1:
+            raise UsageError(f"max_remask must be an integer >= 1, got {max_remask!r}")
         self.remask_threshold, self.max_remask, self.remask_until = remask_threshold, max_remask, remask_until
 
     def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:

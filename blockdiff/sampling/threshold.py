@@ -19,8 +19,8 @@ class ThresholdSampler:
     name = "threshold"
 
     def __init__(self, tau: float = 0.9):
-        if not 0.0 < tau <= 1.0:
-            raise UsageError(f"tau must be in (0, 1], got {tau}")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 < tau <= 1.0:
+            raise UsageError(f"tau must be in (0, 1], got {tau!r}")
         self.tau = tau
 
     def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:

@@ -7,8 +7,8 @@ more when a block is final). They never change what is generated.
   confidences, re-opened positions, whether the network ran. Written to ``path.partial`` and renamed by
   ``close()``, so a crash never leaves a truncated file under the real name (``close(keep=False)``
   discards it); on Ctrl-C the complete lines written so far are kept.
-* ``LiveView(tokenizer)`` — a ``rich`` live display: finished text above, the current block below with
-  ``░`` for each masked position, turning into tokens step by step.
+* ``LiveView(tokenizer, mask_id, prompts=...)`` — a ``rich`` live display: prompt and finished text, then the
+  current block with ``░`` for each masked position, turning into tokens step by step.
 """
 
 from __future__ import annotations
@@ -73,12 +73,17 @@ class FinishedBlocks:
 
 
 class LiveView:
-    """Live terminal view of sample 0..``max_samples``-1: finished text, then the block being denoised."""
+    """Live terminal view of sample 0..``max_samples``-1: prompt and finished text, then the block being denoised.
 
-    def __init__(self, tokenizer, mask_id: int, console: Console | None = None, max_samples: int = 4):
+    ``prompts`` (the token ids generation starts from, BOS included) are shown from the start: the first
+    step event of a sample only carries its first generation block, not the prompt blocks before it.
+    """
+
+    def __init__(self, tokenizer, mask_id: int, console: Console | None = None, max_samples: int = 4,
+                 prompts: list[list[int]] | None = None):
         self.tokenizer, self.mask_id, self.max_samples = tokenizer, mask_id, max_samples
-        self.done: dict[int, list[int]] = {}
-        self.current: dict[int, list[int]] = {}
+        self.done: dict[int, list[int]] = {i: list(p) for i, p in enumerate(prompts or [])}  # by position
+        self.current: dict[int, tuple[int, list[int]]] = {}  # sample -> (block start position, block tokens)
         self.live = Live(console=console or Console(), refresh_per_second=12, transient=False)
 
     def __enter__(self):
@@ -89,24 +94,36 @@ class LiveView:
         return self.live.__exit__(*exc)
 
     def __call__(self, event: StepEvent) -> None:
-        for i, row in zip(event.samples, event.tokens):
-            if event.finished:
-                self.done.setdefault(i, []).extend(t for t in row if t != self.tokenizer.pad_token_id)
-                self.current[i] = []
+        for i, start, row in zip(event.samples, event.block_start, event.tokens):
+            if event.finished:  # the block (prompt tail included) replaces whatever stood at its positions;
+                # masks left in a final block are past max_new_tokens: never written, not shown
+                self.done[i] = self.done.get(i, [])[:start] + [t for t in row if t != self.mask_id]
+                self.current.pop(i, None)
             else:
-                self.current[i] = row
+                self.current[i] = (start, row)
         self.live.update(self._render(event))
 
+    def tokens(self, i: int) -> list[int]:
+        """Sample ``i`` as drawn now: prompt, finished blocks, then the current block (mask id where masked)."""
+        start, row = self.current.get(i, (len(self.done.get(i, [])), []))
+        return self.done.get(i, [])[:start] + list(row)
+
+    def text(self, i: int) -> str:
+        """``tokens(i)`` as text, ``░`` for each masked position."""
+        return self._line(i).plain
+
+    def _line(self, i: int) -> Text:
+        start, row = self.current.get(i, (len(self.done.get(i, [])), []))
+        line = Text(self.tokenizer.decode(self.done.get(i, [])[:start], skip_special_tokens=True), style="dim")
+        for t in row:
+            if t == self.mask_id:
+                line.append(MASK_GLYPH, style="bold magenta")
+            else:
+                line.append(self.tokenizer.decode([t], skip_special_tokens=True), style="bold green")
+        return line
+
     def _render(self, event: StepEvent) -> Group:
-        lines = []
-        for i in sorted(set(self.done) | set(self.current))[: self.max_samples]:
-            line = Text(self.tokenizer.decode(self.done.get(i, []), skip_special_tokens=True), style="dim")
-            for t in self.current.get(i, []):
-                if t == self.mask_id:
-                    line.append(MASK_GLYPH, style="bold magenta")
-                else:
-                    line.append(self.tokenizer.decode([t], skip_special_tokens=True), style="bold green")
-            lines.append(line)
+        lines = [self._line(i) for i in sorted(set(self.done) | set(self.current))[: self.max_samples]]
         lines.append(Text(f"block {event.block}, step {event.step}", style="italic"))
         return Group(*lines)
 
