@@ -8,6 +8,7 @@ input (config, files, corpus) print one clear line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -88,10 +89,42 @@ def cmd_eval(args) -> None:
     if args.base_ppl or args.gen:
         _compare_with_base(args)
         return
-    result = evaluate(args.path, args.overrides, args.max_batches, args.seed, args.block_length, args.device)
+    with _stage_progress() as progress:
+        result = evaluate(args.path, args.overrides, args.max_batches, args.seed, args.block_length, args.device, progress)
     _print_nelbo(args.path, result)
     if args.json:
         _write_json(args.json, _nelbo_record(result))
+
+
+@contextlib.contextmanager
+def _stage_progress():
+    """A ``progress(stage, done, total)`` callback for long library calls: a transient bar on a terminal (stderr),
+    one line per stage otherwise, so a minute-long evaluation is never silent."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    err = Console(stderr=True)
+    if not err.is_terminal:
+        seen: set[str] = set()
+
+        def report_plain(stage: str, done: int, total: int) -> None:
+            if stage not in seen:
+                seen.add(stage)
+                print(f"{stage}{f' ({total})' if total else ''} ...", file=sys.stderr, flush=True)
+
+        yield report_plain
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        tasks: dict[str, object] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                for task in tasks.values():
+                    bar.update(task, visible=False)
+                tasks[stage] = bar.add_task(stage, total=total or None)
+            bar.update(tasks[stage], completed=done, total=total or None)
+
+        yield report
 
 
 def _nelbo_record(result) -> dict:
@@ -280,7 +313,10 @@ def cmd_demo(args) -> None:
     for prompt, text in zip(prompts, texts):
         console.rule("sample")
         console.print(prompt + text, markup=False, highlight=False)
-    console.print(f"NFE {out.nfe}, {out.tokens_per_forward:.2f} new tokens per forward", highlight=False)
+    console.print(
+        f"NFE {out.sample_nfe.float().mean().item():.1f} per sample, {out.sample_tokens_per_forward:.2f} new tokens per "
+        "forward per sample", highlight=False,
+    )
     console.print(f"\nmodel: [bold]{escape(str(result.model_dir))}[/]  — try `blockdiff eval {escape(str(result.run_dir))}`")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoTokenizer
@@ -21,6 +22,8 @@ from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.loss import bits_per_byte, block_diffusion_loss
 from blockdiff.model import SPEC_FILE, BlockDiffusionLM, read_json_file
 from blockdiff.noise import make_schedule
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total): what a long evaluation is doing
 
 __all__ = ["EvalResult", "LoadedModel", "load_model_dir", "evaluate_nelbo", "evaluate_held_out", "evaluate"]
 
@@ -101,26 +104,34 @@ def _load_tokenizer(path: Path):
 @torch.no_grad()
 def evaluate_nelbo(
     model: BlockDiffusionLM, batches, schedule, t_range, tokens_per_byte: float, seed: int = 0, max_batches: int | None = None,
-    block_length: int | None = None,
+    block_length: int | None = None, progress: Progress | None = None,
 ) -> EvalResult:
     """Token-weighted mean NELBO over ``batches`` of ``(b, n)`` token tensors, at the model's block length or
-    at ``block_length`` (e.g. a block-length-mixture model evaluated at each length it was trained on)."""
+    at ``block_length`` (e.g. a block-length-mixture model evaluated at each length it was trained on).
+    ``progress(stage, done, total)`` is told after every batch (``stage="held-out batches"``)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     nll_sum, num_tokens = 0.0, 0
+    total = len(batches) if hasattr(batches, "__len__") else 0
+    total = min(total, max_batches) if max_batches is not None else total
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         out = block_diffusion_loss(model, batch.to(device), schedule, t_range, True, generator, block_length=block_length)
         nll_sum += out.nll_sum.item()
         num_tokens += int(out.num_tokens)
+        if progress is not None:
+            progress("held-out batches", i + 1, total)
     if num_tokens == 0:
         raise UsageError("no held-out tokens to evaluate on")
     nll = nll_sum / num_tokens
     return EvalResult(nll, math.exp(nll), bits_per_byte(nll, tokens_per_byte), num_tokens, block_length or model.block_length)
 
 
-def evaluate_held_out(loaded: LoadedModel, max_batches: int | None = None, seed: int = 0, block_length: int | None = None):
+def evaluate_held_out(
+    loaded: LoadedModel, max_batches: int | None = None, seed: int = 0, block_length: int | None = None,
+    progress: Progress | None = None,
+):
     """``(EvalResult, corpus, loader)``: the NELBO of a loaded model on the held-out split of its config's corpus,
     with the packed corpus and the loader, for callers that evaluate more on the same tokens."""
     cfg = loaded.config
@@ -128,18 +139,22 @@ def evaluate_held_out(loaded: LoadedModel, max_batches: int | None = None, seed:
         raise UsageError(f"--block-length must be an integer >= 1, got {block_length!r}")
     if block_length is not None and cfg.data.max_seq_len % block_length:
         raise UsageError(f"--block-length {block_length} must divide the model's data.max_seq_len={cfg.data.max_seq_len}")
+    if progress is not None:
+        progress("packing the held-out split", 0, 0)
     corpus = pack_documents(load_documents(cfg.data), loaded.tokenizer, cfg.data.max_seq_len, cfg.data.val_fraction)
     loader = torch.utils.data.DataLoader(corpus.val, batch_size=cfg.data.batch_size, collate_fn=collate_windows)
     result = evaluate_nelbo(
         loaded.model, loader, make_schedule(cfg.noise.schedule), cfg.noise.eval_range, corpus.tokens_per_byte, seed,
-        max_batches, block_length,
+        max_batches, block_length, progress,
     )
     return result, corpus, loader
 
 
 def evaluate(
     path: str | Path, overrides: list[str] = (), max_batches: int | None = None, seed: int = 0, block_length: int | None = None,
-    device: str | None = None,
+    device: str | None = None, progress: Progress | None = None,
 ) -> EvalResult:
     """NELBO / PPL / BPB of a trained model on the held-out split of its (possibly overridden) corpus."""
-    return evaluate_held_out(load_model_dir(path, overrides, device), max_batches, seed, block_length)[0]
+    if progress is not None:
+        progress("loading the model", 0, 0)
+    return evaluate_held_out(load_model_dir(path, overrides, device), max_batches, seed, block_length, progress)[0]

@@ -51,14 +51,13 @@ from blockdiff.model_files import (
     load_generation_config, read_json_file,
 )
 from blockdiff.noise import make_schedule
+from blockdiff.rundir import SPEC_FILE
 from blockdiff.sampling.config import GENERATION_CONFIG_FILE, BlockDiffusionGenerationConfig
 
 __all__ = [
     "BlockDiffusionLM", "BlockDiffusionSpec", "BlockDiffusionConfig", "build_backbone", "register_auto_classes",
     "read_json_file", "resolve_device",
 ]
-
-SPEC_FILE = "blockdiff.json"
 
 
 def _is_int(value) -> bool:
