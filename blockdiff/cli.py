@@ -98,20 +98,13 @@ def cmd_eval(args) -> None:
 
 @contextlib.contextmanager
 def _stage_progress():
-    """A ``progress(stage, done, total)`` callback for long library calls: a transient bar on a terminal (stderr),
-    one line per stage otherwise, so a minute-long evaluation is never silent."""
+    """A ``progress(stage, done, total)`` callback for long library calls: a transient bar on stderr when it is a
+    terminal (so a minute-long evaluation is never silent), ``None`` when output is piped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     err = Console(stderr=True)
-    if not err.is_terminal:
-        seen: set[str] = set()
-
-        def report_plain(stage: str, done: int, total: int) -> None:
-            if stage not in seen:
-                seen.add(stage)
-                print(f"{stage}{f' ({total})' if total else ''} ...", file=sys.stderr, flush=True)
-
-        yield report_plain
+    if not err.is_terminal:  # piped or captured: stderr stays for the error, if any
+        yield None
         return
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
