@@ -73,6 +73,18 @@ def _non_finite(obj: Any, prefix: str = "") -> str | None:
     return None
 
 
+def _copy_into_place(source: Path, target: Path) -> None:
+    """``target`` becomes a copy of ``source`` (a hard link where possible), atomically."""
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path.tmp`` in the same directory, fsync, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,13 +109,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             ) from None
         raise
     if path.exists():  # keep the checkpoint being replaced, without a moment where `path` is missing
-        prev, prev_tmp = previous_of(path), path.with_name(path.name + ".prev.tmp")
-        prev_tmp.unlink(missing_ok=True)
-        try:
-            os.link(path, prev_tmp)
-        except OSError:  # file systems without hard links
-            shutil.copyfile(path, prev_tmp)
-        os.replace(prev_tmp, prev)
+        _copy_into_place(path, previous_of(path))
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -256,18 +262,6 @@ def remove_legacy(point: ResumePoint) -> None:
     for stale in point.legacy:
         stale.unlink(missing_ok=True)
         stale.with_name(stale.stem + ".prev" + stale.suffix).unlink(missing_ok=True)
-
-
-def _copy_into_place(source: Path, target: Path) -> None:
-    """``target`` becomes a copy of ``source`` (a hard link where possible), atomically."""
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:  # file systems without hard links
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
 
 
 def run_dir_of(path: str | Path) -> Path:
