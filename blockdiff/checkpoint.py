@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -113,7 +114,11 @@ def _fsync_dir(directory: Path) -> None:
 
 def _torch_reason(err: BaseException) -> str:
     """What torch found wrong, without its advice to retry with ``weights_only=False`` (which runs pickled code)."""
-    paragraphs = [p.strip() for p in str(err).split("\n\n") if p.strip()]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch colours part of its message
+    found = re.search(r"WeightsUnpickler error: (.*?\.)(\s|$)", text)  # "Unsupported global: GLOBAL x.Y was not ..."
+    if found:
+        return found.group(1).rstrip(".")
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
     kept = [p for p in paragraphs if "weights_only" not in p and "torch.load" not in p]
     return " ".join(kept[0].split()).rstrip(".") if kept else type(err).__name__
 

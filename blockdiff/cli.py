@@ -25,7 +25,7 @@ from blockdiff.config import SEED_MAX, ConfigError, describe_keys, load_config, 
 from blockdiff.errors import MissingFileError, UsageError, UserError
 from blockdiff.sampling.config import SAMPLERS
 
-console = Console()
+console = Console(soft_wrap=True)  # lines are never re-wrapped at 80 columns when piped (tables fit themselves)
 
 
 def cmd_train(args) -> None:
@@ -261,7 +261,7 @@ def cmd_demo(args) -> None:
 
 def cmd_sweep(args) -> None:
     """Run a grid of configs (one run directory each, resumable), or --report DIR: table, CSV, markdown and plots."""
-    from blockdiff.sweep import load_sweep, run_sweep
+    from blockdiff.sweep import changed_runs, load_sweep, run_sweep
 
     if args.report:
         from blockdiff.sweep_report import report
@@ -274,6 +274,7 @@ def cmd_sweep(args) -> None:
     if args.parallel < 1:
         raise UsageError(f"--parallel must be >= 1, got {args.parallel}")
     sweep = load_sweep(args.file, args.out_dir, args.config, args.overrides)  # every run validated before any starts
+    changed_runs(sweep, args.only, args.rerun_changed)  # refuse stale finished runs before printing anything
     console.print(Text.assemble("sweep ", (sweep.name, "bold"), f": {len(sweep.runs)} runs in {sweep.out_dir}"))
     failed = run_sweep(sweep, args.parallel, args.only, log=lambda m: console.print(m, highlight=False, markup=False),
                        rerun_changed=args.rerun_changed)

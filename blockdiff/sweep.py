@@ -52,8 +52,8 @@ from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.files import write_text_atomic
 from blockdiff.judge import unigram_entropy
 
-__all__ = ["Sweep", "Run", "load_sweep", "expand_grid", "run_sweep", "run_one", "config_changes", "read_summary",
-           "SUMMARY_FILE"]
+__all__ = ["Sweep", "Run", "load_sweep", "expand_grid", "run_sweep", "run_one", "changed_runs", "config_changes",
+           "read_summary", "SUMMARY_FILE"]
 
 SUMMARY_FILE = "summary.json"
 SAMPLE_KEYS = ("sampler", "tau", "steps_per_block", "tokens_per_step", "temperature", "top_k", "top_p",
@@ -290,19 +290,21 @@ def config_changes(run: Run) -> list[str]:
     return changes
 
 
-def run_sweep(
-    sweep: Sweep, parallel: int = 1, only: list[str] | None = None, log=print, rerun_changed: bool = False
-) -> list[str]:
-    """Run every unfinished run (``parallel`` at a time); returns the names of runs that failed.
-
-    A finished run whose config changed since is refused before anything runs (``UsageError`` naming the runs
-    and keys), or with ``rerun_changed`` trained again (its old ``summary.json`` removed first)."""
+def _selected(sweep: Sweep, only: list[str] | None) -> list[Run]:
     todo = [r for r in sweep.runs if only is None or r.name in only]
     if only:
         missing = set(only) - {r.name for r in todo}
         if missing:
             raise UsageError(f"--only names no run of {sweep.path}: {sorted(missing)}; runs: {[r.name for r in sweep.runs]}")
-    changed = {r.name: c for r in todo if r.finished and (c := config_changes(r))}
+    return todo
+
+
+def changed_runs(sweep: Sweep, only: list[str] | None = None, rerun_changed: bool = False) -> dict[str, list[str]]:
+    """``{run name: config changes}`` of the finished (selected) runs whose config changed since they ran.
+
+    Unless ``rerun_changed``, any such run is a ``UsageError`` naming the runs and keys: their
+    ``summary.json`` would silently stand for a config the sweep no longer has."""
+    changed = {r.name: c for r in _selected(sweep, only) if r.finished and (c := config_changes(r))}
     if changed and not rerun_changed:
         listed = "; ".join(f"{name} ({', '.join(c)})" for name, c in changed.items())
         raise UsageError(
@@ -310,6 +312,18 @@ def run_sweep(
             f"than the sweep now gives them, so their results would be stale: {listed}. Pass --out-dir NEW_DIR to "
             "keep both, or --rerun-changed to train those runs again (replacing their results)"
         )
+    return changed
+
+
+def run_sweep(
+    sweep: Sweep, parallel: int = 1, only: list[str] | None = None, log=print, rerun_changed: bool = False
+) -> list[str]:
+    """Run every unfinished run (``parallel`` at a time); returns the names of runs that failed.
+
+    A finished run whose config changed since is refused before anything runs (``UsageError`` naming the runs
+    and keys), or with ``rerun_changed`` trained again (its old ``summary.json`` removed first)."""
+    todo = _selected(sweep, only)
+    changed = changed_runs(sweep, only, rerun_changed)
     for r in todo:
         if r.name in changed:
             log(f"{r.name}: config changed ({', '.join(changed[r.name])}); training it again")
