@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
 import shutil
 import zipfile
 from dataclasses import dataclass, field
@@ -127,32 +128,56 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _torch_reason(err: BaseException) -> str:
+    """What torch found wrong, without its advice to retry with ``weights_only=False`` (which runs pickled code)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch colours part of its message
+    found = re.search(r"WeightsUnpickler error: (.*?\.)(\s|$)", text)  # "Unsupported global: GLOBAL x.Y was not ..."
+    if found:
+        return found.group(1).rstrip(".")
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    kept = [p for p in paragraphs if "weights_only" not in p and "torch.load" not in p]
+    return " ".join(kept[0].split()).rstrip(".") if kept else type(err).__name__
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; any failure is a ``CheckpointError`` naming the file.
 
     ``mmap=True`` maps tensors from the file instead of reading them (cheap validation of a large file).
+    The message says what the file is: missing, a directory, not a regular file, empty, truncated or not a
+    checkpoint at all (not the zip archive ``torch.save`` writes), corrupted inside, or holding pickled objects
+    that are refused. It never suggests ``weights_only=False``.
     """
+    from blockdiff.config import path_problem
+
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    problem = path_problem(path)
+    if problem is not None:
+        fix = "; pass the .ckpt file (e.g. RUN/checkpoints/last.ckpt)" if path.is_dir() else ""
+        raise CheckpointError(f"checkpoint {path} {problem}{fix}")
     hint = ""
     prev = previous_of(path)
     if prev.is_file() and prev != path:
         hint = f"; the previous checkpoint {prev} may still be good: resume from it with `blockdiff train --resume {prev}`"
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): truncated, or not a checkpoint at all{hint}")
+    if not zipfile.is_zipfile(path):  # torch.save (and so Lightning) has written zip archives since torch 1.6
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupted, or not a checkpoint at all: its {size} byte{'s' if size > 1 else ''} "
+            f"are not the zip archive torch.save writes{hint}"
+        )
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
             raise CheckpointError(
-                f"refusing to load {path}: it holds pickled Python objects other than tensors and plain data "
-                f"(they could run code when unpickled) [{first}]. Only load checkpoints you trust; blockdiff never "
-                "unpickles arbitrary objects" + hint
+                f"refusing to load {path}: it holds pickled Python objects other than tensors and plain data, which "
+                f"could run code when unpickled ({_torch_reason(err)}). blockdiff never unpickles arbitrary objects; "
+                "a checkpoint it wrote holds none" + hint
             ) from None
-        raise CheckpointError(f"checkpoint {path} is corrupted ({first}){hint}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupted ({_torch_reason(err)}){hint}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({first}){hint}") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({_torch_reason(err)}){hint}") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a Lightning checkpoint (a dict), got {type(checkpoint).__name__}")
     return checkpoint

@@ -11,18 +11,21 @@ import argparse
 import contextlib
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from blockdiff.config import ConfigError, describe_keys, load_config, to_yaml
+from blockdiff import tables
+from blockdiff.config import SEED_MAX, ConfigError, describe_keys, load_config, to_yaml
 from blockdiff.errors import MissingFileError, UsageError, UserError
 from blockdiff.sampling.config import SAMPLERS
 
-console = Console()
+console = Console(soft_wrap=True)  # lines are never re-wrapped at 80 columns when piped (tables fit themselves)
 
 
 def cmd_train(args) -> None:
@@ -264,17 +267,14 @@ def cmd_config(args) -> None:
         print("| key | default | meaning |\n|---|---|---|")
         print("\n".join(f"| `{k}` | `{d}` | {h} |" for k, d, h in describe_keys()))
         return
-    if args.action == "keys":
-        table = Table("key", "default", "meaning", title="config keys")
-        for row in describe_keys():
-            table.add_row(*row)
-        console.print(table)
+    if args.action == "keys":  # every row whole, also when piped (`blockdiff config keys | grep lr`)
+        tables.print_table(console, ["key", "default", "meaning"], describe_keys(), title="config keys")
         return
     cfg = load_config(args.config, args.overrides)
     if args.action == "show":
         sys.stdout.write(to_yaml(cfg))  # plain text: must stay loadable YAML when redirected
     else:
-        console.print("[green]config OK[/]")
+        console.print(Text("config OK", style="green"))
 
 
 def cmd_demo(args) -> None:
@@ -315,7 +315,7 @@ def cmd_demo(args) -> None:
 
 def cmd_sweep(args) -> None:
     """Run a grid of configs (one run directory each, resumable), or --report DIR: table, CSV, markdown and plots."""
-    from blockdiff.sweep import load_sweep, run_sweep
+    from blockdiff.sweep import changed_runs, load_sweep, run_sweep
 
     if args.report:
         from blockdiff.sweep_report import report
@@ -328,21 +328,22 @@ def cmd_sweep(args) -> None:
     if args.parallel < 1:
         raise UsageError(f"--parallel must be >= 1, got {args.parallel}")
     sweep = load_sweep(args.file, args.out_dir, args.config, args.overrides)  # every run validated before any starts
-    console.print(f"sweep [bold]{escape(sweep.name)}[/]: {len(sweep.runs)} runs in {escape(str(sweep.out_dir))}")
-    failed = run_sweep(sweep, args.parallel, args.only, log=lambda m: console.print(m, highlight=False, markup=False))
+    changed_runs(sweep, args.only, args.rerun_changed)  # refuse stale finished runs before printing anything
+    console.print(Text.assemble("sweep ", (sweep.name, "bold"), f": {len(sweep.runs)} runs in {sweep.out_dir}"))
+    failed = run_sweep(sweep, args.parallel, args.only, log=lambda m: console.print(m, highlight=False, markup=False),
+                       rerun_changed=args.rerun_changed)
     if failed:
-        console.print(f"[bold red]{len(failed)} run(s) failed:[/] {escape(', '.join(failed))} (see error.txt or logs/)")
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)} (see error.txt or logs/ in {sweep.out_dir})",
+              file=sys.stderr, flush=True)
         raise SystemExit(1)
     console.print(f"done — `blockdiff sweep --report {sweep.out_dir}`", markup=False)
 
 
 def _print_metrics(title: str, metrics: dict[str, float], extra: dict[str, float]) -> None:
-    table = Table(title=title)
-    for key in ("val/nll", "val/ppl", "val/bpb", *extra):
-        table.add_column(key, justify="right")
+    header = ["val/nll", "val/ppl", "val/bpb", *extra]
     values = [metrics.get(k, float("nan")) for k in ("val/nll", "val/ppl", "val/bpb")] + list(extra.values())
-    table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in values))
-    console.print(table)
+    row = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in values]
+    tables.print_table(console, header, [row], title=title, right=header)
 
 
 # -- the one table of verbs -----------------------------------------------------------------------
@@ -423,6 +424,8 @@ def _sweep_args(p):
     p.add_argument("--only", action="append", help="run only this run name (repeatable)")
     p.add_argument("--out-dir", help="override the sweep file's out_dir")
     p.add_argument("--report", metavar="DIR", help="summarise the finished runs below DIR instead of running")
+    p.add_argument("--rerun-changed", action="store_true",
+                   help="train again the finished runs whose config changed since (default: refuse, naming them)")
     p.add_argument("-c", "--config", action="append", default=[], help="config file applied to every run (after the sweep's overrides)")
     p.add_argument("overrides", nargs="*", help="key=value applied to every run, e.g. trainer.max_steps=2000")
 
@@ -451,13 +454,53 @@ COMMANDS: dict[str, Verb] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` whose errors (a bad flag value, a missing argument) are ``UsageError``s: one ``error:`` line
+    on stderr and status 2 like every other user error, instead of a usage block and an exit from inside parsing."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (`{self.prog} --help` lists the arguments)")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("blockdiff")
+    except PackageNotFoundError:  # a source checkout on PYTHONPATH, not installed
+        from blockdiff import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blockdiff", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="blockdiff", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"blockdiff {_version()}")
     sub = parser.add_subparsers(dest="verb", required=True)
     for name, verb in COMMANDS.items():
         doc = verb.run.__doc__.strip()
         verb.add_arguments(sub.add_parser(name, help=doc.splitlines()[0], description=doc))
     return parser
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot give a trailing `key=value` list to a verb whose positionals were already matched
+    # (`config validate -c FILE key=value`); such leftovers are overrides too.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _check_shared_flags(args)
+    return args
+
+
+def _check_shared_flags(args: argparse.Namespace) -> None:
+    """Flags several verbs take, checked once before any work: ``--seed`` must be a seed every RNG accepts."""
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise UsageError(f"--seed {seed} is out of range: a seed is an integer from 0 to {SEED_MAX}")
 
 
 def _quiet_libraries() -> None:
@@ -474,24 +517,31 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+@contextlib.contextmanager
+def _only_our_warnings():
+    """While a verb runs, show blockdiff's own warnings and hide the libraries' (deprecation notices from
+    transformers / torch / lightning, with their site-packages paths, are for those libraries' users, not
+    ours). Scoped to the command, not set on import: code that imports blockdiff keeps its own filters.
+    ``python -W ...`` / ``PYTHONWARNINGS`` (``sys.warnoptions``) still decide when given."""
+    with warnings.catch_warnings():
+        if not sys.warnoptions:
+            warnings.filterwarnings("ignore")
+            warnings.filterwarnings("default", module=r"blockdiff(\.|$)")
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # argparse cannot give a trailing `key=value` list to a verb whose positionals were already matched
-    # (`config validate -c FILE key=value`); such leftovers are overrides too.
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides = [*args.overrides, *extra]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    _quiet_libraries()
-    try:
-        COMMANDS[args.verb].run(args)
-    except UserError as err:  # the one place user errors are caught: plain text, stderr, no markup
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        return 130
+    with _only_our_warnings():
+        try:
+            args = _parse(argv)
+            _quiet_libraries()
+            COMMANDS[args.verb].run(args)
+        except UserError as err:  # the one place user errors are caught: plain text, stderr, no markup
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr, flush=True)
+            return 130
     return 0
 
 

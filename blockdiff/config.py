@@ -9,11 +9,12 @@ modules take the sections they need as explicit arguments.
 from __future__ import annotations
 
 import enum
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from blockdiff.errors import UserError
@@ -35,6 +36,9 @@ __all__ = [
     "load_config",
     "describe_keys",
     "to_yaml",
+    "path_problem",
+    "read_utf8",
+    "SEED_MAX",
 ]
 
 
@@ -450,14 +454,112 @@ class Config:
         return self.model.pretrained is not None
 
 
-def _merge(merged: DictConfig, update, source: str) -> DictConfig:
-    """Merge one file or override; any failure becomes a ``ConfigError`` naming the key or the source."""
+SEED_MAX = 2**32 - 1
+"""Largest seed: ``lightning.seed_everything`` and numpy take ``0 .. 2**32 - 1``; ``--seed`` and ``trainer.seed`` share the range."""
+
+_KEYS_HINT = "`blockdiff config keys` lists every key with its default"
+
+
+def path_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a regular file, as the end of a sentence (``f"{path} {problem}"``); ``None`` if it is one."""
+    import stat
+
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "is a broken symbolic link" if path.is_symlink() else "does not exist"
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+                else "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "special")
+        return f"is not a regular file ({kind})"
+    return None
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """The text of ``path``; unreadable or not UTF-8 is a ``ConfigError`` naming ``what`` and the file."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); save it as UTF-8"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"{what} {path} cannot be read: {err.strerror or err}") from None
+
+
+def _default_of(key: str) -> Any:
+    """The default value of dotted ``key`` (``model.family`` -> ``Family.llama``), or ``None`` if unknown."""
+    section, _, name = key.partition(".")
+    return getattr(getattr(Config(), section, None), name.split(".")[0].split("[")[0], None)
+
+
+def _explain(err: Exception, key: str, value: Any) -> str:
+    """One sentence for a failed merge of ``key=value``: the key, what it accepts, and how to find out more."""
+    key = getattr(err, "full_key", None) or key
+    value = getattr(err, "value", None) if getattr(err, "full_key", None) else value
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    default = _default_of(key)
+    if isinstance(default, enum.Enum):
+        choices = ", ".join(m.value for m in type(default))
+        return f"{key} must be one of {choices}; got {value!r}"
+    if type(err).__name__ == "ConfigKeyError" or "not in '" in reason:  # an unknown key (OmegaConf suggests a near one)
+        return f"invalid config key {key!r}: {reason} ({_KEYS_HINT})"
+    if isinstance(err, TypeError):  # OmegaConf: a list merged onto a mapping field or the other way round
+        kind = "mapping" if isinstance(default, dict) else "list" if isinstance(default, (list, tuple)) else "value"
+        return f"{key} must be a {kind} like its default {default}, got {value} ({_KEYS_HINT})"
+    return f"invalid value for {key}: {reason} ({_KEYS_HINT})"
+
+
+def _fields(update: DictConfig):
+    """``(section.field, value)`` for every field a mapping sets (a non-mapping section is its own field)."""
+    for section, body in update.items_ex(resolve=False):
+        if isinstance(body, DictConfig):
+            for name, value in body.items_ex(resolve=False):
+                yield f"{section}.{name}", value
+        else:
+            yield str(section), body
+
+
+def _merge(merged: DictConfig, update: DictConfig | dict, file: Path | None = None) -> DictConfig:
+    """Merge a file's (or the recipe defaults') mapping; a failure becomes a ``ConfigError`` naming key and file."""
     try:
         return OmegaConf.merge(merged, update)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or source
-        reason = str(err).splitlines()[0]
-        raise ConfigError(f"invalid config key {key!r}: {reason} (`blockdiff config keys` lists every key)") from None
+    except (OmegaConfBaseException, TypeError, ValueError) as err:
+        key, value = str(file or "defaults"), None
+        if getattr(err, "full_key", None) is None:  # a bare TypeError (a list where a mapping belongs): find the field
+            for field_key, field_value in _fields(OmegaConf.create(update)):
+                section, _, name = field_key.partition(".")
+                try:
+                    OmegaConf.merge(merged, {section: {name: field_value}} if name else {section: field_value})
+                except (OmegaConfBaseException, TypeError, ValueError) as inner:
+                    err, key, value = inner, field_key, _plain(field_value)
+                    break
+        where = f"config file {file}: " if file is not None else ""
+        raise ConfigError(where + _explain(err, key, value)) from None
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """A config file as a ``DictConfig``; a missing/special file, bad UTF-8 or bad YAML is a ``ConfigError`` naming it."""
+    problem = path_problem(path)
+    if problem is not None:
+        raise ConfigError(f"config file {path} {problem}; pass a YAML file with -c")
+    text = read_utf8(path, "config file")
+    try:
+        loaded = OmegaConf.load(io.StringIO(text))
+    except Exception as err:  # noqa: BLE001 - YAML syntax errors come in several types
+        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...), not a list")
+    return loaded
 
 
 def load_config(paths: list[str | Path] = (), overrides: list[str] = (), defaults: dict | None = None) -> Config:
@@ -467,32 +569,27 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = (), default
     """
     merged: DictConfig = OmegaConf.structured(Config)
     if defaults:
-        merged = _merge(merged, defaults, "defaults")
+        merged = _merge(merged, defaults)
     for path in paths:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as err:  # noqa: BLE001 - YAML syntax errors come in several types
-            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...), not a list")
-        merged = _merge(merged, loaded, str(path))
+        merged = _merge(merged, _read_yaml(path), path)
     for override in overrides:
-        key, sep, _ = override.partition("=")
+        key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"overrides must look like key=value (e.g. model.block_length=8), got {override!r}")
         try:
             update = OmegaConf.from_dotlist([override])
         except Exception as err:  # noqa: BLE001 - OmegaConf and its YAML parser raise several types
             raise ConfigError(f"cannot parse override {override!r}: {str(err).splitlines()[0]}") from None
-        merged = _merge(merged, update, key)
+        try:
+            merged = OmegaConf.merge(merged, update)
+        except (OmegaConfBaseException, TypeError, ValueError) as err:
+            raise ConfigError(_explain(err, key, raw)) from None
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"invalid config key {key!r}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(_explain(err, key, getattr(err, "value", None))) from None
 
 
 def describe_keys() -> list[tuple[str, str, str]]:

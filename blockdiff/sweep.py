@@ -22,7 +22,10 @@ A sweep file (``configs/sweeps/*.yaml``, ``experiments/block_length/*.yaml``)::
 the grid (the same sweep at GPU size). Every run directory holds the training run (``config.yaml``, ``logs/metrics.csv``, ``model/``) and, once
 everything finished, ``summary.json``: a run with a ``summary.json`` is never run again, so re-launching a
 sweep resumes it (sampling settings added to the file since are run on the finished models without training
-them again). All runs are expanded and their configs validated before the first one starts.
+them again). A finished run whose stored ``config.yaml`` differs from the config the sweep now gives it is
+refused, naming the run and the keys (its results would be stale): pass another ``--out-dir``, or
+``rerun_changed=True`` (``--rerun-changed``) to train it again. All runs are expanded and their configs
+validated before the first one starts.
 ``--parallel N`` runs N at a time as subprocesses (``blockdiff sweep FILE --only NAME``); with 1 they run
 one after another in this process. ``report(dir)`` gathers every ``summary.json`` below a directory.
 """
@@ -44,12 +47,13 @@ from typing import Any
 
 import yaml
 
-from blockdiff.config import Config, ConfigError, describe_keys, load_config
+from blockdiff.config import Config, ConfigError, describe_keys, load_config, path_problem, read_utf8, to_yaml
 from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.files import write_text_atomic
 from blockdiff.judge import unigram_entropy
 
-__all__ = ["Sweep", "Run", "load_sweep", "expand_grid", "run_sweep", "run_one", "SUMMARY_FILE"]
+__all__ = ["Sweep", "Run", "load_sweep", "expand_grid", "run_sweep", "run_one", "changed_runs", "config_changes",
+           "read_summary", "SUMMARY_FILE"]
 
 SUMMARY_FILE = "summary.json"
 SAMPLE_KEYS = ("sampler", "tau", "steps_per_block", "tokens_per_step", "temperature", "top_k", "top_p",
@@ -195,9 +199,10 @@ def load_sweep(
     ``configs`` / ``overrides`` (``-c FILE`` and ``key=value`` on the command line) apply to every run after
     the file's own ``overrides`` and before the grid: the same sweep at another model/data size."""
     path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"sweep file {path} does not exist")
-    spec = yaml.safe_load(path.read_text()) or {}
+    problem = path_problem(path)
+    if problem is not None:
+        raise MissingFileError(f"sweep file {path} {problem}; pass a sweep YAML file (configs/sweeps/NAME.yaml)")
+    spec = _read_yaml(path, "sweep file") or {}
     if not isinstance(spec, dict):
         raise ConfigError(f"sweep file {path} must hold a mapping (name:, grid:, ...)")
     unknown = set(spec) - {"name", "out_dir", "base", "overrides", "grid", "evaluate", "sample"}
@@ -242,13 +247,87 @@ def load_sweep(
 
 # -- running ----------------------------------------------------------------------------------------
 
-def run_sweep(sweep: Sweep, parallel: int = 1, only: list[str] | None = None, log=print) -> list[str]:
-    """Run every unfinished run (``parallel`` at a time); returns the names of runs that failed."""
+def _read_yaml(path: Path, what: str):
+    """``yaml.safe_load`` of a file; bad UTF-8 or bad YAML is a ``ConfigError`` naming the file."""
+    text = read_utf8(path, what)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {' '.join(str(err).split())}") from None
+
+
+def read_summary(path: str | Path) -> dict:
+    """A run's ``summary.json``; an unreadable, non-UTF-8 or non-JSON file is a ``UsageError`` naming it."""
+    path = Path(path)
+    try:
+        summary = json.loads(read_utf8(path, "run summary"))
+    except json.JSONDecodeError as err:
+        raise UsageError(f"run summary {path} is damaged (not JSON: {err}); delete it to run that run again") from None
+    if not isinstance(summary, dict):
+        raise UsageError(f"{path} is damaged (not a JSON object); delete it to run that run again")
+    return summary
+
+
+def config_changes(run: Run) -> list[str]:
+    """``key: stored -> now`` for each config key whose value differs between the run directory's ``config.yaml``
+    (what the finished run was trained with) and ``run.config``; ``trainer.out_dir`` aside (a moved sweep)."""
+    stored_path = run.run_dir / "config.yaml"
+    if not stored_path.is_file():
+        return [f"{stored_path} is missing, so the config it was trained with is unknown"]
+    try:
+        stored = _read_yaml(stored_path, "run config")
+    except ConfigError as err:
+        return [str(err)]
+    now, defaults = yaml.safe_load(to_yaml(run.config)), yaml.safe_load(to_yaml(Config()))
+    stored = stored if isinstance(stored, dict) else {}
+    changes = []
+    for section, fields in now.items():
+        old_section = stored.get(section) if isinstance(stored.get(section), dict) else {}
+        for name, value in fields.items():
+            old = old_section.get(name, defaults[section][name])  # a key added to blockdiff since: its default
+            if f"{section}.{name}" != "trainer.out_dir" and old != value:
+                changes.append(f"{section}.{name}: {old!r} -> {value!r}")
+    return changes
+
+
+def _selected(sweep: Sweep, only: list[str] | None) -> list[Run]:
     todo = [r for r in sweep.runs if only is None or r.name in only]
     if only:
         missing = set(only) - {r.name for r in todo}
         if missing:
             raise UsageError(f"--only names no run of {sweep.path}: {sorted(missing)}; runs: {[r.name for r in sweep.runs]}")
+    return todo
+
+
+def changed_runs(sweep: Sweep, only: list[str] | None = None, rerun_changed: bool = False) -> dict[str, list[str]]:
+    """``{run name: config changes}`` of the finished (selected) runs whose config changed since they ran.
+
+    Unless ``rerun_changed``, any such run is a ``UsageError`` naming the runs and keys: their
+    ``summary.json`` would silently stand for a config the sweep no longer has."""
+    changed = {r.name: c for r in _selected(sweep, only) if r.finished and (c := config_changes(r))}
+    if changed and not rerun_changed:
+        listed = "; ".join(f"{name} ({', '.join(c)})" for name, c in changed.items())
+        raise UsageError(
+            f"sweep {sweep.path}: {len(changed)} finished run(s) in {sweep.out_dir} were trained with another config "
+            f"than the sweep now gives them, so their results would be stale: {listed}. Pass --out-dir NEW_DIR to "
+            "keep both, or --rerun-changed to train those runs again (replacing their results)"
+        )
+    return changed
+
+
+def run_sweep(
+    sweep: Sweep, parallel: int = 1, only: list[str] | None = None, log=print, rerun_changed: bool = False
+) -> list[str]:
+    """Run every unfinished run (``parallel`` at a time); returns the names of runs that failed.
+
+    A finished run whose config changed since is refused before anything runs (``UsageError`` naming the runs
+    and keys), or with ``rerun_changed`` trained again (its old ``summary.json`` removed first)."""
+    todo = _selected(sweep, only)
+    changed = changed_runs(sweep, only, rerun_changed)
+    for r in todo:
+        if r.name in changed:
+            log(f"{r.name}: config changed ({', '.join(changed[r.name])}); training it again")
+            (r.run_dir / SUMMARY_FILE).unlink()
     done = [r for r in todo if r.finished]
     for r in done:
         missing = _missing_samples(sweep, r)
@@ -370,7 +449,7 @@ def _evaluate_run(sweep: Sweep, run: Run, model_dir: Path) -> dict:
 
 def _missing_samples(sweep: Sweep, run: Run) -> list[dict]:
     """Sampling settings of the sweep that a finished run's summary does not hold yet."""
-    records = json.loads((run.run_dir / SUMMARY_FILE).read_text()).get("samples", [])
+    records = read_summary(run.run_dir / SUMMARY_FILE).get("samples", [])
     native = run.config.model.block_length
 
     def held(setting):
@@ -385,7 +464,7 @@ def _add_samples(sweep: Sweep, run: Run, settings: list[dict]) -> None:
 
     loaded = load_model_dir(run.run_dir / "model")
     path = run.run_dir / SUMMARY_FILE
-    summary = json.loads(path.read_text())
+    summary = read_summary(path)
     kept = [rec for rec in summary.get("samples", []) if rec.get("per_sequence")]  # older batched-NFE records go
     summary["samples"] = kept + [_sample(sweep, loaded, s) for s in settings]
     write_text_atomic(path, json.dumps(summary, indent=2) + "\n")

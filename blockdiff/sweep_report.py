@@ -2,7 +2,7 @@
 
 Reads each ``summary.json`` (written by ``sweep.run_one``) and its ``logs/metrics.csv``. Runs that differ
 only in ``trainer.seed`` form one group; groups are reported as mean ± sample standard deviation over
-seeds (``n`` says how many). Writes into ``DIR``:
+seeds (``n`` says how many; a group of one run shows its value alone, without a spread). Writes into ``DIR``:
 
 * ``results.csv`` — one row per run (NELBO/PPL/BPB at the trained block length, clip-search window);
 * ``evals.csv`` / ``samples.csv`` — one row per (run, inference block length) / (run, sampling setting);
@@ -14,16 +14,14 @@ seeds (``n`` says how many). Writes into ``DIR``:
 from __future__ import annotations
 
 import csv
-import json
 import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from rich.table import Table
-
+from blockdiff import tables
 from blockdiff.errors import MissingFileError, UsageError
-from blockdiff.sweep import SUMMARY_FILE
+from blockdiff.sweep import SUMMARY_FILE, read_summary
 
 __all__ = ["load_summaries", "report", "variant", "sampler_label", "mean_sd"]
 
@@ -35,7 +33,7 @@ def load_summaries(root: str | Path) -> list[dict]:
         raise MissingFileError(f"sweep report: {root} is not a directory")
     runs = []
     for path in sorted(root.rglob(SUMMARY_FILE)):
-        summary = json.loads(path.read_text())
+        summary = read_summary(path)
         summary["run_dir"] = str(path.parent)
         runs.append(summary)
     if not runs:
@@ -75,7 +73,11 @@ def mean_sd(values: list[float]) -> tuple[float, float, int]:
 
 
 def _pm(values: list[float], digits: int = 3) -> str:
-    m, sd, n = mean_sd(values)
+    """``mean ± sd`` over the finite values; one value alone (no spread to show), ``–`` for none."""
+    return _pm_of(*mean_sd(values), digits)
+
+
+def _pm_of(m: float, sd: float, n: int, digits: int) -> str:
     if n == 0:
         return "–"
     return f"{m:.{digits}f}" if n == 1 else f"{m:.{digits}f} ± {sd:.{digits}f}"
@@ -143,7 +145,7 @@ def ordering_check(results: list[dict]) -> str:
     mdlm = max(r["max_seq_len"] for r in plain)
     chain = [l for l in (1, 4, 8, 16, mdlm) if l in by_l]
     holds = all(by_l[a][0] <= by_l[b][0] for a, b in zip(chain, chain[1:]))
-    text = " ≤ ".join(f"L'={l}: {by_l[l][0]:.2f} ± {by_l[l][1]:.2f}" for l in chain)
+    text = " ≤ ".join(f"L'={l}: {_pm_of(*by_l[l], 2)}" for l in chain)
     pairs = []  # each adjacent pair, compared seed by seed (same seed = same data order)
     for a, b in zip(chain, chain[1:]):
         ppl = {l: {r["seed"]: r["ppl"] for r in plain if r["block_length"] == l} for l in (a, b)}
@@ -192,12 +194,9 @@ def report(root: str | Path, console=None) -> list[Path]:
     if plots:
         md += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     written[3].write_text("\n".join(md) + "\n")
-    if console is not None:
-        table = Table(*bound_header, title=f"sweep report — {root}")
-        for row in bound_rows:
-            table.add_row(*(str(c) for c in row))
-        console.print(table)
-        console.print(check)
+    if console is not None:  # user text (the directory, variant names) is never read as markup; rows never cut
+        tables.print_table(console, bound_header, bound_rows, title=f"sweep report — {root}")
+        console.print(check, markup=False, highlight=False)
     return written + plots
 
 

@@ -36,3 +36,30 @@ def random_tokens(b: int, n: int, seed: int = 0) -> torch.Tensor:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def write_tiny_model_dir(root):
+    """A random tiny model directory (byte tokenizer, hidden 32, 2 layers, context 32, block length 4) under
+    ``root / "model"``, trained on nothing, with ``root / "corpus.txt"`` as its held-out text: enough for the
+    ``sample`` and ``eval`` verbs, without training (about a second)."""
+    from pathlib import Path
+
+    from blockdiff.config import load_config
+    from blockdiff.tokenizer import byte_tokenizer
+    from blockdiff.train import export_model
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = root / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. A cat sat on the mat.\n" * 20)
+    tok = byte_tokenizer()
+    cfg = load_config([], [
+        "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "data.max_seq_len=32",
+        "data.batch_size=4", "data.tokenizer=bytes", f"data.source={corpus}", "trainer.accelerator=cpu",
+    ])
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg.model, vocab_size=len(tok), max_seq_len=32, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id).eval()
+    model = BlockDiffusionLM(backbone, BlockDiffusionSpec(tok.mask_token_id, 4, False, 32))
+    export_model(model, tok, cfg, root / "model")
+    return root / "model"
