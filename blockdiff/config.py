@@ -315,6 +315,8 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _check_numbers("trainer", self)
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(f"trainer.seed={self.seed} is out of range: a seed is an integer from 0 to {SEED_MAX}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"trainer.max_minutes must be > 0 (or null for no time limit), got {self.max_minutes}")
         for key in ("max_steps", "val_every_n_steps", "checkpoint_every_n_steps", "log_every_n_steps", "accumulate_grad_batches"):
