@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from blockdiff import tables
-from blockdiff.config import SEED_MAX, ConfigError, describe_keys, load_config, to_yaml
+from blockdiff.config import SEED_MAX, ConfigError, describe_keys, load_config, path_problem, to_yaml
 from blockdiff.errors import MissingFileError, UsageError, UserError
 from blockdiff.sampling.config import SAMPLERS
 
@@ -39,8 +39,10 @@ def cmd_train(args) -> None:
     from blockdiff.train import train
 
     if args.resume:
-        if not os.path.exists(args.resume):
-            raise MissingFileError(f"--resume {args.resume}: no such run directory or checkpoint file")
+        if not os.path.isdir(args.resume) and path_problem(args.resume) is not None:
+            raise MissingFileError(
+                f"--resume {args.resume} {path_problem(args.resume)}; pass a run directory or a .ckpt file"
+            )
         run_dir = run_dir_of(args.resume)
         saved = run_dir / "config.yaml"
         if not saved.is_file():
@@ -87,6 +89,8 @@ def cmd_eval(args) -> None:
     """Evaluate a trained model (run dir or model dir): NELBO, perplexity bound and bits/byte on held-out text."""
     from blockdiff.evaluate import evaluate
 
+    if args.max_batches is not None and args.max_batches < 1:
+        raise UsageError(f"--max-batches must be >= 1 (leave it out to use every held-out batch), got {args.max_batches}")
     if args.block_length is not None and any(o.split("=", 1)[0].strip() == "model.block_length" for o in args.overrides):
         raise UsageError("give the block length once: --block-length N or model.block_length=N, not both")
     if args.base_ppl or args.gen:

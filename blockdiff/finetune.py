@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from blockdiff.config import Config, load_config
+from blockdiff.config import Config, load_config, path_problem
 from blockdiff.errors import MissingFileError, UsageError
 
 __all__ = ["FINETUNE_DEFAULTS", "finetune_config", "export_checkpoint"]
@@ -61,11 +61,13 @@ def export_checkpoint(
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():  # a run directory
         checkpoint = checkpoint / CHECKPOINTS / LAST
-    if not checkpoint.is_file():
-        raise MissingFileError(f"checkpoint {checkpoint} does not exist; pass a .ckpt file or a run directory")
+    problem = path_problem(checkpoint)
+    if problem is not None:
+        raise MissingFileError(f"checkpoint {checkpoint} {problem}; pass a .ckpt file or a run directory")
     config_path = Path(config_path) if config_path else checkpoint.parent.parent / CONFIG
-    if not config_path.is_file():
-        raise MissingFileError(f"no run config at {config_path}; pass --config with the run's config.yaml")
+    problem = path_problem(config_path)
+    if problem is not None:
+        raise MissingFileError(f"the run config {config_path} {problem}; pass --run-config with the run's config.yaml")
     cfg = load_config([config_path])
     state = load_checkpoint(checkpoint).get("state_dict")  # weights_only; clear errors naming the file
     if not isinstance(state, dict):

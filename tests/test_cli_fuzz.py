@@ -10,9 +10,8 @@ derandomized (the same examples every run, under a minute on two CPU cores, no t
 * ``sample`` / ``eval`` against one tiny random model directory (made once for the module) with random
   ints (huge, negative, zero), floats (nan, inf, -0.0, 1e308, subnormals) and strings for their flags.
 
-Crashes in code this change does not own (the generation-config checks in ``sampling/``, ``evaluate.py``)
-are kept out of the random search by ``known_crash`` and pinned by the xfail tests at the end, each
-naming issue 15 items 9/10, so they turn green (XPASS) when those checks land.
+The crashes the search found (non-finite or out-of-range temperatures, a subnormal top_p, a huge
+max_new_tokens, a block length <= 0) are fixed and kept as explicit cases at the end.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockdiff.cli import main
@@ -127,25 +126,6 @@ SAMPLERS = [[], ["--sampler", "fixed"], ["--sampler", "ddpm"], ["--sampler", "re
             ["--sampler", "first_hitting"], ["--no-cache"], ["--sampler", "nope"]]
 
 
-def known_crash(verb: str, flags: dict) -> str | None:
-    """Why a command line would hit a crash another change fixes (issue 15 items 9/10), or None."""
-    def num(name):
-        try:
-            return float(flags[name]) if name in flags else None
-        except ValueError:
-            return None  # a string: argparse refuses it
-
-    temperature, top_p, block_length = num("--temperature"), num("--top-p"), num("--block-length")
-    if verb == "sample" and temperature is not None and (
-            math.isnan(temperature) or (temperature > 0 and not 1e-30 <= temperature <= 1e30)):
-        return "sampling: a nan / inf / out-of-float32-range temperature gives nan probabilities"
-    if verb == "sample" and top_p is not None and 0 < top_p < 1e-30:
-        return "sampling: a subnormal top_p gives nan probabilities"
-    if verb == "eval" and block_length is not None and block_length <= 0:
-        return "evaluate: --block-length <= 0 is not checked"
-    return None
-
-
 def _command(data, verb: str, model_dir: Path) -> list[str]:
     table = SAMPLE_FLAGS if verb == "sample" else EVAL_FLAGS
     names = data.draw(st.lists(st.sampled_from(sorted(table)), max_size=4, unique=True))
@@ -153,7 +133,6 @@ def _command(data, verb: str, model_dir: Path) -> list[str]:
     for name in names:
         value = data.draw(st.one_of(table[name], st.text(max_size=6)) if data.draw(st.booleans()) else table[name])
         flags[name] = repr(value) if isinstance(value, float) else str(value)
-    assume(known_crash(verb, flags) is None)
     argv = [verb, str(model_dir)]
     argv += ["--prompt", "Hi", "--max-new-tokens", "8"] if verb == "sample" else ["--max-batches", "1"]
     argv += [f"{name}={value}" for name, value in flags.items()]  # `=`: a value may start with '-'
@@ -172,29 +151,20 @@ def test_eval_flags(model_dir, workdir, data):
     check_cli(_command(data, "eval", model_dir), workdir)
 
 
-# -- crashes owned by issue 15 items 9/10 (kept out of the search above) -----------------------------------
+# -- crashes the search found before the generation and evaluation checks were fixed (kept as fixed cases) ----
 
-KNOWN = [
-    (["sample", "--prompt", "Hi", "--max-new-tokens", "4", "--temperature", "nan"],
-     "sampling/config.py BlockDiffusionGenerationConfig.check: temperature must be finite (nan passes `< 0`)"),
-    (["sample", "--prompt", "Hi", "--max-new-tokens", "4", "--temperature", "inf"],
-     "sampling/config.py check: temperature=inf gives nan probabilities"),
-    (["sample", "--prompt", "Hi", "--max-new-tokens", "4", "--temperature", "1e39"],
-     "sampling/config.py check: temperature beyond float32 range"),
-    (["sample", "--prompt", "Hi", "--max-new-tokens", "4", "--temperature", "1e-40"],
-     "sampling/config.py check / sampling/logits.py: logits / tiny temperature overflow to inf"),
-    (["sample", "--prompt", "Hi", "--max-new-tokens", "4", "--top-p", "5e-324"],
-     "sampling/logits.py: a subnormal top_p keeps no token"),
-    (["sample", "--prompt", "Hi", "--max-new-tokens", "100000000000000000000"],
-     "sampling/config.py check: max_new_tokens >= 2**63 overflows in generation.py (OverflowError)"),
-    (["eval", "--max-batches", "1", "--block-length", "0"],
-     "evaluate.py evaluate_held_out: --block-length 0 is a ZeroDivisionError"),
-    (["eval", "--max-batches", "1", "--block-length", "-4"],
-     "evaluate.py evaluate_held_out: a negative --block-length is a RuntimeError"),
+FOUND = [
+    ["sample", "--prompt", "Hi", "--max-new-tokens", "4", "--temperature", "nan"],
+    ["sample", "--prompt", "Hi", "--max-new-tokens", "4", "--temperature", "inf"],
+    ["sample", "--prompt", "Hi", "--max-new-tokens", "4", "--temperature", "1e39"],
+    ["sample", "--prompt", "Hi", "--max-new-tokens", "4", "--temperature", "1e-40"],
+    ["sample", "--prompt", "Hi", "--max-new-tokens", "4", "--top-p", "5e-324"],
+    ["sample", "--prompt", "Hi", "--max-new-tokens", "100000000000000000000"],
+    ["eval", "--max-batches", "1", "--block-length", "0"],
+    ["eval", "--max-batches", "1", "--block-length", "-4"],
 ]
 
 
-@pytest.mark.parametrize("argv, where", KNOWN, ids=[" ".join(a[1:]) if a[0] == "eval" else " ".join(a[3:]) for a, _ in KNOWN])
-def test_known_crashes_of_issue_15_items_9_10(argv, where, model_dir, workdir, request):
-    request.applymarker(pytest.mark.xfail(reason=f"issue 15 items 9/10, not this change: {where}", strict=False))
+@pytest.mark.parametrize("argv", FOUND, ids=[" ".join(a[1:]) if a[0] == "eval" else " ".join(a[3:]) for a in FOUND])
+def test_crashes_the_search_found_are_clear_errors_now(argv, model_dir, workdir):
     check_cli([argv[0], str(model_dir), *argv[1:]], workdir)

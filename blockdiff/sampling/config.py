@@ -27,6 +27,7 @@ from blockdiff.sampling.threshold import ThresholdSampler
 __all__ = ["BlockDiffusionGenerationConfig", "GENERATION_CONFIG_FILE", "SAMPLERS", "HONOURED", "make_sampler"]
 
 GENERATION_CONFIG_FILE = "blockdiff_generation_config.json"
+TEMPERATURE_RANGE = (1e-4, 1e4)  # a positive temperature must lie here; 0 is greedy
 SAMPLERS = ("threshold", "first_hitting", "fixed", "ddpm", "remask", "entropy_bound")
 
 _OURS = {
@@ -101,6 +102,12 @@ class BlockDiffusionGenerationConfig(GenerationConfig):
             raise UsageError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if self.temperature is not None and (not _is_real(self.temperature) or self.temperature < 0):
             raise UsageError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.temperature and not TEMPERATURE_RANGE[0] <= self.temperature <= TEMPERATURE_RANGE[1]:
+            # logits / temperature overflows float32 outside this range (nan probabilities)
+            raise UsageError(
+                f"temperature={self.temperature!r} is outside [{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}]; "
+                "use 0 for greedy decoding, or a temperature in that range"
+            )
         if self.do_sample not in (None, True, False):
             raise UsageError(f"do_sample must be true or false, got {self.do_sample!r}")
         if self.min_new_tokens is not None and (not _is_int(self.min_new_tokens) or self.min_new_tokens < 0):
