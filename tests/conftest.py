@@ -63,3 +63,21 @@ def write_tiny_model_dir(root):
     model = BlockDiffusionLM(backbone, BlockDiffusionSpec(tok.mask_token_id, 4, False, 32))
     export_model(model, tok, cfg, root / "model")
     return root / "model"
+
+
+@pytest.fixture(scope="module")
+def private_datasets_cache(tmp_path_factory):
+    """A datasets cache of the test module's own, so packed corpora never leak between tests or into ~/.cache."""
+    import datasets
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, private_datasets_cache):
+    """A ~15-window text corpus for tiny training runs (context 32, byte tokenizer)."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. A cat sat on the mat.\n" * 8)
+    return path

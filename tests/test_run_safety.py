@@ -13,7 +13,6 @@ import errno
 import os
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 
@@ -34,17 +33,8 @@ TINY = [
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _private_datasets_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets")))
-        yield
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("The quick brown fox jumps over the lazy dog. A cat sat on the mat.\n" * 8)
-    return path
+def _private_datasets_cache(private_datasets_cache):
+    yield
 
 
 def args(corpus: Path, run: Path, *extra: str) -> list[str]:
