@@ -81,3 +81,21 @@ def corpus(tmp_path_factory, private_datasets_cache):
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("The quick brown fox jumps over the lazy dog. A cat sat on the mat.\n" * 8)
     return path
+
+
+def train_tiny_cli_run(tmp):
+    """A tiny run trained for 3 steps through ``blockdiff train`` (context 32, block length 4) under ``tmp``."""
+    import datasets
+
+    from blockdiff.cli import main
+
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. A cat sat on the mat.\n" * 60)
+    with pytest.MonkeyPatch.context() as mp:  # keep datasets' cache of the corpus out of the home cache
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp / "hf_datasets"))
+        rc = main(["train", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "data.max_seq_len=32",
+                   "data.batch_size=4", "data.tokenizer=bytes", f"data.source={corpus}", "trainer.max_steps=3",
+                   "trainer.max_minutes=null", "trainer.val_every_n_steps=3", "trainer.limit_val_batches=1",
+                   "trainer.accelerator=cpu", f"trainer.out_dir={tmp / 'run'}"])
+    assert rc == 0
+    return tmp / "run"

@@ -31,13 +31,12 @@ import json
 import re
 import sys
 
-import datasets
 import pytest
 import torch
 
 from blockdiff.sampling.config import SAMPLERS as ALL_SAMPLERS
 from blockdiff.sampling.generation import GenerationOutput, _block_logits, _layout
-from conftest import MASK_ID, random_tokens, tiny_model
+from conftest import MASK_ID, random_tokens, tiny_model, train_tiny_cli_run
 
 PAD = 0
 SAMPLERS = list(ALL_SAMPLERS)  # every sampler the config accepts, new ones included
@@ -355,20 +354,8 @@ def test_same_seed_same_output_other_seed_other_output(sampler):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A tiny checkpoint trained for 3 steps through ``blockdiff train``."""
-    from blockdiff.cli import main
-
-    tmp = tmp_path_factory.mktemp("sample_cli")
-    corpus = tmp / "corpus.txt"
-    corpus.write_text("The quick brown fox jumps over the lazy dog. A cat sat on the mat.\n" * 60)
-    with pytest.MonkeyPatch.context() as mp:  # keep datasets' cache of the corpus out of the home cache
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp / "hf_datasets"))
-        rc = main(["train", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "data.max_seq_len=32",
-                   "data.batch_size=4", "data.tokenizer=bytes", f"data.source={corpus}", "trainer.max_steps=3",
-                   "trainer.max_minutes=null", "trainer.val_every_n_steps=3", "trainer.limit_val_batches=1",
-                   "trainer.accelerator=cpu", f"trainer.out_dir={tmp / 'run'}"])
-    assert rc == 0
-    return tmp / "run"
+    """A tiny run trained for 3 steps through ``blockdiff train`` (context 32, block length 4)."""
+    return train_tiny_cli_run(tmp_path_factory.mktemp("sample_cli"))
 
 
 def _samples(out: str) -> dict[int, tuple[int, str]]:

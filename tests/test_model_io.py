@@ -28,7 +28,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 from rich.console import Console
@@ -41,7 +40,7 @@ from blockdiff.model import BlockDiffusionConfig, BlockDiffusionLM, BlockDiffusi
 from blockdiff.sampling import sample_texts
 from blockdiff.sampling.watch import LiveView
 from blockdiff.tokenizer import byte_tokenizer
-from conftest import random_tokens, tiny_model
+from conftest import random_tokens, tiny_model, train_tiny_cli_run
 
 
 def sharp(model: BlockDiffusionLM) -> BlockDiffusionLM:
@@ -76,17 +75,7 @@ def model_dir(tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny run trained for 3 steps through ``blockdiff train`` (context 32, block length 4)."""
-    tmp = tmp_path_factory.mktemp("io_run")
-    corpus = tmp / "corpus.txt"
-    corpus.write_text("The quick brown fox jumps over the lazy dog. A cat sat on the mat.\n" * 60)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp / "hf_datasets"))
-        rc = main(["train", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "data.max_seq_len=32",
-                   "data.batch_size=4", "data.tokenizer=bytes", f"data.source={corpus}", "trainer.max_steps=3",
-                   "trainer.max_minutes=null", "trainer.val_every_n_steps=3", "trainer.limit_val_batches=1",
-                   "trainer.accelerator=cpu", f"trainer.out_dir={tmp / 'run'}"])
-        assert rc == 0
-        yield tmp / "run"
+    return train_tiny_cli_run(tmp_path_factory.mktemp("io_run"))
 
 
 def exits_2(args: list[str], capsys, *needles: str) -> str:
