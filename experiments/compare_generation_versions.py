@@ -1,0 +1,57 @@
+"""Does a change slow generation down? Time the same generation under two source trees, round-robin.
+
+    git worktree add /tmp/before <commit>
+    OMP_WAIT_POLICY=PASSIVE python experiments/compare_generation_versions.py /tmp/before . --rounds 6
+
+Each round runs one subprocess per tree (``PYTHONPATH=<tree>``): a random demo-sized model (hidden 192,
+4 layers, vocab 2048, block length 4), 256 new tokens with the threshold sampler (tau 0.9, temperature
+0.8, seeded), one warm-up call first. Prints the per-round ratio (after / before) and its median.
+OMP_WAIT_POLICY=PASSIVE is set for the children (libgomp's spin-waiting makes shared-machine timings erratic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+
+CHILD = r"""
+import time, torch
+torch.set_num_threads(2)
+from blockdiff.config import ModelConfig
+from blockdiff.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
+torch.manual_seed(0)
+cfg = ModelConfig(hidden_size=192, num_layers=4, num_heads=4, block_length=4)
+model = BlockDiffusionLM(build_backbone(cfg, vocab_size=2048, max_seq_len=512).eval(), BlockDiffusionSpec(2047, 4, False, 512))
+ids = [[1, 5, 9, 13]]
+model.generate(ids, max_new_tokens=32, sampler="threshold", temperature=0.0, eos_token_id=None)
+start = time.perf_counter()
+out = model.generate(ids, max_new_tokens=256, sampler="threshold", tau=0.9, temperature=0.8, eos_token_id=None, seed=0)
+print(time.perf_counter() - start, out.nfe)
+"""
+
+
+def seconds(tree: str) -> float:
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(tree), "OMP_WAIT_POLICY": "PASSIVE"}
+    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True, cwd="/")
+    return float(out.stdout.split()[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("before")
+    parser.add_argument("after")
+    parser.add_argument("--rounds", type=int, default=6)
+    args = parser.parse_args()
+    ratios = []
+    for r in range(args.rounds):
+        before, after = seconds(args.before), seconds(args.after)
+        ratios.append(after / before)
+        print(f"round {r}: before {before:.2f} s, after {after:.2f} s, ratio {ratios[-1]:.3f}", flush=True)
+    print(f"median after/before: {statistics.median(ratios):.3f} over {args.rounds} rounds")
+
+
+if __name__ == "__main__":
+    main()
