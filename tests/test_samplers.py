@@ -417,3 +417,25 @@ def test_choose_tokens_samples_the_filtered_tempered_distribution():
     freq = torch.bincount(tokens.flatten(), minlength=4).float() / tokens.numel()
     assert torch.allclose(freq, (base / 2).softmax(-1), atol=0.015)
     assert torch.allclose(conf, base.exp()[tokens])  # untempered, whatever the temperature
+
+
+def test_ddpm_sampling_follows_the_schedule_the_model_was_trained_with(monkeypatch):
+    """A cosine-trained model is sampled with the cosine alpha(t), not the log-linear one (issue 10's bug)."""
+    from dataclasses import replace
+
+    from blockdiff.noise import CosineSchedule
+    from blockdiff.sampling.ddpm import DDPMSampler
+    from conftest import tiny_model
+
+    seen = []
+    original = DDPMSampler.__init__
+
+    def record(self, schedule=None):
+        original(self, schedule)
+        seen.append(type(self.schedule))
+
+    monkeypatch.setattr(DDPMSampler, "__init__", record)
+    model = tiny_model(block_length=4)
+    model.spec = replace(model.spec, schedule="cosine")
+    model.generate([[1, 2, 3]], max_new_tokens=8, sampler="ddpm", steps_per_block=4, seed=0, eos_token_id=None)
+    assert seen.count(CosineSchedule) >= 2  # one sampler per block, each on the trained cosine alpha(t)

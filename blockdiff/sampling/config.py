@@ -148,8 +148,9 @@ class BlockDiffusionGenerationConfig(GenerationConfig):
         return out
 
 
-def make_sampler(config: BlockDiffusionGenerationConfig):
-    """The sampler object named by ``config.sampler``."""
+def make_sampler(config: BlockDiffusionGenerationConfig, schedule=None):
+    """The sampler object named by ``config.sampler``; ``schedule`` is the noise schedule the model was trained
+    with (the ancestral sampler's reveal probabilities follow its alpha(t); default log-linear)."""
     if config.sampler == "threshold":
         return ThresholdSampler(config.tau)
     if config.sampler == "first_hitting":
@@ -157,7 +158,7 @@ def make_sampler(config: BlockDiffusionGenerationConfig):
     if config.sampler == "fixed":
         return FixedStepSampler(config.tokens_per_step)
     if config.sampler == "ddpm":
-        return DDPMSampler()
+        return DDPMSampler(schedule)
     if config.sampler == "remask":
         return RemaskingSampler(config.remask_threshold, config.max_remask)
     if config.sampler == "entropy_bound":

@@ -40,6 +40,7 @@ import torch
 from transformers import DynamicCache
 
 from blockdiff.errors import UsageError
+from blockdiff.noise import make_schedule
 from blockdiff.sampling.base import BlockState, reveal
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig, make_sampler
 from blockdiff.sampling.logits import choose_tokens
@@ -288,7 +289,8 @@ def _denoise_block(model, st: _State, start: int, config, generator, observer, e
     tokens = st.cols[act, start:].masked_fill(after_prompt, mask_id)  # (b, l): prompt tail, then masks
     num_steps = config.steps_per_block or l
     state = BlockState(tokens, in_gen.clone(), in_gen, torch.ones(tokens.shape, device=device), 0, num_steps)
-    sampler, hard_cap = make_sampler(config), num_steps + 2 * l  # samplers finish sooner; the cap guards bugs
+    sampler = make_sampler(config, make_schedule(model.spec.schedule))  # DDPM follows the trained alpha(t)
+    hard_cap = num_steps + 2 * l  # samplers finish sooner; the cap guards bugs
     if isinstance(generator, list):  # per-sample generators of the samples still in the batch
         generator = [generator[i] for i in st.active]
     logits, changed = None, True
