@@ -378,16 +378,13 @@ def _tokenizer_and_backbone(cfg: Config, docs, tokenizer=None):
 def _refuse_blockdiff_model_as_base(cfg: Config) -> None:
     """A blockdiff model given as ``model.pretrained`` would be read as a plain AR decoder and get the logit shift
     of one (on), silently flipping a from-scratch model's; continuing it is what ``model.init_from`` is for."""
-    import json
+    from blockdiff.model_files import read_json_file
 
     source = Path(cfg.model.pretrained)
     spec_file = next((d / SPEC_FILE for d in (source, source / MODEL) if (d / SPEC_FILE).is_file()), None)
     if spec_file is None or cfg.model.logit_shift is not None:
         return
-    try:
-        shift = json.loads(spec_file.read_text()).get("logit_shift")
-    except (OSError, ValueError, AttributeError):
-        shift = "unknown"
+    shift = read_json_file(spec_file).get("logit_shift")  # a damaged file is an error naming it
     raise ConfigError(
         f"model.pretrained={cfg.model.pretrained} is a blockdiff model (trained with logit_shift={shift}), not a plain "
         f"decoder; continue training it with model.init_from={cfg.model.pretrained} (keeps its tokenizer and logit "
