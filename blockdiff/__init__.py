@@ -6,8 +6,8 @@ Importing the package registers the ``blockdiff`` model type with transformers' 
 """
 
 from blockdiff.config import Config, ConfigError, load_config
-from blockdiff.loss import LossOutput, block_diffusion_loss
-from blockdiff.model import BlockDiffusionConfig, BlockDiffusionLM, BlockDiffusionSpec, build_backbone, register_auto_classes
+from blockdiff.core.loss import LossOutput, block_diffusion_loss
+from blockdiff.modeling.model import BlockDiffusionConfig, BlockDiffusionLM, BlockDiffusionSpec, build_backbone, register_auto_classes
 
 __version__ = "0.1.0"
 

@@ -54,12 +54,12 @@ from transformers.utils import logging as hf_logging
 
 from _report import cpu_model, print_report, write_report  # experiments/_report.py
 from blockdiff.config import ModelConfig
-from blockdiff.evaluate import load_model_dir
-from blockdiff.judge import unigram_entropy
-from blockdiff.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
+from blockdiff.evaluation.nelbo import load_model_dir
+from blockdiff.evaluation.judge import unigram_entropy
+from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
 from blockdiff.sampling.text import encode_prompts
-from blockdiff.tokenizer import byte_tokenizer
+from blockdiff.modeling.tokenizer import byte_tokenizer
 
 PROMPTS = ["ROMEO.\n", "JULIET.\n", "HAMLET.\n", "KING LEAR.\n", "MACBETH.\n", "OTHELLO.\n", "PORTIA.\n", "FALSTAFF.\n"]
 BLOCK_LENGTHS = (4, 8, 16)

@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 
 from _report import cpu_model, write_report
 
-from blockdiff.checkpoint import CheckpointError, load_checkpoint
+from blockdiff.training.checkpoint import CheckpointError, load_checkpoint
 
 STEPS = 100
 ARGS = [

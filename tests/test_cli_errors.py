@@ -11,7 +11,7 @@
   piped, a single seed shows no "± nan", a re-launched sweep refuses finished runs whose config changed
   (``--rerun-changed`` trains them again), ``--version`` prints the version.
 
-Everything runs ``blockdiff.cli.main`` in-process on tiny inputs (no training), except one subprocess run.
+Everything runs ``blockdiff.cli.app`` in-process on tiny inputs (no training), except one subprocess run.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ import torch
 import yaml
 
 import blockdiff
-import blockdiff.cli as cli
-import blockdiff.sweep as sweep_mod
-from blockdiff.checkpoint import CheckpointError, load_checkpoint
+import blockdiff.cli.app as cli
+import blockdiff.sweeps.runner as sweep_mod
+from blockdiff.training.checkpoint import CheckpointError, load_checkpoint
 from blockdiff.cli import main
 from blockdiff.config import SEED_MAX, ConfigError, describe_keys, load_config, to_yaml
 from blockdiff.errors import UsageError
-from blockdiff.sweep import load_sweep, run_sweep
+from blockdiff.sweeps.runner import load_sweep, run_sweep
 from conftest import write_tiny_model_dir
 
 MARKUP = ["[/x]", "[bold red]x[/]", "[link=file:///etc]y[/link]"]

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blockdiff.clip_search import block_nelbo_samples, select_clip_window
+from blockdiff.core.clip_search import block_nelbo_samples, select_clip_window
 from blockdiff.config import ConfigError, load_config
-from blockdiff.loss import block_diffusion_loss
-from blockdiff.noise import make_schedule
+from blockdiff.core.loss import block_diffusion_loss
+from blockdiff.core.noise import make_schedule
 from conftest import random_tokens, tiny_model
 
 
@@ -61,7 +61,7 @@ def test_clip_grid_config_errors():
 
 def _module(**noise):
     from blockdiff.config import NoiseConfig, OptimConfig
-    from blockdiff.lightning_module import BlockDiffusionModule
+    from blockdiff.training.lightning_module import BlockDiffusionModule
 
     module = BlockDiffusionModule(tiny_model(block_length=4, max_seq_len=32), NoiseConfig(**noise), OptimConfig(), 10, 1.0)
     logged = {}

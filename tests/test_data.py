@@ -26,8 +26,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from blockdiff.config import DataConfig
-from blockdiff.data import DataError, load_documents, pack_documents
-from blockdiff.tokenizer import (
+from blockdiff.data.corpus import DataError, load_documents, pack_documents
+from blockdiff.modeling.tokenizer import (
     SPECIAL_TOKENS,
     build_tokenizer,
     byte_tokenizer,

@@ -476,7 +476,7 @@ def test_trainer_predict_batches_prompts_into_generation_outputs():
     from torch.utils.data import DataLoader
 
     from blockdiff.config import NoiseConfig, OptimConfig
-    from blockdiff.lightning_module import BlockDiffusionModule
+    from blockdiff.training.lightning_module import BlockDiffusionModule
 
     model = sharp_model(4)
     module = BlockDiffusionModule(model, NoiseConfig(), OptimConfig(), max_steps=1, tokens_per_byte=1.0)
@@ -542,7 +542,7 @@ def test_a_streamer_needs_a_single_prompt():
 
 
 def test_generation_config_round_trips_through_save_pretrained(tmp_path):
-    from blockdiff.model import BlockDiffusionLM
+    from blockdiff.modeling.model import BlockDiffusionLM
 
     model = tiny_model(4, max_seq_len=64)
     cfg = model.generation_config

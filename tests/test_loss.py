@@ -1,4 +1,4 @@
-"""Tests for ``blockdiff/loss.py`` and the identities of DESIGN.md §2 that prove the math is right.
+"""Tests for ``blockdiff/core/loss.py`` and the identities of DESIGN.md §2 that prove the math is right.
 
 a. ``block_length = 1`` + logit shift + "mask everything" (``t = 1``) is exactly AR next-token CE.
 b. ``block_length = 1`` without shift + ``t = 1`` is AR with a mask query: position ``i`` is predicted
@@ -21,9 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blockdiff.loss import bits_per_byte, block_diffusion_loss, nelbo
-from blockdiff.masks import block_causal_mask
-from blockdiff.noise import CosineSchedule, LogLinearSchedule, add_noise, sample_t
+from blockdiff.core.loss import bits_per_byte, block_diffusion_loss, nelbo
+from blockdiff.core.masks import block_causal_mask
+from blockdiff.core.noise import CosineSchedule, LogLinearSchedule, add_noise, sample_t
 from conftest import MASK_ID, VOCAB, random_tokens, tiny_model
 
 FAMILIES = ["llama", "qwen2", "gpt2"]

@@ -1,4 +1,4 @@
-"""Tests for ``blockdiff/masks.py``: the three-part training mask and the sampling mask (DESIGN.md §2).
+"""Tests for ``blockdiff/core/masks.py``: the three-part training mask and the sampling mask (DESIGN.md §2).
 
 Every mask is checked cell by cell against a reference written here with plain Python loops over
 query ``q`` and key ``k`` of the doubled ``x_t ⊕ x_0`` sequence, straight from the prose of DESIGN.md:
@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blockdiff.masks import (
+from blockdiff.core.masks import (
     block_causal,
     block_causal_mask,
     block_diagonal,

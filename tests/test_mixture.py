@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from blockdiff.config import ConfigError, load_config
-from blockdiff.evaluate import evaluate_nelbo
-from blockdiff.loss import block_diffusion_loss, draw_block_lengths, mixture_loss
-from blockdiff.masks import training_mask
-from blockdiff.noise import make_schedule
+from blockdiff.evaluation.nelbo import evaluate_nelbo
+from blockdiff.core.loss import block_diffusion_loss, draw_block_lengths, mixture_loss
+from blockdiff.core.masks import training_mask
+from blockdiff.core.noise import make_schedule
 from conftest import random_tokens, tiny_model
 
 N = 32
@@ -105,7 +105,7 @@ def test_evaluate_at_another_block_length():
 
 def test_training_step_uses_the_mixture():
     from blockdiff.config import NoiseConfig, OptimConfig
-    from blockdiff.lightning_module import BlockDiffusionModule
+    from blockdiff.training.lightning_module import BlockDiffusionModule
 
     model = tiny_model(block_length=4, max_seq_len=N)
     module = BlockDiffusionModule(model, NoiseConfig(), OptimConfig(), 10, 1.0, block_length_mixture={2: 0.5, 16: 0.5})

@@ -35,11 +35,11 @@ from rich.console import Console
 from blockdiff.cli import main
 from blockdiff.config import ModelConfig
 from blockdiff.errors import UsageError, UserError
-from blockdiff.evaluate import evaluate, load_model_dir
-from blockdiff.model import BlockDiffusionConfig, BlockDiffusionLM, BlockDiffusionSpec, build_backbone, resolve_device
+from blockdiff.evaluation.nelbo import evaluate, load_model_dir
+from blockdiff.modeling.model import BlockDiffusionConfig, BlockDiffusionLM, BlockDiffusionSpec, build_backbone, resolve_device
 from blockdiff.sampling import sample_texts
 from blockdiff.sampling.watch import LiveView
-from blockdiff.tokenizer import byte_tokenizer
+from blockdiff.modeling.tokenizer import byte_tokenizer
 from conftest import random_tokens, tiny_model, train_tiny_cli_run
 
 
@@ -182,7 +182,7 @@ def test_save_pretrained_writes_safetensors_and_a_blockdiff_config(model_dir):
 def test_load_decoder_of_a_blockdiff_directory_gives_the_plain_decoder(model_dir):
     from transformers import PreTrainedModel
 
-    from blockdiff.pretrained import load_decoder
+    from blockdiff.modeling.pretrained import load_decoder
 
     backbone, tokenizer, _ = load_decoder(str(model_dir))
     assert isinstance(backbone, PreTrainedModel) and not isinstance(backbone, BlockDiffusionLM)
@@ -397,7 +397,7 @@ def test_eval_block_length_zero_is_a_one_line_error(run_dir, capsys):
 @pytest.mark.parametrize("content", [b"GGUF\x03\x00", b"GGUF\x03\x00\x00\x00" + b"\x05" + b"\x00" * 15, b"PK\x03\x04zip"],
                          ids=["truncated-version", "truncated-counts", "not-gguf"])
 def test_a_truncated_gguf_is_a_clear_error_naming_the_file(tmp_path, content):
-    from blockdiff.pretrained import load_decoder, load_pretrained
+    from blockdiff.modeling.pretrained import load_decoder, load_pretrained
 
     path = tmp_path / "model.gguf"
     path.write_bytes(content)
@@ -410,7 +410,7 @@ def test_a_gguf_truncated_after_its_header_is_a_clear_error_naming_the_file(tmp_
     import numpy as np
     from gguf import GGUFWriter
 
-    from blockdiff.pretrained import load_decoder
+    from blockdiff.modeling.pretrained import load_decoder
 
     writer = GGUFWriter(str(tmp_path / "whole.gguf"), "llama")
     writer.add_block_count(2)

@@ -1,4 +1,4 @@
-"""Tests for ``blockdiff/noise.py``: schedules, ``sample_t`` and the absorbing forward process.
+"""Tests for ``blockdiff/core/noise.py``: schedules, ``sample_t`` and the absorbing forward process.
 
 * ``alpha(t)`` and ``loss_weight(t)`` against hand-computed values, and the weight against
   ``-alpha'(t) / (1 - alpha(t))`` with ``alpha'`` from autograd;
@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from blockdiff.noise import CosineSchedule, LogLinearSchedule, add_noise, make_schedule, sample_t
+from blockdiff.core.noise import CosineSchedule, LogLinearSchedule, add_noise, make_schedule, sample_t
 
 MASK = 99
 

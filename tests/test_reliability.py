@@ -20,12 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from blockdiff.callbacks import NonFiniteLoss, TrainingInterrupted
-from blockdiff.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint, resolve_resume
+from blockdiff.training.callbacks import NonFiniteLoss, TrainingInterrupted
+from blockdiff.training.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint, resolve_resume
 from blockdiff.cli import main
 from blockdiff.config import ConfigError, load_config
-from blockdiff.lightning_module import BlockDiffusionModule
-from blockdiff.train import train
+from blockdiff.training.lightning_module import BlockDiffusionModule
+from blockdiff.training.train import train
 
 N_STEPS = 8
 TINY = [
@@ -117,7 +117,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(straight, corpus, tmp_
 def test_killed_while_exporting_resume_finishes_the_run(straight, corpus, tmp_path, monkeypatch):
     run = tmp_path / "run"
     with monkeypatch.context() as mp:
-        mp.setattr("blockdiff.train.export_model", lambda *args: kill(None, None))
+        mp.setattr("blockdiff.training.train.export_model", lambda *args: kill(None, None))
         with pytest.raises(Killed):
             train(config(corpus, run), progress=False)
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == N_STEPS
@@ -261,7 +261,7 @@ def test_disk_full_during_save_leaves_the_previous_checkpoint_intact(tmp_path, m
         f.write(b"x" * 4096)  # part of the file gets out, then the disk is full
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("blockdiff.checkpoint.torch.save", full_disk)
+    monkeypatch.setattr("blockdiff.training.checkpoint.torch.save", full_disk)
     with pytest.raises(OSError, match="No space left on device") as info:
         io.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "global_step": 2}, path)
     assert str(path) in str(info.value) and "intact" in str(info.value)

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from blockdiff.checkpoint import load_checkpoint
+from blockdiff.training.checkpoint import load_checkpoint
 from blockdiff.cli import main
 from blockdiff.config import ConfigError, ModelConfig, load_config
 from blockdiff.errors import StorageError, WouldOverwriteError
-from blockdiff.evaluate import load_model_dir
-from blockdiff.lightning_module import BlockDiffusionModule
-from blockdiff.train import train
+from blockdiff.evaluation.nelbo import load_model_dir
+from blockdiff.training.lightning_module import BlockDiffusionModule
+from blockdiff.training.train import train
 
 TINY = [
     "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "data.max_seq_len=32", "data.batch_size=4",
@@ -246,7 +246,7 @@ def test_disk_full_at_the_first_checkpoint_is_a_clear_error_that_leaves_nothing(
         f.write(b"x" * 512)
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
-    monkeypatch.setattr("blockdiff.checkpoint.torch.save", full_disk)
+    monkeypatch.setattr("blockdiff.training.checkpoint.torch.save", full_disk)
     assert main(["train", *args(corpus, run_dir, "trainer.max_steps=4")]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "could not write checkpoint" in err and "start the run again" in err and "Traceback" not in err
@@ -262,9 +262,9 @@ def test_disk_full_during_export_keeps_the_previous_export_and_leaves_no_staging
         (Path(directory) / "model.safetensors").write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("blockdiff.model.BlockDiffusionLM.save_pretrained", full_disk)
+    monkeypatch.setattr("blockdiff.modeling.model.BlockDiffusionLM.save_pretrained", full_disk)
     with pytest.raises(StorageError, match="nothing under"):
-        from blockdiff.finetune import export_checkpoint
+        from blockdiff.training.finetune import export_checkpoint
 
         export_checkpoint(run, out, overwrite=True)
     assert tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

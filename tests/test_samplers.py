@@ -423,7 +423,7 @@ def test_ddpm_sampling_follows_the_schedule_the_model_was_trained_with(monkeypat
     """A cosine-trained model is sampled with the cosine alpha(t), not the log-linear one (issue 10's bug)."""
     from dataclasses import replace
 
-    from blockdiff.noise import CosineSchedule
+    from blockdiff.core.noise import CosineSchedule
     from blockdiff.sampling.ddpm import DDPMSampler
     from conftest import tiny_model
 

@@ -6,7 +6,7 @@ What is checked here (CPU, offline, tiny settings: hidden 32, 2 layers, context 
   holds config, checkpoint, CSV log and an exported ``model/``; the exported model reproduces the final
   validation NELBO that the in-memory model logged, and ``evaluate`` is finite, seeded and consistent
   (``ppl = exp(nll)``, ``bpb = nll / ln 2 * tokens_per_byte``);
-* the CLI (``blockdiff.cli.main``): ``train`` / ``eval`` / ``sample`` on the bundled Shakespeare corpus,
+* the CLI (``blockdiff.cli.app``): ``train`` / ``eval`` / ``sample`` on the bundled Shakespeare corpus,
   ``config show`` / ``validate``, and user errors that exit with status 2 and leave nothing behind;
   the ``blockdiff`` entry point and ``python -m blockdiff.cli`` in a subprocess;
 * a model directory whose tokenizer does not match its embeddings is refused;
@@ -32,10 +32,10 @@ import yaml
 
 from blockdiff.cli import main
 from blockdiff.config import ModelConfig, load_config, to_yaml
-from blockdiff.evaluate import evaluate, load_model_dir
-from blockdiff.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
-from blockdiff.tokenizer import byte_tokenizer, train_bpe
-from blockdiff.train import export_model, train
+from blockdiff.evaluation.nelbo import evaluate, load_model_dir
+from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
+from blockdiff.modeling.tokenizer import byte_tokenizer, train_bpe
+from blockdiff.training.train import export_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

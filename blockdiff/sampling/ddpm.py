@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from blockdiff.noise import LogLinearSchedule
+from blockdiff.core.noise import LogLinearSchedule
 from blockdiff.sampling.base import BlockState, StepResult, reveal, uniform
 
 __all__ = ["DDPMSampler"]

@@ -40,7 +40,7 @@ import torch
 from transformers import DynamicCache
 
 from blockdiff.errors import UsageError
-from blockdiff.noise import make_schedule
+from blockdiff.core.noise import make_schedule
 from blockdiff.sampling.base import BlockState, reveal
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig, make_sampler
 from blockdiff.sampling.logits import choose_tokens

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from blockdiff.config import load_config
-from blockdiff.train import build_model, export_model
+from blockdiff.training.train import build_model, export_model
 
 
 def main(run_dir: str, out_dir: str) -> None:

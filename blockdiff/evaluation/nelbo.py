@@ -17,11 +17,11 @@ import torch
 from transformers import AutoTokenizer
 
 from blockdiff.config import Config, load_config
-from blockdiff.data import collate_windows, load_documents, pack_documents
+from blockdiff.data.corpus import collate_windows, load_documents, pack_documents
 from blockdiff.errors import MissingFileError, UsageError
-from blockdiff.loss import bits_per_byte, block_diffusion_loss
-from blockdiff.model import SPEC_FILE, BlockDiffusionLM, read_json_file
-from blockdiff.noise import make_schedule
+from blockdiff.core.loss import bits_per_byte, block_diffusion_loss
+from blockdiff.modeling.model import SPEC_FILE, BlockDiffusionLM, read_json_file
+from blockdiff.core.noise import make_schedule
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total): what a long evaluation is doing
 

@@ -26,8 +26,8 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from blockdiff.errors import MissingFileError, MissingPackageError, UsageError, UserError
-from blockdiff.model import SPEC_FILE, BlockDiffusionLM
-from blockdiff.tokenizer import ensure_special_tokens, load_tokenizer
+from blockdiff.modeling.model import SPEC_FILE, BlockDiffusionLM
+from blockdiff.modeling.tokenizer import ensure_special_tokens, load_tokenizer
 
 __all__ = [
     "OFFLINE_MODELS", "ResolvedSource", "resolve_source", "load_decoder", "load_pretrained", "add_token_rows",

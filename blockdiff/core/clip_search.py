@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from blockdiff.noise import add_noise, sample_t
+from blockdiff.core.noise import add_noise, sample_t
 
 __all__ = ["ClipChoice", "block_nelbo_samples", "select_clip_window"]
 

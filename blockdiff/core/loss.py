@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from blockdiff.noise import add_noise, sample_t
+from blockdiff.core.noise import add_noise, sample_t
 
 __all__ = ["LossOutput", "nelbo", "block_diffusion_loss", "draw_block_lengths", "mixture_loss", "bits_per_byte"]
 

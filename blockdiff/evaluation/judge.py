@@ -35,7 +35,7 @@ class Judge:
 
 def load_judge(name: str, trust_remote_code: bool = False, device: str | torch.device | None = None) -> Judge:
     """A frozen decoder as it was published: no tokens added, no masks checked."""
-    from blockdiff.pretrained import load_decoder
+    from blockdiff.modeling.pretrained import load_decoder
 
     model, tokenizer, _ = load_decoder(name, trust_remote_code, what="--base/--judge")
     if device is not None:
@@ -181,7 +181,7 @@ def compare_with_base(
 ) -> Comparison:
     """NELBO bound (at ``block_length``, default the model's) vs the base model's exact AR perplexity on the same
     tokens, then judged samples (``num_samples=0`` skips them)."""
-    from blockdiff.evaluate import evaluate_held_out, load_model_dir
+    from blockdiff.evaluation.nelbo import evaluate_held_out, load_model_dir
 
     loaded = load_model_dir(path, overrides, device)
     cfg = loaded.config

@@ -34,9 +34,9 @@ def cmd_train(args) -> None:
     `--resume RUN_DIR` (or a .ckpt file) continues a stopped run exactly, with the run's own config.yaml
     (trailing trainer.* overrides such as trainer.max_steps=2000 may extend it).
     """
-    from blockdiff.callbacks import NonFiniteLoss, TrainingInterrupted
-    from blockdiff.checkpoint import run_dir_of
-    from blockdiff.train import train
+    from blockdiff.training.callbacks import NonFiniteLoss, TrainingInterrupted
+    from blockdiff.training.checkpoint import run_dir_of
+    from blockdiff.training.train import train
 
     if args.resume:
         if not os.path.isdir(args.resume) and path_problem(args.resume) is not None:
@@ -65,8 +65,8 @@ def cmd_train(args) -> None:
 
 def cmd_finetune(args) -> None:
     """Fine-tune a pretrained decoder into a block diffuser (default: the offline SmolLM2-135M, block length 4)."""
-    from blockdiff.finetune import finetune_config
-    from blockdiff.train import train
+    from blockdiff.training.finetune import finetune_config
+    from blockdiff.training.train import train
 
     cfg = finetune_config(args.base, args.config, args.overrides)
     result = train(cfg, overwrite=args.overwrite)
@@ -79,7 +79,7 @@ def cmd_finetune(args) -> None:
 
 def cmd_export(args) -> None:
     """Export a Lightning checkpoint (or a run directory's last one) as a Hugging Face model directory."""
-    from blockdiff.finetune import export_checkpoint
+    from blockdiff.training.finetune import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out_dir, args.run_config, overwrite=args.overwrite)
     console.print(f"model written to [bold]{escape(str(out))}[/] (load with BlockDiffusionLM.from_pretrained)")
@@ -87,7 +87,7 @@ def cmd_export(args) -> None:
 
 def cmd_eval(args) -> None:
     """Evaluate a trained model (run dir or model dir): NELBO, perplexity bound and bits/byte on held-out text."""
-    from blockdiff.evaluate import evaluate
+    from blockdiff.evaluation.nelbo import evaluate
 
     if args.max_batches is not None and args.max_batches < 1:
         raise UsageError(f"--max-batches must be >= 1 (leave it out to use every held-out batch), got {args.max_batches}")
@@ -151,7 +151,7 @@ def _print_nelbo(path, result) -> None:
 
 def _compare_with_base(args) -> None:
     """`eval --base-ppl/--gen`: the bound next to the base decoder's exact AR perplexity, and judged samples."""
-    from blockdiff.judge import compare_with_base
+    from blockdiff.evaluation.judge import compare_with_base
 
     cmp = compare_with_base(
         args.path, args.overrides, base=args.base, judge=args.judge, samplers=args.samplers.split(","),
@@ -184,7 +184,7 @@ def cmd_sample(args) -> None:
 
     import torch
 
-    from blockdiff.evaluate import load_model_dir
+    from blockdiff.evaluation.nelbo import load_model_dir
     from blockdiff.sampling import encode_prompts, sample_texts
     from blockdiff.sampling.watch import FinishedBlocks, LiveView, TraceWriter, fan_out
 
@@ -286,9 +286,9 @@ def cmd_demo(args) -> None:
 
     Writes runs/demo (trainer.out_dir); an earlier demo run there is replaced only with --overwrite.
     """
-    from blockdiff.evaluate import load_model_dir
+    from blockdiff.evaluation.nelbo import load_model_dir
     from blockdiff.sampling import sample_texts
-    from blockdiff.train import train
+    from blockdiff.training.train import train
 
     cfg = load_config(args.config, args.overrides)
     console.rule("[bold]blockdiff demo[/]: training")
@@ -319,10 +319,10 @@ def cmd_demo(args) -> None:
 
 def cmd_sweep(args) -> None:
     """Run a grid of configs (one run directory each, resumable), or --report DIR: table, CSV, markdown and plots."""
-    from blockdiff.sweep import changed_runs, load_sweep, run_sweep
+    from blockdiff.sweeps.runner import changed_runs, load_sweep, run_sweep
 
     if args.report:
-        from blockdiff.sweep_report import report
+        from blockdiff.sweeps.report import report
 
         written = report(args.report, console)
         console.print("wrote " + ", ".join(str(p) for p in written), markup=False)

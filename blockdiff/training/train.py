@@ -5,7 +5,7 @@ directory is created, so a failed start leaves nothing behind. The run directory
 
     config.yaml                 the resolved config
     checkpoints/last.ckpt       Lightning checkpoint, rewritten (atomically) every trainer.checkpoint_every_n_steps
-    checkpoints/prev.ckpt       the checkpoint before it (blockdiff/checkpoint.py)
+    checkpoints/prev.ckpt       the checkpoint before it (blockdiff/training/checkpoint.py)
     logs/metrics.csv            CSV log (train/loss, val/nll, val/ppl, val/bpb, lr)
     model/                      final (EMA) weights: safetensors + blockdiff.json + tokenizer + train_config.yaml
 
@@ -13,7 +13,7 @@ directory is created, so a failed start leaves nothing behind. The run directory
 
 ``train(cfg, resume=RUN_DIR|CKPT)`` continues a run exactly where its checkpoint left it: weights,
 optimiser, LR schedule, EMA, the position in the shuffled epoch and the random streams of the noise
-(``blockdiff/callbacks.py``). A NaN/Inf loss stops the run before it touches the weights; Ctrl-C writes
+(``blockdiff/training/callbacks.py``). A NaN/Inf loss stops the run before it touches the weights; Ctrl-C writes
 a resumable checkpoint first. With several processes (``trainer.devices``, ``trainer.num_nodes``,
 ``trainer.strategy``) only global rank 0 writes files.
 """
@@ -34,7 +34,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 
-from blockdiff.callbacks import (
+from blockdiff.training.callbacks import (
     GracefulInterrupt,
     LastCheckpoint,
     NonFiniteLossGuard,
@@ -43,16 +43,17 @@ from blockdiff.callbacks import (
     SessionTimer,
     TrainingInterrupted,
 )
-from blockdiff.checkpoint import LAST, SafeCheckpointIO, load_checkpoint, remove_legacy, settle_checkpoints
+from blockdiff.training.checkpoint import LAST, SafeCheckpointIO, load_checkpoint, remove_legacy, settle_checkpoints
 from blockdiff.config import Config, ConfigError, to_yaml
-from blockdiff.data import BlockDiffusionDataModule, load_documents, pack_documents
+from blockdiff.data.corpus import load_documents, pack_documents
 from blockdiff.errors import StorageError
+from blockdiff.training.datamodule import BlockDiffusionDataModule
 from blockdiff.files import write_failure_reason, write_text_atomic
-from blockdiff.lightning_module import BlockDiffusionModule
-from blockdiff.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
-from blockdiff.progress import StepProgressBar
-from blockdiff.resume import RUN_CONFIG_KEY, ResumePlan, plan_resume
-from blockdiff.rundir import (
+from blockdiff.training.lightning_module import BlockDiffusionModule
+from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
+from blockdiff.training.progress import StepProgressBar
+from blockdiff.training.resume import RUN_CONFIG_KEY, ResumePlan, plan_resume
+from blockdiff.modeling.rundir import (
     CHECKPOINTS,
     CONFIG,
     LOGS,
@@ -66,7 +67,7 @@ from blockdiff.rundir import (
     replace_dir,
     staging_dir,
 )
-from blockdiff.tokenizer import build_tokenizer
+from blockdiff.modeling.tokenizer import build_tokenizer
 
 __all__ = ["TrainResult", "train", "resolve_precision"]
 
@@ -349,7 +350,7 @@ def _tokenizer_and_backbone(cfg: Config, docs, tokenizer=None):
     network, or both from ``model.pretrained`` / ``model.init_from`` (whose logit shift a run keeps unless
     ``model.logit_shift`` says otherwise)."""
     if cfg.model.pretrained is not None:
-        from blockdiff.pretrained import load_pretrained
+        from blockdiff.modeling.pretrained import load_pretrained
 
         _refuse_blockdiff_model_as_base(cfg)
         backbone, tokenizer, _ = load_pretrained(
@@ -368,7 +369,7 @@ def _tokenizer_and_backbone(cfg: Config, docs, tokenizer=None):
             pad_token_id=tokenizer.pad_token_id,
         )
         return tokenizer, backbone, None
-    from blockdiff.evaluate import load_model_dir
+    from blockdiff.evaluation.nelbo import load_model_dir
 
     loaded = load_model_dir(cfg.model.init_from)
     _check_positions(loaded.model.backbone, cfg.data.max_seq_len, f"model.init_from={cfg.model.init_from}")
@@ -378,7 +379,7 @@ def _tokenizer_and_backbone(cfg: Config, docs, tokenizer=None):
 def _refuse_blockdiff_model_as_base(cfg: Config) -> None:
     """A blockdiff model given as ``model.pretrained`` would be read as a plain AR decoder and get the logit shift
     of one (on), silently flipping a from-scratch model's; continuing it is what ``model.init_from`` is for."""
-    from blockdiff.model_files import read_json_file
+    from blockdiff.modeling.model_files import read_json_file
 
     source = Path(cfg.model.pretrained)
     spec_file = next((d / SPEC_FILE for d in (source, source / MODEL) if (d / SPEC_FILE).is_file()), None)
@@ -403,7 +404,7 @@ def _adapt_for_training(backbone, cfg: Config):
     if cfg.model.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.lora_rank > 0:
-        from blockdiff.pretrained import apply_lora
+        from blockdiff.modeling.pretrained import apply_lora
 
         backbone = apply_lora(backbone, cfg.model.lora_rank, cfg.model.lora_alpha)
     return backbone
@@ -413,7 +414,7 @@ def export_model(model: BlockDiffusionLM, tokenizer, cfg: Config, model_dir: Pat
     """Write weights, tokenizer and the training config to ``model_dir``: into a staging folder next to it, which
     replaces ``model_dir`` only when complete. An existing ``model_dir`` is replaced only if it is a blockdiff model
     export (and ``overwrite``); a failed write (disk full) leaves ``model_dir`` as it was and no staging folder."""
-    from blockdiff.pretrained import merge_lora
+    from blockdiff.modeling.pretrained import merge_lora
 
     model_dir = Path(model_dir)
     check_replaceable(model_dir, overwrite)

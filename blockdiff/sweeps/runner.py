@@ -50,7 +50,7 @@ import yaml
 from blockdiff.config import Config, ConfigError, describe_keys, load_config, path_problem, read_utf8, to_yaml
 from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.files import write_text_atomic
-from blockdiff.judge import unigram_entropy
+from blockdiff.evaluation.judge import unigram_entropy
 
 __all__ = ["Sweep", "Run", "load_sweep", "expand_grid", "run_sweep", "run_one", "changed_runs", "config_changes",
            "read_summary", "SUMMARY_FILE"]
@@ -378,7 +378,7 @@ def _run_subprocesses(sweep: Sweep, todo: list[Run], parallel: int, log) -> list
 
 def run_one(sweep: Sweep, run: Run) -> dict:
     """Train one run, then evaluate and sample it as the sweep says; writes and returns ``summary.json``."""
-    from blockdiff.train import train
+    from blockdiff.training.train import train
 
     result = train(run.config, overwrite=True, progress=False)
     cfg = run.config
@@ -413,10 +413,10 @@ def _evaluate_run(sweep: Sweep, run: Run, model_dir: Path) -> dict:
     """NELBO at each inference block length, per-window NELBO variance, and the sampling grid."""
     import torch
 
-    from blockdiff.clip_search import block_nelbo_samples, select_clip_window
-    from blockdiff.data import collate_windows, load_documents, pack_documents
-    from blockdiff.evaluate import evaluate_nelbo, load_model_dir
-    from blockdiff.noise import make_schedule
+    from blockdiff.core.clip_search import block_nelbo_samples, select_clip_window
+    from blockdiff.data.corpus import collate_windows, load_documents, pack_documents
+    from blockdiff.evaluation.nelbo import evaluate_nelbo, load_model_dir
+    from blockdiff.core.noise import make_schedule
 
     cfg, ev = run.config, sweep.evaluate
     loaded = load_model_dir(model_dir)
@@ -460,7 +460,7 @@ def _missing_samples(sweep: Sweep, run: Run) -> list[dict]:
 
 
 def _add_samples(sweep: Sweep, run: Run, settings: list[dict]) -> None:
-    from blockdiff.evaluate import load_model_dir
+    from blockdiff.evaluation.nelbo import load_model_dir
 
     loaded = load_model_dir(run.run_dir / "model")
     path = run.run_dir / SUMMARY_FILE
@@ -482,7 +482,7 @@ def _reference_model(sweep: Sweep):
     if model_dir not in _REFERENCES:
         if not model_dir.is_dir():
             return None
-        from blockdiff.evaluate import load_model_dir
+        from blockdiff.evaluation.nelbo import load_model_dir
 
         _REFERENCES[model_dir] = load_model_dir(model_dir)
     return _REFERENCES[model_dir]

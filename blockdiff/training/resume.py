@@ -15,9 +15,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from blockdiff.checkpoint import ResumePoint, resolve_resume
+from blockdiff.training.checkpoint import ResumePoint, resolve_resume
 from blockdiff.config import Config, ConfigError, load_config
-from blockdiff.rundir import CONFIG, LOGS, METRICS, TOKENIZER
+from blockdiff.modeling.rundir import CONFIG, LOGS, METRICS, TOKENIZER
 
 __all__ = ["RUN_CONFIG_KEY", "ResumePlan", "plan_resume", "resumed_config"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import RichProgressBar
 
-from blockdiff.callbacks import SessionTimer
+from blockdiff.training.callbacks import SessionTimer
 
 __all__ = ["StepProgressBar"]
 

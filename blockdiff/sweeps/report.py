@@ -21,7 +21,7 @@ from pathlib import Path
 
 from blockdiff import tables
 from blockdiff.errors import MissingFileError, UsageError
-from blockdiff.sweep import SUMMARY_FILE, read_summary
+from blockdiff.sweeps.runner import SUMMARY_FILE, read_summary
 
 __all__ = ["load_summaries", "report", "variant", "sampler_label", "mean_sd"]
 
@@ -202,7 +202,7 @@ def report(root: str | Path, console=None) -> list[Path]:
 
 def _plots(root: Path, runs, results, evals, samples) -> list[Path]:
     try:
-        from blockdiff import plots
+        from blockdiff.sweeps import plots
     except ImportError:  # matplotlib is an optional extra
         return []
     out = [plots.ppl_vs_block_length(results, evals, root / "ppl_vs_block_length.png"),

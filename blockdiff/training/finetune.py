@@ -50,11 +50,11 @@ def export_checkpoint(
     ``out_dir`` is refused unless it is a blockdiff model export and ``overwrite`` is set: nothing that is
     not a previous export is ever deleted.
     """
-    from blockdiff.checkpoint import LAST, load_checkpoint
-    from blockdiff.data import load_documents
-    from blockdiff.rundir import CHECKPOINTS, CONFIG, TOKENIZER, check_replaceable
-    from blockdiff.tokenizer import load_tokenizer
-    from blockdiff.train import build_model, export_model
+    from blockdiff.training.checkpoint import LAST, load_checkpoint
+    from blockdiff.data.corpus import load_documents
+    from blockdiff.modeling.rundir import CHECKPOINTS, CONFIG, TOKENIZER, check_replaceable
+    from blockdiff.modeling.tokenizer import load_tokenizer
+    from blockdiff.training.train import build_model, export_model
 
     out_dir = Path(out_dir)
     check_replaceable(out_dir, overwrite)  # before any work

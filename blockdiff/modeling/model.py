@@ -45,13 +45,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from blockdiff.config import Family, ModelConfig
 from blockdiff.errors import MissingFileError, UsageError
-from blockdiff.masks import training_block_mask, training_mask
-from blockdiff.model_files import (
+from blockdiff.core.masks import training_block_mask, training_mask
+from blockdiff.modeling.model_files import (
     CONFIG_FILE, BlockDiffusionConfig, backbone_config, check_decoder_type, honour_umask, load_backbone,
     load_generation_config, read_json_file,
 )
-from blockdiff.noise import make_schedule
-from blockdiff.rundir import SPEC_FILE
+from blockdiff.core.noise import make_schedule
+from blockdiff.modeling.rundir import SPEC_FILE
 from blockdiff.sampling.config import GENERATION_CONFIG_FILE, BlockDiffusionGenerationConfig
 
 __all__ = [

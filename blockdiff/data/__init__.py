@@ -1,0 +1,2 @@
+"""Corpora: documents -> tokens -> packed windows (``datasets``); no Lightning.
+"""

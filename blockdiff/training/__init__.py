@@ -1,0 +1,2 @@
+"""Training recipe: the Lightning module, data module, callbacks, checkpoints, resume, and ``train()``.
+"""
