@@ -200,7 +200,7 @@ def test_library_warnings_are_hidden_while_a_verb_runs_ours_are_kept(monkeypatch
         _warn_from("transformers.modeling_utils", "a library deprecation")
         _warn_from("blockdiff.fake", "one of ours")
 
-    monkeypatch.setitem(cli.COMMANDS, "config", cli.Verb(noisy, cli._config_verb_args))
+    monkeypatch.setitem(cli.COMMANDS, "config", cli.Verb(noisy, cli.config.add_arguments))
     monkeypatch.setattr(sys, "warnoptions", [])
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

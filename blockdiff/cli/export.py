@@ -1,0 +1,26 @@
+"""``blockdiff export``: a checkpoint (or a run's last one) as a Hugging Face model directory."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+
+from blockdiff.cli.render import console
+
+
+def run(args) -> None:
+    """Export a Lightning checkpoint (or a run directory's last one) as a Hugging Face model directory."""
+    from blockdiff.training.finetune import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out_dir, args.run_config, overwrite=args.overwrite)
+    console.print(f"model written to [bold]{escape(str(out))}[/] (load with BlockDiffusionLM.from_pretrained)")
+
+
+def add_arguments(p):
+    p.add_argument("checkpoint", help="a .ckpt file or a run directory (uses checkpoints/last.ckpt)")
+    p.add_argument("out_dir", help="directory to write (safetensors + blockdiff.json + tokenizer)")
+    p.add_argument("--run-config", help="the run's config.yaml (default: next to checkpoints/)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT_DIR if it holds a previous blockdiff model export (anything else is never deleted)",
+    )

@@ -1,0 +1,133 @@
+"""``blockdiff sample``: generate text block by block from a run or model directory."""
+
+from __future__ import annotations
+
+import sys
+
+from blockdiff.cli.render import console
+from blockdiff.errors import MissingFileError, UsageError
+from blockdiff.sampling.config import SAMPLERS
+
+
+def run(args) -> None:
+    """Generate text block by block; prompts from --prompt, --prompt-file or stdin are batched together."""
+    import contextlib
+
+    import torch
+
+    from blockdiff.evaluation.nelbo import load_model_dir
+    from blockdiff.sampling import encode_prompts, sample_texts
+    from blockdiff.sampling.watch import FinishedBlocks, LiveView, TraceWriter, fan_out
+
+    path = args.checkpoint or args.path
+    if path is None:
+        raise UsageError("say which model to sample from: blockdiff sample RUN_DIR (or --checkpoint RUN_DIR)")
+    prompts = _read_prompts(args)
+    loaded = load_model_dir(path, device=args.device)
+    if args.block_length is not None:  # e.g. a block-length-mixture model at another of its lengths
+        loaded.model = loaded.model.with_block_length(args.block_length)
+    settings = {
+        "max_new_tokens": args.max_new_tokens,
+        "sampler": args.sampler,
+        "steps_per_block": args.steps_per_block,
+        "tau": args.tau,
+        "tokens_per_step": args.tokens_per_step,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "window": args.window,
+    }
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if args.no_cache:
+        settings["use_cache"] = False
+    config = loaded.model.generation_config
+    for key, value in settings.items():  # check everything before any work (and before --trace makes a file)
+        setattr(config, key, value)
+    config.check(loaded.model.block_length)
+    ids = encode_prompts(loaded.tokenizer, prompts)
+    finished = FinishedBlocks([len(p) for p in ids])
+    trace = TraceWriter(args.trace) if args.trace else None
+    live = LiveView(loaded.tokenizer, loaded.model.mask_token_id, console, prompts=ids) if args.show_denoising else None
+    device = loaded.model.device  # sample i: seed + i, whatever else is in the batch
+    generators = [torch.Generator(device=device).manual_seed(args.seed + i) for i in range(len(prompts))]
+    try:
+        with live or contextlib.nullcontext():
+            texts, out = sample_texts(
+                loaded.model, loaded.tokenizer, prompts, generators, observer=fan_out(finished, trace, live)
+            )
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted — finished blocks so far:[/]")
+        for i, prompt in enumerate(prompts):
+            console.print(prompt + finished.text(i, loaded.tokenizer), markup=False, highlight=False)
+        if trace is not None:
+            trace.close(keep=True)  # complete lines up to the interruption
+        raise
+    except BaseException:
+        if trace is not None:
+            trace.close(keep=False)
+        raise
+    if trace is not None:
+        trace.close()
+    reasons = {"eos": "EOS", "stop_string": "a stop string", "max_new_tokens": "max_new_tokens"}
+    for i, (prompt, text) in enumerate(zip(prompts, texts)):
+        console.rule(f"sample {i}: {int(out.lengths[i])} tokens, stopped at {reasons[out.stop_reasons[i]]}")
+        console.print(prompt + text, markup=False, highlight=False)
+    per_sample = out.sample_nfe.float().mean().item()
+    batched = f" ({out.nfe} batched forwards for {len(prompts)} samples)" if len(prompts) > 1 else ""
+    console.print(
+        f"NFE {per_sample:.1f} per sample{batched}, {out.sample_tokens_per_forward:.2f} new tokens per forward per "
+        f"sample, {out.tokens_processed_per_forward:.1f} tokens processed per batched forward, "
+        f"largest KV cache {out.max_cache_length} tokens",
+        highlight=False,
+    )
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = []
+    for prompt in args.prompt or []:
+        prompts.extend(sys.stdin.read().splitlines() if prompt == "-" else [prompt])
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts.extend(line.rstrip("\n") for line in f if line.strip())
+        except FileNotFoundError:
+            raise MissingFileError(f"--prompt-file {args.prompt_file} does not exist") from None
+        except IsADirectoryError:
+            raise MissingFileError(f"--prompt-file {args.prompt_file} is a directory; give a text file") from None
+        except UnicodeDecodeError as err:
+            raise UsageError(
+                f"--prompt-file {args.prompt_file} is not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from None
+    if not args.prompt and not args.prompt_file and not sys.stdin.isatty():
+        prompts.extend(line for line in sys.stdin.read().splitlines() if line.strip())
+    if not prompts and (args.prompt or args.prompt_file):
+        raise UsageError("the prompt list is empty (empty --prompt-file or stdin)")
+    return prompts or [""]
+
+
+def add_arguments(p):
+    p.add_argument("path", nargs="?", help="run directory or its model/ folder")
+    p.add_argument("--checkpoint", help="same as the positional path")
+    p.add_argument(
+        "--prompt", action="append", help="prompt text (repeatable; '-' reads one prompt per line from stdin)"
+    )
+    p.add_argument("--prompt-file", help="file with one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, help="hard bound on new tokens per prompt (generation stops at EOS)")
+    p.add_argument(
+        "--sampler", choices=SAMPLERS, help="threshold (default), first_hitting, fixed, ddpm, remask, entropy_bound"
+    )
+    p.add_argument("--steps-per-block", type=int, help="denoising-step budget per block (default: block_length)")
+    p.add_argument("--tau", type=float, help="threshold sampler: reveal tokens with confidence >= tau (default 0.9)")
+    p.add_argument("--tokens-per-step", type=int, help="fixed sampler: tokens revealed per step")
+    p.add_argument("--temperature", type=float, help="softmax temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--window", type=int, help="sliding-window size in tokens (default: the training context)")
+    p.add_argument(
+        "--block-length", type=int, help="generate with this block length instead of the model's (mixture models)"
+    )
+    p.add_argument("--no-cache", action="store_true", help="recompute the prefix every forward (for comparison)")
+    p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i, whatever else is in the batch")
+    p.add_argument("--show-denoising", action="store_true", help="draw the block being denoised live")
+    p.add_argument("--trace", help="write every denoising step as JSON lines to this file")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
