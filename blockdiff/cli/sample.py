@@ -11,13 +11,7 @@ from blockdiff.sampling.config import SAMPLERS
 
 def run(args) -> None:
     """Generate text block by block; prompts from --prompt, --prompt-file or stdin are batched together."""
-    import contextlib
-
-    import torch
-
     from blockdiff.evaluation.nelbo import load_model_dir
-    from blockdiff.sampling import encode_prompts, sample_texts
-    from blockdiff.sampling.watch import FinishedBlocks, LiveView, TraceWriter, fan_out
 
     path = args.checkpoint or args.path
     if path is None:
@@ -26,6 +20,14 @@ def run(args) -> None:
     loaded = load_model_dir(path, device=args.device)
     if args.block_length is not None:  # e.g. a block-length-mixture model at another of its lengths
         loaded.model = loaded.model.with_block_length(args.block_length)
+    _apply_settings(args, loaded.model)
+    texts, out = _generate(args, loaded, prompts)
+    _print_samples(prompts, texts, out)
+
+
+def _apply_settings(args, model) -> None:
+    """Set the flags given on the model's generation config and check it all before any work (and before
+    ``--trace`` makes a file)."""
     settings = {
         "max_new_tokens": args.max_new_tokens,
         "sampler": args.sampler,
@@ -40,10 +42,22 @@ def run(args) -> None:
     settings = {k: v for k, v in settings.items() if v is not None}
     if args.no_cache:
         settings["use_cache"] = False
-    config = loaded.model.generation_config
-    for key, value in settings.items():  # check everything before any work (and before --trace makes a file)
+    config = model.generation_config
+    for key, value in settings.items():
         setattr(config, key, value)
-    config.check(loaded.model.block_length)
+    config.check(model.block_length)
+
+
+def _generate(args, loaded, prompts: list[str]):
+    """Sample every prompt in one batch, feeding the trace file and the live view; on Ctrl-C print the finished
+    blocks and keep the trace's complete lines; on any other failure leave no trace file."""
+    import contextlib
+
+    import torch
+
+    from blockdiff.sampling import encode_prompts, sample_texts
+    from blockdiff.sampling.watch import FinishedBlocks, LiveView, TraceWriter, fan_out
+
     ids = encode_prompts(loaded.tokenizer, prompts)
     finished = FinishedBlocks([len(p) for p in ids])
     trace = TraceWriter(args.trace) if args.trace else None
@@ -68,6 +82,10 @@ def run(args) -> None:
         raise
     if trace is not None:
         trace.close()
+    return texts, out
+
+
+def _print_samples(prompts: list[str], texts: list[str], out) -> None:
     reasons = {"eos": "EOS", "stop_string": "a stop string", "max_new_tokens": "max_new_tokens"}
     for i, (prompt, text) in enumerate(zip(prompts, texts)):
         console.rule(f"sample {i}: {int(out.lengths[i])} tokens, stopped at {reasons[out.stop_reasons[i]]}")
