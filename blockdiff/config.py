@@ -12,7 +12,7 @@ import enum
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -367,6 +367,18 @@ class TrainerConfig:
             )
 
 
+# The sampler names ``sample.sampler`` may take. They are the sampling registry's: this module imports nothing of
+# sampling (it is a leaf, docs/design.md), so ``blockdiff.sampling.registry`` installs its lookup here when it
+# is imported, which ``import blockdiff`` does before any config is loaded.
+_sampler_names: Callable[[], tuple[str, ...]] | None = None
+
+
+def set_sampler_names(lookup: Callable[[], tuple[str, ...]] | None) -> None:
+    """Install the lookup ``SampleConfig`` checks ``sample.sampler`` against (``None``: no check)."""
+    global _sampler_names
+    _sampler_names = lookup
+
+
 @dataclass
 class SampleConfig:
     num_samples: int = 2
@@ -374,7 +386,7 @@ class SampleConfig:
     max_new_tokens: int = 64
     """Tokens generated per sample."""
     sampler: str = "threshold"
-    """Sampler: threshold, first_hitting, fixed, ddpm or remask."""
+    """Sampler: threshold, first_hitting, fixed, ddpm, remask, entropy_bound (or another registered one)."""
     tau: float = 0.9
     """Confidence threshold of the threshold sampler."""
     steps_per_block: Optional[int] = None
@@ -392,10 +404,9 @@ class SampleConfig:
             raise ConfigError(f"sample.steps_per_block must be >= 1, got {self.steps_per_block}")
         if self.temperature < 0:
             raise ConfigError(f"sample.temperature must be >= 0, got {self.temperature}")
-        from blockdiff.sampling.config import SAMPLERS
-
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"sample.sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
+        names = _sampler_names() if _sampler_names is not None else None
+        if names is not None and self.sampler not in names:
+            raise ConfigError(f"sample.sampler must be one of {', '.join(names)}; got {self.sampler!r}")
         if not 0.0 < self.tau <= 1.0:
             raise ConfigError(f"sample.tau must be in (0, 1], got {self.tau}")
 

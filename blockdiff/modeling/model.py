@@ -41,11 +41,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from blockdiff.config import Family, ModelConfig
 from blockdiff.errors import MissingFileError, UsageError
-from blockdiff.core.masks import training_block_mask, training_mask
+from blockdiff.core.masks import block_causal_mask, training_block_mask, training_mask
 from blockdiff.modeling.model_files import (
     CONFIG_FILE, BlockDiffusionConfig, backbone_config, check_decoder_type, honour_umask, load_backbone,
     load_generation_config, read_json_file,
@@ -316,12 +316,43 @@ class BlockDiffusionLM(nn.Module):
         positions = torch.cat([torch.arange(n), torch.arange(clean)]).to(xt.device)[None].expand(b, -1)  # (b, n+clean)
         hidden, _ = self.hidden_states(torch.cat([xt, x0[:, :clean]], dim=1), positions, mask)  # (b, n+clean, d)
         h_xt, h_x0 = hidden[:, :n], hidden[:, n:]  # (b, n, d), (b, clean, d)
-        if self.spec.logit_shift:
-            first_of_block = (torch.arange(1, n, device=xt.device) % block_length == 0)[None, :, None]
-            h_x0 = torch.nn.functional.pad(h_x0, (0, 0, 0, n - 1 - clean))  # (b, n-1, d); pad rows never read
-            shifted = torch.where(first_of_block, h_x0, h_xt[:, :-1])  # (b, n-1, d)
-            h_xt = torch.cat([h_xt[:, :1], shifted], dim=1)  # (b, n, d); row 0 is a placeholder
+        if self.spec.logit_shift:  # block k > 0 reads the clean stream at its last position; block 0 a placeholder
+            before = torch.cat([h_xt[:, :1], h_x0[:, block_length - 1 :: block_length]], dim=1)  # (b, n/l, d)
+            h_xt = self.apply_logit_shift(h_xt, before, block_length)  # (b, n, d); row 0 is a placeholder
         return h_xt
+
+    def apply_logit_shift(self, noisy: torch.Tensor, before: torch.Tensor, block_length: int | None = None):
+        """The logit shift, the one place it is done (docs/design.md §2): row ``i`` of the result is the state that
+        predicts token ``i``, i.e. row ``i - 1`` of ``noisy`` (b, n, d), except at the first position of each block,
+        which takes that block's row of ``before`` (b, n/l, d): the clean stream's state just before the block.
+        Without the shift (``spec.logit_shift`` false) ``noisy`` is returned as it is."""
+        if not self.spec.logit_shift:
+            return noisy
+        block_length = block_length or self.block_length
+        shifted = torch.cat([before[:, :1], noisy[:, :-1]], dim=1)  # (b, n, d): row i holds row i-1
+        first_of_block = (torch.arange(noisy.shape[1], device=noisy.device) % block_length == 0)[None, :, None]
+        return torch.where(first_of_block, before.repeat_interleave(block_length, dim=1), shifted)  # (b, n, d)
+
+    # -- sampling forwards (the block loop's view of the network, docs/design.md §3) ----------------
+    @property
+    def max_positions(self) -> int | None:
+        """Positions the network was built for (``max_position_embeddings``); ``None`` if its config has no limit."""
+        return getattr(self.backbone.config, "max_position_embeddings", None)
+
+    def new_cache(self) -> DynamicCache:
+        """An empty KV cache for this network (the block loop writes finished blocks into it)."""
+        return DynamicCache(config=self.backbone.config)
+
+    def sampling_mask(self, query_columns: torch.Tensor, key_columns: torch.Tensor, first_valid: torch.Tensor):
+        """The attention mask of a sampling forward, formatted for the attention implementation: (b, 1, q, s).
+
+        Columns lie on the block grid (column ``c`` is in block ``c // l``). A query sees the keys of its own and
+        earlier blocks (``masks.block_causal_mask``), never a key left of its sample's ``first_valid`` column (b,)
+        (left padding), and always itself (so a pad query has no empty row)."""
+        allowed = block_causal_mask(query_columns, key_columns, self.block_length)[None]  # (1, q, s)
+        allowed = allowed & (key_columns[None, None, :] >= first_valid[:, None, None])  # (b, q, s)
+        allowed |= query_columns[:, None] == key_columns[None, :]
+        return self.format_mask(allowed[:, None])  # (b, 1, q, s)
 
     # -- generation -------------------------------------------------------------------------------
     def generate(

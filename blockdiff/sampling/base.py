@@ -5,17 +5,24 @@ with which tokens (and, for remasking, which committed tokens to re-open). It se
 block: the cache of finished blocks is not its business. It must make progress: every sampler reveals
 at least one token per step except the ancestral DDPM sampler, whose last step reveals everything.
 
+A sampler is a small dataclass deriving from ``Sampler`` (docs/design.md §3): the fields made with ``knob``
+are its settings (a default and a one-line doc each; they become generation-config fields, ``blockdiff
+sample`` flags and sweep keys through ``registry.py``), ``__post_init__`` holds its own checks, and
+``from_config`` builds it from a generation config. One is built per ``generate`` call and serves every block,
+so ``step`` must keep no state between calls.
+
 Shape legend: ``b`` batch, ``l`` block length, ``v`` vocab.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["BlockState", "StepResult", "Sampler", "Generators", "reveal", "top_confident", "uniform"]
+__all__ = ["BlockState", "StepResult", "Sampler", "Generators", "knob", "reveal", "top_confident", "uniform"]
 
 # One generator for the whole batch, or one per sample (then a sample's random stream, and so its text,
 # does not depend on which other prompts share its batch).
@@ -40,8 +47,22 @@ class StepResult:
     remasked: torch.Tensor  # (b, l) bool: committed positions re-opened at this step
 
 
-class Sampler(Protocol):
-    name: str
+def knob(default: Any, doc: str):
+    """A sampler setting: a dataclass field with a default and a one-line ``doc`` (the help of its CLI flag)."""
+    return dataclasses.field(default=default, metadata={"knob": doc})
+
+
+class Sampler:
+    """Base of every sampler: subclass it as a ``@dataclass``, give it a ``name`` and ``knob`` fields, register it
+    with ``registry.register_sampler`` (docs/design.md §3)."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def from_config(cls, config, schedule=None) -> "Sampler":
+        """The sampler with its knobs read from ``config`` (a ``BlockDiffusionGenerationConfig``); ``schedule`` is
+        the noise schedule the model was trained with (only samplers that follow alpha(t) read it)."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if "knob" in f.metadata})
 
     def step(
         self,
@@ -53,7 +74,7 @@ class Sampler(Protocol):
     ) -> StepResult:
         """One step. ``tokens``/``confidence`` (b, l): a proposal for every position (from ``choose_tokens``);
         ``probs`` (b, l, v): the model's distribution there, for samplers that need more than the proposal."""
-        ...
+        raise NotImplementedError
 
 
 def reveal(state: BlockState, proposal: torch.Tensor, proposal_conf: torch.Tensor, chosen: torch.Tensor) -> StepResult:

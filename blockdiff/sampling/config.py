@@ -17,32 +17,19 @@ import numbers
 from transformers import GenerationConfig
 
 from blockdiff.errors import UsageError
-from blockdiff.sampling.ddpm import DDPMSampler
-from blockdiff.sampling.entropy_bound import EntropyBoundSampler
-from blockdiff.sampling.first_hitting import FirstHittingSampler
-from blockdiff.sampling.fixed import FixedStepSampler
-from blockdiff.sampling.remasking import RemaskingSampler
-from blockdiff.sampling.threshold import ThresholdSampler
+from blockdiff.sampling.registry import check_knobs, knobs, make_sampler, sampler_names, settings
 
 __all__ = ["BlockDiffusionGenerationConfig", "GENERATION_CONFIG_FILE", "SAMPLERS", "HONOURED", "make_sampler"]
 
 GENERATION_CONFIG_FILE = "blockdiff_generation_config.json"
 TEMPERATURE_RANGE = (1e-4, 1e4)  # a positive temperature must lie here; 0 is greedy
-SAMPLERS = ("threshold", "first_hitting", "fixed", "ddpm", "remask", "entropy_bound")
 
-_OURS = {
-    "sampler": "threshold",  # one of SAMPLERS
-    "steps_per_block": None,  # denoising-step budget per block (default: block_length)
-    "tau": 0.9,  # threshold sampler: reveal positions with confidence >= tau
-    "tokens_per_step": None,  # fixed sampler: tokens revealed per step (default: spread over steps_per_block)
-    "remask_threshold": 0.3,  # remask sampler: re-open generated tokens below this confidence
-    "max_remask": 1,  # remask sampler: at most this many re-opened per step
-    "entropy_bound": 0.5,  # entropy_bound sampler: reveal lowest-entropy tokens while sum - max <= this (nats)
-    "window": None,  # sliding-window size in tokens (default: the training context); must be >= 2 blocks
-    "use_cache": True,  # block KV cache over finished blocks (False recomputes the whole prefix)
-    "reuse_predictions": True,  # skip the forward when no token of the block changed
-    "seed": None,  # seed for a fresh generator when none is passed
-}
+
+def __getattr__(name: str):
+    if name == "SAMPLERS":  # the registered sampler names, read now (a sampler registered later is in it)
+        return sampler_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # transformers GenerationConfig fields block generation honours (bos_token_id is only carried along)
 HONOURED = (
@@ -65,10 +52,11 @@ def _is_real(value) -> bool:
 
 class BlockDiffusionGenerationConfig(GenerationConfig):
     """Generation settings for block diffusion; the usual ``max_new_tokens``, ``temperature``, ``top_k``,
-    ``top_p``, ``eos_token_id``, ``pad_token_id`` plus the block-diffusion fields in ``_OURS``."""
+    ``top_p``, ``eos_token_id``, ``pad_token_id`` plus the block-diffusion fields of ``registry.settings()``: the
+    general ones (``sampler``, ``steps_per_block``, ``window``, ...) and every registered sampler's knobs."""
 
     def __init__(self, **kwargs):
-        ours = {key: kwargs.pop(key, default) for key, default in _OURS.items()}
+        ours = {key: kwargs.pop(key, default) for key, default in settings().items()}
         kwargs.setdefault("do_sample", True)
         kwargs.setdefault("max_new_tokens", 64)
         kwargs.setdefault("temperature", 1.0)
@@ -77,25 +65,32 @@ class BlockDiffusionGenerationConfig(GenerationConfig):
         for key, value in ours.items():
             setattr(self, key, value)
 
-    def check(self, block_length: int) -> None:
-        """Every generation input check, in one place, with a message that says how to fix it."""
+    def __getattr__(self, name: str):
+        """The default of a knob of a sampler registered after this config was made (only called for attributes
+        the instance lacks)."""
+        knob = knobs().get(name)
+        if knob is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return knob.default
+
+    def check(self, block_length: int, schedule=None) -> None:
+        """Every generation input check, in one place, with a message that says how to fix it. Each sampler's own
+        checks run on its knobs (``registry.check_knobs``; ``schedule``: the trained one, for DDPM)."""
         unsupported = self.unsupported_settings()
         if unsupported:
             raise UsageError(
                 f"generation setting(s) {', '.join(unsupported)} are not supported by block-diffusion generation; "
-                f"remove them (supported transformers settings: {', '.join(HONOURED)}; plus {', '.join(_OURS)})"
+                f"remove them (supported transformers settings: {', '.join(HONOURED)}; plus {', '.join(settings())})"
             )
         if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens < 2**63:
             raise UsageError(
                 f"max_new_tokens must be an integer in [1, 2**63), got {self.max_new_tokens!r} "
                 "(a huge value means: until EOS)"
             )
-        if self.sampler not in SAMPLERS:
-            raise UsageError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.sampler not in sampler_names():
+            raise UsageError(f"sampler must be one of {sampler_names()}, got {self.sampler!r}")
         if self.steps_per_block is not None and (not _is_int(self.steps_per_block) or self.steps_per_block < 1):
             raise UsageError(f"steps_per_block must be an integer >= 1, got {self.steps_per_block!r}")
-        if not _is_real(self.tau) or not 0.0 < self.tau <= 1.0:
-            raise UsageError(f"tau must be in (0, 1], got {self.tau!r}")
         if self.top_p is not None and (not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0):
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 0):
@@ -120,14 +115,14 @@ class BlockDiffusionGenerationConfig(GenerationConfig):
             raise UsageError(
                 f"window={self.window!r} must be a multiple of block_length={block_length} and at least two blocks"
             )
-        make_sampler(self)  # sampler-specific checks
+        check_knobs(self, schedule)  # each sampler's own checks, on its knobs
 
     def unsupported_settings(self) -> list[str]:
         """``name=value`` of every transformers setting this generation does not implement that is set to a value
         other than transformers' default."""
-        out = []
+        out, ours = [], settings()
         for key in _HF_FIELDS:
-            if key in HONOURED or key in _OURS:
+            if key in HONOURED or key in ours:
                 continue
             value = getattr(self, key, None)
             if value is None or value == _HF_DEFAULTS.get(key) or value in _ACCEPTED.get(key, ()):
@@ -144,23 +139,5 @@ class BlockDiffusionGenerationConfig(GenerationConfig):
 
     def to_diff_dict(self):  # keep our fields even when they equal GenerationConfig's defaults
         out = super().to_diff_dict()
-        out.update({key: getattr(self, key) for key in _OURS})
+        out.update({key: getattr(self, key) for key in settings()})
         return out
-
-
-def make_sampler(config: BlockDiffusionGenerationConfig, schedule=None):
-    """The sampler object named by ``config.sampler``; ``schedule`` is the noise schedule the model was trained
-    with (the ancestral sampler's reveal probabilities follow its alpha(t); default log-linear)."""
-    if config.sampler == "threshold":
-        return ThresholdSampler(config.tau)
-    if config.sampler == "first_hitting":
-        return FirstHittingSampler()
-    if config.sampler == "fixed":
-        return FixedStepSampler(config.tokens_per_step)
-    if config.sampler == "ddpm":
-        return DDPMSampler(schedule)
-    if config.sampler == "remask":
-        return RemaskingSampler(config.remask_threshold, config.max_remask)
-    if config.sampler == "entropy_bound":
-        return EntropyBoundSampler(config.entropy_bound)
-    raise UsageError(f"sampler must be one of {SAMPLERS}, got {config.sampler!r}")

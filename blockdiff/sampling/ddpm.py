@@ -8,19 +8,31 @@ reuses the previous prediction (the network has no time input), which costs no f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from blockdiff.core.noise import LogLinearSchedule
-from blockdiff.sampling.base import BlockState, StepResult, reveal, uniform
+from blockdiff.sampling.base import BlockState, Sampler, StepResult, reveal, uniform
+from blockdiff.sampling.registry import register_sampler
 
 __all__ = ["DDPMSampler"]
 
 
-class DDPMSampler:
+@register_sampler
+@dataclass
+class DDPMSampler(Sampler):
     name = "ddpm"
 
-    def __init__(self, schedule=None):
-        self.schedule = schedule or LogLinearSchedule()
+    schedule: Any = None  # the noise schedule the model was trained with (from the model, not a knob); default log-linear
+
+    def __post_init__(self):
+        self.schedule = self.schedule or LogLinearSchedule()
+
+    @classmethod
+    def from_config(cls, config, schedule=None) -> "DDPMSampler":
+        return cls(schedule)  # no knobs: the step budget is steps_per_block, alpha(t) the trained schedule
 
     def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:
         steps = state.num_steps

@@ -9,22 +9,28 @@ sure of them collectively, not just one by one as the confidence threshold does.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from blockdiff.errors import UsageError
-from blockdiff.sampling.base import BlockState, StepResult, reveal
+from blockdiff.sampling.base import BlockState, Sampler, StepResult, knob, reveal
+from blockdiff.sampling.registry import register_sampler
 
 __all__ = ["EntropyBoundSampler"]
 
 
-class EntropyBoundSampler:
+@register_sampler
+@dataclass
+class EntropyBoundSampler(Sampler):
     name = "entropy_bound"
 
-    def __init__(self, entropy_bound: float = 0.5):
-        if isinstance(entropy_bound, bool) or not isinstance(entropy_bound, (int, float)) or not 0 < entropy_bound < math.inf:
-            raise UsageError(f"entropy_bound must be a finite number > 0 (nats), got {entropy_bound!r}")
-        self.entropy_bound = entropy_bound
+    entropy_bound: float = knob(0.5, "reveal lowest-entropy tokens while sum - max <= this (nats)")
+
+    def __post_init__(self):
+        bound = self.entropy_bound
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound < math.inf:
+            raise UsageError(f"entropy_bound must be a finite number > 0 (nats), got {bound!r}")
 
     def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:
         if probs is None:

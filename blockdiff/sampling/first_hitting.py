@@ -7,15 +7,20 @@ predictive distribution. A block of ``l`` masks takes exactly ``l`` forwards (fe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from blockdiff.sampling.base import BlockState, StepResult, reveal, uniform
+from blockdiff.sampling.base import BlockState, Sampler, StepResult, reveal, uniform
+from blockdiff.sampling.registry import register_sampler
 
 __all__ = ["FirstHittingSampler"]
 
 
-class FirstHittingSampler:
-    name = "first_hitting"
+@register_sampler
+@dataclass
+class FirstHittingSampler(Sampler):
+    name = "first_hitting"  # no knobs
 
     def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:
         scores = uniform(state.masked.shape, generator, state.masked.device, rows=state.masked.any(-1))  # (b, l)

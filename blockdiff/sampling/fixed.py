@@ -6,10 +6,13 @@ Reveal ``tokens_per_step`` masked positions per step, choosing the most confiden
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from blockdiff.errors import UsageError
-from blockdiff.sampling.base import BlockState, StepResult, reveal, top_confident
+from blockdiff.sampling.base import BlockState, Sampler, StepResult, knob, reveal, top_confident
+from blockdiff.sampling.registry import register_sampler
 
 __all__ = ["FixedStepSampler", "even_share"]
 
@@ -20,13 +23,17 @@ def even_share(state: BlockState) -> torch.Tensor:
     return (state.masked.sum(-1) + steps_left - 1) // steps_left
 
 
-class FixedStepSampler:
+@register_sampler
+@dataclass
+class FixedStepSampler(Sampler):
     name = "fixed"
 
-    def __init__(self, tokens_per_step: int | None = None):
-        if tokens_per_step is not None and (isinstance(tokens_per_step, bool) or not isinstance(tokens_per_step, int) or tokens_per_step < 1):
-            raise UsageError(f"tokens_per_step must be an integer >= 1, got {tokens_per_step!r}")
-        self.tokens_per_step = tokens_per_step
+    tokens_per_step: int | None = knob(None, "tokens revealed per step (default: spread over steps_per_block)")
+
+    def __post_init__(self):
+        k = self.tokens_per_step
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise UsageError(f"tokens_per_step must be an integer >= 1, got {k!r}")
 
     def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:
         if self.tokens_per_step is None:

@@ -1,4 +1,4 @@
-"""Block-by-block generation with an exact KV cache over finished blocks (DESIGN.md §3).
+"""Block-by-block generation with an exact KV cache over finished blocks (docs/design.md §3).
 
 ```
 cache = empty
@@ -39,10 +39,11 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from blockdiff.errors import UsageError
 from blockdiff.core.noise import make_schedule
-from blockdiff.sampling.base import BlockState, reveal
-from blockdiff.sampling.config import BlockDiffusionGenerationConfig, make_sampler
+from blockdiff.errors import UsageError
+from blockdiff.sampling.base import BlockState, Sampler, reveal
+from blockdiff.sampling.config import BlockDiffusionGenerationConfig
+from blockdiff.sampling.registry import make_sampler
 from blockdiff.sampling.logits import choose_tokens
 
 __all__ = ["GenerationOutput", "StepEvent", "generate"]
@@ -122,18 +123,17 @@ def _layout(prompts: list[list[int]], l: int, pad_id: int, device) -> _State:
 
 def _forward(model, st: _State, feed_from: int, end: int, use_cache: bool):
     """Run columns ``[feed_from, end)`` of the active samples against the cache; returns ``(hidden (b, q, d), cache)``."""
-    l, act = model.block_length, torch.tensor(st.active, device=st.cols.device)
+    act = torch.tensor(st.active, device=st.cols.device)
     q_cols = torch.arange(feed_from, end, device=st.cols.device)  # (q,)
     k_cols = torch.arange(st.window_start, end, device=st.cols.device)  # (s,)
     first = st.first_valid[act].clamp(min=st.window_start)  # (b,)
-    allowed = (k_cols[None, :] // l <= q_cols[:, None] // l)[None] & (k_cols[None, None, :] >= first[:, None, None])
-    allowed |= q_cols[:, None] == k_cols[None, :]  # pad queries attend to themselves (no empty rows)
     positions = (q_cols[None, :] - first[:, None]).clamp(min=0)  # (b, q)
     past = st.cache if use_cache else None
     if use_cache and past is None:
-        past = DynamicCache(config=model.backbone.config)
+        past = model.new_cache()
     hidden, past = model.hidden_states(
-        st.cols[act, feed_from:end], positions, model.format_mask(allowed[:, None]), past_key_values=past, use_cache=use_cache
+        st.cols[act, feed_from:end], positions, model.sampling_mask(q_cols, k_cols, first), past_key_values=past,
+        use_cache=use_cache,
     )
     st.nfe += 1
     st.processed += hidden.shape[0] * hidden.shape[1]
@@ -150,13 +150,13 @@ def _block_logits(model, st: _State, start: int, end: int, use_cache: bool) -> t
         past.crop(-(end - start))  # keep finished columns only: the cache stays read-only for the block
         st.cache, st.cache_end = past, start
     rows = hidden[:, start - feed_from : end - feed_from]  # (b, l, d)
-    if model.spec.logit_shift:
+    if model.spec.logit_shift:  # the block's first token reads the last finished column (kept for later forwards)
         if start > feed_from:
             prev = hidden[:, start - feed_from - 1]  # (b, d): last finished column, clean
             st.last_hidden = prev
         else:
             prev = st.last_hidden if st.last_hidden is not None else torch.zeros_like(rows[:, 0])
-        rows = torch.cat([prev[:, None], rows[:, :-1]], dim=1)  # (b, l, d)
+        rows = model.apply_logit_shift(rows, prev[:, None])  # (b, l, d)
     return model.logits(rows)
 
 
@@ -196,7 +196,9 @@ def generate(
     batch, or one per returned sequence (then each sample's output is the same whatever else is in the batch).
     ``tokenizer`` is needed only for ``stop_strings``.
     """
-    config.check(model.block_length)
+    schedule = make_schedule(model.spec.schedule)  # DDPM follows the trained alpha(t)
+    config.check(model.block_length, schedule)
+    sampler = make_sampler(config, schedule)  # one sampler for every block of this call
     copies = config.num_return_sequences or 1
     prompts = [p for p in prompts for _ in range(copies)]
     window, eos_ids, pad_id = _check_inputs(model, prompts, config, streamer)
@@ -220,7 +222,7 @@ def generate(
         start = st.cols.shape[1] - l  # the new block is always the last l columns
         if window is not None:
             _slide(model, st, window)
-        tokens = _denoise_block(model, st, start, config, generator, observer, eos_ids)  # (b, l)
+        tokens = _denoise_block(model, st, start, config, sampler, generator, observer, eos_ids)  # (b, l)
         st.cols[torch.tensor(st.active, device=device), start:] = tokens
         keep = _finish_samples(st, start, l, config.max_new_tokens, eos_ids, stops, tokenizer)
         if streamer is not None:
@@ -245,7 +247,7 @@ def _check_inputs(model, prompts, config, streamer) -> tuple[int | None, set[int
     if any(not 0 <= t < vocab or t == mask_id for p in prompts for t in p):
         raise UsageError(f"prompt token ids must be in [0, {vocab}) and not the mask token {mask_id}")
     window = config.window or (model.spec.max_seq_len // l * l if model.spec.max_seq_len else None)
-    max_positions = getattr(model.backbone.config, "max_position_embeddings", None)
+    max_positions = model.max_positions
     largest = max_positions // l * l if max_positions else None  # the largest window the network's positions allow
     if config.window is not None and largest is not None and config.window > largest:
         raise UsageError(
@@ -272,7 +274,9 @@ def _check_inputs(model, prompts, config, streamer) -> tuple[int | None, set[int
     return window, eos_ids, pad_id
 
 
-def _denoise_block(model, st: _State, start: int, config, generator, observer, eos_ids: set[int]) -> torch.Tensor:
+def _denoise_block(
+    model, st: _State, start: int, config, sampler: Sampler, generator, observer, eos_ids: set[int]
+) -> torch.Tensor:
     """Denoise the block at columns ``[start, start + l)`` of the active samples; returns its tokens (b, l)."""
     l, mask_id, device = model.block_length, model.mask_token_id, st.cols.device
     act = torch.tensor(st.active, device=device)
@@ -289,7 +293,6 @@ def _denoise_block(model, st: _State, start: int, config, generator, observer, e
     tokens = st.cols[act, start:].masked_fill(after_prompt, mask_id)  # (b, l): prompt tail, then masks
     num_steps = config.steps_per_block or l
     state = BlockState(tokens, in_gen.clone(), in_gen, torch.ones(tokens.shape, device=device), 0, num_steps)
-    sampler = make_sampler(config, make_schedule(model.spec.schedule))  # DDPM follows the trained alpha(t)
     hard_cap = num_steps + 2 * l  # samplers finish sooner; the cap guards bugs
     if isinstance(generator, list):  # per-sample generators of the samples still in the batch
         generator = [generator[i] for i in st.active]

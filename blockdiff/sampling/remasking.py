@@ -10,24 +10,33 @@ behaves like ``fixed``, so every block finishes within ``steps_per_block`` steps
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from blockdiff.errors import UsageError
-from blockdiff.sampling.base import BlockState, StepResult, reveal, top_confident
+from blockdiff.sampling.base import BlockState, Sampler, StepResult, knob, reveal, top_confident
 from blockdiff.sampling.fixed import even_share
+from blockdiff.sampling.registry import register_sampler
 
 __all__ = ["RemaskingSampler"]
 
 
-class RemaskingSampler:
+@register_sampler
+@dataclass
+class RemaskingSampler(Sampler):
     name = "remask"
 
-    def __init__(self, remask_threshold: float = 0.3, max_remask: int = 1, remask_until: float = 0.75):
-        if isinstance(remask_threshold, bool) or not isinstance(remask_threshold, (int, float)) or not 0.0 < remask_threshold <= 1.0:
-            raise UsageError(f"remask_threshold must be in (0, 1], got {remask_threshold!r}")
-        if isinstance(max_remask, bool) or not isinstance(max_remask, int) or max_remask < 1:
-            raise UsageError(f"max_remask must be an integer >= 1, got {max_remask!r}")
-        self.remask_threshold, self.max_remask, self.remask_until = remask_threshold, max_remask, remask_until
+    remask_threshold: float = knob(0.3, "re-open generated tokens below this confidence")
+    max_remask: int = knob(1, "at most this many re-opened per step")
+    remask_until: float = 0.75  # fraction of steps_per_block after which nothing is re-opened (not a knob)
+
+    def __post_init__(self):
+        threshold, most = self.remask_threshold, self.max_remask
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+            raise UsageError(f"remask_threshold must be in (0, 1], got {threshold!r}")
+        if isinstance(most, bool) or not isinstance(most, int) or most < 1:
+            raise UsageError(f"max_remask must be an integer >= 1, got {most!r}")
 
     def step(self, tokens, confidence, state: BlockState, generator: torch.Generator | None, probs=None) -> StepResult:
         result = reveal(state, tokens, confidence, top_confident(confidence, state.masked, even_share(state)))

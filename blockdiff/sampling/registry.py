@@ -1,0 +1,187 @@
+"""The sampler registry: every sampler by name, and every generation setting derived from it (docs/design.md §3).
+
+A sampler is one file holding one ``Sampler`` dataclass (``base.py``) and one ``@register_sampler`` line. From
+the registry come
+
+* ``make_sampler(config, schedule)``: the sampler ``config.sampler`` names, its knobs read from ``config``;
+* the block-diffusion fields of ``BlockDiffusionGenerationConfig`` (``settings()``: the ``GENERAL`` ones plus every
+  sampler's knobs) and its checks (every registered sampler is built from the config, so each knob is checked
+  by the sampler that owns it);
+* the ``blockdiff sample`` flags (``knobs()``: name, default, type and doc of each knob), the sweep's
+  ``sample.grid`` keys (``WithKnobs``) and the run config's ``sample.sampler`` check (installed into
+  ``blockdiff.config``, a leaf that imports nothing of sampling).
+
+Everything is read from the registry when it is used, so a sampler registered later (a plugin, a test's
+throwaway one: ``with registered(MySampler): ...``) is reachable from ``model.generate``, the CLI and sweeps
+without touching any other file. A knob name may be shared by samplers only with the same default.
+
+The built-in samplers are imported at the bottom of this module, in the order their names are listed.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import contextlib
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import GenerationConfig
+
+from blockdiff import config as run_config
+from blockdiff.errors import UsageError
+from blockdiff.sampling.base import Sampler, knob
+
+__all__ = [
+    "Sampler", "knob", "GENERAL", "Knob", "WithKnobs", "register_sampler", "unregister_sampler", "registered", "sampler_names",
+    "sampler_class", "knobs", "settings", "make_sampler", "check_knobs",
+]
+
+# Block-diffusion generation settings no sampler owns: name -> default (the comment is the doc). The sampler
+# knobs come between the first two and the rest (so settings() keeps the order the config has always had).
+GENERAL = {
+    "sampler": "threshold",  # one of sampler_names()
+    "steps_per_block": None,  # denoising-step budget per block (default: block_length)
+    "window": None,  # sliding-window size in tokens (default: the training context); must be >= 2 blocks
+    "use_cache": True,  # block KV cache over finished blocks (False recomputes the whole prefix)
+    "reuse_predictions": True,  # skip the forward when no token of the block changed
+    "seed": None,  # seed for a fresh generator when none is passed
+}
+_HEAD = ("sampler", "steps_per_block")
+_TRANSFORMERS_FIELDS = frozenset(vars(GenerationConfig()))
+
+_SAMPLERS: dict[str, type] = {}  # name -> Sampler class, in registration order
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One sampler setting as the CLI and the config see it."""
+
+    name: str  # the generation-config field (flag: --name-with-dashes)
+    default: Any
+    type: type  # what a flag's text is parsed as (int, float, str, bool)
+    doc: str  # one line
+    sampler: str  # the first registered sampler that owns it
+
+
+def _knobs_of(cls) -> list[Knob]:
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"sampler {cls.__name__} must be a @dataclass (its knob fields are its settings)")
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if "knob" not in f.metadata:
+            continue
+        kind = hints.get(f.name, str)
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        out.append(Knob(f.name, f.default, kind, f.metadata["knob"], cls.name))
+    return out
+
+
+def register_sampler(cls):
+    """Class decorator: make the ``Sampler`` dataclass ``cls`` reachable as ``sampler=cls.name`` everywhere."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise TypeError(f"sampler {cls.__name__} needs a class attribute name = '<identifier>', got {name!r}")
+    if name in _SAMPLERS:
+        raise ValueError(f"a sampler named {name!r} is already registered ({_SAMPLERS[name].__name__})")
+    known = knobs()
+    for k in _knobs_of(cls):
+        if k.name in GENERAL or k.name in _TRANSFORMERS_FIELDS:
+            raise ValueError(f"sampler {name!r}: knob {k.name!r} would shadow the generation setting of that name")
+        if k.name in known and known[k.name].default != k.default:
+            raise ValueError(
+                f"sampler {name!r}: knob {k.name!r} is also {known[k.name].sampler!r}'s, with another default "
+                f"({known[k.name].default!r}); a shared knob needs the same default"
+            )
+    _SAMPLERS[name] = cls
+    return cls
+
+
+def unregister_sampler(name: str) -> None:
+    """Forget the sampler ``name`` (tests; a plugin being unloaded)."""
+    del _SAMPLERS[name]
+
+
+@contextlib.contextmanager
+def registered(cls):
+    """``with registered(MySampler): ...``: ``MySampler`` is registered inside the block only."""
+    register_sampler(cls)
+    try:
+        yield cls
+    finally:
+        unregister_sampler(cls.name)
+
+
+def sampler_names() -> tuple[str, ...]:
+    return tuple(_SAMPLERS)
+
+
+def sampler_class(name: str):
+    """The registered sampler class ``name``; an unknown name is a ``UsageError`` listing the known ones."""
+    if name not in _SAMPLERS:
+        raise UsageError(f"sampler must be one of {sampler_names()}, got {name!r}")
+    return _SAMPLERS[name]
+
+
+def knobs() -> dict[str, Knob]:
+    """Every registered sampler's knobs, by name (a shared knob once, under its first sampler)."""
+    out: dict[str, Knob] = {}
+    for cls in _SAMPLERS.values():
+        for k in _knobs_of(cls):
+            out.setdefault(k.name, k)
+    return out
+
+
+def settings() -> dict[str, Any]:
+    """Every block-diffusion generation setting and its default: ``GENERAL`` with the sampler knobs."""
+    head = {k: GENERAL[k] for k in _HEAD}
+    tail = {k: v for k, v in GENERAL.items() if k not in _HEAD}
+    return {**head, **{k.name: k.default for k in knobs().values()}, **tail}
+
+
+def make_sampler(config, schedule=None):
+    """The sampler named by ``config.sampler``, its knobs read from ``config``; ``schedule`` is the noise schedule
+    the model was trained with (the ancestral sampler's reveal probabilities follow its alpha(t); default
+    log-linear)."""
+    return sampler_class(config.sampler).from_config(config, schedule)
+
+
+def check_knobs(config, schedule=None) -> None:
+    """Run every sampler's own checks on ``config``: the chosen sampler first, then each other one, so that a
+    knob is valid whichever sampler is picked later (the settings are saved with the model)."""
+    make_sampler(config, schedule)
+    for name, cls in _SAMPLERS.items():
+        if name != config.sampler:
+            cls.from_config(config, schedule)
+
+
+class WithKnobs(collections.abc.Sequence):
+    """``names`` followed by every registered knob, read afresh at each use (``SAMPLE_KEYS`` of sweeps)."""
+
+    def __init__(self, *names: str):
+        self.names = names
+
+    def _all(self) -> tuple[str, ...]:
+        return (*self.names, *(k for k in knobs() if k not in self.names))
+
+    def __getitem__(self, index):
+        return self._all()[index]
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __contains__(self, name) -> bool:
+        return name in self._all()
+
+    def __repr__(self) -> str:
+        return repr(self._all())
+
+
+run_config.set_sampler_names(sampler_names)  # the run config's sample.sampler check (config.py stays a leaf)
+
+# The built-in samplers, each registered by its own module (in the order sampler_names() lists them).
+from blockdiff.sampling import threshold, first_hitting, fixed, ddpm, remasking, entropy_bound  # noqa: E402, F401, I001
