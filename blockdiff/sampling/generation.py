@@ -43,52 +43,11 @@ from blockdiff.core.noise import make_schedule
 from blockdiff.errors import UsageError
 from blockdiff.sampling.base import BlockState, Sampler, reveal
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
-from blockdiff.sampling.registry import make_sampler
 from blockdiff.sampling.logits import choose_tokens
+from blockdiff.sampling.outputs import GenerationOutput, StepEvent
+from blockdiff.sampling.registry import make_sampler
 
 __all__ = ["GenerationOutput", "StepEvent", "generate"]
-
-
-@dataclass
-class GenerationOutput:
-    """One row per returned sequence (``num_return_sequences`` rows per prompt, those of prompt 0 first)."""
-
-    sequences: torch.Tensor  # (b, longest) prompt + new tokens, right-padded with pad_token_id
-    prompt_lengths: torch.Tensor  # (b,)
-    lengths: torch.Tensor  # (b,) new tokens kept per sample (EOS / the stop string's tokens included)
-    stopped_at_eos: torch.Tensor  # (b,) bool
-    nfe: int  # network forwards of the batch (one forward serves every active sample)
-    tokens_processed_per_forward: float  # input tokens (summed over the active batch) per batch forward
-    tokens_per_forward: float  # kept new tokens of all samples per batch forward (grows with the batch)
-    max_cache_length: int = 0  # largest KV cache (in tokens) held during generation
-    sample_nfe: torch.Tensor | None = None  # (b,) forwards that denoised each sample (its cost alone)
-    stop_reasons: list[str] | None = None  # per sample: "eos", "stop_string" or "max_new_tokens"
-
-    def new_tokens(self, i: int) -> list[int]:
-        """The generated tokens of sample ``i`` (prompt excluded)."""
-        start = int(self.prompt_lengths[i])
-        return self.sequences[i, start : start + int(self.lengths[i])].tolist()
-
-    @property
-    def sample_tokens_per_forward(self) -> float:
-        """New tokens per forward per sequence: all kept tokens over all per-sample forwards (1.0 for AR decoding)."""
-        return float(self.lengths.sum()) / max(1, int(self.sample_nfe.sum())) if self.sample_nfe is not None else 0.0
-
-
-@dataclass
-class StepEvent:
-    """One denoising step, for traces and live displays. Positions are per-sample token positions."""
-
-    block: int  # column block index (blocks of every sample share columns)
-    step: int
-    samples: list[int]  # original batch indices of the active samples
-    block_start: list[int]  # position of the block's first column, per active sample
-    tokens: list[list[int]]  # the block after this step (mask id where still masked)
-    revealed: list[list[int]]  # positions revealed at this step, per active sample
-    remasked: list[list[int]]  # positions re-opened at this step
-    confidence: list[list[float]]  # confidence of each revealed token
-    forward: bool  # whether this step ran the network (False: prediction reused)
-    finished: bool = False  # the block is final (cache write follows)
 
 
 @dataclass

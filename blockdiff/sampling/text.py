@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from blockdiff.errors import UsageError
-from blockdiff.sampling.generation import GenerationOutput
+from blockdiff.sampling.outputs import GenerationOutput
 
 __all__ = ["encode_prompts", "sample_texts"]
 

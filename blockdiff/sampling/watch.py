@@ -23,7 +23,7 @@ from rich.live import Live
 from rich.text import Text
 
 from blockdiff.errors import MissingFileError
-from blockdiff.sampling.generation import StepEvent
+from blockdiff.sampling.outputs import StepEvent
 
 __all__ = ["TraceWriter", "LiveView", "FinishedBlocks", "fan_out"]
 
