@@ -8,6 +8,7 @@ from rich.table import Table
 from blockdiff.cli import render
 from blockdiff.cli.render import console
 from blockdiff.errors import UsageError
+from blockdiff.sampling.registry import sampler_names
 
 
 def run(args) -> None:
@@ -100,7 +101,10 @@ def add_arguments(p):
     p.add_argument("--gen", action="store_true", help="also judge samples: generative perplexity, entropy, tokens/s")
     p.add_argument("--base", help="reference decoder (default: the model.pretrained it was fine-tuned from)")
     p.add_argument("--judge", help="judge decoder for --gen (default: the base decoder)")
-    p.add_argument("--samplers", default="threshold,first_hitting", help="comma-separated samplers for --gen")
+    p.add_argument(
+        "--samplers", default="threshold,first_hitting",
+        help=f"comma-separated samplers for --gen (of {', '.join(sampler_names())})",
+    )
     p.add_argument("--num-samples", type=int, default=8, help="--gen: prompts taken from held-out windows")
     p.add_argument("--gen-length", type=int, default=64, help="--gen: new tokens per sample")
     p.add_argument("--json", help="write the numbers (and the --gen samples) to this JSON file")

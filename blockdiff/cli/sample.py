@@ -6,7 +6,7 @@ import sys
 
 from blockdiff.cli.render import console
 from blockdiff.errors import MissingFileError, UsageError
-from blockdiff.sampling.config import SAMPLERS
+from blockdiff.sampling.registry import GENERAL, knobs, sampler_names
 
 
 def run(args) -> None:
@@ -32,8 +32,7 @@ def _apply_settings(args, model) -> None:
         "max_new_tokens": args.max_new_tokens,
         "sampler": args.sampler,
         "steps_per_block": args.steps_per_block,
-        "tau": args.tau,
-        "tokens_per_step": args.tokens_per_step,
+        **{name: getattr(args, name) for name in knobs()},  # each sampler's knobs (add_sampler_flags)
         "temperature": args.temperature,
         "top_k": args.top_k,
         "top_p": args.top_p,
@@ -131,12 +130,7 @@ def add_arguments(p):
     )
     p.add_argument("--prompt-file", help="file with one prompt per line")
     p.add_argument("--max-new-tokens", type=int, help="hard bound on new tokens per prompt (generation stops at EOS)")
-    p.add_argument(
-        "--sampler", choices=SAMPLERS, help="threshold (default), first_hitting, fixed, ddpm, remask, entropy_bound"
-    )
-    p.add_argument("--steps-per-block", type=int, help="denoising-step budget per block (default: block_length)")
-    p.add_argument("--tau", type=float, help="threshold sampler: reveal tokens with confidence >= tau (default 0.9)")
-    p.add_argument("--tokens-per-step", type=int, help="fixed sampler: tokens revealed per step")
+    add_sampler_flags(p)
     p.add_argument("--temperature", type=float, help="softmax temperature (0 = greedy)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
@@ -149,3 +143,21 @@ def add_arguments(p):
     p.add_argument("--show-denoising", action="store_true", help="draw the block being denoised live")
     p.add_argument("--trace", help="write every denoising step as JSON lines to this file")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
+
+
+def add_sampler_flags(p) -> None:
+    """``--sampler`` (the registered names), ``--steps-per-block`` and one flag per sampler knob, read from the
+    sampler registry when the parser is built (``blockdiff/sampling/registry.py``)."""
+    names = [f"{n} (default)" if n == GENERAL["sampler"] else n for n in sampler_names()]
+    p.add_argument("--sampler", choices=sampler_names(), help=", ".join(names))
+    p.add_argument("--steps-per-block", type=int, help="denoising-step budget per block (default: block_length)")
+    for k in knobs().values():
+        default = "" if k.default is None else f" (default {k.default})"
+        kind = true_or_false if k.type is bool else k.type
+        p.add_argument(f"--{k.name.replace('_', '-')}", type=kind, help=f"{k.sampler} sampler: {k.doc}{default}")
+
+
+def true_or_false(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise ValueError(text)  # argparse says: invalid true_or_false value
+    return text.lower() == "true"

@@ -1,8 +1,8 @@
 """Sampling: the sampler registry (``registry.py``, one sampler per file), the block loop (``generation.py``) and
 text helpers (``text.py``). Never imports Lightning."""
 
+from blockdiff.sampling.generation import GenerationOutput, generate
 from blockdiff.sampling.registry import Sampler, knob, register_sampler, registered, sampler_names, unregister_sampler
-from blockdiff.sampling.generation import GenerationOutput, generate  # noqa: I001 - the registry first (sampler order)
 from blockdiff.sampling.text import encode_prompts, sample_texts
 
 __all__ = [

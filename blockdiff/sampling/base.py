@@ -103,5 +103,6 @@ def uniform(shape, generator: Generators, device, rows: torch.Tensor | None = No
 def top_confident(confidence: torch.Tensor, masked: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Bool (b, l): the ``k[i]`` most confident masked positions of each row."""
     order = confidence.masked_fill(~masked, -1.0).argsort(dim=-1, descending=True)  # (b, l)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    places = torch.arange(order.shape[-1], device=order.device).expand_as(order)  # (b, l)
+    rank = torch.empty_like(order).scatter_(-1, order, places)
     return masked & (rank < k[:, None])

@@ -1,6 +1,6 @@
 """``BlockDiffusionGenerationConfig``: generation defaults stored with a model, checked in one place.
 
-A ``transformers.GenerationConfig`` subclass (DESIGN.md §3), so it saves/loads as JSON next to the
+A ``transformers.GenerationConfig`` subclass (docs/design.md §3), so it saves/loads as JSON next to the
 weights (``blockdiff_generation_config.json``) and can be overridden per call:
 ``model.generate(ids, max_new_tokens=256, sampler="threshold", tau=0.8)``.
 
@@ -19,7 +19,7 @@ from transformers import GenerationConfig
 from blockdiff.errors import UsageError
 from blockdiff.sampling.registry import check_knobs, knobs, make_sampler, sampler_names, settings
 
-__all__ = ["BlockDiffusionGenerationConfig", "GENERATION_CONFIG_FILE", "SAMPLERS", "HONOURED", "make_sampler"]
+__all__ = ["BlockDiffusionGenerationConfig", "GENERATION_CONFIG_FILE", "HONOURED", "make_sampler"]  # and SAMPLERS
 
 GENERATION_CONFIG_FILE = "blockdiff_generation_config.json"
 TEMPERATURE_RANGE = (1e-4, 1e4)  # a positive temperature must lie here; 0 is greedy
@@ -107,11 +107,13 @@ class BlockDiffusionGenerationConfig(GenerationConfig):
             raise UsageError(f"do_sample must be true or false, got {self.do_sample!r}")
         if self.min_new_tokens is not None and (not _is_int(self.min_new_tokens) or self.min_new_tokens < 0):
             raise UsageError(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
-        if self.num_return_sequences is not None and (not _is_int(self.num_return_sequences) or self.num_return_sequences < 1):
+        copies = self.num_return_sequences
+        if copies is not None and (not _is_int(copies) or copies < 1):
             raise UsageError(f"num_return_sequences must be an integer >= 1, got {self.num_return_sequences!r}")
         if self.stop_strings is not None and not self.stop_string_list():
             raise UsageError(f"stop_strings must be a non-empty string or a list of them, got {self.stop_strings!r}")
-        if self.window is not None and (not _is_int(self.window) or self.window < 2 * block_length or self.window % block_length):
+        window = self.window
+        if window is not None and (not _is_int(window) or window < 2 * block_length or window % block_length):
             raise UsageError(
                 f"window={self.window!r} must be a multiple of block_length={block_length} and at least two blocks"
             )

@@ -25,7 +25,7 @@ __all__ = ["DDPMSampler"]
 class DDPMSampler(Sampler):
     name = "ddpm"
 
-    schedule: Any = None  # the noise schedule the model was trained with (from the model, not a knob); default log-linear
+    schedule: Any = None  # the noise schedule the model was trained with (not a knob: it comes from the model)
 
     def __post_init__(self):
         self.schedule = self.schedule or LogLinearSchedule()

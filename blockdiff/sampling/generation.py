@@ -81,7 +81,8 @@ def _layout(prompts: list[list[int]], l: int, pad_id: int, device) -> _State:
 
 
 def _forward(model, st: _State, feed_from: int, end: int, use_cache: bool):
-    """Run columns ``[feed_from, end)`` of the active samples against the cache; returns ``(hidden (b, q, d), cache)``."""
+    """Run columns ``[feed_from, end)`` of the active samples against the cache; returns
+    ``(hidden (b, q, d), cache)``."""
     act = torch.tensor(st.active, device=st.cols.device)
     q_cols = torch.arange(feed_from, end, device=st.cols.device)  # (q,)
     k_cols = torch.arange(st.window_start, end, device=st.cols.device)  # (s,)
@@ -279,7 +280,9 @@ def _denoise_block(
     return state.tokens
 
 
-def _finish_samples(st: _State, start: int, l: int, max_new_tokens: int, eos_ids: set[int], stops: list[str], tokenizer) -> list[int]:
+def _finish_samples(
+    st: _State, start: int, l: int, max_new_tokens: int, eos_ids: set[int], stops: list[str], tokenizer
+) -> list[int]:
     """Record the final length of every sample whose new block holds EOS or completes a stop string, or that reached
     ``max_new_tokens``; returns the rows of the samples that go on."""
     keep = []

@@ -35,8 +35,8 @@ from blockdiff.errors import UsageError
 from blockdiff.sampling.base import Sampler, knob
 
 __all__ = [
-    "Sampler", "knob", "GENERAL", "Knob", "WithKnobs", "register_sampler", "unregister_sampler", "registered", "sampler_names",
-    "sampler_class", "knobs", "settings", "make_sampler", "check_knobs",
+    "Sampler", "knob", "GENERAL", "Knob", "WithKnobs", "register_sampler", "unregister_sampler", "registered",
+    "sampler_names", "sampler_class", "knobs", "settings", "make_sampler", "check_knobs",
 ]
 
 # Block-diffusion generation settings no sampler owns: name -> default (the comment is the doc). The sampler

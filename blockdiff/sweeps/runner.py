@@ -50,14 +50,14 @@ import yaml
 from blockdiff.config import Config, ConfigError, describe_keys, load_config, path_problem, read_utf8, to_yaml
 from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.files import write_text_atomic
+from blockdiff.sampling.registry import WithKnobs
 from blockdiff.evaluation.judge import unigram_entropy
 
 __all__ = ["Sweep", "Run", "load_sweep", "expand_grid", "run_sweep", "run_one", "changed_runs", "config_changes",
            "read_summary", "SUMMARY_FILE"]
 
 SUMMARY_FILE = "summary.json"
-SAMPLE_KEYS = ("sampler", "tau", "steps_per_block", "tokens_per_step", "temperature", "top_k", "top_p",
-               "entropy_bound", "block_length")
+SAMPLE_KEYS = WithKnobs("sampler", "steps_per_block", "temperature", "top_k", "top_p", "block_length")  # + knobs
 DEFAULT_PROMPTS = ["ROMEO.\n", "JULIET.\n", "HAMLET.\n", "KING LEAR.\n"]
 
 
