@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_model
 
 from blockdiff.cli import main
 from blockdiff.cli.app import build_parser
@@ -36,7 +37,6 @@ from blockdiff.sampling.base import BlockState, Sampler, StepResult, knob, revea
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
 from blockdiff.sampling.registry import knobs, register_sampler, registered, sampler_names, settings
 from blockdiff.sweeps.runner import SAMPLE_KEYS, load_sweep
-from conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT_IN = ("threshold", "first_hitting", "fixed", "ddpm", "remask", "entropy_bound")
