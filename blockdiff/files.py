@@ -39,3 +39,23 @@ def write_failure_reason(err: BaseException) -> str | None:
         if any(marker in text for marker in _WRITE_FAILURES):
             return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return None
+
+
+def path_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a regular file, as the end of a sentence (``f"{path} {problem}"``); ``None`` if it is one."""
+    import stat
+
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "is a broken symbolic link" if path.is_symlink() else "does not exist"
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+                else "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "special")
+        return f"is not a regular file ({kind})"
+    return None

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("key,default,help_text", describe_keys())
 def test_every_config_key_is_documented(key, default, help_text):
-    assert help_text, f"{key} has no docstring in blockdiff/config.py"
+    assert help_text, f"{key} has no docstring in blockdiff/config/sections.py"
     assert f"| `{key}` | `{default}` |" in (ROOT / "docs" / "configuration.md").read_text(), (
         f"{key} (default {default}) is missing or stale in docs/configuration.md"
     )

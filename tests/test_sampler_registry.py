@@ -8,7 +8,7 @@ registry call.
 * The built-in samplers are registered in their historical order with their knobs; the generation config's
   fields are the registry's settings.
 * The sampler is built once per ``generate`` call, not once per block.
-* ``blockdiff/config.py`` imports nothing of sampling, and a bad ``sample.sampler`` is still refused as soon as
+* ``blockdiff/config/`` imports nothing of sampling, and a bad ``sample.sampler`` is still refused as soon as
   ``blockdiff.config`` is imported (the registry installs its lookup on ``import blockdiff``).
 * Registration refuses a duplicate name, a knob that shadows a generation setting, and a shared knob with
   another default.
@@ -164,9 +164,11 @@ def test_the_built_in_samplers_and_their_knobs():
 
 
 def test_a_bad_run_config_sampler_is_refused_with_the_names_and_config_is_a_leaf():
-    tree = ast.parse((ROOT / "blockdiff" / "config.py").read_text())
-    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
-    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported = []
+    for path in (ROOT / "blockdiff" / "config").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert not [m for m in imported if m.startswith("blockdiff.sampling")], imported
     code = (
         "from blockdiff.config import ConfigError, load_config\n"

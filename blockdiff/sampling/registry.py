@@ -181,7 +181,7 @@ class WithKnobs(collections.abc.Sequence):
         return repr(self._all())
 
 
-run_config.set_sampler_names(sampler_names)  # the run config's sample.sampler check (config.py stays a leaf)
+run_config.set_sampler_names(sampler_names)  # the run config's sample.sampler check (the config package stays a leaf)
 
 # The built-in samplers, each registered by its own module (in the order sampler_names() lists them).
 from blockdiff.sampling import threshold, first_hitting, fixed, ddpm, remasking, entropy_bound  # noqa: E402, F401, I001

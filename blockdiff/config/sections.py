@@ -1,67 +1,16 @@
-"""Typed run configuration: dataclasses validated at start, YAML + ``key=value`` overrides via OmegaConf.
-
-The dataclass defaults *are* the embedded demo: ``blockdiff demo`` trains exactly ``Config()``.
-Every field has a docstring-style comment; errors name the CLI key (``model.block_length ...``) so a
-user can fix the command line. Nothing outside ``cli.py`` and the recipes reads a ``Config``; library
-modules take the sections they need as explicit arguments.
+"""The config sections (``model``, ``noise``, ``data``, ``optim``, ``trainer``, ``sample``, ``curriculum``) and
+``Config``, the whole run: dataclasses whose defaults *are* the embedded demo (``blockdiff demo`` trains exactly
+``Config()``), each field documented by the string under it, each validated in ``__post_init__`` with errors
+that name the CLI key.
 """
 
 from __future__ import annotations
 
 import enum
-import io
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from blockdiff.errors import UserError
-
-__all__ = [
-    "Family",
-    "Schedule",
-    "ClipSearch",
-    "LRSchedule",
-    "ModelConfig",
-    "NoiseConfig",
-    "DataConfig",
-    "OptimConfig",
-    "TrainerConfig",
-    "SampleConfig",
-    "CurriculumConfig",
-    "Config",
-    "ConfigError",
-    "load_config",
-    "describe_keys",
-    "to_yaml",
-    "path_problem",
-    "read_utf8",
-    "SEED_MAX",
-]
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value is wrong; the message names the key and how to fix it."""
-
-
-_INT64_MAX = 2**63 - 1
-
-
-def _check_numbers(section: str, obj) -> None:
-    """Every float field finite and every int field within int64 (what torch and the data loaders can hold)."""
-    import dataclasses
-    import math
-
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        values = value if isinstance(value, (list, tuple)) else [value]
-        for v in values:
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"{section}.{f.name} must be a finite number, got {value}")
-            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > _INT64_MAX:
-                raise ConfigError(f"{section}.{f.name}={v} is too large (at most {_INT64_MAX})")
+from blockdiff.config.checks import SEED_MAX, ConfigError, check_numbers
 
 
 class Family(str, enum.Enum):
@@ -122,7 +71,7 @@ class ModelConfig:
     """Train on a mixture of block lengths: {L': probability} drawn per training sequence (e.g. {1: 0.1, 4: 0.3, 16: 0.6}); empty = off. block_length stays the one generation uses."""
 
     def __post_init__(self) -> None:
-        _check_numbers("model", self)
+        check_numbers("model", self)
         for key in ("hidden_size", "num_layers", "num_heads", "block_length"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
@@ -177,7 +126,7 @@ class NoiseConfig:
     """Held-out batches the clip search scores each window on (one extra forward per window and batch)."""
 
     def __post_init__(self) -> None:
-        _check_numbers("noise", self)
+        check_numbers("noise", self)
         if not 0.0 < self.eps < 1.0:
             raise ConfigError(f"noise.eps must be in (0, 1), got {self.eps}")
         if not 0.0 <= self.beta <= self.omega <= 1.0:
@@ -230,7 +179,7 @@ class DataConfig:
     """Use only the first N documents (quick experiments and tests)."""
 
     def __post_init__(self) -> None:
-        _check_numbers("data", self)
+        check_numbers("data", self)
         if self.max_seq_len < 2:
             raise ConfigError(f"data.max_seq_len must be >= 2, got {self.max_seq_len}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -265,7 +214,7 @@ class OptimConfig:
     """EMA of weights used for validation and export (0 disables)."""
 
     def __post_init__(self) -> None:
-        _check_numbers("optim", self)
+        check_numbers("optim", self)
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -314,7 +263,7 @@ class TrainerConfig:
     """Run directory: config.yaml, checkpoints/, model/, metrics.csv."""
 
     def __post_init__(self) -> None:
-        _check_numbers("trainer", self)
+        check_numbers("trainer", self)
         if not 0 <= self.seed <= SEED_MAX:
             raise ConfigError(f"trainer.seed={self.seed} is out of range: a seed is an integer from 0 to {SEED_MAX}")
         if self.max_minutes is not None and self.max_minutes <= 0:
@@ -327,7 +276,8 @@ class TrainerConfig:
         if self.num_nodes < 1:
             raise ConfigError(f"trainer.num_nodes must be >= 1, got {self.num_nodes}")
         self._check_devices()
-        self._check_lightning_names()
+        if (self.precision, self.accelerator) != ("auto", "auto"):  # a default config never imports Lightning
+            self._check_lightning_names()
         if self.strategy != "auto":
             from lightning.pytorch.strategies import StrategyRegistry
 
@@ -338,6 +288,7 @@ class TrainerConfig:
                 )
 
     def _check_lightning_names(self) -> None:
+        """``precision`` and ``accelerator`` against Lightning's own lists (asked only when they are not ``auto``)."""
         import typing
 
         from lightning.fabric.connector import _PRECISION_INPUT_INT, _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
@@ -397,7 +348,7 @@ class SampleConfig:
     """Prompt for the demo samples."""
 
     def __post_init__(self) -> None:
-        _check_numbers("sample", self)
+        check_numbers("sample", self)
         if self.max_new_tokens < 1:
             raise ConfigError(f"sample.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.steps_per_block is not None and self.steps_per_block < 1:
@@ -421,7 +372,7 @@ class CurriculumConfig:
     """Anneal attention inside noisy blocks from causal to bidirectional over this fraction of trainer.max_steps (0 = off)."""
 
     def __post_init__(self) -> None:
-        _check_numbers("curriculum", self)
+        check_numbers("curriculum", self)
         for key in ("block_length_fraction", "mask_annealing_fraction"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"curriculum.{key} must be in [0, 1], got {getattr(self, key)}")
@@ -465,169 +416,3 @@ class Config:
         if self.model.logit_shift is not None:
             return self.model.logit_shift
         return self.model.pretrained is not None
-
-
-SEED_MAX = 2**32 - 1
-"""Largest seed: ``lightning.seed_everything`` and numpy take ``0 .. 2**32 - 1``; ``--seed`` and ``trainer.seed`` share the range."""
-
-_KEYS_HINT = "`blockdiff config keys` lists every key with its default"
-
-
-def path_problem(path: str | Path) -> str | None:
-    """Why ``path`` is not a regular file, as the end of a sentence (``f"{path} {problem}"``); ``None`` if it is one."""
-    import stat
-
-    path = Path(path)
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return "is a broken symbolic link" if path.is_symlink() else "does not exist"
-    except OSError as err:
-        return f"cannot be read ({err.strerror or err})"
-    if stat.S_ISDIR(mode):
-        return "is a directory, not a file"
-    if not stat.S_ISREG(mode):
-        kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
-                else "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "special")
-        return f"is not a regular file ({kind})"
-    return None
-
-
-def read_utf8(path: Path, what: str) -> str:
-    """The text of ``path``; unreadable or not UTF-8 is a ``ConfigError`` naming ``what`` and the file."""
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(
-            f"{what} {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); save it as UTF-8"
-        ) from None
-    except OSError as err:
-        raise ConfigError(f"{what} {path} cannot be read: {err.strerror or err}") from None
-
-
-def _default_of(key: str) -> Any:
-    """The default value of dotted ``key`` (``model.family`` -> ``Family.llama``), or ``None`` if unknown."""
-    section, _, name = key.partition(".")
-    return getattr(getattr(Config(), section, None), name.split(".")[0].split("[")[0], None)
-
-
-def _explain(err: Exception, key: str, value: Any) -> str:
-    """One sentence for a failed merge of ``key=value``: the key, what it accepts, and how to find out more."""
-    key = getattr(err, "full_key", None) or key
-    value = getattr(err, "value", None) if getattr(err, "full_key", None) else value
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    default = _default_of(key)
-    if isinstance(default, enum.Enum):
-        choices = ", ".join(m.value for m in type(default))
-        return f"{key} must be one of {choices}; got {value!r}"
-    if type(err).__name__ == "ConfigKeyError" or "not in '" in reason:  # an unknown key (OmegaConf suggests a near one)
-        return f"invalid config key {key!r}: {reason} ({_KEYS_HINT})"
-    if isinstance(err, TypeError):  # OmegaConf: a list merged onto a mapping field or the other way round
-        kind = "mapping" if isinstance(default, dict) else "list" if isinstance(default, (list, tuple)) else "value"
-        return f"{key} must be a {kind} like its default {default}, got {value} ({_KEYS_HINT})"
-    return f"invalid value for {key}: {reason} ({_KEYS_HINT})"
-
-
-def _fields(update: DictConfig):
-    """``(section.field, value)`` for every field a mapping sets (a non-mapping section is its own field)."""
-    for section, body in update.items_ex(resolve=False):
-        if isinstance(body, DictConfig):
-            for name, value in body.items_ex(resolve=False):
-                yield f"{section}.{name}", value
-        else:
-            yield str(section), body
-
-
-def _merge(merged: DictConfig, update: DictConfig | dict, file: Path | None = None) -> DictConfig:
-    """Merge a file's (or the recipe defaults') mapping; a failure becomes a ``ConfigError`` naming key and file."""
-    try:
-        return OmegaConf.merge(merged, update)
-    except (OmegaConfBaseException, TypeError, ValueError) as err:
-        key, value = str(file or "defaults"), None
-        if getattr(err, "full_key", None) is None:  # a bare TypeError (a list where a mapping belongs): find the field
-            for field_key, field_value in _fields(OmegaConf.create(update)):
-                section, _, name = field_key.partition(".")
-                try:
-                    OmegaConf.merge(merged, {section: {name: field_value}} if name else {section: field_value})
-                except (OmegaConfBaseException, TypeError, ValueError) as inner:
-                    err, key, value = inner, field_key, _plain(field_value)
-                    break
-        where = f"config file {file}: " if file is not None else ""
-        raise ConfigError(where + _explain(err, key, value)) from None
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
-
-
-def _read_yaml(path: Path) -> DictConfig:
-    """A config file as a ``DictConfig``; a missing/special file, bad UTF-8 or bad YAML is a ``ConfigError`` naming it."""
-    problem = path_problem(path)
-    if problem is not None:
-        raise ConfigError(f"config file {path} {problem}; pass a YAML file with -c")
-    text = read_utf8(path, "config file")
-    try:
-        loaded = OmegaConf.load(io.StringIO(text))
-    except Exception as err:  # noqa: BLE001 - YAML syntax errors come in several types
-        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(loaded, DictConfig):
-        raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...), not a list")
-    return loaded
-
-
-def load_config(paths: list[str | Path] = (), overrides: list[str] = (), defaults: dict | None = None) -> Config:
-    """Merge YAML files (in order) and ``key=value`` overrides onto the defaults, then validate.
-
-    ``defaults`` (a nested dict, e.g. the fine-tuning recipe's) replaces some built-in defaults first.
-    """
-    merged: DictConfig = OmegaConf.structured(Config)
-    if defaults:
-        merged = _merge(merged, defaults)
-    for path in paths:
-        path = Path(path)
-        merged = _merge(merged, _read_yaml(path), path)
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"overrides must look like key=value (e.g. model.block_length=8), got {override!r}")
-        try:
-            update = OmegaConf.from_dotlist([override])
-        except Exception as err:  # noqa: BLE001 - OmegaConf and its YAML parser raise several types
-            raise ConfigError(f"cannot parse override {override!r}: {str(err).splitlines()[0]}") from None
-        try:
-            merged = OmegaConf.merge(merged, update)
-        except (OmegaConfBaseException, TypeError, ValueError) as err:
-            raise ConfigError(_explain(err, key, raw)) from None
-    try:
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(_explain(err, key, getattr(err, "value", None))) from None
-
-
-def describe_keys() -> list[tuple[str, str, str]]:
-    """``(key, default, help)`` for every config key; help is the docstring under each field."""
-    import ast
-    import dataclasses
-    import inspect
-    import sys
-
-    helps: dict[tuple[str, str], str] = {}
-    for node in ast.parse(inspect.getsource(sys.modules[__name__])).body:
-        if isinstance(node, ast.ClassDef):
-            for stmt, nxt in zip(node.body, node.body[1:]):
-                if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                    helps[(node.name, stmt.target.id)] = str(nxt.value.value)
-    rows, defaults = [], Config()
-    for section in dataclasses.fields(Config):
-        sub = getattr(defaults, section.name)
-        for f in dataclasses.fields(sub):
-            value = getattr(sub, f.name)
-            value = value.value if isinstance(value, enum.Enum) else value
-            rows.append((f"{section.name}.{f.name}", str(value), helps.get((type(sub).__name__, f.name), "")))
-    return rows
-
-
-def to_yaml(config: Config) -> str:
-    """The resolved config as YAML (written next to every run's checkpoints)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
