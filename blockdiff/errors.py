@@ -12,6 +12,8 @@ The concrete classes also derive from the built-in exception a Python caller wou
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 __all__ = [
     "UserError",
     "UsageError",
@@ -19,6 +21,7 @@ __all__ = [
     "WouldOverwriteError",
     "StorageError",
     "MissingPackageError",
+    "require_divides",
 ]
 
 
@@ -44,3 +47,21 @@ class StorageError(UserError, OSError):
 
 class MissingPackageError(UserError, ModuleNotFoundError):
     """An optional package is needed; the message gives the install command."""
+
+
+def require_divides(
+    key: str, value: int | Iterable[int], total_key: str, total: int, error: type[Exception] = UsageError, note: str = ""
+) -> None:
+    """Raise ``error("KEY=VALUE must divide TOTAL_KEY=TOTAL" + note)`` unless ``value`` divides ``total``.
+
+    The one phrasing of every "a block length must divide a length" check, so each names the key a user sets
+    (``model.block_length=5 must divide data.max_seq_len=32``). ``value`` may be several numbers (the lengths
+    of a block-length mixture): the message then lists those that do not divide, after ``key``.
+    Values must be integers >= 1 (callers check that first).
+    """
+    several = not isinstance(value, int)
+    values = list(value) if several else [value]
+    bad = [v for v in values if total % v]
+    if bad:
+        shown = f"{key} {bad}" if several else f"{key}={value}"
+        raise error(f"{shown} must divide {total_key}={total}{note}")

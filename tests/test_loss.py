@@ -295,3 +295,29 @@ def test_non_dividing_block_length_raises(block_length):
     with pytest.raises(ValueError):
         block_diffusion_loss(tiny_model(block_length=4, max_seq_len=n), random_tokens(2, n), LogLinearSchedule(),
                              (0.1, 1.0), block_length=block_length)
+
+
+# -- g. the conditioning token under the logit shift ---------------------------------------------------
+@pytest.mark.parametrize("logit_shift", [False, True])
+def test_logit_shift_never_noises_position_0(logit_shift):
+    """Under the logit shift position 0 is the conditioning token: it is never scored, so it is never masked in
+    the noisy input x_t either (docs/design.md §2). At t = 1 every other position is masked; without the shift
+    position 0 is predicted like any other token and is masked too."""
+    n, l = 16, 4
+    model = tiny_model(block_length=l, logit_shift=logit_shift, max_seq_len=n)
+    x0 = random_tokens(3, n)
+    seen = []
+    forward = model.training_hidden
+    model.training_hidden = lambda xt, *args, **kw: seen.append(xt.clone()) or forward(xt, *args, **kw)
+    with torch.no_grad():
+        out = block_diffusion_loss(model, x0, LogLinearSchedule(), (1.0, 1.0), generator=torch.Generator().manual_seed(0))
+        plain = model(torch.cat([x0[:, :1], torch.full_like(x0[:, 1:], MASK_ID)], dim=1), x0)  # (b, n, v)
+    xt = seen[0]  # the loss's x_t (the plain forward above is the second call)
+    assert (xt[:, 1:] == MASK_ID).all()
+    if logit_shift:
+        assert torch.equal(xt[:, 0], x0[:, 0])
+        expected = F.cross_entropy(plain[:, 1:].flatten(0, 1), x0[:, 1:].flatten(), reduction="mean")
+        torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+        assert out.num_masked.item() == 3 * (n - 1)
+    else:
+        assert (xt[:, 0] == MASK_ID).all()

@@ -239,3 +239,17 @@ def test_add_noise_wrong_t_shape_raises(bad_shape):
 def test_add_noise_non_dividing_block_length_raises():
     with pytest.raises(ValueError):
         add_noise(_x0(2, 10), torch.full((2, 3), 0.5), LogLinearSchedule(), 3, MASK)
+
+
+def test_add_noise_clean_prefix_keeps_the_first_positions_and_the_other_draws():
+    """``clean_prefix`` (the conditioning token under the logit shift) is never masked; every other position is
+    noised exactly as without it (the same random draws)."""
+    x0, t = _x0(4, 16), torch.ones(4, 4)
+    plain = add_noise(x0, t, LogLinearSchedule(), 4, MASK, generator=torch.Generator().manual_seed(0))
+    kept = add_noise(x0, t, LogLinearSchedule(), 4, MASK, generator=torch.Generator().manual_seed(0), clean_prefix=1)
+    assert plain.masked.all() and not kept.masked[:, 0].any() and kept.masked[:, 1:].all()
+    assert torch.equal(kept.xt[:, 0], x0[:, 0])
+    t = torch.full((4, 4), 0.5)
+    plain = add_noise(x0, t, LogLinearSchedule(), 4, MASK, generator=torch.Generator().manual_seed(1))
+    kept = add_noise(x0, t, LogLinearSchedule(), 4, MASK, generator=torch.Generator().manual_seed(1), clean_prefix=1)
+    assert torch.equal(kept.masked[:, 1:], plain.masked[:, 1:]) and torch.equal(kept.xt[:, 1:], plain.xt[:, 1:])

@@ -1,4 +1,4 @@
-"""The block-diffusion NELBO (DESIGN.md §2).
+"""The block-diffusion NELBO (docs/design.md §2).
 
 For block ``k`` with its own time ``t_k``:
 ``E_t [ -alpha'(t)/(1-alpha(t)) * sum_{l masked} -log p_theta(x^{k,l} | x_t^k, x^{<k}) ]``,
@@ -6,6 +6,10 @@ summed over blocks and normalised per token (divided by the number of predicted 
 or not). Only masked positions contribute (SUBS: unmasked positions are copied, their loss is zero).
 The returned ``nll`` is in nats/token; ``exp(nll)`` is the NELBO perplexity bound, and
 ``nll / ln 2 * tokens_per_byte`` the bits-per-byte bound.
+
+``block_diffusion_loss(..., reduction="block")`` also returns the per-block estimates ``(b, k)`` (nats per
+token of each block) the clip search measures the variance of (``clip_search.py``): one NELBO, two reductions.
+Under the logit shift position 0 is the conditioning token: never scored, so never noised either.
 
 ``mixture_loss`` trains one network on several block lengths at once (each sequence draws its own).
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,23 +39,33 @@ class LossOutput:
     num_tokens: torch.Tensor  # scalar: predicted positions (the per-token denominator)
     num_masked: torch.Tensor  # scalar: positions that were masked and contributed
     block_lengths: torch.Tensor | None = None  # (b,) block length each sequence drew (mixtures only)
+    per_block: torch.Tensor | None = None  # (b, k) nats per token of each block (reduction="block" only)
 
 
 def nelbo(
-    logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor
+    logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor,
+    block_length: int | None = None,
 ) -> LossOutput:
     """NELBO per token from logits at masked positions.
 
-    ``logits`` may be ``(b, n, v)`` or already gathered to the masked-and-valid rows ``(m, v)``.
+    ``logits`` may be ``(b, n, v)`` or already gathered to the masked-and-valid rows ``(m, v)``. With
+    ``block_length`` the output also holds ``per_block``: each block's weighted ``-log p`` of its masked
+    tokens divided by ``block_length`` (they average to ``loss`` when every position is valid).
     """
     sel = masked & valid  # (b, n)
     rows = logits[sel] if logits.dim() == 3 else logits  # (m, v)
     nll = F.cross_entropy(rows.float(), x0[sel], reduction="none")  # (m,)
     nll_sum = (weight[sel] * nll).sum()
     num_tokens = valid.sum()
-    return LossOutput(
+    out = LossOutput(
         loss=nll_sum / num_tokens.clamp(min=1), nll_sum=nll_sum, num_tokens=num_tokens, num_masked=sel.sum()
     )
+    if block_length is not None:
+        b, n = x0.shape
+        per_token = torch.zeros(b, n, device=x0.device, dtype=nll.dtype)  # (b, n)
+        per_token[sel] = nll
+        out.per_block = (weight * per_token).reshape(b, n // block_length, block_length).sum(-1) / block_length
+    return out
 
 
 def check_batch(model, x0: torch.Tensor) -> torch.Tensor:
@@ -79,21 +94,29 @@ def block_diffusion_loss(
     t: torch.Tensor | None = None,
     block_length: int | None = None,
     bidirectional: float = 1.0,
+    reduction: Literal["token", "block"] = "token",
 ) -> LossOutput:
     """Noise ``x0`` with one ``t ~ U[t_range]`` per block (or the given ``t`` of shape ``(b, k)``), run
     the vectorised forward, and return the per-token NELBO. ``block_length`` overrides the model's;
-    ``bidirectional < 1`` anneals the in-block attention (see ``BlockDiffusionLM.training_hidden``)."""
+    ``bidirectional < 1`` anneals the in-block attention (see ``BlockDiffusionLM.training_hidden``).
+    ``reduction="block"`` also fills ``per_block`` ``(b, k)`` (the clip search's samples).
+
+    The ``model.num_unpredictable`` leading positions (position 0 under the logit shift) are neither
+    scored nor noised: the conditioning token stays clean in ``x_t`` (docs/design.md §2)."""
+    if reduction not in ("token", "block"):
+        raise ValueError(f"reduction must be 'token' or 'block', got {reduction!r}")
     x0 = check_batch(model, x0)
     b, n = x0.shape
     block_length = block_length or model.block_length
     if t is None:
         t = sample_t((b, n // block_length), *t_range, antithetic=antithetic, generator=generator, device=x0.device)
-    noised = add_noise(x0, t, schedule, block_length, model.mask_token_id, generator=generator)
+    unscored = model.num_unpredictable
+    noised = add_noise(x0, t, schedule, block_length, model.mask_token_id, generator=generator, clean_prefix=unscored)
     valid = torch.ones_like(x0, dtype=torch.bool)  # (b, n)
-    valid[:, : model.num_unpredictable] = False
+    valid[:, :unscored] = False
     hidden = model.training_hidden(noised.xt, x0, block_length, bidirectional, generator)  # (b, n, d)
     logits = model.logits(hidden[noised.masked & valid])  # (m, v)
-    return nelbo(logits, x0, noised.masked, noised.weight, valid)
+    return nelbo(logits, x0, noised.masked, noised.weight, valid, block_length if reduction == "block" else None)
 
 
 def draw_block_lengths(mixture: dict[int, float], batch_size: int, generator=None, device=None) -> torch.Tensor:

@@ -1,10 +1,12 @@
-"""Noise schedules and the absorbing-state forward process (DESIGN.md §2). Pure, no hidden state.
+"""Noise schedules and the absorbing-state forward process (docs/design.md §2). Pure, no hidden state.
 
 ``alpha(t)`` is the probability that a token is still clean at time ``t`` (``alpha(0) = 1``,
 ``alpha(1) = 0``). The NELBO weight of a masked token at time ``t`` is ``-alpha'(t) / (1 - alpha(t))``
 (``1/t`` for the log-linear schedule). Each *block* gets its own ``t``; ``sample_t`` draws them
 stratified (antithetic) across the batch so the Monte-Carlo estimate of the loss has low variance.
 Training may clip ``t ~ U[beta, omega]``; evaluation always uses the full range ``[eps, 1]``.
+``add_noise(..., clean_prefix=1)`` never masks position 0: under the logit shift it is the conditioning
+token, never scored, so noising it would only hide context from the network.
 
 This module does not know about networks or attention masks.
 
@@ -17,6 +19,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from blockdiff.errors import require_divides
 
 __all__ = ["LogLinearSchedule", "CosineSchedule", "make_schedule", "sample_t", "add_noise", "NoisedBatch"]
 
@@ -99,15 +103,20 @@ def add_noise(
     block_length: int,
     mask_token_id: int,
     generator: torch.Generator | None = None,
+    clean_prefix: int = 0,
 ) -> NoisedBatch:
-    """Mask each token of block ``k`` independently with probability ``1 - alpha(t[:, k])``."""
+    """Mask each token of block ``k`` independently with probability ``1 - alpha(t[:, k])``.
+
+    The first ``clean_prefix`` positions are never masked (``model.num_unpredictable``: the conditioning
+    token under the logit shift). The random draws do not depend on it, so every other position is noised
+    exactly as without it."""
     b, n = x0.shape
-    if n % block_length != 0:
-        raise ValueError(f"block_length={block_length} must divide the sequence length {n}")
+    require_divides("block_length", block_length, "the sequence length n", n, ValueError)
     if t.shape != (b, n // block_length):
         raise ValueError(f"t must have shape (batch, num_blocks)=({b}, {n // block_length}), got {tuple(t.shape)}")
     t_tok = t.repeat_interleave(block_length, dim=1)  # (b, n)
     p_mask = 1.0 - schedule.alpha(t_tok)  # (b, n)
     masked = torch.rand(x0.shape, generator=generator, device=x0.device) < p_mask  # (b, n)
+    masked[:, :clean_prefix] = False
     xt = torch.where(masked, torch.full_like(x0, mask_token_id), x0)  # (b, n)
     return NoisedBatch(xt=xt, masked=masked, t=t, weight=schedule.loss_weight(t_tok))

@@ -22,7 +22,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from blockdiff.core.clip_search import block_nelbo_samples, select_clip_window
+from blockdiff.core.clip_search import ClipWindowScores
 from blockdiff.config import ClipSearch, CurriculumConfig, LRSchedule, NoiseConfig, OptimConfig
 from blockdiff.core.curriculum import bidirectional_fraction_at, block_length_at
 from blockdiff.core.loss import bits_per_byte, block_diffusion_loss, mixture_loss
@@ -64,7 +64,7 @@ class BlockDiffusionModule(L.LightningModule):
         self._val_generator: torch.Generator | None = None
         self.block_length_mixture = dict(block_length_mixture or {})
         self.train_range = noise.train_range  # replaced by the clip search's window under noise.clip_search=apply
-        self._clip_samples: dict = {}
+        self._clip_scores: ClipWindowScores | None = None  # this validation's clip-search samples
         self.last_fit_validation: tuple[int, dict[str, float]] | None = None  # (global step, val/* numbers)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -90,19 +90,16 @@ class BlockDiffusionModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_generator = torch.Generator(device=self.device).manual_seed(self.seed + 1)
         if ClipSearch(self.noise.clip_search) is not ClipSearch.off:  # its own generator: val/nll is unchanged
-            self._clip_generator = torch.Generator(device=self.device).manual_seed(self.seed + 2)
-            self._clip_samples = {w: [] for w in self.noise.clip_windows}
+            generator = torch.Generator(device=self.device).manual_seed(self.seed + 2)
+            self._clip_scores = ClipWindowScores(self.noise.clip_windows, self.schedule, self.noise.eps, generator)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         out = block_diffusion_loss(
             self.model, batch, self.schedule, self.noise.eval_range, self.noise.antithetic, self._val_generator
         )
         self.val_nll.update(out.loss, weight=out.num_tokens)
-        if self._clip_samples and batch_idx < self.noise.clip_search_batches:
-            for window, samples in self._clip_samples.items():
-                samples.append(
-                    block_nelbo_samples(self.model, batch, self.schedule, window, self.noise.eps, self._clip_generator).flatten()
-                )
+        if self._clip_scores is not None and batch_idx < self.noise.clip_search_batches:
+            self._clip_scores.add(self.model, batch)
 
     def on_validation_epoch_end(self) -> None:
         nll = self.val_nll.compute()
@@ -116,13 +113,13 @@ class BlockDiffusionModule(L.LightningModule):
         trainer = self._trainer  # None when the hooks are driven by hand (tests)
         if trainer is not None and trainer.state.fn == "fit":  # lets the recipe skip re-validating the same weights
             self.last_fit_validation = (trainer.global_step, {k: float(v) for k, v in metrics.items()})
-        if self._clip_samples:
+        if self._clip_scores is not None:
             self._log_clip_search()
 
     def _log_clip_search(self) -> None:
         """Pick the lowest-variance (beta, omega) window of this validation; adopt it under ``apply``."""
-        choice = select_clip_window({w: torch.cat(s) for w, s in self._clip_samples.items()})
-        self._clip_samples = {}
+        choice = self._clip_scores.choice()
+        self._clip_scores = None
         self.log_dict({"val/clip_beta": choice.beta, "val/clip_omega": choice.omega, "val/clip_var": choice.variance})
         if ClipSearch(self.noise.clip_search) is ClipSearch.apply:
             self.train_range = (max(choice.beta, self.noise.eps), max(choice.omega, self.noise.eps))
