@@ -7,21 +7,24 @@
   model itself): generative perplexity of the continuation given the prompt, the mean unigram entropy of
   each sample (low entropy exposes repetitive text that a judge scores too kindly), and tokens/s.
   ``base_generative_eval`` runs the same protocol with the base model's own ``generate()``.
+
+Scoring is ``scoring.py``'s and the generate-one-prompt-at-a-time loop ``generative.py``'s: this module only
+tokenises for the judge and puts the numbers together.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from blockdiff.errors import UsageError
+from blockdiff.evaluation.generative import Generations, generate_each, sample_each
+from blockdiff.evaluation.scoring import causal_lm_logits, continuation_nll, scored_nll, unigram_entropy
 
 __all__ = [
-    "Judge", "load_judge", "ar_perplexity", "unigram_entropy", "GenerativeResult", "generative_eval",
+    "Judge", "load_judge", "ar_perplexity", "judge_nll", "GenerativeResult", "generative_eval",
     "base_generative_eval", "Comparison", "compare_with_base",
 ]
 
@@ -48,43 +51,32 @@ def ar_perplexity(model, batches, max_batches: int | None = None) -> tuple[float
     """``(nats/token, tokens)``: exact next-token NLL of a causal LM on ``(b, n)`` windows, tokens ``1..n-1``."""
     nll_sum, count = 0.0, 0
     vocab = model.get_output_embeddings().weight.shape[0]
+    scorer = causal_lm_logits(model)
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         batch = batch.to(model.device)
         if int(batch.max()) >= vocab:
             raise UsageError(f"the held-out text has token id {int(batch.max())} outside the base model's {vocab} rows")
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (b, n-1, v)
-        nll_sum += torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        nll_sum += scored_nll(scorer, batch, 1).item()
         count += batch[:, 1:].numel()
     return nll_sum / max(count, 1), count
-
-
-def unigram_entropy(tokens: list[int], base: float = math.e) -> float:
-    """Entropy of the token frequencies of one sample, in nats (``base=2``: bits); 0 for an empty sample."""
-    if not tokens:
-        return 0.0
-    counts = Counter(tokens)
-    total = len(tokens)
-    return -sum(c / total * math.log(c / total, base) for c in counts.values())
 
 
 @torch.no_grad()
 def judge_nll(judge: Judge, prompts: list[str], continuations: list[str]) -> tuple[float, int]:
     """``(nats/token, tokens)`` of each continuation given its prompt under the judge (its own tokenizer)."""
     tok = judge.tokenizer
+    scorer = causal_lm_logits(judge.model)
     nll_sum, count = 0.0, 0
     for prompt, text in zip(prompts, continuations):
         head = tok(prompt, add_special_tokens=False)["input_ids"]
         tail = tok(text, add_special_tokens=False)["input_ids"]
-        if not tail:
-            continue
         if tok.bos_token_id is not None:
             head = [tok.bos_token_id, *head]
-        ids = torch.tensor([head + tail], device=judge.model.device)
-        logits = judge.model(input_ids=ids, use_cache=False).logits[0, len(head) - 1 : -1].float()
-        nll_sum += torch.nn.functional.cross_entropy(logits, ids[0, len(head):], reduction="sum").item()
-        count += len(tail)
+        nll, n = continuation_nll(scorer, head, tail, device=judge.model.device)
+        nll_sum += nll
+        count += n
     return nll_sum / max(count, 1), count
 
 
@@ -98,27 +90,17 @@ class GenerativeResult:
     samples: list[str]
 
 
-def _result(label, judge, prompts, texts, token_lists, nfe, seconds) -> GenerativeResult:
-    nll, _ = judge_nll(judge, prompts, texts)
-    produced = sum(len(t) for t in token_lists)
+def _result(label: str, judge: Judge, gens: Generations) -> GenerativeResult:
+    nll, _ = judge_nll(judge, gens.prompts, gens.texts)
     return GenerativeResult(
-        label, math.exp(nll), sum(unigram_entropy(t) for t in token_lists) / len(token_lists),
-        nfe / max(produced, 1), produced / seconds, texts,
+        label, math.exp(nll), sum(unigram_entropy(t) for t in gens.tokens) / len(gens.tokens),
+        sum(gens.nfes) / max(gens.produced, 1), gens.produced / gens.seconds, gens.texts,
     )
 
 
 def generative_eval(model, tokenizer, prompts: list[str], judge: Judge, label: str, seed: int = 0, **settings) -> GenerativeResult:
     """Continue ``prompts`` with the block diffuser (``settings`` are generation overrides) and judge them."""
-    from blockdiff.sampling import sample_texts
-
-    texts, tokens, nfe, start = [], [], 0, time.perf_counter()
-    for i, prompt in enumerate(prompts):  # batch 1, like the base model's generate() below
-        generator = torch.Generator(device=model.device).manual_seed(seed + i)
-        text, out = sample_texts(model, tokenizer, [prompt], generator, **settings)
-        texts.append(text[0])
-        tokens.append(list(out.new_tokens(0)))
-        nfe += out.nfe
-    return _result(label, judge, prompts, texts, tokens, nfe, time.perf_counter() - start)
+    return _result(label, judge, sample_each(model, tokenizer, prompts, seed, **settings))  # batch 1, like below
 
 
 @torch.no_grad()
@@ -127,8 +109,8 @@ def base_generative_eval(
 ) -> GenerativeResult:
     """The same protocol with the base decoder's own ``generate()`` (one prompt at a time, KV cache on)."""
     tok = judge.tokenizer
-    texts, token_lists, start = [], [], time.perf_counter()
-    for i, prompt in enumerate(prompts):
+
+    def one(i: int, prompt: str) -> tuple[str, list[int], int]:
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([[tok.bos_token_id, *ids] if tok.bos_token_id is not None else ids], device=judge.model.device)
         torch.manual_seed(seed + i)
@@ -139,10 +121,9 @@ def base_generative_eval(
         new = out[0, ids.shape[1]:].tolist()
         if tok.eos_token_id in new:
             new = new[: new.index(tok.eos_token_id)]
-        token_lists.append(new)
-        texts.append(tok.decode(new, skip_special_tokens=True))
-    seconds = time.perf_counter() - start
-    return _result(label, judge, prompts, texts, token_lists, sum(len(t) for t in token_lists), seconds)
+        return tok.decode(new, skip_special_tokens=True), new, len(new)  # one forward per token
+
+    return _result(label, judge, generate_each(prompts, one))
 
 
 @dataclass

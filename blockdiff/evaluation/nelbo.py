@@ -2,7 +2,8 @@
 
 ``evaluate(path)`` loads a model directory (or a run directory holding ``model/``), rebuilds the held-out
 split from the config it was trained with (optionally overridden, e.g. ``data.source=other.txt``) and
-averages the per-token NELBO over the full ``t`` range ``[eps, 1]`` with a seeded generator.
+averages the per-token NELBO over the full ``t`` range ``[eps, 1]`` with a seeded generator. The held-out
+batches come from ``heldout.held_out_split`` (the one loader every evaluation shares).
 No Lightning here: a plain ``no_grad`` loop over batches.
 """
 
@@ -17,8 +18,8 @@ import torch
 from transformers import AutoTokenizer
 
 from blockdiff.config import Config, load_config
-from blockdiff.data.corpus import collate_windows, load_documents, pack_documents
-from blockdiff.errors import MissingFileError, UsageError
+from blockdiff.errors import MissingFileError, UsageError, require_divides
+from blockdiff.evaluation.heldout import held_out_split
 from blockdiff.core.loss import bits_per_byte, block_diffusion_loss
 from blockdiff.modeling.model import SPEC_FILE, BlockDiffusionLM, read_json_file
 from blockdiff.core.noise import make_schedule
@@ -137,17 +138,16 @@ def evaluate_held_out(
     cfg = loaded.config
     if block_length is not None and (isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 1):
         raise UsageError(f"--block-length must be an integer >= 1, got {block_length!r}")
-    if block_length is not None and cfg.data.max_seq_len % block_length:
-        raise UsageError(f"--block-length {block_length} must divide the model's data.max_seq_len={cfg.data.max_seq_len}")
+    if block_length is not None:
+        require_divides("--block-length", block_length, "the model's data.max_seq_len", cfg.data.max_seq_len)
     if progress is not None:
         progress("packing the held-out split", 0, 0)
-    corpus = pack_documents(load_documents(cfg.data), loaded.tokenizer, cfg.data.max_seq_len, cfg.data.val_fraction)
-    loader = torch.utils.data.DataLoader(corpus.val, batch_size=cfg.data.batch_size, collate_fn=collate_windows)
+    held = held_out_split(cfg.data, loaded.tokenizer)
     result = evaluate_nelbo(
-        loaded.model, loader, make_schedule(cfg.noise.schedule), cfg.noise.eval_range, corpus.tokens_per_byte, seed,
+        loaded.model, held.loader, make_schedule(cfg.noise.schedule), cfg.noise.eval_range, held.tokens_per_byte, seed,
         max_batches, block_length, progress,
     )
-    return result, corpus, loader
+    return result, held.corpus, held.loader
 
 
 def evaluate(
