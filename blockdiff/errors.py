@@ -50,7 +50,8 @@ class MissingPackageError(UserError, ModuleNotFoundError):
 
 
 def require_divides(
-    key: str, value: int | Iterable[int], total_key: str, total: int, error: type[Exception] = UsageError, note: str = ""
+    key: str, value: int | Iterable[int], total_key: str, total: int, error: type[Exception] = UsageError,
+    note: str = "",
 ) -> None:
     """Raise ``error("KEY=VALUE must divide TOTAL_KEY=TOTAL" + note)`` unless ``value`` divides ``total``.
 

@@ -48,18 +48,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from _report import cpu_model, print_report, write_report  # experiments/_report.py
 from rich.console import Console
 from transformers import GenerationConfig
 from transformers.utils import logging as hf_logging
 
-from _report import cpu_model, print_report, write_report  # experiments/_report.py
 from blockdiff.config import ModelConfig
 from blockdiff.evaluation.nelbo import load_model_dir
-from blockdiff.evaluation.judge import unigram_entropy
+from blockdiff.evaluation.scoring import causal_lm_logits, continuation_nll, unigram_entropy
 from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
+from blockdiff.modeling.tokenizer import byte_tokenizer
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
 from blockdiff.sampling.text import encode_prompts
-from blockdiff.modeling.tokenizer import byte_tokenizer
 
 PROMPTS = ["ROMEO.\n", "JULIET.\n", "HAMLET.\n", "KING LEAR.\n", "MACBETH.\n", "OTHELLO.\n", "PORTIA.\n", "FALSTAFF.\n"]
 BLOCK_LENGTHS = (4, 8, 16)
@@ -168,18 +168,10 @@ def run_row(row: Row, models, tok, prompts: list[list[int]], n: int, seed: int):
 
 
 def ar_nll(ar: BlockDiffusionLM, prompt: list[int], cont: list[int]) -> tuple[float, int]:
-    """Summed NLL (nats) of ``cont`` after ``prompt`` under the AR network, windows <= CONTEXT, stride SCORE_STRIDE."""
-    seq = torch.tensor(prompt + cont)
-    total, scored = 0.0, len(prompt)  # next target position to score
-    while scored < len(seq):
-        end = min(len(seq), scored + SCORE_STRIDE)
-        start = max(0, end - CONTEXT)
-        logits = ar.backbone(input_ids=seq[None, start:end]).logits[0].float()  # (w, v)
-        logits[:, ar.mask_token_id] = float("-inf")
-        logp = logits.log_softmax(-1)[scored - start - 1 : end - start - 1]  # rows predicting targets [scored, end)
-        total -= logp.gather(-1, seq[scored:end, None]).sum().item()
-        scored = end
-    return total, len(cont)
+    """Summed NLL (nats) of ``cont`` after ``prompt`` under the AR network, windows <= CONTEXT, stride SCORE_STRIDE
+    (``blockdiff.evaluation.scoring.continuation_nll``, the scorer every evaluation uses)."""
+    scorer = causal_lm_logits(ar.backbone, suppress_token_id=ar.mask_token_id)
+    return continuation_nll(scorer, prompt, cont, context=CONTEXT, stride=SCORE_STRIDE)
 
 
 def summarise(rows: list[Row], models) -> list[dict]:

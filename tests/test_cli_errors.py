@@ -29,16 +29,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import write_tiny_model_dir
 
 import blockdiff
 import blockdiff.cli.app as cli
 import blockdiff.sweeps.runner as sweep_mod
-from blockdiff.training.checkpoint import CheckpointError, load_checkpoint
 from blockdiff.cli import main
 from blockdiff.config import SEED_MAX, ConfigError, describe_keys, load_config, to_yaml
 from blockdiff.errors import UsageError
-from blockdiff.sweeps.runner import load_sweep, run_sweep
-from conftest import write_tiny_model_dir
+from blockdiff.sweeps.runner import run_sweep
+from blockdiff.sweeps.spec import load_sweep
+from blockdiff.training.checkpoint import CheckpointError, load_checkpoint
 
 MARKUP = ["[/x]", "[bold red]x[/]", "[link=file:///etc]y[/link]"]
 
@@ -247,8 +248,22 @@ def test_sweep_report_piped_is_whole_and_a_single_seed_shows_no_nan_spread(tmp_p
     for text in (out, md):
         assert "nan" not in text, text
         assert "…" not in text
-    assert "L'=1: 10.00 ≤ L'=4: 13.00 ± 1.41" in out
     assert "mixture 1:0.125/2:0.125/4:0.25/8:0.25/16:0.25" in out
+    # the BD3-LM ordering check is the block-length experiment's (experiments/block_length/ordering.py), not the CLI's
+    assert _ordering_module().main([str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out
+    assert "L'=1: 10.00 ≤ L'=4: 13.00 ± 1.41" in out
+
+
+def _ordering_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "block_length" / "ordering.py"
+    spec = importlib.util.spec_from_file_location("block_length_ordering", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_relaunched_sweep_refuses_finished_runs_whose_config_changed(tmp_path, capsys, monkeypatch):

@@ -310,7 +310,8 @@ def test_logit_shift_never_noises_position_0(logit_shift):
     forward = model.training_hidden
     model.training_hidden = lambda xt, *args, **kw: seen.append(xt.clone()) or forward(xt, *args, **kw)
     with torch.no_grad():
-        out = block_diffusion_loss(model, x0, LogLinearSchedule(), (1.0, 1.0), generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)
+        out = block_diffusion_loss(model, x0, LogLinearSchedule(), (1.0, 1.0), generator=g)
         plain = model(torch.cat([x0[:, :1], torch.full_like(x0[:, 1:], MASK_ID)], dim=1), x0)  # (b, n, v)
     xt = seen[0]  # the loss's x_t (the plain forward above is the second call)
     assert (xt[:, 1:] == MASK_ID).all()

@@ -24,8 +24,9 @@ import yaml
 import blockdiff.sweeps.runner as sweep_mod
 from blockdiff.cli import main
 from blockdiff.config import ConfigError
-from blockdiff.sweeps.runner import expand_grid, load_sweep, run_name, run_sweep
 from blockdiff.sweeps.report import load_summaries, report
+from blockdiff.sweeps.runner import run_sweep
+from blockdiff.sweeps.spec import expand_grid, load_sweep, run_name
 
 TINY = {
     "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2, "data.tokenizer": "bytes",

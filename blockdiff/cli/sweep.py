@@ -12,7 +12,8 @@ from blockdiff.errors import UsageError
 
 def run(args) -> None:
     """Run a grid of configs (one run directory each, resumable), or --report DIR: table, CSV, markdown and plots."""
-    from blockdiff.sweeps.runner import changed_runs, load_sweep, run_sweep
+    from blockdiff.sweeps.runner import changed_runs, run_sweep
+    from blockdiff.sweeps.spec import load_sweep
 
     if args.report:
         from blockdiff.sweeps.report import report

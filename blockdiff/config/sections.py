@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from blockdiff.config.checks import SEED_MAX, ConfigError, check_numbers
+from blockdiff.errors import require_divides
 
 
 class Family(str, enum.Enum):
@@ -391,20 +392,13 @@ class Config:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     def __post_init__(self) -> None:
-        if self.data.max_seq_len % self.model.block_length:
-            raise ConfigError(
-                f"model.block_length={self.model.block_length} must divide data.max_seq_len={self.data.max_seq_len}"
-            )
-        start = self.curriculum.start_block_length
-        if self.curriculum.block_length_fraction > 0 and self.model.block_length % start:
-            raise ConfigError(
-                f"curriculum.start_block_length={start} must divide model.block_length={self.model.block_length}"
-            )
-        bad = [k for k in self.model.block_length_mixture if self.data.max_seq_len % k]
-        if bad:
-            raise ConfigError(
-                f"model.block_length_mixture block lengths {bad} must divide data.max_seq_len={self.data.max_seq_len}"
-            )
+        seq_len = self.data.max_seq_len
+        require_divides("model.block_length", self.model.block_length, "data.max_seq_len", seq_len, ConfigError)
+        if self.curriculum.block_length_fraction > 0:
+            require_divides("curriculum.start_block_length", self.curriculum.start_block_length,
+                            "model.block_length", self.model.block_length, ConfigError)
+        require_divides("model.block_length_mixture block lengths", list(self.model.block_length_mixture),
+                        "data.max_seq_len", seq_len, ConfigError)
         if self.model.block_length_mixture and self.curriculum.block_length_fraction > 0:
             raise ConfigError(
                 "model.block_length_mixture and curriculum.block_length_fraction both set the training block length; use one"

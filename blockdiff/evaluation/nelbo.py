@@ -18,11 +18,11 @@ import torch
 from transformers import AutoTokenizer
 
 from blockdiff.config import Config, load_config
+from blockdiff.core.loss import bits_per_byte, block_diffusion_loss
+from blockdiff.core.noise import make_schedule
 from blockdiff.errors import MissingFileError, UsageError, require_divides
 from blockdiff.evaluation.heldout import held_out_split
-from blockdiff.core.loss import bits_per_byte, block_diffusion_loss
 from blockdiff.modeling.model import SPEC_FILE, BlockDiffusionLM, read_json_file
-from blockdiff.core.noise import make_schedule
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total): what a long evaluation is doing
 

@@ -6,7 +6,9 @@ seeds (``n`` says how many; a group of one run shows its value alone, without a 
 
 * ``results.csv`` — one row per run (NELBO/PPL/BPB at the trained block length, clip-search window);
 * ``evals.csv`` / ``samples.csv`` — one row per (run, inference block length) / (run, sampling setting);
-* ``results.md`` — the grouped tables (bounds, inference block lengths, sampling) and the ordering check;
+* ``results.md`` — the grouped tables (bounds, inference block lengths, sampling), after the lines of any
+  ``checks`` the caller passes (hypothesis checks live with their experiment, e.g.
+  ``experiments/block_length/ordering.py``, not in the library);
 * ``*.png`` — PPL vs block length, quality vs NFE per token, training loss curves, NELBO variance vs
   clipping window (``plots.py``; needs matplotlib, the ``plots`` extra).
 """
@@ -18,12 +20,16 @@ import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable, Sequence
 
 from blockdiff import tables
 from blockdiff.errors import MissingFileError, UsageError
-from blockdiff.sweeps.runner import SUMMARY_FILE, read_summary
+from blockdiff.sweeps.spec import SUMMARY_FILE, read_summary
 
-__all__ = ["load_summaries", "report", "variant", "sampler_label", "mean_sd"]
+__all__ = ["load_summaries", "report", "variant", "sampler_label", "mean_sd", "format_mean_sd", "group_rows", "Check"]
+
+
+Check = Callable[[list[dict]], str]  # results rows (one per run, as in results.csv) -> one line for the report
 
 
 def load_summaries(root: str | Path) -> list[dict]:
@@ -74,10 +80,10 @@ def mean_sd(values: list[float]) -> tuple[float, float, int]:
 
 def _pm(values: list[float], digits: int = 3) -> str:
     """``mean ± sd`` over the finite values; one value alone (no spread to show), ``–`` for none."""
-    return _pm_of(*mean_sd(values), digits)
+    return format_mean_sd(*mean_sd(values), digits)
 
 
-def _pm_of(m: float, sd: float, n: int, digits: int) -> str:
+def format_mean_sd(m: float, sd: float, n: int, digits: int) -> str:
     if n == 0:
         return "–"
     return f"{m:.{digits}f}" if n == 1 else f"{m:.{digits}f} ± {sd:.{digits}f}"
@@ -123,7 +129,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _group(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
+def group_rows(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         groups[tuple(row[k] for k in keys)].append(row)
@@ -136,27 +142,10 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def ordering_check(results: list[dict]) -> str:
-    """Does AR <= L'=4 <= L'=8 <= L'=16 <= MDLM hold for the mean PPL of the log-linear runs?"""
-    plain = [r for r in results if r["variant"].endswith("U[0,1]") and not r["variant"].startswith("mixture")]
-    by_l = {l: mean_sd([r["ppl"] for r in rows]) for (l,), rows in _group(plain, ("block_length",)).items()}
-    if not by_l:
-        return "ordering check: no log-linear runs"
-    mdlm = max(r["max_seq_len"] for r in plain)
-    chain = [l for l in (1, 4, 8, 16, mdlm) if l in by_l]
-    holds = all(by_l[a][0] <= by_l[b][0] for a, b in zip(chain, chain[1:]))
-    text = " ≤ ".join(f"L'={l}: {_pm_of(*by_l[l], 2)}" for l in chain)
-    pairs = []  # each adjacent pair, compared seed by seed (same seed = same data order)
-    for a, b in zip(chain, chain[1:]):
-        ppl = {l: {r["seed"]: r["ppl"] for r in plain if r["block_length"] == l} for l in (a, b)}
-        seeds = sorted(set(ppl[a]) & set(ppl[b]))
-        pairs.append(f"L'={a} < L'={b} in {sum(ppl[a][s] < ppl[b][s] for s in seeds)}/{len(seeds)} seeds")
-    return (f"BD3-LM ordering (mean PPL ± sd, log-linear) {'HOLDS' if holds else 'does NOT hold'}: {text}; "
-            + ", ".join(pairs))
+def report(root: str | Path, console=None, checks: Sequence[Check] = ()) -> list[Path]:
+    """Write results.csv, evals.csv, samples.csv, results.md and the plots into ``root``; print the table.
 
-
-def report(root: str | Path, console=None) -> list[Path]:
-    """Write results.csv, evals.csv, samples.csv, results.md and the plots into ``root``; print the table."""
+    Each of ``checks`` turns the results rows into one line, written above the tables and printed after them."""
     root = Path(root)
     runs = load_summaries(root)
     results, evals, samples = _rows(runs)
@@ -166,7 +155,7 @@ def report(root: str | Path, console=None) -> list[Path]:
     _write_csv(written[2], [{k: v for k, v in s.items() if k != "example"} for s in samples])
 
     bound_rows = []
-    for (var, l), rows in _group(results, ("variant", "block_length")).items():
+    for (var, l), rows in group_rows(results, ("variant", "block_length")).items():
         bound_rows.append([var, l, len(rows), _pm([r["nll"] for r in rows]), _pm([r["ppl"] for r in rows], 2),
                            _pm([r["bpb"] for r in rows]), _pm([r["clip_var"] for r in rows], 2),
                            ", ".join(sorted({f"[{r['clip_beta']:g},{r['clip_omega']:g}]" for r in rows if r["clip_beta"] is not None})) or "–",
@@ -175,14 +164,15 @@ def report(root: str | Path, console=None) -> list[Path]:
                     "min-var window", "minutes"]
     eval_rows = [[var, l, el, len(rows), _pm([r["nll"] for r in rows]), _pm([r["ppl"] for r in rows], 2),
                   _pm([r["bpb"] for r in rows])]
-                 for (var, l, el), rows in _group(evals, ("variant", "block_length", "eval_block_length")).items()]
+                 for (var, l, el), rows in group_rows(evals, ("variant", "block_length", "eval_block_length")).items()]
     sample_rows = [[var, l, smp, sl, len(rows),
                     _pm([r["nfe_per_token"] for r in rows], 3), _pm([r["gen_nll"] for r in rows], 3),
                     _pm([r["entropy"] for r in rows], 2)]
-                   for (var, l, smp, sl), rows in _group(
+                   for (var, l, smp, sl), rows in group_rows(
                        samples, ("variant", "block_length", "sampler", "sample_block_length")).items()]
-    check = ordering_check(results)
-    md = [f"# Sweep report: {root}", "", f"{len(runs)} runs; mean ± sample sd over seeds.", "", check, "",
+    lines = [check(results) for check in checks]
+    md = [f"# Sweep report: {root}", "", f"{len(runs)} runs; mean ± sample sd over seeds.", "",
+          *(x for line in lines for x in (line, "")),
           "## Held-out NELBO bounds at the trained block length", "", _md_table(bound_header, bound_rows), "",
           "## NELBO at inference block lengths", "",
           _md_table(["variant", "L' (train)", "L' (eval)", "seeds", "NELBO nats/tok", "PPL ≤", "BPB ≤"], eval_rows)]
@@ -196,7 +186,8 @@ def report(root: str | Path, console=None) -> list[Path]:
     written[3].write_text("\n".join(md) + "\n")
     if console is not None:  # user text (the directory, variant names) is never read as markup; rows never cut
         tables.print_table(console, bound_header, bound_rows, title=f"sweep report — {root}")
-        console.print(check, markup=False, highlight=False)
+        for line in lines:
+            console.print(line, markup=False, highlight=False)
     return written + plots
 
 

@@ -22,12 +22,12 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from blockdiff.core.clip_search import ClipWindowScores
 from blockdiff.config import ClipSearch, CurriculumConfig, LRSchedule, NoiseConfig, OptimConfig
+from blockdiff.core.clip_search import ClipWindowScores
 from blockdiff.core.curriculum import bidirectional_fraction_at, block_length_at
 from blockdiff.core.loss import bits_per_byte, block_diffusion_loss, mixture_loss
-from blockdiff.modeling.model import BlockDiffusionLM
 from blockdiff.core.noise import make_schedule
+from blockdiff.modeling.model import BlockDiffusionLM
 
 __all__ = ["BlockDiffusionModule", "lr_lambda"]
 
