@@ -36,7 +36,7 @@ from blockdiff.errors import UsageError
 from blockdiff.sampling.base import BlockState, Sampler, StepResult, knob, reveal
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
 from blockdiff.sampling.registry import knobs, register_sampler, registered, sampler_names, settings
-from blockdiff.sweeps.runner import SAMPLE_KEYS, load_sweep
+from blockdiff.sweeps.spec import SAMPLE_KEYS, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT_IN = ("threshold", "first_hitting", "fixed", "ddpm", "remask", "entropy_bound")
