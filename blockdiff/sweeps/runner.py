@@ -50,6 +50,7 @@ import yaml
 from blockdiff.config import Config, ConfigError, describe_keys, load_config, path_problem, read_utf8, to_yaml
 from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.files import write_text_atomic
+from blockdiff.modeling.rundir import RunDir
 from blockdiff.evaluation.judge import unigram_entropy
 
 __all__ = ["Sweep", "Run", "load_sweep", "expand_grid", "run_sweep", "run_one", "changed_runs", "config_changes",
@@ -271,7 +272,7 @@ def read_summary(path: str | Path) -> dict:
 def config_changes(run: Run) -> list[str]:
     """``key: stored -> now`` for each config key whose value differs between the run directory's ``config.yaml``
     (what the finished run was trained with) and ``run.config``; ``trainer.out_dir`` aside (a moved sweep)."""
-    stored_path = run.run_dir / "config.yaml"
+    stored_path = RunDir(run.run_dir).config
     if not stored_path.is_file():
         return [f"{stored_path} is missing, so the config it was trained with is unknown"]
     try:
@@ -415,7 +416,8 @@ def _evaluate_run(sweep: Sweep, run: Run, model_dir: Path) -> dict:
 
     from blockdiff.core.clip_search import block_nelbo_samples, select_clip_window
     from blockdiff.data.corpus import collate_windows, load_documents, pack_documents
-    from blockdiff.evaluation.nelbo import evaluate_nelbo, load_model_dir
+    from blockdiff.evaluation.nelbo import evaluate_nelbo
+    from blockdiff.modeling.io import load_model_dir
     from blockdiff.core.noise import make_schedule
 
     cfg, ev = run.config, sweep.evaluate
@@ -460,9 +462,9 @@ def _missing_samples(sweep: Sweep, run: Run) -> list[dict]:
 
 
 def _add_samples(sweep: Sweep, run: Run, settings: list[dict]) -> None:
-    from blockdiff.evaluation.nelbo import load_model_dir
+    from blockdiff.modeling.io import load_model_dir
 
-    loaded = load_model_dir(run.run_dir / "model")
+    loaded = load_model_dir(RunDir(run.run_dir).model)
     path = run.run_dir / SUMMARY_FILE
     summary = read_summary(path)
     kept = [rec for rec in summary.get("samples", []) if rec.get("per_sequence")]  # older batched-NFE records go
@@ -478,11 +480,11 @@ def _reference_model(sweep: Sweep):
     ref = sweep.sample.get("reference")
     if ref is None:
         return None
-    model_dir = (sweep.out_dir / ref / "model").resolve()
+    model_dir = RunDir(sweep.out_dir / ref).model.resolve()
     if model_dir not in _REFERENCES:
         if not model_dir.is_dir():
             return None
-        from blockdiff.evaluation.nelbo import load_model_dir
+        from blockdiff.modeling.io import load_model_dir
 
         _REFERENCES[model_dir] = load_model_dir(model_dir)
     return _REFERENCES[model_dir]
