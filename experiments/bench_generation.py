@@ -54,9 +54,10 @@ from transformers.utils import logging as hf_logging
 
 from _report import cpu_model, print_report, write_report  # experiments/_report.py
 from blockdiff.config import ModelConfig
-from blockdiff.evaluation.nelbo import load_model_dir
+from blockdiff.modeling.io import load_model_dir
 from blockdiff.evaluation.judge import unigram_entropy
-from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
+from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec
+from blockdiff.training.builders import build_backbone
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
 from blockdiff.sampling.text import encode_prompts
 from blockdiff.modeling.tokenizer import byte_tokenizer

@@ -48,7 +48,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from _report import cpu_model, print_report, write_report  # experiments/_report.py
 from blockdiff.config import ModelConfig
 from blockdiff.core.loss import block_diffusion_loss
-from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
+from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec
+from blockdiff.training.builders import build_backbone
 from blockdiff.core.noise import LogLinearSchedule
 
 T_RANGE = (1e-3, 1.0)

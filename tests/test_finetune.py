@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 from blockdiff.cli import main
 from blockdiff.core.curriculum import block_length_at, block_length_stages, bidirectional_fraction_at
-from blockdiff.evaluation.nelbo import load_model_dir
+from blockdiff.modeling.io import load_model_dir
 from blockdiff.evaluation.judge import ar_perplexity
 from blockdiff.core.loss import block_diffusion_loss
 from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec
@@ -290,7 +290,7 @@ def test_export_refuses_a_checkpoint_holding_code(finetuned, tmp_path):
 
     torch.save({"state_dict": {}, "x": Boom()}, evil)
     with pytest.raises(ValueError, match="refusing to load .*last.ckpt"):
-        from blockdiff.training.finetune import export_checkpoint
+        from blockdiff.training.export import export_checkpoint
 
         export_checkpoint(tmp_path / "run", tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -315,7 +315,7 @@ def test_eval_against_the_base_model_writes_numbers_and_samples(finetuned, tmp_p
 
 def test_eval_base_ppl_of_a_from_scratch_model_asks_for_a_reference(tmp_path, capsys):
     from blockdiff.config import ModelConfig
-    from blockdiff.modeling.model import build_backbone
+    from blockdiff.training.builders import build_backbone
     from blockdiff.modeling.tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()

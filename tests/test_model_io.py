@@ -35,8 +35,10 @@ from rich.console import Console
 from blockdiff.cli import main
 from blockdiff.config import ModelConfig
 from blockdiff.errors import UsageError, UserError
-from blockdiff.evaluation.nelbo import evaluate, load_model_dir
-from blockdiff.modeling.model import BlockDiffusionConfig, BlockDiffusionLM, BlockDiffusionSpec, build_backbone, resolve_device
+from blockdiff.evaluation.nelbo import evaluate
+from blockdiff.modeling.io import load_model_dir
+from blockdiff.modeling.model import BlockDiffusionConfig, BlockDiffusionLM, BlockDiffusionSpec, resolve_device
+from blockdiff.training.builders import build_backbone
 from blockdiff.sampling import sample_texts
 from blockdiff.sampling.watch import LiveView
 from blockdiff.modeling.tokenizer import byte_tokenizer
