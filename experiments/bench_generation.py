@@ -48,19 +48,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from _report import cpu_model, print_report, write_report  # experiments/_report.py
 from rich.console import Console
 from transformers import GenerationConfig
 from transformers.utils import logging as hf_logging
 
-from _report import cpu_model, print_report, write_report  # experiments/_report.py
 from blockdiff.config import ModelConfig
-from blockdiff.modeling.io import load_model_dir
 from blockdiff.evaluation.judge import unigram_entropy
+from blockdiff.modeling.io import load_model_dir
 from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec
-from blockdiff.training.builders import build_backbone
+from blockdiff.modeling.tokenizer import byte_tokenizer
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
 from blockdiff.sampling.text import encode_prompts
-from blockdiff.modeling.tokenizer import byte_tokenizer
+from blockdiff.training.builders import build_backbone
 
 PROMPTS = ["ROMEO.\n", "JULIET.\n", "HAMLET.\n", "KING LEAR.\n", "MACBETH.\n", "OTHELLO.\n", "PORTIA.\n", "FALSTAFF.\n"]
 BLOCK_LENGTHS = (4, 8, 16)

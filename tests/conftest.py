@@ -46,8 +46,8 @@ def write_tiny_model_dir(root):
     from pathlib import Path
 
     from blockdiff.config import load_config
-    from blockdiff.modeling.tokenizer import byte_tokenizer
     from blockdiff.modeling.io import export_model
+    from blockdiff.modeling.tokenizer import byte_tokenizer
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

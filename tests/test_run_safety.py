@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from blockdiff.training.checkpoint import load_checkpoint
 from blockdiff.cli import main
 from blockdiff.config import ConfigError, ModelConfig, load_config
 from blockdiff.errors import StorageError, WouldOverwriteError
 from blockdiff.modeling.io import load_model_dir
+from blockdiff.training.checkpoint import load_checkpoint
 from blockdiff.training.lightning_module import BlockDiffusionModule
 from blockdiff.training.train import train
 

@@ -15,12 +15,12 @@ from typing import Callable
 
 import torch
 
+from blockdiff.core.loss import bits_per_byte, block_diffusion_loss
+from blockdiff.core.noise import make_schedule
 from blockdiff.data.corpus import collate_windows, load_documents, pack_documents
 from blockdiff.errors import UsageError
-from blockdiff.core.loss import bits_per_byte, block_diffusion_loss
 from blockdiff.modeling.io import LoadedModel, load_model_dir
 from blockdiff.modeling.model import BlockDiffusionLM
-from blockdiff.core.noise import make_schedule
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total): what a long evaluation is doing
 

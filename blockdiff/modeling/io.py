@@ -31,7 +31,9 @@ __all__ = [
     "ADJUSTABLE_MODEL_KEYS",
 ]
 
-TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json")
+TOKENIZER_JSON_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+)
 ADJUSTABLE_MODEL_KEYS = ("model.block_length",)  # the model.* overrides a trained model accepts
 
 
@@ -51,7 +53,8 @@ class LoadedModel:
 
 
 def read_train_config(model_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The config a model was trained with (its ``train_config.yaml``; the defaults if it has none) plus ``overrides``."""
+    """The config a model was trained with (its ``train_config.yaml``; the defaults if it has none), plus
+    ``overrides``."""
     config_path = Path(model_dir) / TRAIN_CONFIG
     return load_config([config_path] if config_path.is_file() else [], list(overrides))
 
@@ -129,7 +132,8 @@ def export_model(model: BlockDiffusionLM, tokenizer, cfg: Config, model_dir: Pat
         if reason is None:
             raise
         raise StorageError(
-            errno.ENOSPC, f"could not write the model to {model_dir} ({reason}); nothing under {model_dir} was changed. "
+            errno.ENOSPC,
+            f"could not write the model to {model_dir} ({reason}); nothing under {model_dir} was changed. "
             "Free some space and export again (`blockdiff export RUN OUT`)"
         ) from None
     finally:

@@ -29,10 +29,12 @@ from blockdiff.errors import StorageError, WouldOverwriteError
 __all__ = [
     "CONFIG", "CHECKPOINTS", "LOGS", "METRICS", "MODEL", "TOKENIZER", "LAST", "PREV", "SPEC_FILE", "TRAIN_CONFIG",
     "RunDir", "model_dir_of",
-    "is_model_dir", "is_run_dir", "check_new_run_dir", "prepare_run_dir", "check_replaceable", "staging_dir", "replace_dir",
+    "is_model_dir", "is_run_dir", "check_new_run_dir", "prepare_run_dir", "check_replaceable", "staging_dir",
+    "replace_dir",
 ]
 
-CONFIG, CHECKPOINTS, LOGS, METRICS, MODEL, TOKENIZER = "config.yaml", "checkpoints", "logs", "metrics.csv", "model", "tokenizer"
+CONFIG, CHECKPOINTS, LOGS, MODEL, TOKENIZER = "config.yaml", "checkpoints", "logs", "model", "tokenizer"  # in a run
+METRICS = "metrics.csv"  # under LOGS: the CSV log (Lightning's CSVLogger names it)
 LAST, PREV = "last.ckpt", "prev.ckpt"  # under CHECKPOINTS: the newest checkpoint and the one it replaced
 SPEC_FILE = "blockdiff.json"  # the file that marks a blockdiff model export (model.py writes it)
 TRAIN_CONFIG = "train_config.yaml"  # in a model export: the config it was trained with

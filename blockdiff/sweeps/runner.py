@@ -49,9 +49,9 @@ import yaml
 
 from blockdiff.config import Config, ConfigError, describe_keys, load_config, path_problem, read_utf8, to_yaml
 from blockdiff.errors import MissingFileError, UsageError
+from blockdiff.evaluation.judge import unigram_entropy
 from blockdiff.files import write_text_atomic
 from blockdiff.modeling.rundir import RunDir
-from blockdiff.evaluation.judge import unigram_entropy
 
 __all__ = ["Sweep", "Run", "load_sweep", "expand_grid", "run_sweep", "run_one", "changed_runs", "config_changes",
            "read_summary", "SUMMARY_FILE"]
@@ -415,10 +415,10 @@ def _evaluate_run(sweep: Sweep, run: Run, model_dir: Path) -> dict:
     import torch
 
     from blockdiff.core.clip_search import block_nelbo_samples, select_clip_window
+    from blockdiff.core.noise import make_schedule
     from blockdiff.data.corpus import collate_windows, load_documents, pack_documents
     from blockdiff.evaluation.nelbo import evaluate_nelbo
     from blockdiff.modeling.io import load_model_dir
-    from blockdiff.core.noise import make_schedule
 
     cfg, ev = run.config, sweep.evaluate
     loaded = load_model_dir(model_dir)

@@ -107,9 +107,13 @@ def _refuse_blockdiff_model_as_base(cfg: Config) -> None:
 
 
 def _check_positions(backbone, max_seq_len: int, source: str) -> None:
-    positions = getattr(backbone.config, "max_position_embeddings", None) or getattr(backbone.config, "n_positions", None)
+    config = backbone.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if positions is not None and max_seq_len > positions:
-        raise ConfigError(f"data.max_seq_len={max_seq_len} exceeds the {positions} positions of {source}; use data.max_seq_len <= {positions}")
+        raise ConfigError(
+            f"data.max_seq_len={max_seq_len} exceeds the {positions} positions of {source}; "
+            f"use data.max_seq_len <= {positions}"
+        )
 
 
 def _adapt_for_training(backbone, cfg: Config):

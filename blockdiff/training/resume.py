@@ -82,7 +82,8 @@ def resolve_resume(path: str | Path) -> ResumePoint:
             if not prev.is_file():
                 raise
             state = load_checkpoint(prev, mmap=True)  # raises, naming prev.ckpt, if that one is bad too
-            return ResumePoint(prev, path, state, [f"{err}; resuming from the previous checkpoint {prev} instead"], True)
+            warning = f"{err}; resuming from the previous checkpoint {prev} instead"
+            return ResumePoint(prev, path, state, [warning], fell_back=True)
     if not path.is_file():
         raise CheckpointError(f"--resume {path}: no such run directory or checkpoint file")
     return ResumePoint(path, RunDir.of(path).root, load_checkpoint(path, mmap=True))
@@ -99,7 +100,8 @@ def _newest_of(last: Path, legacy: list[Path], run_dir: Path) -> ResumePoint:
             continue
         readable.append((int(state.get("global_step", 0)), candidate, state))
     if not readable:
-        raise CheckpointError(f"none of the checkpoints in {last.parent} can be read ({', '.join(p.name for p in [last, *legacy])})")
+        names = ", ".join(p.name for p in [last, *legacy])
+        raise CheckpointError(f"none of the checkpoints in {last.parent} can be read ({names})")
     step, newest, state = max(readable, key=lambda found: found[:2])
     warning = (
         f"{last.parent} holds {', '.join(p.name for p in legacy)} next to {LAST} (written by an older blockdiff, which "
@@ -145,11 +147,13 @@ def _check_same_run(cfg: Config, trained: Config, run_dir: Path, source: str) ->
             diffs = ", ".join(f"{section}.{k}={now.get(k)!r} (trained with {then.get(k)!r})" for k in changed[:4])
             raise ConfigError(
                 f"cannot resume {run_dir}: {diffs}; the run was trained with the values in {source}. Only trainer.* "
-                "keys (e.g. trainer.max_steps) may change on resume. To train a changed model from these weights, start "
-                f"a new run with model.init_from={run_dir}"
+                "keys (e.g. trainer.max_steps) may change on resume. To train a changed model from these weights, "
+                f"start a new run with model.init_from={run_dir}"
             )
     if trained.trainer.seed != cfg.trainer.seed:
-        raise ConfigError(f"cannot resume {run_dir} with trainer.seed={cfg.trainer.seed}; the run used {trained.trainer.seed}")
+        raise ConfigError(
+            f"cannot resume {run_dir} with trainer.seed={cfg.trainer.seed}; the run used {trained.trainer.seed}"
+        )
 
 
 def _plain(section) -> dict:
@@ -199,7 +203,8 @@ class ResumePlan:
             step = int(float(row.get("step") or 0))
             if step >= self.step:
                 continue
-            values = {k: float(v) if k != "epoch" else int(float(v)) for k, v in row.items() if k != "step" and v not in ("", None)}
+            kept = {k: v for k, v in row.items() if k != "step" and v not in ("", None)}
+            values = {k: float(v) if k != "epoch" else int(float(v)) for k, v in kept.items()}
             logger.experiment.log_metrics(values, step)
         logger.save()
 
@@ -216,7 +221,7 @@ class ResumePlan:
             # The run died while validating or exporting: Lightning skips the whole fit, end-of-fit hooks included,
             # so take the weights the run would have exported (EMA ones, if any) from the checkpoint opened above.
             module.load_state_dict(self.point.state["state_dict"])
-            trainer.fit_loop.epoch_loop._batches_that_stepped = self.step  # the final validation's log step, as unbroken
+            trainer.fit_loop.epoch_loop._batches_that_stepped = self.step  # the final validation's log step
 
 
 def plan_resume(cfg: Config, run_dir: Path, resume: str | Path | None) -> ResumePlan:

@@ -141,7 +141,8 @@ def _stopped_by(cfg: Config, run: Run, run_dir: RunDir, is_zero: bool) -> str:
     if is_zero:
         print(
             f"the time budget of trainer.max_minutes={cfg.trainer.max_minutes:g} was spent at step "
-            f"{run.trainer.global_step} of {cfg.trainer.max_steps}; continue with `blockdiff train --resume {run_dir.root}`",
+            f"{run.trainer.global_step} of {cfg.trainer.max_steps}; continue with "
+            f"`blockdiff train --resume {run_dir.root}`",
             flush=True,
         )
     return "time budget"

@@ -48,7 +48,8 @@ def env_is_global_zero() -> bool:
     for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
         if key in os.environ:
             return int(os.environ[key]) == 0
-    return int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0))) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
+    return node == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
 def _known_process_count(cfg: Config) -> int | None:
@@ -127,8 +128,9 @@ def build_trainer(cfg: Config, run_dir: RunDir, progress: bool) -> Run:
         )
     except (MisconfigurationException, ValueError, RuntimeError) as err:  # Lightning's own checks of these keys
         raise ConfigError(
-            f"Lightning refused trainer.accelerator={cfg.trainer.accelerator!r} / trainer.precision={cfg.trainer.precision!r} "
-            f"/ trainer.strategy={cfg.trainer.strategy!r} / trainer.devices={cfg.trainer.devices!r}: "
+            f"Lightning refused trainer.accelerator={cfg.trainer.accelerator!r} / "
+            f"trainer.precision={cfg.trainer.precision!r} / trainer.strategy={cfg.trainer.strategy!r} / "
+            f"trainer.devices={cfg.trainer.devices!r}: "
             f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
         ) from None
     return Run(trainer, logger, interrupt, timer)
