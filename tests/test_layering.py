@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import train_tiny_cli_run
 
 ROOT = Path(__file__).resolve().parents[1]
