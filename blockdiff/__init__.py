@@ -3,11 +3,16 @@
 Importing the package registers the ``blockdiff`` model type with transformers' ``AutoConfig`` and
 ``AutoModelForCausalLM`` (in this process only), so ``AutoModelForCausalLM.from_pretrained(model_dir)`` gives a
 ``BlockDiffusionLM``; without the import, plain transformers refuses a blockdiff directory.
+
+The names below are the public entry points; none of them imports Lightning or ``datasets``.
 """
 
 from blockdiff.config import Config, ConfigError, load_config
 from blockdiff.core.loss import LossOutput, block_diffusion_loss
-from blockdiff.modeling.model import BlockDiffusionConfig, BlockDiffusionLM, BlockDiffusionSpec, build_backbone, register_auto_classes
+from blockdiff.modeling.io import LoadedModel, load_model_dir
+from blockdiff.modeling.model import BlockDiffusionConfig, BlockDiffusionLM, BlockDiffusionSpec, register_auto_classes
+from blockdiff.sampling import sample_texts
+from blockdiff.training.builders import build_backbone
 
 __version__ = "0.1.0"
 
@@ -19,9 +24,12 @@ __all__ = [
     "BlockDiffusionSpec",
     "Config",
     "ConfigError",
+    "LoadedModel",
     "LossOutput",
     "block_diffusion_loss",
     "build_backbone",
     "load_config",
+    "load_model_dir",
     "register_auto_classes",
+    "sample_texts",
 ]

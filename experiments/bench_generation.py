@@ -54,12 +54,13 @@ from transformers import GenerationConfig
 from transformers.utils import logging as hf_logging
 
 from blockdiff.config import ModelConfig
-from blockdiff.evaluation.nelbo import load_model_dir
 from blockdiff.evaluation.scoring import causal_lm_logits, continuation_nll, unigram_entropy
-from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
+from blockdiff.modeling.io import load_model_dir
+from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec
 from blockdiff.modeling.tokenizer import byte_tokenizer
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
 from blockdiff.sampling.text import encode_prompts
+from blockdiff.training.builders import build_backbone
 
 PROMPTS = ["ROMEO.\n", "JULIET.\n", "HAMLET.\n", "KING LEAR.\n", "MACBETH.\n", "OTHELLO.\n", "PORTIA.\n", "FALSTAFF.\n"]
 BLOCK_LENGTHS = (4, 8, 16)

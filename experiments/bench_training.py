@@ -42,14 +42,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from _report import cpu_model, print_report, write_report  # experiments/_report.py
 from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from _report import cpu_model, print_report, write_report  # experiments/_report.py
 from blockdiff.config import ModelConfig
 from blockdiff.core.loss import block_diffusion_loss
-from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
 from blockdiff.core.noise import LogLinearSchedule
+from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec
+from blockdiff.training.builders import build_backbone
 
 T_RANGE = (1e-3, 1.0)
 TARGET_RATIO = 2.0

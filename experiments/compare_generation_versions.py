@@ -21,7 +21,7 @@ CHILD = r"""
 import time, torch
 torch.set_num_threads(2)
 from blockdiff.config import ModelConfig
-from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
+from blockdiff import BlockDiffusionLM, BlockDiffusionSpec, build_backbone  # the same import in older trees
 torch.manual_seed(0)
 cfg = ModelConfig(hidden_size=192, num_layers=4, num_heads=4, block_length=4)
 model = BlockDiffusionLM(build_backbone(cfg, vocab_size=2048, max_seq_len=512).eval(), BlockDiffusionSpec(2047, 4, False, 512))

@@ -31,9 +31,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from _report import cpu_model, write_report
+from safetensors.torch import load_file
 
 from blockdiff.training.checkpoint import CheckpointError, load_checkpoint
 

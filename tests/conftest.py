@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from blockdiff.config import ModelConfig
-from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
+from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec
+from blockdiff.training.builders import build_backbone
 
 VOCAB = 64
 MASK_ID = 63
@@ -45,8 +46,8 @@ def write_tiny_model_dir(root):
     from pathlib import Path
 
     from blockdiff.config import load_config
+    from blockdiff.modeling.io import export_model
     from blockdiff.modeling.tokenizer import byte_tokenizer
-    from blockdiff.training.train import export_model
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

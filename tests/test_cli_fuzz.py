@@ -24,12 +24,12 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import write_tiny_model_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockdiff.cli import main
 from blockdiff.config import describe_keys
-from conftest import write_tiny_model_dir
 
 BOUNDED = dict(deadline=None, derandomize=True, database=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_tokens, tiny_model
 
-from blockdiff.core.clip_search import block_nelbo_samples, select_clip_window
 from blockdiff.config import ConfigError, load_config
+from blockdiff.core.clip_search import block_nelbo_samples, select_clip_window
 from blockdiff.core.loss import block_diffusion_loss
 from blockdiff.core.noise import make_schedule
-from conftest import random_tokens, tiny_model
 
 
 def test_search_picks_the_constructed_minimum_variance_window():

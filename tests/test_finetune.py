@@ -16,12 +16,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from blockdiff.cli import main
-from blockdiff.core.curriculum import block_length_at, block_length_stages, bidirectional_fraction_at
-from blockdiff.evaluation.nelbo import load_model_dir
-from blockdiff.evaluation.judge import ar_perplexity
+from blockdiff.core.curriculum import bidirectional_fraction_at, block_length_at, block_length_stages
 from blockdiff.core.loss import block_diffusion_loss
-from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec
 from blockdiff.core.noise import make_schedule
+from blockdiff.evaluation.judge import ar_perplexity
+from blockdiff.modeling.io import load_model_dir
+from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec
 from blockdiff.modeling.pretrained import apply_lora, check_custom_masks, load_pretrained, merge_lora, resolve_source
 
 FAMILIES = ["llama", "qwen2", "qwen3", "gpt2"]
@@ -44,7 +44,8 @@ def save_base(directory, family: str = "llama", seed: int = 0, vocab: int | None
     tokenizer = base_tokenizer()
     tokenizer.save_pretrained(directory)
     if vocab is None:  # the family's tokenizer class may add its own specials (Qwen2 adds <|endoftext|>)
-        from transformers import AutoConfig as _C, AutoTokenizer
+        from transformers import AutoConfig as _C
+        from transformers import AutoTokenizer
 
         _C.for_model(family).save_pretrained(directory)
         vocab = len(AutoTokenizer.from_pretrained(directory))
@@ -290,7 +291,7 @@ def test_export_refuses_a_checkpoint_holding_code(finetuned, tmp_path):
 
     torch.save({"state_dict": {}, "x": Boom()}, evil)
     with pytest.raises(ValueError, match="refusing to load .*last.ckpt"):
-        from blockdiff.training.finetune import export_checkpoint
+        from blockdiff.training.export import export_checkpoint
 
         export_checkpoint(tmp_path / "run", tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -315,8 +316,8 @@ def test_eval_against_the_base_model_writes_numbers_and_samples(finetuned, tmp_p
 
 def test_eval_base_ppl_of_a_from_scratch_model_asks_for_a_reference(tmp_path, capsys):
     from blockdiff.config import ModelConfig
-    from blockdiff.modeling.model import build_backbone
     from blockdiff.modeling.tokenizer import byte_tokenizer
+    from blockdiff.training.builders import build_backbone
 
     tok = byte_tokenizer()
     backbone = build_backbone(ModelConfig(hidden_size=32, num_layers=1, num_heads=2), len(tok), 128)

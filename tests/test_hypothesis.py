@@ -22,10 +22,11 @@ from hypothesis import strategies as st
 
 from blockdiff.config import ConfigError, ModelConfig, describe_keys, load_config
 from blockdiff.core.loss import block_diffusion_loss
-from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
 from blockdiff.core.noise import make_schedule
-from blockdiff.sampling import encode_prompts, sample_texts
+from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec
 from blockdiff.modeling.tokenizer import byte_tokenizer
+from blockdiff.sampling import encode_prompts, sample_texts
+from blockdiff.training.builders import build_backbone
 
 BOUNDED = settings(
     max_examples=60, deadline=timedelta(seconds=10), derandomize=True, database=None,

@@ -20,11 +20,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import MASK_ID, VOCAB, random_tokens, tiny_model
 
 from blockdiff.core.loss import bits_per_byte, block_diffusion_loss, nelbo
 from blockdiff.core.masks import block_causal_mask
 from blockdiff.core.noise import CosineSchedule, LogLinearSchedule, add_noise, sample_t
-from conftest import MASK_ID, VOCAB, random_tokens, tiny_model
 
 FAMILIES = ["llama", "qwen2", "gpt2"]
 KEEP = torch.arange(VOCAB) != MASK_ID  # vocabulary columns other than the mask (whose logit is -inf)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_tokens, tiny_model
 
 from blockdiff.config import ConfigError, load_config
-from blockdiff.evaluation.nelbo import evaluate_nelbo
 from blockdiff.core.loss import block_diffusion_loss, draw_block_lengths, mixture_loss
 from blockdiff.core.masks import training_mask
 from blockdiff.core.noise import make_schedule
-from conftest import random_tokens, tiny_model
+from blockdiff.evaluation.nelbo import evaluate_nelbo
 
 N = 32
 

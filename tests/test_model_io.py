@@ -30,17 +30,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_tokens, tiny_model, train_tiny_cli_run
 from rich.console import Console
 
 from blockdiff.cli import main
 from blockdiff.config import ModelConfig
 from blockdiff.errors import UsageError, UserError
-from blockdiff.evaluation.nelbo import evaluate, load_model_dir
-from blockdiff.modeling.model import BlockDiffusionConfig, BlockDiffusionLM, BlockDiffusionSpec, build_backbone, resolve_device
+from blockdiff.evaluation.nelbo import evaluate
+from blockdiff.modeling.io import load_model_dir
+from blockdiff.modeling.model import BlockDiffusionConfig, BlockDiffusionLM, BlockDiffusionSpec, resolve_device
+from blockdiff.modeling.tokenizer import byte_tokenizer
 from blockdiff.sampling import sample_texts
 from blockdiff.sampling.watch import LiveView
-from blockdiff.modeling.tokenizer import byte_tokenizer
-from conftest import random_tokens, tiny_model, train_tiny_cli_run
+from blockdiff.training.builders import build_backbone
 
 
 def sharp(model: BlockDiffusionLM) -> BlockDiffusionLM:

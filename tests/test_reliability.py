@@ -20,11 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from blockdiff.training.callbacks import NonFiniteLoss, TrainingInterrupted
-from blockdiff.training.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint, resolve_resume
 from blockdiff.cli import main
 from blockdiff.config import ConfigError, load_config
+from blockdiff.training.callbacks import NonFiniteLoss, TrainingInterrupted
+from blockdiff.training.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
 from blockdiff.training.lightning_module import BlockDiffusionModule
+from blockdiff.training.resume import resolve_resume
 from blockdiff.training.train import train
 
 N_STEPS = 8

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from blockdiff.training.checkpoint import load_checkpoint
 from blockdiff.cli import main
 from blockdiff.config import ConfigError, ModelConfig, load_config
 from blockdiff.errors import StorageError, WouldOverwriteError
-from blockdiff.evaluation.nelbo import load_model_dir
+from blockdiff.modeling.io import load_model_dir
+from blockdiff.training.checkpoint import load_checkpoint
 from blockdiff.training.lightning_module import BlockDiffusionModule
 from blockdiff.training.train import train
 
@@ -264,7 +264,7 @@ def test_disk_full_during_export_keeps_the_previous_export_and_leaves_no_staging
 
     monkeypatch.setattr("blockdiff.modeling.model.BlockDiffusionLM.save_pretrained", full_disk)
     with pytest.raises(StorageError, match="nothing under"):
-        from blockdiff.training.finetune import export_checkpoint
+        from blockdiff.training.export import export_checkpoint
 
         export_checkpoint(run, out, overwrite=True)
     assert tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -24,6 +24,7 @@ import math
 
 import pytest
 import torch
+from conftest import MASK_ID, tiny_model
 
 from blockdiff.sampling.base import BlockState
 from blockdiff.sampling.ddpm import DDPMSampler
@@ -33,7 +34,6 @@ from blockdiff.sampling.fixed import FixedStepSampler
 from blockdiff.sampling.logits import choose_tokens, filter_logits
 from blockdiff.sampling.remasking import RemaskingSampler
 from blockdiff.sampling.threshold import ThresholdSampler
-from conftest import MASK_ID, tiny_model
 
 M = MASK_ID
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
@@ -423,9 +423,10 @@ def test_ddpm_sampling_follows_the_schedule_the_model_was_trained_with(monkeypat
     """A cosine-trained model is sampled with the cosine alpha(t), not the log-linear one (issue 10's bug)."""
     from dataclasses import replace
 
+    from conftest import tiny_model
+
     from blockdiff.core.noise import CosineSchedule
     from blockdiff.sampling.ddpm import DDPMSampler
-    from conftest import tiny_model
 
     seen = []
     original = DDPMSampler.__init__

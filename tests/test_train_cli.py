@@ -32,10 +32,12 @@ import yaml
 
 from blockdiff.cli import main
 from blockdiff.config import ModelConfig, load_config, to_yaml
-from blockdiff.evaluation.nelbo import evaluate, load_model_dir
-from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec, build_backbone
+from blockdiff.evaluation.nelbo import evaluate
+from blockdiff.modeling.io import export_model, load_model_dir
+from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec
 from blockdiff.modeling.tokenizer import byte_tokenizer, train_bpe
-from blockdiff.training.train import export_model, train
+from blockdiff.training.builders import build_backbone
+from blockdiff.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

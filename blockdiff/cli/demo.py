@@ -14,7 +14,7 @@ def run(args) -> None:
 
     Writes runs/demo (trainer.out_dir); an earlier demo run there is replaced only with --overwrite.
     """
-    from blockdiff.evaluation.nelbo import load_model_dir
+    from blockdiff.modeling.io import load_model_dir
     from blockdiff.sampling import sample_texts
     from blockdiff.training.train import train
 

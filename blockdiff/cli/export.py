@@ -9,7 +9,7 @@ from blockdiff.cli.render import console
 
 def run(args) -> None:
     """Export a Lightning checkpoint (or a run directory's last one) as a Hugging Face model directory."""
-    from blockdiff.training.finetune import export_checkpoint
+    from blockdiff.training.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out_dir, args.run_config, overwrite=args.overwrite)
     console.print(f"model written to [bold]{escape(str(out))}[/] (load with BlockDiffusionLM.from_pretrained)")

@@ -11,7 +11,7 @@ from blockdiff.sampling.registry import GENERAL, knobs, sampler_names
 
 def run(args) -> None:
     """Generate text block by block; prompts from --prompt, --prompt-file or stdin are batched together."""
-    from blockdiff.evaluation.nelbo import load_model_dir
+    from blockdiff.modeling.io import load_model_dir
 
     path = args.checkpoint or args.path
     if path is None:

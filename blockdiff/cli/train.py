@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 from rich.markup import escape
 
 from blockdiff.cli import options, render
 from blockdiff.cli.render import console
-from blockdiff.config import ConfigError, load_config, path_problem
-from blockdiff.errors import MissingFileError
+from blockdiff.config import load_config
 
 
 def run(args) -> None:
@@ -19,22 +16,11 @@ def run(args) -> None:
     (trailing trainer.* overrides such as trainer.max_steps=2000 may extend it).
     """
     from blockdiff.training.callbacks import NonFiniteLoss, TrainingInterrupted
-    from blockdiff.training.checkpoint import run_dir_of
+    from blockdiff.training.resume import resume_config
     from blockdiff.training.train import train
 
     if args.resume:
-        if not os.path.isdir(args.resume) and path_problem(args.resume) is not None:
-            raise MissingFileError(
-                f"--resume {args.resume} {path_problem(args.resume)}; pass a run directory or a .ckpt file"
-            )
-        run_dir = run_dir_of(args.resume)
-        saved = run_dir / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"--resume {args.resume}: {saved} does not exist, so the run's config is unknown")
-        out_dir = (
-            [] if any(o.startswith("trainer.out_dir=") for o in args.overrides) else [f"trainer.out_dir={run_dir}"]
-        )
-        cfg = load_config([saved, *args.config], [*args.overrides, *out_dir])
+        cfg = resume_config(args.resume, args.config, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
     try:

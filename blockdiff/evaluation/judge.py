@@ -162,7 +162,8 @@ def compare_with_base(
 ) -> Comparison:
     """NELBO bound (at ``block_length``, default the model's) vs the base model's exact AR perplexity on the same
     tokens, then judged samples (``num_samples=0`` skips them)."""
-    from blockdiff.evaluation.nelbo import evaluate_held_out, load_model_dir
+    from blockdiff.evaluation.nelbo import evaluate_held_out
+    from blockdiff.modeling.io import load_model_dir
 
     loaded = load_model_dir(path, overrides, device)
     cfg = loaded.config

@@ -15,18 +15,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoTokenizer
 
-from blockdiff.config import Config, load_config
 from blockdiff.core.loss import bits_per_byte, block_diffusion_loss
 from blockdiff.core.noise import make_schedule
-from blockdiff.errors import MissingFileError, UsageError, require_divides
+from blockdiff.errors import UsageError, require_divides
 from blockdiff.evaluation.heldout import held_out_split
-from blockdiff.modeling.model import SPEC_FILE, BlockDiffusionLM, read_json_file
+from blockdiff.modeling.io import LoadedModel, load_model_dir
+from blockdiff.modeling.model import BlockDiffusionLM
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total): what a long evaluation is doing
 
-__all__ = ["EvalResult", "LoadedModel", "load_model_dir", "evaluate_nelbo", "evaluate_held_out", "evaluate"]
+__all__ = ["EvalResult", "evaluate_nelbo", "evaluate_held_out", "evaluate"]
 
 
 @dataclass
@@ -36,70 +35,6 @@ class EvalResult:
     bpb: float  # bits per UTF-8 byte
     num_tokens: int  # predicted tokens the average is over
     block_length: int
-
-
-@dataclass
-class LoadedModel:
-    model: BlockDiffusionLM
-    tokenizer: object
-    config: Config
-    directory: Path
-
-
-TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json")
-ADJUSTABLE_MODEL_KEYS = ("model.block_length",)  # the model.* overrides a trained model accepts
-
-
-def load_model_dir(path: str | Path, overrides: list[str] = (), device: str | None = None) -> LoadedModel:
-    """Load model, tokenizer and training config from a model or run directory; checks they agree.
-
-    ``overrides`` are ``key=value`` changes of the training config (e.g. ``data.source=other.txt``). Of the
-    ``model.*`` keys only ``model.block_length`` can change for a trained network: the model then evaluates
-    and generates at that block length (as ``--block-length``); any other ``model.*`` key is refused.
-    ``device``: ``cpu`` (default), ``cuda``, ``mps`` or ``auto``.
-    """
-    path = Path(path)
-    if (path / "model" / SPEC_FILE).is_file():
-        path = path / "model"
-    if not path.exists():
-        raise MissingFileError(f"{path} does not exist; pass a run directory or its model/ folder")
-    keys = [o.split("=", 1)[0].strip().lstrip("+~") for o in overrides]
-    fixed = [k for k in keys if k.startswith("model.") and k not in ADJUSTABLE_MODEL_KEYS]
-    if fixed:
-        raise UsageError(
-            f"{', '.join(fixed)}: a trained model's network is fixed, so these model.* keys cannot be overridden "
-            "(model.block_length=N can: the model then runs at that block length, like --block-length N)"
-        )
-    model = BlockDiffusionLM.from_pretrained(path, device=device)
-    tokenizer = _load_tokenizer(path)
-    if len(tokenizer) > model.vocab_size:  # fewer is fine: some decoders pad their embedding matrix
-        raise UsageError(
-            f"the tokenizer in {path} has {len(tokenizer)} tokens but the model has {model.vocab_size} embedding rows: "
-            "the checkpoint comes from a different vocabulary"
-        )
-    if tokenizer.mask_token_id != model.mask_token_id:
-        raise UsageError(
-            f"the tokenizer's mask token id {tokenizer.mask_token_id} differs from the model's {model.mask_token_id}"
-        )
-    config_path = path / "train_config.yaml"
-    cfg = load_config([config_path] if config_path.is_file() else [], overrides)
-    if "model.block_length" in keys:
-        model = model.with_block_length(cfg.model.block_length)
-    return LoadedModel(model.eval(), tokenizer, cfg, path)
-
-
-def _load_tokenizer(path: Path):
-    """The tokenizer saved in ``path``; a damaged file is a user error naming it."""
-    for name in TOKENIZER_JSON_FILES:
-        if (path / name).is_file():
-            read_json_file(path / name)  # bad JSON / UTF-8: the error names the file
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except Exception as err:  # noqa: BLE001 - the files parse as JSON, so any failure here is their content
-        raise UsageError(
-            f"could not load the tokenizer saved in {path} ({type(err).__name__}: {err}); its files are damaged or "
-            "were written by an incompatible tokenizers version: copy them again from the run's model/ folder"
-        ) from None
 
 
 @torch.no_grad()

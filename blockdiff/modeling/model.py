@@ -43,19 +43,24 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from blockdiff.config import Family, ModelConfig
-from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.core.masks import block_causal_mask, training_block_mask, training_mask
-from blockdiff.modeling.model_files import (
-    CONFIG_FILE, BlockDiffusionConfig, backbone_config, check_decoder_type, honour_umask, load_backbone,
-    load_generation_config, read_json_file,
-)
 from blockdiff.core.noise import make_schedule
+from blockdiff.errors import MissingFileError, UsageError
+from blockdiff.modeling.model_files import (
+    CONFIG_FILE,
+    BlockDiffusionConfig,
+    backbone_config,
+    check_decoder_type,
+    honour_umask,
+    load_backbone,
+    load_generation_config,
+    read_json_file,
+)
 from blockdiff.modeling.rundir import SPEC_FILE
 from blockdiff.sampling.config import GENERATION_CONFIG_FILE, BlockDiffusionGenerationConfig
 
 __all__ = [
-    "BlockDiffusionLM", "BlockDiffusionSpec", "BlockDiffusionConfig", "build_backbone", "register_auto_classes",
+    "BlockDiffusionLM", "BlockDiffusionSpec", "BlockDiffusionConfig", "register_auto_classes",
     "read_json_file", "resolve_device",
 ]
 
@@ -143,27 +148,6 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
     if device.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {name}: unsupported device type; use cpu, cuda, cuda:N, mps or auto")
     return device
-
-
-def build_backbone(cfg: ModelConfig, vocab_size: int, max_seq_len: int, **special_ids) -> PreTrainedModel:
-    """A randomly initialised Hugging Face decoder of the configured family and size."""
-    family = Family(cfg.family)
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        max_position_embeddings=max_seq_len,
-        **{k: v for k, v in special_ids.items() if v is not None},
-    )
-    if family is Family.gpt2:
-        kwargs["n_inner"] = cfg.intermediate_size or 4 * cfg.hidden_size
-    else:  # gated-MLP families (llama, qwen2)
-        kwargs["intermediate_size"] = cfg.intermediate_size or 64 * round(8 * cfg.hidden_size / 3 / 64)
-        kwargs["num_key_value_heads"] = cfg.num_heads
-        kwargs["tie_word_embeddings"] = True
-    hf_config = AutoConfig.for_model(family.value, **kwargs)
-    return AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attn_implementation)
 
 
 @lru_cache(maxsize=16)

@@ -26,7 +26,8 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from blockdiff.errors import MissingFileError, MissingPackageError, UsageError, UserError
-from blockdiff.modeling.model import SPEC_FILE, BlockDiffusionLM
+from blockdiff.modeling.model import BlockDiffusionLM
+from blockdiff.modeling.rundir import SPEC_FILE
 from blockdiff.modeling.tokenizer import ensure_special_tokens, load_tokenizer
 
 __all__ = [

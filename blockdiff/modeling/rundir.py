@@ -1,4 +1,5 @@
-"""The run-directory layout, and the one rule for writing over a directory: never delete what is not ours.
+"""The run-directory layout, spelled once (``RunDir``), and the one rule for writing over a directory: never
+delete what is not ours.
 
 A run directory (``trainer.out_dir``) holds exactly::
 
@@ -7,6 +8,8 @@ A run directory (``trainer.out_dir``) holds exactly::
     logs/metrics.csv            the CSV log
     tokenizer/                  the run's tokenizer
     model/                      the exported model (safetensors + blockdiff.json + tokenizer + train_config.yaml)
+
+Every other module names these paths through ``RunDir`` (or the constants below), never as literals.
 
 ``prepare_run_dir`` and ``replace_dir`` are the only places that remove a directory. They replace a
 directory only when asked to (``--overwrite``) *and* when it is recognisably a blockdiff run / model
@@ -18,21 +21,83 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from blockdiff.errors import StorageError, WouldOverwriteError
 
 __all__ = [
-    "CONFIG", "CHECKPOINTS", "LOGS", "METRICS", "MODEL", "TOKENIZER",
-    "is_model_dir", "is_run_dir", "check_new_run_dir", "prepare_run_dir", "check_replaceable", "staging_dir", "replace_dir",
+    "CONFIG", "CHECKPOINTS", "LOGS", "METRICS", "MODEL", "TOKENIZER", "LAST", "PREV", "SPEC_FILE", "TRAIN_CONFIG",
+    "RunDir", "model_dir_of",
+    "is_model_dir", "is_run_dir", "check_new_run_dir", "prepare_run_dir", "check_replaceable", "staging_dir",
+    "replace_dir",
 ]
 
-CONFIG, CHECKPOINTS, LOGS, METRICS, MODEL, TOKENIZER = "config.yaml", "checkpoints", "logs", "metrics.csv", "model", "tokenizer"
+CONFIG, CHECKPOINTS, LOGS, MODEL, TOKENIZER = "config.yaml", "checkpoints", "logs", "model", "tokenizer"  # in a run
+METRICS = "metrics.csv"  # under LOGS: the CSV log (Lightning's CSVLogger names it)
+LAST, PREV = "last.ckpt", "prev.ckpt"  # under CHECKPOINTS: the newest checkpoint and the one it replaced
 SPEC_FILE = "blockdiff.json"  # the file that marks a blockdiff model export (model.py writes it)
+TRAIN_CONFIG = "train_config.yaml"  # in a model export: the config it was trained with
 
 # What a model export (or a tokenizer folder) is made of: flat files of these kinds, nothing else.
 _MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".yaml", ".jinja", ".tiktoken")
 _RUN_ENTRIES = {CONFIG, CHECKPOINTS, LOGS, MODEL, TOKENIZER}
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run directory; builds paths only, never touches the disk."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def of(cls, path: str | Path) -> "RunDir":
+        """The run a ``--resume PATH`` names: the directory itself, or ``RUN`` for ``RUN/checkpoints/x.ckpt``."""
+        path = Path(path)
+        if path.is_dir() or not path.suffix:
+            return cls(path)
+        return cls(path.parent.parent if path.parent.name == CHECKPOINTS else path.parent)
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / LAST
+
+    @property
+    def prev_checkpoint(self) -> Path:
+        return self.checkpoints / PREV
+
+    @property
+    def logs(self) -> Path:
+        return self.root / LOGS
+
+    @property
+    def metrics(self) -> Path:
+        return self.logs / METRICS
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / TOKENIZER
+
+    @property
+    def model(self) -> Path:
+        return self.root / MODEL
+
+
+def model_dir_of(path: str | Path) -> Path:
+    """The model export a path names: a model directory itself, or a run directory's ``model/``."""
+    path = Path(path)
+    return RunDir(path).model if (RunDir(path).model / SPEC_FILE).is_file() else path
 
 
 def _foreign_files(directory: Path) -> list[str]:

@@ -22,6 +22,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from blockdiff.modeling.rundir import RunDir  # noqa: E402
+
 __all__ = ["ppl_vs_block_length", "quality_vs_nfe", "loss_curves", "clip_variance"]
 
 
@@ -103,7 +105,7 @@ def loss_curves(runs: list[dict], path: Path, smooth: int = 5) -> Path:
     cmap = plt.get_cmap("viridis", max(2, len(lengths)))
     labelled = set()
     for r in runs:
-        csv_path = Path(r["run_dir"]) / "logs" / "metrics.csv"
+        csv_path = RunDir(r["run_dir"]).metrics
         if not csv_path.is_file():
             continue
         with open(csv_path) as f:

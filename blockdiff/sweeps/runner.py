@@ -29,6 +29,7 @@ from typing import Any
 
 from blockdiff.errors import UsageError
 from blockdiff.files import write_text_atomic
+from blockdiff.modeling.rundir import RunDir
 from blockdiff.sweeps.spec import SUMMARY_FILE, Run, Sweep, config_changes, read_summary
 
 __all__ = ["run_sweep", "run_one", "changed_runs"]
@@ -162,7 +163,8 @@ def _evaluate_run(sweep: Sweep, run: Run, model_dir: Path) -> dict:
     from blockdiff.core.clip_search import ClipWindowScores
     from blockdiff.core.noise import make_schedule
     from blockdiff.evaluation.heldout import held_out_split
-    from blockdiff.evaluation.nelbo import evaluate_nelbo, load_model_dir
+    from blockdiff.evaluation.nelbo import evaluate_nelbo
+    from blockdiff.modeling.io import load_model_dir
 
     cfg, ev = run.config, sweep.evaluate
     loaded = load_model_dir(model_dir)
@@ -205,9 +207,9 @@ def _missing_samples(sweep: Sweep, run: Run) -> list[dict]:
 
 
 def _add_samples(sweep: Sweep, run: Run, settings: list[dict]) -> None:
-    from blockdiff.evaluation.nelbo import load_model_dir
+    from blockdiff.modeling.io import load_model_dir
 
-    loaded = load_model_dir(run.run_dir / "model")
+    loaded = load_model_dir(RunDir(run.run_dir).model)
     path = run.run_dir / SUMMARY_FILE
     summary = read_summary(path)
     kept = [rec for rec in summary.get("samples", []) if rec.get("per_sequence")]  # older batched-NFE records go
@@ -223,11 +225,11 @@ def _reference_model(sweep: Sweep):
     ref = sweep.sample.get("reference")
     if ref is None:
         return None
-    model_dir = (sweep.out_dir / ref / "model").resolve()
+    model_dir = RunDir(sweep.out_dir / ref).model.resolve()
     if model_dir not in _REFERENCES:
         if not model_dir.is_dir():
             return None
-        from blockdiff.evaluation.nelbo import load_model_dir
+        from blockdiff.modeling.io import load_model_dir
 
         _REFERENCES[model_dir] = load_model_dir(model_dir)
     return _REFERENCES[model_dir]

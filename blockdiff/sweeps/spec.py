@@ -39,6 +39,7 @@ import yaml
 
 from blockdiff.config import Config, ConfigError, describe_keys, load_config, path_problem, read_utf8, to_yaml
 from blockdiff.errors import MissingFileError, UsageError
+from blockdiff.modeling.rundir import RunDir
 from blockdiff.sampling.registry import WithKnobs
 
 __all__ = ["Sweep", "Run", "load_sweep", "expand_grid", "run_name", "config_changes", "read_summary", "SUMMARY_FILE",
@@ -258,7 +259,7 @@ def read_summary(path: str | Path) -> dict:
 def config_changes(run: Run) -> list[str]:
     """``key: stored -> now`` for each config key whose value differs between the run directory's ``config.yaml``
     (what the finished run was trained with) and ``run.config``; ``trainer.out_dir`` aside (a moved sweep)."""
-    stored_path = run.run_dir / "config.yaml"
+    stored_path = RunDir(run.run_dir).config
     if not stored_path.is_file():
         return [f"{stored_path} is missing, so the config it was trained with is unknown"]
     try:

@@ -1,2 +1,4 @@
-"""Training recipe: the Lightning module, data module, callbacks, checkpoints, resume, and ``train()``.
+"""Training recipe: builders from a run config (``builders``), the Lightning module, data module and ``Trainer``
+(``trainer``), callbacks, safe checkpoints, resume (``resume``), ``train()``, fine-tuning defaults and checkpoint
+export (``export``).
 """

@@ -35,6 +35,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint, Timer
 
+from blockdiff.modeling.rundir import LAST
+
 __all__ = [
     "ResumableRNG", "NonFiniteLossGuard", "NonFiniteLoss", "LastCheckpoint", "RunConfigRecord", "SessionTimer", "GracefulInterrupt",
     "TrainingInterrupted",
@@ -141,7 +143,7 @@ class NonFiniteLossGuard(L.Callback):
             return
         kept = ""
         if self.checkpoint_dir is not None:
-            last = Path(self.checkpoint_dir) / "last.ckpt"
+            last = Path(self.checkpoint_dir) / LAST
             kept = f"; the last good checkpoint {last} is kept" if last.is_file() else "; no checkpoint had been written yet"
         raise NonFiniteLoss(
             f"the training loss is {float(loss.detach()):.4g} at step {trainer.global_step}: training stopped before "

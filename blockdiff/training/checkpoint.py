@@ -16,9 +16,7 @@
   pickled object that would run code is refused; a truncated or corrupted file raises
   ``CheckpointError`` naming the file (and the previous checkpoint, if it is readable).
 
-``resolve_resume(path)`` turns ``--resume RUN_DIR|CKPT`` into a readable checkpoint, falling back from
-a damaged ``last.ckpt`` of a run directory to its ``prev.ckpt`` (``settle_checkpoints`` then puts the good
-copy back under ``last.ckpt``, so the backup survives the next save).
+Which checkpoint a ``--resume`` continues from (and the fallback to ``prev.ckpt``) is ``resume.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ import pickle
 import re
 import shutil
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +35,9 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from blockdiff.errors import StorageError, UserError
 from blockdiff.files import write_failure_reason
+from blockdiff.modeling.rundir import CHECKPOINTS, LAST, PREV
 
-__all__ = [
-    "CheckpointError", "SafeCheckpointIO", "ResumePoint", "load_checkpoint", "resolve_resume", "settle_checkpoints",
-    "remove_legacy", "run_dir_of",
-    "LAST", "PREV",
-]
-
-LAST, PREV = "last.ckpt", "prev.ckpt"
+__all__ = ["CheckpointError", "SafeCheckpointIO", "load_checkpoint", "atomic_torch_save", "copy_into_place", "previous_of"]
 
 
 class CheckpointError(UserError, ValueError):
@@ -74,7 +66,7 @@ def _non_finite(obj: Any, prefix: str = "") -> str | None:
     return None
 
 
-def _copy_into_place(source: Path, target: Path) -> None:
+def copy_into_place(source: Path, target: Path) -> None:
     """``target`` becomes a copy of ``source`` (a hard link where possible), atomically."""
     tmp = target.with_name(target.name + ".tmp")
     tmp.unlink(missing_ok=True)
@@ -110,7 +102,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             ) from None
         raise
     if path.exists():  # keep the checkpoint being replaced, without a moment where `path` is missing
-        _copy_into_place(path, previous_of(path))
+        copy_into_place(path, previous_of(path))
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -152,7 +144,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     path = Path(path)
     problem = path_problem(path)
     if problem is not None:
-        fix = "; pass the .ckpt file (e.g. RUN/checkpoints/last.ckpt)" if path.is_dir() else ""
+        fix = f"; pass the .ckpt file (e.g. RUN/{CHECKPOINTS}/{LAST})" if path.is_dir() else ""
         raise CheckpointError(f"checkpoint {path} {problem}{fix}")
     hint = ""
     prev = previous_of(path)
@@ -203,95 +195,3 @@ class SafeCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path) -> None:
         Path(path).unlink(missing_ok=True)
-
-
-@dataclass
-class ResumePoint:
-    """Where ``--resume`` continues from: a readable checkpoint of a run, and what was noticed on the way."""
-
-    checkpoint: Path  # the checkpoint file to load
-    run_dir: Path  # the run directory it belongs to
-    state: dict[str, Any]  # its contents, memory-mapped (global_step, the stored run config, ...)
-    warnings: list[str] = field(default_factory=list)
-    fell_back: bool = False  # last.ckpt was missing or damaged: ``checkpoint`` is prev.ckpt
-    legacy: list[Path] = field(default_factory=list)  # last-vN.ckpt files an older blockdiff left next to last.ckpt
-
-    @property
-    def step(self) -> int:
-        return int(self.state.get("global_step", 0))
-
-
-def resolve_resume(path: str | Path) -> ResumePoint:
-    """The checkpoint ``--resume PATH`` continues from: a run directory or a ``.ckpt`` file.
-
-    A run directory resumes from ``checkpoints/last.ckpt``, or from ``checkpoints/prev.ckpt`` (with a
-    warning) when ``last.ckpt`` is missing or damaged. A named file is used as is: if it is damaged the
-    error says so and names the previous checkpoint to try. Only reads: nothing is changed on disk.
-    """
-    path = Path(path)
-    if path.is_dir():
-        last, prev = path / "checkpoints" / LAST, path / "checkpoints" / PREV
-        if not last.is_file() and not prev.is_file():
-            raise CheckpointError(
-                f"{path} holds no checkpoint to resume from (no checkpoints/{LAST}); the run may have stopped "
-                "before its first trainer.checkpoint_every_n_steps"
-            )
-        legacy = sorted(p for p in (path / "checkpoints").glob("last-v*.ckpt"))
-        if legacy:
-            return _newest_of(last, legacy, path)
-        try:
-            return ResumePoint(last, path, load_checkpoint(last, mmap=True))
-        except CheckpointError as err:
-            if not prev.is_file():
-                raise
-            state = load_checkpoint(prev, mmap=True)  # raises, naming prev.ckpt, if that one is bad too
-            return ResumePoint(prev, path, state, [f"{err}; resuming from the previous checkpoint {prev} instead"], True)
-    if not path.is_file():
-        raise CheckpointError(f"--resume {path}: no such run directory or checkpoint file")
-    return ResumePoint(path, run_dir_of(path), load_checkpoint(path, mmap=True))
-
-
-def _newest_of(last: Path, legacy: list[Path], run_dir: Path) -> ResumePoint:
-    """Older blockdiff versions let Lightning write ``last-v1.ckpt``, ``last-v2.ckpt`` ... next to a ``last.ckpt`` that
-    then went stale: resume from whichever readable one holds the latest step."""
-    readable = []
-    for candidate in [last, *legacy]:
-        try:
-            readable.append((int(load_checkpoint(candidate, mmap=True).get("global_step", 0)), candidate))
-        except CheckpointError:
-            continue
-    if not readable:
-        raise CheckpointError(f"none of the checkpoints in {last.parent} can be read ({', '.join(p.name for p in [last, *legacy])})")
-    step, newest = max(readable)
-    warning = (
-        f"{last.parent} holds {', '.join(p.name for p in legacy)} next to {LAST} (written by an older blockdiff, which "
-        f"could leave {LAST} stale); resuming from the newest, {newest.name} at step {step}, which becomes {LAST}"
-    )
-    return ResumePoint(newest, run_dir, load_checkpoint(newest, mmap=True), [warning], legacy=legacy)
-
-
-def settle_checkpoints(point: ResumePoint) -> None:
-    """Before a run resumes in place, make ``last.ckpt`` the state it resumes from (rank 0, before fitting).
-
-    After a fallback the good ``prev.ckpt`` is copied back over the damaged ``last.ckpt`` (otherwise the first
-    save would rotate the damaged file over the good backup). When older versions left ``last-vN.ckpt``
-    files, the newest is copied to ``last.ckpt``; ``remove_legacy`` deletes them once the run is done with them
-    (other ranks may still be loading one).
-    """
-    if point.fell_back or (point.legacy and point.checkpoint.name != LAST):
-        _copy_into_place(point.checkpoint, point.checkpoint.with_name(LAST))
-
-
-def remove_legacy(point: ResumePoint) -> None:
-    """Delete the ``last-vN.ckpt`` files (and their ``.prev`` copies) that older versions left in a run."""
-    for stale in point.legacy:
-        stale.unlink(missing_ok=True)
-        stale.with_name(stale.stem + ".prev" + stale.suffix).unlink(missing_ok=True)
-
-
-def run_dir_of(path: str | Path) -> Path:
-    """The run directory of ``--resume PATH``: the directory itself, or ``RUN`` for ``RUN/checkpoints/x.ckpt``."""
-    path = Path(path)
-    if path.is_dir() or not path.suffix:
-        return path
-    return path.parent.parent if path.parent.name == "checkpoints" else path.parent

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from blockdiff.config import load_config
-from blockdiff.training.train import build_model, export_model
+from blockdiff.modeling.io import export_model
+from blockdiff.training.builders import build_model
 
 
 def main(run_dir: str, out_dir: str) -> None:
