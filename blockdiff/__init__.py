@@ -10,7 +10,8 @@ The names below are the public entry points; none of them imports Lightning or `
 from blockdiff.config import Config, ConfigError, load_config
 from blockdiff.core.loss import LossOutput, block_diffusion_loss
 from blockdiff.modeling.io import LoadedModel, load_model_dir
-from blockdiff.modeling.model import BlockDiffusionConfig, BlockDiffusionLM, BlockDiffusionSpec, register_auto_classes
+from blockdiff.modeling.model import BlockDiffusionConfig, BlockDiffusionLM, register_auto_classes
+from blockdiff.modeling.spec import BlockDiffusionSpec
 from blockdiff.sampling import sample_texts
 from blockdiff.training.builders import build_backbone
 

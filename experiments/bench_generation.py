@@ -56,7 +56,8 @@ from transformers.utils import logging as hf_logging
 from blockdiff.config import ModelConfig
 from blockdiff.evaluation.scoring import causal_lm_logits, continuation_nll, unigram_entropy
 from blockdiff.modeling.io import load_model_dir
-from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec
+from blockdiff.modeling.model import BlockDiffusionLM
+from blockdiff.modeling.spec import BlockDiffusionSpec
 from blockdiff.modeling.tokenizer import byte_tokenizer
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
 from blockdiff.sampling.text import encode_prompts

@@ -49,7 +49,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from blockdiff.config import ModelConfig
 from blockdiff.core.loss import block_diffusion_loss
 from blockdiff.core.noise import LogLinearSchedule
-from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec
+from blockdiff.modeling.model import BlockDiffusionLM
+from blockdiff.modeling.spec import BlockDiffusionSpec
 from blockdiff.training.builders import build_backbone
 
 T_RANGE = (1e-3, 1.0)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from blockdiff.config import ModelConfig
-from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec
+from blockdiff.modeling.model import BlockDiffusionLM
+from blockdiff.modeling.spec import BlockDiffusionSpec
 from blockdiff.training.builders import build_backbone
 
 VOCAB = 64

@@ -21,8 +21,9 @@ from blockdiff.core.loss import block_diffusion_loss
 from blockdiff.core.noise import make_schedule
 from blockdiff.evaluation.judge import ar_perplexity
 from blockdiff.modeling.io import load_model_dir
-from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec
+from blockdiff.modeling.model import BlockDiffusionLM
 from blockdiff.modeling.pretrained import apply_lora, check_custom_masks, load_pretrained, merge_lora, resolve_source
+from blockdiff.modeling.spec import BlockDiffusionSpec
 
 FAMILIES = ["llama", "qwen2", "qwen3", "gpt2"]
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40

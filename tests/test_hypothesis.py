@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from blockdiff.config import ConfigError, ModelConfig, describe_keys, load_config
 from blockdiff.core.loss import block_diffusion_loss
 from blockdiff.core.noise import make_schedule
-from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec
+from blockdiff.modeling.model import BlockDiffusionLM
+from blockdiff.modeling.spec import BlockDiffusionSpec
 from blockdiff.modeling.tokenizer import byte_tokenizer
 from blockdiff.sampling import encode_prompts, sample_texts
 from blockdiff.training.builders import build_backbone

@@ -37,8 +37,10 @@ from blockdiff.cli import main
 from blockdiff.config import ModelConfig
 from blockdiff.errors import UsageError, UserError
 from blockdiff.evaluation.nelbo import evaluate
+from blockdiff.modeling.device import resolve_device
 from blockdiff.modeling.io import load_model_dir
-from blockdiff.modeling.model import BlockDiffusionConfig, BlockDiffusionLM, BlockDiffusionSpec, resolve_device
+from blockdiff.modeling.model import BlockDiffusionConfig, BlockDiffusionLM
+from blockdiff.modeling.spec import BlockDiffusionSpec
 from blockdiff.modeling.tokenizer import byte_tokenizer
 from blockdiff.sampling import sample_texts
 from blockdiff.sampling.watch import LiveView

@@ -34,7 +34,8 @@ from blockdiff.cli import main
 from blockdiff.config import ModelConfig, load_config, to_yaml
 from blockdiff.evaluation.nelbo import evaluate
 from blockdiff.modeling.io import export_model, load_model_dir
-from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec
+from blockdiff.modeling.model import BlockDiffusionLM
+from blockdiff.modeling.spec import BlockDiffusionSpec
 from blockdiff.modeling.tokenizer import byte_tokenizer, train_bpe
 from blockdiff.training.builders import build_backbone
 from blockdiff.training.train import train

@@ -1,6 +1,6 @@
 """``BlockDiffusionLM``: an ordinary Hugging Face causal decoder driven with block-diffusion masks.
 
-One network path for both uses (DESIGN.md §4): a from-scratch network built from a small config, or a
+One network path for both uses (docs/design.md §6): a from-scratch network built from a small config, or a
 pretrained decoder. The wrapper adds only what block diffusion needs on top of the decoder:
 
 * the vectorised training forward over ``x_t ⊕ x_0`` with the three-part mask (``masks.py``);
@@ -33,9 +33,7 @@ Shape legend: ``b`` batch, ``n`` tokens per half, ``q``/``s`` query/key lengths,
 from __future__ import annotations
 
 import copy
-import json
-import numbers
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -44,8 +42,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from blockdiff.core.masks import block_causal_mask, training_block_mask, training_mask
-from blockdiff.core.noise import make_schedule
 from blockdiff.errors import MissingFileError, UsageError
+from blockdiff.modeling.device import resolve_device
 from blockdiff.modeling.model_files import (
     CONFIG_FILE,
     BlockDiffusionConfig,
@@ -54,100 +52,12 @@ from blockdiff.modeling.model_files import (
     honour_umask,
     load_backbone,
     load_generation_config,
-    read_json_file,
 )
 from blockdiff.modeling.rundir import SPEC_FILE
+from blockdiff.modeling.spec import BlockDiffusionSpec
 from blockdiff.sampling.config import GENERATION_CONFIG_FILE, BlockDiffusionGenerationConfig
 
-__all__ = [
-    "BlockDiffusionLM", "BlockDiffusionSpec", "BlockDiffusionConfig", "register_auto_classes",
-    "read_json_file", "resolve_device",
-]
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-@dataclass
-class BlockDiffusionSpec:
-    """What turns a decoder into a block diffuser; stored next to the weights as ``blockdiff.json``.
-
-    Checked on construction: ``block_length >= 1`` dividing ``max_seq_len``, ``mask_token_id >= 0``, a known
-    ``schedule``. ``from_file`` also refuses unknown keys and names the file in every error."""
-
-    mask_token_id: int
-    block_length: int
-    logit_shift: bool = False
-    max_seq_len: int | None = None  # training context length, for reference
-    schedule: str = "loglinear"  # noise schedule it was trained with (evaluation uses the same)
-
-    def __post_init__(self):
-        if not _is_int(self.mask_token_id) or self.mask_token_id < 0:
-            raise UsageError(f"mask_token_id must be a token id (an integer >= 0), got {self.mask_token_id!r}")
-        if not _is_int(self.block_length) or self.block_length < 1:
-            raise UsageError(f"block_length must be an integer >= 1, got {self.block_length!r}")
-        if not isinstance(self.logit_shift, bool):
-            raise UsageError(f"logit_shift must be true or false, got {self.logit_shift!r}")
-        if self.max_seq_len is not None and (not _is_int(self.max_seq_len) or self.max_seq_len < 1):
-            raise UsageError(f"max_seq_len must be an integer >= 1 (or null), got {self.max_seq_len!r}")
-        if self.max_seq_len is not None and self.max_seq_len % self.block_length:
-            raise UsageError(
-                f"block_length={self.block_length} must divide max_seq_len={self.max_seq_len} (the training context "
-                "is a whole number of blocks)"
-            )
-        try:
-            make_schedule(self.schedule)
-        except (ValueError, TypeError) as err:
-            raise UsageError(f"schedule: {err}") from None
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "BlockDiffusionSpec":
-        """Read and check ``blockdiff.json``; every error names the file (and the key)."""
-        data = read_json_file(path)
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise UsageError(
-                f"{path} has key(s) {unknown} that this version of blockdiff does not know (it knows {known}): the "
-                "model was written by a newer blockdiff (upgrade: pip install -U blockdiff) or the file was edited "
-                "(remove those keys)"
-            )
-        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
-        if missing:
-            raise UsageError(f"{path} lacks the required key(s) {missing}; restore the file written with the model")
-        try:
-            return cls(**data)
-        except UsageError as err:
-            raise UsageError(f"{path}: {err}") from None
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-
-def resolve_device(name: str | torch.device | None = None) -> torch.device:
-    """``cpu`` (the default), ``cuda``/``cuda:N``, ``mps``, or ``auto`` (CUDA, else MPS, else CPU); a device that is not
-    available here is a ``UsageError`` saying which are."""
-    if isinstance(name, torch.device):
-        return name
-    name = (name or "cpu").strip().lower()
-    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name}: not a device name; use cpu, cuda, cuda:N, mps or auto") from None
-    available = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if has_mps else [])
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device is available here (available: {', '.join(available)})")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s) (cuda:0 ...)")
-    if device.type == "mps" and not has_mps:
-        raise UsageError(f"--device {name}: MPS is not available here (available: {', '.join(available)})")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {name}: unsupported device type; use cpu, cuda, cuda:N, mps or auto")
-    return device
+__all__ = ["BlockDiffusionLM", "BlockDiffusionConfig", "register_auto_classes"]
 
 
 @lru_cache(maxsize=16)
@@ -365,44 +275,10 @@ class BlockDiffusionLM(nn.Module):
         batch. Returns a ``GenerationOutput``.
         """
         from blockdiff.sampling.generation import generate
+        from blockdiff.sampling.inputs import prompt_lists, with_overrides
 
-        config = copy.deepcopy(generation_config or self.generation_config)
-        unknown = [k for k in overrides if not hasattr(config, k)]
-        if unknown:
-            raise UsageError(f"unknown generation setting(s) {unknown}; see BlockDiffusionGenerationConfig")
-        if "max_length" in overrides and "max_new_tokens" not in overrides:
-            config.max_new_tokens = None  # as in transformers: max_length counts only when max_new_tokens is unset
-        for key, value in overrides.items():
-            setattr(config, key, value)
-        width = None  # the prompt length max_length counts: the padded width of a tensor batch
-        if isinstance(input_ids, torch.Tensor):
-            if input_ids.dim() != 2:
-                raise UsageError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-            if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-                raise UsageError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-            if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-                raise UsageError(
-                    f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
-                )
-            width = input_ids.shape[1]
-            keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-            input_ids = [row[m].tolist() for row, m in zip(input_ids, keep)]
-        if not isinstance(input_ids, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in input_ids):
-            raise UsageError(
-                "input_ids must be a (batch, length) tensor or a list of token-id lists, one per prompt, e.g. [[1, 2, 3]] "
-                "(tokenize text first, or use blockdiff.sampling.sample_texts)"
-            )
-        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for p in input_ids for t in p):
-            raise UsageError("input_ids must be lists of integer token ids")
-        prompts = [[int(t) for t in p] for p in input_ids]
-        if config.max_new_tokens is None and config.max_length is not None and prompts:
-            width = width if width is not None else max(len(p) for p in prompts)
-            if not _is_int(config.max_length) or config.max_length <= width:
-                raise UsageError(
-                    f"max_length={config.max_length!r} leaves no room after the {width}-token prompt (max_length counts "
-                    "prompt + new tokens, as in transformers); pass max_new_tokens instead"
-                )
-            config.max_new_tokens = config.max_length - width
+        config = with_overrides(generation_config or self.generation_config, overrides)
+        prompts = prompt_lists(input_ids, attention_mask, config)
         return generate(self, prompts, config, generator, streamer, observer, tokenizer)
 
     # -- persistence ------------------------------------------------------------------------------

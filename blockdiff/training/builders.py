@@ -15,9 +15,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from blockdiff.config import Config, ConfigError, Family, ModelConfig
 from blockdiff.modeling.io import load_model_dir
-from blockdiff.modeling.model import BlockDiffusionLM, BlockDiffusionSpec
+from blockdiff.modeling.model import BlockDiffusionLM
 from blockdiff.modeling.model_files import read_json_file
 from blockdiff.modeling.rundir import SPEC_FILE, RunDir
+from blockdiff.modeling.spec import BlockDiffusionSpec
 from blockdiff.modeling.tokenizer import build_tokenizer
 
 __all__ = ["build_backbone", "build_model"]

@@ -1,0 +1,75 @@
+"""``BlockDiffusionSpec``: what turns a decoder into a block diffuser (mask token, block length, logit shift,
+training context, noise schedule), stored next to the weights as ``blockdiff.json`` and checked on read."""
+
+from __future__ import annotations
+
+import json
+import numbers
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+
+from blockdiff.core.noise import make_schedule
+from blockdiff.errors import UsageError
+from blockdiff.modeling.model_files import read_json_file
+
+__all__ = ["BlockDiffusionSpec"]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@dataclass
+class BlockDiffusionSpec:
+    """What turns a decoder into a block diffuser; stored next to the weights as ``blockdiff.json``.
+
+    Checked on construction: ``block_length >= 1`` dividing ``max_seq_len``, ``mask_token_id >= 0``, a known
+    ``schedule``. ``from_file`` also refuses unknown keys and names the file in every error."""
+
+    mask_token_id: int
+    block_length: int
+    logit_shift: bool = False
+    max_seq_len: int | None = None  # training context length, for reference
+    schedule: str = "loglinear"  # noise schedule it was trained with (evaluation uses the same)
+
+    def __post_init__(self):
+        if not _is_int(self.mask_token_id) or self.mask_token_id < 0:
+            raise UsageError(f"mask_token_id must be a token id (an integer >= 0), got {self.mask_token_id!r}")
+        if not _is_int(self.block_length) or self.block_length < 1:
+            raise UsageError(f"block_length must be an integer >= 1, got {self.block_length!r}")
+        if not isinstance(self.logit_shift, bool):
+            raise UsageError(f"logit_shift must be true or false, got {self.logit_shift!r}")
+        if self.max_seq_len is not None and (not _is_int(self.max_seq_len) or self.max_seq_len < 1):
+            raise UsageError(f"max_seq_len must be an integer >= 1 (or null), got {self.max_seq_len!r}")
+        if self.max_seq_len is not None and self.max_seq_len % self.block_length:
+            raise UsageError(
+                f"block_length={self.block_length} must divide max_seq_len={self.max_seq_len} (the training context "
+                "is a whole number of blocks)"
+            )
+        try:
+            make_schedule(self.schedule)
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"schedule: {err}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "BlockDiffusionSpec":
+        """Read and check ``blockdiff.json``; every error names the file (and the key)."""
+        data = read_json_file(path)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise UsageError(
+                f"{path} has key(s) {unknown} that this version of blockdiff does not know (it knows {known}): the "
+                "model was written by a newer blockdiff (upgrade: pip install -U blockdiff) or the file was edited "
+                "(remove those keys)"
+            )
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
+        if missing:
+            raise UsageError(f"{path} lacks the required key(s) {missing}; restore the file written with the model")
+        try:
+            return cls(**data)
+        except UsageError as err:
+            raise UsageError(f"{path}: {err}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
