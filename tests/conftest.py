@@ -1,4 +1,4 @@
-"""Shared tiny fixtures: hidden 32, 2 layers, vocab 64 (STYLE.md)."""
+"""Shared tiny fixtures: hidden 32, 2 layers, vocab 64 (docs/design.md §13)."""
 
 from __future__ import annotations
 

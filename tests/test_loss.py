@@ -1,4 +1,4 @@
-"""Tests for ``blockdiff/core/loss.py`` and the identities of DESIGN.md §2 that prove the math is right.
+"""Tests for ``blockdiff/core/loss.py`` and the identities of docs/design.md §7 that prove the math is right.
 
 a. ``block_length = 1`` + logit shift + "mask everything" (``t = 1``) is exactly AR next-token CE.
 b. ``block_length = 1`` without shift + ``t = 1`` is AR with a mask query: position ``i`` is predicted
@@ -301,7 +301,7 @@ def test_non_dividing_block_length_raises(block_length):
 @pytest.mark.parametrize("logit_shift", [False, True])
 def test_logit_shift_never_noises_position_0(logit_shift):
     """Under the logit shift position 0 is the conditioning token: it is never scored, so it is never masked in
-    the noisy input x_t either (docs/design.md §2). At t = 1 every other position is masked; without the shift
+    the noisy input x_t either (docs/design.md §5). At t = 1 every other position is masked; without the shift
     position 0 is predicted like any other token and is masked too."""
     n, l = 16, 4
     model = tiny_model(block_length=l, logit_shift=logit_shift, max_seq_len=n)

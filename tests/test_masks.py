@@ -1,7 +1,7 @@
-"""Tests for ``blockdiff/core/masks.py``: the three-part training mask and the sampling mask (DESIGN.md §2).
+"""Tests for ``blockdiff/core/masks.py``: the three-part training mask and the sampling mask (docs/design.md §4, §7.3).
 
 Every mask is checked cell by cell against a reference written here with plain Python loops over
-query ``q`` and key ``k`` of the doubled ``x_t ⊕ x_0`` sequence, straight from the prose of DESIGN.md:
+query ``q`` and key ``k`` of the doubled ``x_t ⊕ x_0`` sequence, straight from the prose of docs/design.md §4:
 
 * x_t → x_t block-diagonal (a noisy block sees itself);
 * x_t → x_0 offset block-causal (noisy block ``b`` sees clean blocks strictly before ``b``);

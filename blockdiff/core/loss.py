@@ -1,4 +1,4 @@
-"""The block-diffusion NELBO (docs/design.md §2).
+"""The block-diffusion NELBO (docs/design.md §3).
 
 For block ``k`` with its own time ``t_k``:
 ``E_t [ -alpha'(t)/(1-alpha(t)) * sum_{l masked} -log p_theta(x^{k,l} | x_t^k, x^{<k}) ]``,
@@ -102,7 +102,7 @@ def block_diffusion_loss(
     ``reduction="block"`` also fills ``per_block`` ``(b, k)`` (the clip search's samples).
 
     The ``model.num_unpredictable`` leading positions (position 0 under the logit shift) are neither
-    scored nor noised: the conditioning token stays clean in ``x_t`` (docs/design.md §2)."""
+    scored nor noised: the conditioning token stays clean in ``x_t`` (docs/design.md §5)."""
     if reduction not in ("token", "block"):
         raise ValueError(f"reduction must be 'token' or 'block', got {reduction!r}")
     x0 = check_batch(model, x0)

@@ -1,4 +1,4 @@
-"""Attention masks for block diffusion, as named pieces (DESIGN.md §2).
+"""Attention masks for block diffusion, as named pieces (docs/design.md §4).
 
 The vectorised training forward feeds ``x_t ⊕ x_0`` (length ``2n``) through the network once. Query
 ``q`` and key ``k`` index that doubled sequence; ``block(i) = (i mod n) // l``. The mask is the union

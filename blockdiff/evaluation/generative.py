@@ -4,7 +4,7 @@ One prompt at a time on purpose: a batch's NFE is that of its slowest row, so pe
 sample its own cost, and the seed of prompt ``i`` is ``seed + i`` whatever the other prompts are.
 ``generate_each`` is the loop (any generator: a block diffuser, a base decoder's ``generate()``);
 ``sample_each`` runs it with a block diffuser (``sampling.sample_texts``). The judge (``judge.py``) and the
-sweep runner (``sweeps/runner.py``) both use it; scoring is ``scoring.py``'s (docs/design.md §3). No Lightning.
+sweep runner (``sweeps/runner.py``) both use it; scoring is ``scoring.py``'s (docs/design.md §8). No Lightning.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every evaluation of held-out text (``nelbo.evaluate_held_out``, the judge's AR perplexity on the same
 windows, the sweep runner's NELBO at each inference block length and its clip-window variances) reads its
-batches from ``held_out_split``, so their numbers are over the same tokens by construction (docs/design.md §2).
+batches from ``held_out_split``, so their numbers are over the same tokens by construction (docs/design.md §10).
 No Lightning here.
 """
 

@@ -4,7 +4,7 @@ A scorer is any ``next_token_logits(ids (b, n)) -> (b, n - 1, v)`` function whos
 ``i + 1``. Two are built here: ``causal_lm_logits`` for a plain Hugging Face causal LM (a judge, a base
 decoder, a block diffuser's backbone), and ``block_diffusion_ar_logits`` for a block diffuser run at block
 length 1 with every position masked (``t = 1``), where the NELBO *is* the causal cross-entropy
-(docs/design.md §2, identity 1). On top of a scorer:
+(docs/design.md §7.1). On top of a scorer:
 
 * ``scored_nll`` — summed nats of ``ids[:, start:]`` (each token given everything before it);
 * ``continuation_nll`` — ``(nats, tokens)`` of a continuation after its prompt, in one window or, past a

@@ -216,7 +216,7 @@ class BlockDiffusionLM(nn.Module):
         return h_xt
 
     def apply_logit_shift(self, noisy: torch.Tensor, before: torch.Tensor, block_length: int | None = None):
-        """The logit shift, the one place it is done (docs/design.md §2): row ``i`` of the result is the state that
+        """The logit shift, the one place it is done (docs/design.md §5): row ``i`` of the result is the state that
         predicts token ``i``, i.e. row ``i - 1`` of ``noisy`` (b, n, d), except at the first position of each block,
         which takes that block's row of ``before`` (b, n/l, d): the clean stream's state just before the block.
         Without the shift (``spec.logit_shift`` false) ``noisy`` is returned as it is."""
@@ -227,7 +227,7 @@ class BlockDiffusionLM(nn.Module):
         first_of_block = (torch.arange(noisy.shape[1], device=noisy.device) % block_length == 0)[None, :, None]
         return torch.where(first_of_block, before.repeat_interleave(block_length, dim=1), shifted)  # (b, n, d)
 
-    # -- sampling forwards (the block loop's view of the network, docs/design.md §3) ----------------
+    # -- sampling forwards (the block loop's view of the network, docs/design.md §8) ----------------
     @property
     def max_positions(self) -> int | None:
         """Positions the network was built for (``max_position_embeddings``); ``None`` if its config has no limit."""

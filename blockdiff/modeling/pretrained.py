@@ -1,4 +1,4 @@
-"""Loading a pretrained decoder to turn into a block diffuser (fine-tuning, DESIGN.md §4).
+"""Loading a pretrained decoder to turn into a block diffuser (fine-tuning, docs/design.md §6).
 
 ``load_pretrained(name)`` accepts
 

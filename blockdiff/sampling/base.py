@@ -5,7 +5,7 @@ with which tokens (and, for remasking, which committed tokens to re-open). It se
 block: the cache of finished blocks is not its business. It must make progress: every sampler reveals
 at least one token per step except the ancestral DDPM sampler, whose last step reveals everything.
 
-A sampler is a small dataclass deriving from ``Sampler`` (docs/design.md §3): the fields made with ``knob``
+A sampler is a small dataclass deriving from ``Sampler`` (docs/design.md §9): the fields made with ``knob``
 are its settings (a default and a one-line doc each; they become generation-config fields, ``blockdiff
 sample`` flags and sweep keys through ``registry.py``), ``__post_init__`` holds its own checks, and
 ``from_config`` builds it from a generation config. One is built per ``generate`` call and serves every block,
@@ -54,7 +54,7 @@ def knob(default: Any, doc: str):
 
 class Sampler:
     """Base of every sampler: subclass it as a ``@dataclass``, give it a ``name`` and ``knob`` fields, register it
-    with ``registry.register_sampler`` (docs/design.md §3)."""
+    with ``registry.register_sampler`` (docs/design.md §9)."""
 
     name: ClassVar[str]
 

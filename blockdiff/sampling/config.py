@@ -1,6 +1,6 @@
 """``BlockDiffusionGenerationConfig``: generation defaults stored with a model, checked in one place.
 
-A ``transformers.GenerationConfig`` subclass (docs/design.md §3), so it saves/loads as JSON next to the
+A ``transformers.GenerationConfig`` subclass (docs/design.md §9), so it saves/loads as JSON next to the
 weights (``blockdiff_generation_config.json``) and can be overridden per call:
 ``model.generate(ids, max_new_tokens=256, sampler="threshold", tau=0.8)``.
 

@@ -1,4 +1,4 @@
-"""Block-by-block generation with an exact KV cache over finished blocks (docs/design.md §3).
+"""Block-by-block generation with an exact KV cache over finished blocks (docs/design.md §8).
 
 ```
 cache = empty

@@ -1,4 +1,4 @@
-"""The sampler registry: every sampler by name, and every generation setting derived from it (docs/design.md §3).
+"""The sampler registry: every sampler by name, and every generation setting derived from it (docs/design.md §9).
 
 A sampler is one file holding one ``Sampler`` dataclass (``base.py``) and one ``@register_sampler`` line. From
 the registry come
