@@ -20,7 +20,11 @@ __all__ = ["print_table"]
 
 
 def print_table(
-    console: Console, header: Sequence[str], rows: Iterable[Sequence], title: str | None = None, right: Sequence[str] = ()
+    console: Console,
+    header: Sequence[str],
+    rows: Iterable[Sequence],
+    title: str | None = None,
+    right: Sequence[str] = (),
 ) -> None:
     """Print ``rows`` (cells shown as ``str(cell)``) under ``header``; columns named in ``right`` are right-aligned."""
     cells = [[str(c) for c in row] for row in rows]

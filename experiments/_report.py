@@ -34,7 +34,9 @@ def write_report(
     (out_dir / "table.md").write_text("\n".join([*lines, *tail]) + "\n")
 
 
-def print_report(console, title: str, columns: list[str], rows: list[list[str]], header: str, footer: str, left: str) -> None:
+def print_report(
+    console, title: str, columns: list[str], rows: list[list[str]], header: str, footer: str, left: str
+) -> None:
     """``header``, then a rich table (column ``left`` left-aligned, the others right-aligned), then ``footer``."""
     from rich.table import Table
 

@@ -191,7 +191,8 @@ def run(args: argparse.Namespace, console: Console) -> dict:
                 variant=variant.name,
                 shape=asdict(variant.shape),
                 block_length=variant.block_length,
-                tokens_per_seq=variant.shape.seq_len * (1 if variant.block_length is None else 2) - (variant.block_length or 0),
+                tokens_per_seq=variant.shape.seq_len * (1 if variant.block_length is None else 2)
+                - (variant.block_length or 0),
                 median_step_ms=1e3 * statistics.median(variant.times),
                 ratio_vs_ar=statistics.median(ratios),
                 flop_ratio_vs_ar=variant.counted_flops / ar.counted_flops,
@@ -271,7 +272,15 @@ def main() -> None:
 
     console = Console(width=max(Console().width, 130))
     report = run(args, console)
-    print_report(console, "Training step: block diffusion (x_t ⊕ x_0, 2L tokens) vs AR (L tokens)", COLUMNS, table_rows(report), header(report), FOOTER, left="variant")
+    print_report(
+        console,
+        "Training step: block diffusion (x_t ⊕ x_0, 2L tokens) vs AR (L tokens)",
+        COLUMNS,
+        table_rows(report),
+        header(report),
+        FOOTER,
+        left="variant",
+    )
     write_outputs(report, args.out)
     console.print(f"wrote {args.out / 'results.json'} and {args.out / 'table.md'}")
 

@@ -57,7 +57,9 @@ def train_args(corpus: Path, run: Path) -> list[str]:
 
 def log_curve(run: Path) -> list[tuple[int, str, str]]:
     with open(run / "logs" / "metrics.csv", newline="") as f:
-        return sorted((int(r["step"]), k, r[k]) for r in csv.DictReader(f) for k in ("train/loss", "val/nll") if r.get(k))
+        return sorted(
+            (int(r["step"]), k, r[k]) for r in csv.DictReader(f) for k in ("train/loss", "val/nll") if r.get(k)
+        )
 
 
 def max_weight_diff(a: Path, b: Path) -> float:
@@ -85,7 +87,10 @@ def resume_and_compare(reference: Path, run: Path) -> tuple[str, str]:
         return f"resume failed ({proc.returncode}): {out[-400:]}", ""
     diff = max_weight_diff(reference, run)
     same_log = log_curve(reference) == log_curve(run)
-    return f"resumed to step {STEPS}", f"max weight diff {diff:.1e}; loss curve {'identical' if same_log else 'DIFFERENT'}"
+    return (
+        f"resumed to step {STEPS}",
+        f"max weight diff {diff:.1e}; loss curve {'identical' if same_log else 'DIFFERENT'}",
+    )
 
 
 def fault_kill(corpus: Path, reference: Path, tmp: Path, trial: int, rng: random.Random) -> list[str]:
@@ -101,8 +106,13 @@ def fault_kill(corpus: Path, reference: Path, tmp: Path, trial: int, rng: random
     proc.wait()
     state = checkpoint_state(run)
     resumed, compared = resume_and_compare(reference, run)
-    return [f"SIGKILL, trial {trial} (log on disk reached step {last_logged})", state, resumed, compared,
-            "`python experiments/faults.py`"]
+    return [
+        f"SIGKILL, trial {trial} (log on disk reached step {last_logged})",
+        state,
+        resumed,
+        compared,
+        "`python experiments/faults.py`",
+    ]
 
 
 def _last_logged_step(run: Path) -> str:
@@ -136,9 +146,18 @@ def fault_fsize(corpus: Path, tmp: Path) -> list[str]:
     proc = blockdiff(*train_args(corpus, run), preexec_fn=limit_files)
     out, _ = proc.communicate(timeout=600)
     message = " ".join(out.split())
-    named = "names the checkpoint" if "last.ckpt" in message and "could not write checkpoint" in message else f"message: {message[-300:]}"
-    return ["no space for the checkpoint (RLIMIT_FSIZE 64 KiB)", f"exit {proc.returncode}, {named}; {checkpoint_state(run)}",
-            "", "", "`python experiments/faults.py`"]
+    named = (
+        "names the checkpoint"
+        if "last.ckpt" in message and "could not write checkpoint" in message
+        else f"message: {message[-300:]}"
+    )
+    return [
+        "no space for the checkpoint (RLIMIT_FSIZE 64 KiB)",
+        f"exit {proc.returncode}, {named}; {checkpoint_state(run)}",
+        "",
+        "",
+        "`python experiments/faults.py`",
+    ]
 
 
 def main() -> None:
@@ -164,9 +183,13 @@ def main() -> None:
     columns = ["fault", "state after the fault", "resume", "vs. uninterrupted run", "reproduce"]
     for row in rows:
         print(" | ".join(row), flush=True)
-    write_report(args.out, {"rows": rows, "columns": columns, "cpu": cpu_model(), "torch": torch.__version__},
-                 f"experiments/faults.py on {cpu_model()}, torch {torch.__version__}, {STEPS} steps, checkpoint every 5",
-                 columns, rows)
+    write_report(
+        args.out,
+        {"rows": rows, "columns": columns, "cpu": cpu_model(), "torch": torch.__version__},
+        f"experiments/faults.py on {cpu_model()}, torch {torch.__version__}, {STEPS} steps, checkpoint every 5",
+        columns,
+        rows,
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def ordering():
-    spec = importlib.util.spec_from_file_location("block_length_ordering", ROOT / "experiments" / "block_length" / "ordering.py")
+    spec = importlib.util.spec_from_file_location(
+        "block_length_ordering", ROOT / "experiments" / "block_length" / "ordering.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -34,4 +36,7 @@ def test_ordering_holds_and_counts_seeds(ordering):
 def test_ordering_fails_and_no_runs(ordering):
     line = ordering.ordering_check([_row(1, 0, 20.0), _row(4, 0, 12.0)])
     assert "does NOT hold" in line and "L'=1 < L'=4 in 0/1 seeds" in line
-    assert ordering.ordering_check([_row(4, 0, 1.0, variant="mixture 1:0.5/4:0.5")]) == "ordering check: no log-linear runs"
+    assert (
+        ordering.ordering_check([_row(4, 0, 1.0, variant="mixture 1:0.5/4:0.5")])
+        == "ordering check: no log-linear runs"
+    )

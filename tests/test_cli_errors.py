@@ -304,9 +304,20 @@ def test_version_flag_prints_the_package_version(capsys):
 # -- helpers --------------------------------------------------------------------------------------------------
 
 def write_sweep(tmp: Path, grid, name: str = "t") -> Path:
-    spec = {"name": name, "out_dir": str(tmp / "out"), "grid": grid,
-            "overrides": {"model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2, "data.tokenizer": "bytes",
-                          "data.max_seq_len": 16, "trainer.max_steps": 12, "trainer.accelerator": "cpu"}}
+    spec = {
+        "name": name,
+        "out_dir": str(tmp / "out"),
+        "grid": grid,
+        "overrides": {
+            "model.hidden_size": 32,
+            "model.num_layers": 2,
+            "model.num_heads": 2,
+            "data.tokenizer": "bytes",
+            "data.max_seq_len": 16,
+            "trainer.max_steps": 12,
+            "trainer.accelerator": "cpu",
+        },
+    }
     path = tmp / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -318,9 +329,19 @@ def fake_summary(run_dir: Path, block_length: int, seed: int, ppl: float, mixtur
 
     nll = math.log(ppl)
     summary = {
-        "name": run_dir.name, "sweep": "t", "values": {},
-        "settings": {"block_length": block_length, "block_length_mixture": mixture or {}, "schedule": "loglinear",
-                     "beta": 0.0, "omega": 1.0, "clip_search": "off", "seed": seed, "max_seq_len": 16},
+        "name": run_dir.name,
+        "sweep": "t",
+        "values": {},
+        "settings": {
+            "block_length": block_length,
+            "block_length_mixture": mixture or {},
+            "schedule": "loglinear",
+            "beta": 0.0,
+            "omega": 1.0,
+            "clip_search": "off",
+            "seed": seed,
+            "max_seq_len": 16,
+        },
         "train": {"steps": 12, "minutes": 0.1, "tokens": 768},
         "final": {"val/nll": nll, "val/ppl": ppl, "val/bpb": nll / math.log(2)},
         "eval": [{"block_length": block_length, "nll": nll, "ppl": ppl, "bpb": nll / math.log(2), "num_tokens": 64}],

@@ -99,7 +99,9 @@ def test_config_overrides(workdir, pairs, action):
     check_cli(["config", action, *(f"{key}={value}" for key, value in pairs)], workdir)
 
 
-any_text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"], exclude_characters="\0"), max_size=30)
+any_text = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"], exclude_characters="\0"), max_size=30
+)
 
 
 @settings(max_examples=40, **BOUNDED)
@@ -111,19 +113,36 @@ def test_arbitrary_override_strings(workdir, key, value):
 
 # -- sample and eval flags --------------------------------------------------------------------------------
 
-ints = st.one_of(st.integers(-3, 40), st.integers(),
-                 st.sampled_from([0, -1, 2**31, 2**32, 2**63 - 1, 2**63, -2**63, 10**20]))
-floats = st.one_of(st.floats(), st.sampled_from([math.nan, math.inf, -math.inf, -0.0, 0.0, 1e308, 5e-324, 0.5, 0.9, 1.0]))
+ints = st.one_of(
+    st.integers(-3, 40), st.integers(), st.sampled_from([0, -1, 2**31, 2**32, 2**63 - 1, 2**63, -(2**63), 10**20])
+)
+floats = st.one_of(
+    st.floats(), st.sampled_from([math.nan, math.inf, -math.inf, -0.0, 0.0, 1e308, 5e-324, 0.5, 0.9, 1.0])
+)
 SAMPLE_FLAGS = {
-    "--temperature": floats, "--tau": floats, "--top-p": floats,
-    "--top-k": ints, "--steps-per-block": ints, "--seed": ints, "--block-length": ints, "--window": ints,
+    "--temperature": floats,
+    "--tau": floats,
+    "--top-p": floats,
+    "--top-k": ints,
+    "--steps-per-block": ints,
+    "--seed": ints,
+    "--block-length": ints,
+    "--window": ints,
     "--tokens-per-step": ints,
     # A huge but valid budget really generates that many tokens (minutes to forever): small ones only here.
     "--max-new-tokens": st.integers(-3, 12),
 }
 EVAL_FLAGS = {"--seed": ints, "--block-length": ints, "--max-batches": st.one_of(st.integers(-2, 2), ints)}
-SAMPLERS = [[], ["--sampler", "fixed"], ["--sampler", "ddpm"], ["--sampler", "remask"], ["--sampler", "entropy_bound"],
-            ["--sampler", "first_hitting"], ["--no-cache"], ["--sampler", "nope"]]
+SAMPLERS = [
+    [],
+    ["--sampler", "fixed"],
+    ["--sampler", "ddpm"],
+    ["--sampler", "remask"],
+    ["--sampler", "entropy_bound"],
+    ["--sampler", "first_hitting"],
+    ["--no-cache"],
+    ["--sampler", "nope"],
+]
 
 
 def _command(data, verb: str, model_dir: Path) -> list[str]:

@@ -63,7 +63,9 @@ def _module(**noise):
     from blockdiff.config import NoiseConfig, OptimConfig
     from blockdiff.training.lightning_module import BlockDiffusionModule
 
-    module = BlockDiffusionModule(tiny_model(block_length=4, max_seq_len=32), NoiseConfig(**noise), OptimConfig(), 10, 1.0)
+    module = BlockDiffusionModule(
+        tiny_model(block_length=4, max_seq_len=32), NoiseConfig(**noise), OptimConfig(), 10, 1.0
+    )
     logged = {}
     module.log = lambda key, value, **kw: logged.__setitem__(key, value)
     module.log_dict = lambda d, **kw: logged.update(d)

@@ -51,8 +51,13 @@ def save_base(directory, family: str = "llama", seed: int = 0, vocab: int | None
         _C.for_model(family).save_pretrained(directory)
         vocab = len(AutoTokenizer.from_pretrained(directory))
     torch.manual_seed(seed)
-    kwargs = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  **{k: i for k, i in (("bos_token_id", 256), ("eos_token_id", 257), ("pad_token_id", 258)) if i < vocab})
+    kwargs = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        **{k: i for k, i in (("bos_token_id", 256), ("eos_token_id", 257), ("pad_token_id", 258)) if i < vocab},
+    )
     if family == "gpt2":
         kwargs.update(n_positions=128)
     else:
@@ -131,7 +136,9 @@ def test_new_mask_row_starts_at_the_mean_embedding(tmp_path):
 def test_mask_token_is_added_once_not_again_on_reload(tmp_path):
     backbone, tokenizer, added = load_pretrained(str(save_base(tmp_path / "base")))
     assert added == ["mask_token"]
-    BlockDiffusionLM(backbone, BlockDiffusionSpec(tokenizer.mask_token_id, 4, True, 32)).save_pretrained(tmp_path / "bd")
+    BlockDiffusionLM(backbone, BlockDiffusionSpec(tokenizer.mask_token_id, 4, True, 32)).save_pretrained(
+        tmp_path / "bd"
+    )
     tokenizer.save_pretrained(tmp_path / "bd")
     again, tokenizer2, added2 = load_pretrained(str(tmp_path / "bd"))
     assert added2 == []
@@ -196,7 +203,9 @@ def test_the_offline_smollm2_gguf_loads_as_a_block_diffuser():
     model = BlockDiffusionLM(backbone.eval(), BlockDiffusionSpec(tokenizer.mask_token_id, 4, True, 16))
     x0 = torch.tensor([tokenizer("ROMEO. But soft, what light through yonder window breaks? " * 2)["input_ids"][:16]])
     with torch.no_grad():
-        bd = block_diffusion_loss(model, x0, make_schedule("loglinear"), (1.0, 1.0), t=torch.ones(1, 16), block_length=1)
+        bd = block_diffusion_loss(
+            model, x0, make_schedule("loglinear"), (1.0, 1.0), t=torch.ones(1, 16), block_length=1
+        )
         logits = backbone(input_ids=x0).logits[0, :-1, :49152]  # the base model, its own vocabulary
     ar = torch.nn.functional.cross_entropy(logits, x0[0, 1:])
     torch.testing.assert_close(bd.loss, ar, rtol=1e-4, atol=1e-4)  # the adaptation starts at the real model's AR loss
@@ -238,12 +247,26 @@ def finetuned(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("ft")
     base = save_base(root / "base")
     run = root / "run"
-    code = main([
-        "finetune", "--base", str(base), f"data.source={corpus}", "data.max_seq_len=32", "data.batch_size=4",
-        "data.val_fraction=0.2", "trainer.max_steps=8", "trainer.val_every_n_steps=8", "trainer.checkpoint_every_n_steps=8",
-        "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1", "trainer.max_minutes=null", "optim.warmup_steps=1",
-        "curriculum.block_length_fraction=0.5", f"trainer.out_dir={run}",
-    ])
+    code = main(
+        [
+            "finetune",
+            "--base",
+            str(base),
+            f"data.source={corpus}",
+            "data.max_seq_len=32",
+            "data.batch_size=4",
+            "data.val_fraction=0.2",
+            "trainer.max_steps=8",
+            "trainer.val_every_n_steps=8",
+            "trainer.checkpoint_every_n_steps=8",
+            "trainer.limit_val_batches=2",
+            "trainer.log_every_n_steps=1",
+            "trainer.max_minutes=null",
+            "optim.warmup_steps=1",
+            "curriculum.block_length_fraction=0.5",
+            f"trainer.out_dir={run}",
+        ]
+    )
     assert code == 0
     return base, run
 
@@ -261,7 +284,13 @@ def test_finetune_logs_the_curriculum_block_lengths(finetuned):
 def test_finetuned_model_stores_its_recipe(finetuned):
     base, run = finetuned
     spec = json.loads((run / "model" / "blockdiff.json").read_text())
-    assert spec == {"mask_token_id": 259, "block_length": 4, "logit_shift": True, "max_seq_len": 32, "schedule": "loglinear"}
+    assert spec == {
+        "mask_token_id": 259,
+        "block_length": 4,
+        "logit_shift": True,
+        "max_seq_len": 32,
+        "schedule": "loglinear",
+    }
     gen = json.loads((run / "model" / "blockdiff_generation_config.json").read_text())
     assert gen["sampler"] == "threshold" and gen["tau"] == 0.9 and gen["temperature"] == 0.8
     loaded = load_model_dir(run)
@@ -301,8 +330,22 @@ def test_export_refuses_a_checkpoint_holding_code(finetuned, tmp_path):
 def test_eval_against_the_base_model_writes_numbers_and_samples(finetuned, tmp_path, capsys):
     _, run = finetuned
     out = tmp_path / "cmp.json"
-    code = main(["eval", str(run), "--base-ppl", "--gen", "--num-samples", "2", "--gen-length", "8",
-                 "--max-batches", "1", "--json", str(out)])
+    code = main(
+        [
+            "eval",
+            str(run),
+            "--base-ppl",
+            "--gen",
+            "--num-samples",
+            "2",
+            "--gen-length",
+            "8",
+            "--max-batches",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     record = json.loads(out.read_text())
     assert record["base_ppl"] > 1 and record["nelbo_ppl"] > 1
@@ -387,12 +430,30 @@ def test_finetune_without_the_offline_model_package_says_how_to_install_it(monke
 def test_a_lora_run_exports_merged_weights_from_model_dir_and_checkpoint_alike(corpus, tmp_path):
     base = save_base(tmp_path / "base", "qwen3")
     run = tmp_path / "run"
-    assert main([
-        "finetune", "--base", str(base), f"data.source={corpus}", "data.max_seq_len=32", "data.batch_size=4",
-        "data.val_fraction=0.2", "trainer.max_steps=3", "trainer.val_every_n_steps=3", "trainer.limit_val_batches=1",
-        "trainer.max_minutes=null", "optim.warmup_steps=1", "optim.lr=1e-2", "model.lora_rank=2",
-        "trainer.accumulate_grad_batches=2", "model.gradient_checkpointing=true", f"trainer.out_dir={run}",
-    ]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--base",
+                str(base),
+                f"data.source={corpus}",
+                "data.max_seq_len=32",
+                "data.batch_size=4",
+                "data.val_fraction=0.2",
+                "trainer.max_steps=3",
+                "trainer.val_every_n_steps=3",
+                "trainer.limit_val_batches=1",
+                "trainer.max_minutes=null",
+                "optim.warmup_steps=1",
+                "optim.lr=1e-2",
+                "model.lora_rank=2",
+                "trainer.accumulate_grad_batches=2",
+                "model.gradient_checkpointing=true",
+                f"trainer.out_dir={run}",
+            ]
+        )
+        == 0
+    )
     assert main(["export", str(run), str(tmp_path / "exported")]) == 0
     a = load_model_dir(run / "model").model.state_dict()
     b = load_model_dir(tmp_path / "exported").model.state_dict()

@@ -352,6 +352,7 @@ def test_same_seed_same_output_other_seed_other_output(sampler):
 
 # -- 5. the sample CLI ------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny run trained for 3 steps through ``blockdiff train`` (context 32, block length 4)."""
@@ -373,8 +374,9 @@ def test_cli_sample_prints_every_sample_and_writes_a_trace(run_dir, tmp_path, ca
     from blockdiff.cli import main
 
     trace = tmp_path / "trace.jsonl"
-    rc = main(["sample", str(run_dir), "--prompt", "a", "--prompt", "bcd", "--max-new-tokens", "10",
-               "--trace", str(trace)])
+    rc = main(
+        ["sample", str(run_dir), "--prompt", "a", "--prompt", "bcd", "--max-new-tokens", "10", "--trace", str(trace)]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     samples = _samples(out)
@@ -431,8 +433,18 @@ def test_cli_sample_prompts_from_stdin(run_dir, monkeypatch, capsys, dash):
 def test_cli_no_cache_gives_the_same_greedy_text(run_dir, capsys):
     from blockdiff.cli import main
 
-    args = ["sample", str(run_dir), "--prompt", "The ", "--prompt", "a cat", "--max-new-tokens", "12",
-            "--temperature", "0"]
+    args = [
+        "sample",
+        str(run_dir),
+        "--prompt",
+        "The ",
+        "--prompt",
+        "a cat",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+    ]
     assert main(args) == 0
     cached = capsys.readouterr().out
     assert main(args + ["--no-cache"]) == 0
@@ -471,6 +483,7 @@ def test_cli_sample_bad_input_exits_2_and_leaves_no_trace(run_dir, tmp_path, cap
 
 # -- 6. Lightning predict, streamers, saved generation defaults --------------------------------------------
 
+
 def test_trainer_predict_batches_prompts_into_generation_outputs():
     import lightning as L
     from torch.utils.data import DataLoader
@@ -482,8 +495,14 @@ def test_trainer_predict_batches_prompts_into_generation_outputs():
     module = BlockDiffusionModule(model, NoiseConfig(), OptimConfig(), max_steps=1, tokens_per_byte=1.0)
     module.generation_overrides = dict(max_new_tokens=7, temperature=0, eos_token_id=None, sampler="threshold")
     prompts = [random_tokens(1, n, seed=n)[0].tolist() for n in (1, 5, 9, 2, 6)]
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     results = trainer.predict(module, DataLoader(prompts, batch_size=2, collate_fn=list))
     assert len(results) == 3 and all(isinstance(r, GenerationOutput) for r in results)
     assert [len(r.lengths) for r in results] == [2, 2, 1]
@@ -511,8 +530,14 @@ def test_streamer_gets_the_prompt_then_each_finished_block_then_end(max_new_toke
     model = sharp_model(4)
     prompt = [1, 2, 3]
     streamer, events = RecordingStreamer(), []
-    out = model.generate([prompt], streamer=streamer, observer=events.append, max_new_tokens=max_new_tokens,
-                         temperature=0, eos_token_id=None)
+    out = model.generate(
+        [prompt],
+        streamer=streamer,
+        observer=events.append,
+        max_new_tokens=max_new_tokens,
+        temperature=0,
+        eos_token_id=None,
+    )
     blocks = sum(e.finished for e in events)
     assert blocks == 4  # new positions 3..12 (or 3..15): blocks [0,4) [4,8) [8,12) [12,16)
     assert [kind for kind, _ in streamer.calls] == ["put"] * (1 + blocks) + ["end"]
@@ -596,8 +621,15 @@ def test_sampled_batch_with_per_sample_generators_equals_one_by_one(sampler):
     entropy_bound, fp64 does not). The identity is about the random streams, not that float noise."""
     model = tiny_model(4, max_seq_len=64).double()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15]]
-    settings = dict(max_new_tokens=13, sampler=sampler, temperature=1.0, eos_token_id=None, pad_token_id=0,
-                    tau=0.05, entropy_bound=3.0)
+    settings = dict(
+        max_new_tokens=13,
+        sampler=sampler,
+        temperature=1.0,
+        eos_token_id=None,
+        pad_token_id=0,
+        tau=0.05,
+        entropy_bound=3.0,
+    )
     seeds = [11, 22, 33, 44]
     batch = model.generate(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], **settings)
     for i, (prompt, seed) in enumerate(zip(prompts, seeds)):

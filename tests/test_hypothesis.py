@@ -172,8 +172,11 @@ def test_generate_on_any_token_id_lists(prompts, max_new_tokens):
 
 
 @BOUNDED
-@given(st.lists(st.integers(1, 5), min_size=0, max_size=4), st.sampled_from([torch.long, torch.int32, torch.float32, torch.bool]),
-       st.none() | st.lists(st.integers(1, 5), min_size=1, max_size=3))
+@given(
+    st.lists(st.integers(1, 5), min_size=0, max_size=4),
+    st.sampled_from([torch.long, torch.int32, torch.float32, torch.bool]),
+    st.none() | st.lists(st.integers(1, 5), min_size=1, max_size=3),
+)
 def test_generate_on_tensors_of_any_shape_and_dtype(shape, dtype, mask_shape):
     ids = torch.ones(shape, dtype=dtype)
     mask = None if mask_shape is None else torch.ones(mask_shape, dtype=torch.long)
@@ -189,17 +192,29 @@ def test_generate_on_tensors_of_any_shape_and_dtype(shape, dtype, mask_shape):
 
 # -- the training loss ----------------------------------------------------------------------------------
 
+
 @BOUNDED
-@given(st.integers(0, 3), st.integers(0, 12), st.integers(-2, 300), st.sampled_from([torch.long, torch.int32, torch.float32]))
+@given(
+    st.integers(0, 3),
+    st.integers(0, 12),
+    st.integers(-2, 300),
+    st.sampled_from([torch.long, torch.int32, torch.float32]),
+)
 def test_block_diffusion_loss_on_odd_batches(batch, length, fill, dtype):
     model = text_model()
     x0 = torch.full((batch, length), fill).to(dtype)
     valid = (
-        batch >= 1 and length >= 1 and length % model.block_length == 0 and 0 <= fill < model.vocab_size
-        and fill != model.mask_token_id and dtype != torch.float32
+        batch >= 1
+        and length >= 1
+        and length % model.block_length == 0
+        and 0 <= fill < model.vocab_size
+        and fill != model.mask_token_id
+        and dtype != torch.float32
     )
     try:
-        out = block_diffusion_loss(model, x0, make_schedule("loglinear"), (1e-3, 1.0), generator=torch.Generator().manual_seed(0))
+        out = block_diffusion_loss(
+            model, x0, make_schedule("loglinear"), (1e-3, 1.0), generator=torch.Generator().manual_seed(0)
+        )
     except ValueError as err:
         assert not valid, f"valid batch refused: {err}"
         return

@@ -226,8 +226,9 @@ def test_num_return_sequences_gives_several_sequences_per_prompt_in_transformers
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     common = dict(max_new_tokens=9, eos_token_id=None, pad_token_id=0)
     seeds = [10, 11, 12, 20, 21, 22]
-    out = model.generate(prompts, num_return_sequences=3, generator=[torch.Generator().manual_seed(s) for s in seeds],
-                         **common)
+    out = model.generate(
+        prompts, num_return_sequences=3, generator=[torch.Generator().manual_seed(s) for s in seeds], **common
+    )
     assert out.sequences.shape[0] == 6 and out.prompt_lengths.tolist() == [3, 3, 3, 5, 5, 5]
     for row, seed in enumerate(seeds):
         alone = model.generate([prompts[row // 3]], generator=[torch.Generator().manual_seed(seed)], **common)
@@ -263,8 +264,15 @@ def test_min_new_tokens_suppresses_eos_until_reached():
 
 
 @pytest.mark.parametrize(
-    "setting", [dict(num_beams=2), dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=2), dict(min_length=5),
-                dict(output_scores=True), dict(top_k=None, typical_p=0.5)],
+    "setting",
+    [
+        dict(num_beams=2),
+        dict(repetition_penalty=1.3),
+        dict(no_repeat_ngram_size=2),
+        dict(min_length=5),
+        dict(output_scores=True),
+        dict(top_k=None, typical_p=0.5),
+    ],
     ids=lambda d: next(k for k in d if k != "top_k"),
 )
 def test_transformers_settings_that_are_not_implemented_are_refused_by_name(setting):
@@ -276,12 +284,14 @@ def test_transformers_settings_that_are_not_implemented_are_refused_by_name(sett
 
 def test_transformers_defaults_of_unimplemented_settings_are_accepted():
     model = tiny_model(4, max_seq_len=64)
-    out = model.generate([[1, 2, 3]], max_new_tokens=4, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                         eos_token_id=None)
+    out = model.generate(
+        [[1, 2, 3]], max_new_tokens=4, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=None
+    )
     assert out.lengths.tolist() == [4]
 
 
 # -- 9. prompts, block lengths, eval overrides and --json -----------------------------------------------------
+
 
 def test_sample_texts_takes_a_single_string_as_one_prompt():
     model, tok = byte_model()
@@ -306,8 +316,11 @@ def test_eval_model_block_length_override_evaluates_at_that_block_length(run_dir
 
 def test_eval_refuses_model_overrides_a_trained_network_cannot_take(run_dir, capsys):
     exits_2(["eval", str(run_dir), "model.hidden_size=64", "--max-batches", "1"], capsys, "model.hidden_size")
-    exits_2(["eval", str(run_dir), "model.block_length=2", "--block-length", "4", "--max-batches", "1"], capsys,
-            "block length once")
+    exits_2(
+        ["eval", str(run_dir), "model.block_length=2", "--block-length", "4", "--max-batches", "1"],
+        capsys,
+        "block length once",
+    )
 
 
 def test_eval_json_without_comparisons_writes_the_nelbo_record(run_dir, tmp_path, capsys):
@@ -320,13 +333,19 @@ def test_eval_json_without_comparisons_writes_the_nelbo_record(run_dir, tmp_path
 
 # -- 10. one-line errors ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("damage", ["empty", "truncated", "header-only", "garbage", "missing"])
 def test_damaged_weights_are_a_one_line_error_naming_the_file(model_dir, tmp_path, capsys, damage):
     directory = damaged_copy(model_dir, tmp_path)
     weights = directory / "model.safetensors"
     data = weights.read_bytes()
-    content = {"empty": b"", "truncated": data[: len(data) // 2], "header-only": data[:8], "garbage": b"\x00" * 999,
-               "missing": None}[damage]
+    content = {
+        "empty": b"",
+        "truncated": data[: len(data) // 2],
+        "header-only": data[:8],
+        "garbage": b"\x00" * 999,
+        "missing": None,
+    }[damage]
     weights.unlink()
     if content is not None:
         weights.write_bytes(content)
@@ -335,15 +354,21 @@ def test_damaged_weights_are_a_one_line_error_naming_the_file(model_dir, tmp_pat
 
 @pytest.mark.parametrize(
     "change, needle",
-    [(dict(num_hidden_layers=3), "not in the file"), (dict(num_hidden_layers=1), "no place"),
-     (dict(hidden_size=64, head_dim=32), "another shape"), (dict(vocab_size=300), "another shape"),
-     (dict(model_type="nope"), "'nope'"), (dict(model_type="t5"), "not a causal decoder"),
-     (dict(hidden_size="wide"), "hidden_size")],
+    [
+        (dict(num_hidden_layers=3), "not in the file"),
+        (dict(num_hidden_layers=1), "no place"),
+        (dict(hidden_size=64, head_dim=32), "another shape"),
+        (dict(vocab_size=300), "another shape"),
+        (dict(model_type="nope"), "'nope'"),
+        (dict(model_type="t5"), "not a causal decoder"),
+        (dict(hidden_size="wide"), "hidden_size"),
+    ],
     ids=["more-layers", "fewer-layers", "hidden", "vocab", "unknown-type", "not-a-decoder", "bad-value"],
 )
 @pytest.mark.parametrize("layout", ["blockdiff", "old"])
-def test_a_config_inconsistent_with_the_weights_or_of_another_type_is_refused(model_dir, tmp_path, capsys, change,
-                                                                             needle, layout):
+def test_a_config_inconsistent_with_the_weights_or_of_another_type_is_refused(
+    model_dir, tmp_path, capsys, change, needle, layout
+):
     directory = damaged_copy(model_dir, tmp_path)
     config = json.loads((directory / "config.json").read_text())
     decoder = config["text_config"] if layout == "blockdiff" else {**config["text_config"]}
@@ -369,9 +394,15 @@ def test_blockdiff_json_keys_unknown_or_missing(model_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "flag, value, key",
-    [("--temperature", "nan", "temperature"), ("--temperature", "inf", "temperature"), ("--tau", "nan", "tau"),
-     ("--top-p", "nan", "top_p"), ("--top-p", "-inf", "top_p"), ("--max-new-tokens", str(2**64), "max_new_tokens"),
-     ("--max-new-tokens", str(2**63), "max_new_tokens")],
+    [
+        ("--temperature", "nan", "temperature"),
+        ("--temperature", "inf", "temperature"),
+        ("--tau", "nan", "tau"),
+        ("--top-p", "nan", "top_p"),
+        ("--top-p", "-inf", "top_p"),
+        ("--max-new-tokens", str(2**64), "max_new_tokens"),
+        ("--max-new-tokens", str(2**63), "max_new_tokens"),
+    ],
 )
 def test_non_finite_floats_and_huge_max_new_tokens_are_refused(model_dir, tmp_path, capsys, flag, value, key):
     trace = tmp_path / "trace.jsonl"
@@ -398,8 +429,11 @@ def test_eval_block_length_zero_is_a_one_line_error(run_dir, capsys):
     exits_2(["eval", str(run_dir), "--block-length", "0", "--max-batches", "1"], capsys, "--block-length")
 
 
-@pytest.mark.parametrize("content", [b"GGUF\x03\x00", b"GGUF\x03\x00\x00\x00" + b"\x05" + b"\x00" * 15, b"PK\x03\x04zip"],
-                         ids=["truncated-version", "truncated-counts", "not-gguf"])
+@pytest.mark.parametrize(
+    "content",
+    [b"GGUF\x03\x00", b"GGUF\x03\x00\x00\x00" + b"\x05" + b"\x00" * 15, b"PK\x03\x04zip"],
+    ids=["truncated-version", "truncated-counts", "not-gguf"],
+)
 def test_a_truncated_gguf_is_a_clear_error_naming_the_file(tmp_path, content):
     from blockdiff.modeling.pretrained import load_decoder, load_pretrained
 
@@ -431,13 +465,25 @@ def test_a_gguf_truncated_after_its_header_is_a_clear_error_naming_the_file(tmp_
 
 # -- 12. diagnostics name the file ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "name, content",
-    [("blockdiff.json", b'{"mask_token_id": 259,'), ("config.json", b"\xff\xfe{}"),
-     ("blockdiff_generation_config.json", b"{not json"), ("tokenizer.json", b""),
-     ("tokenizer_config.json", b"\xc3\x28"), ("blockdiff.json", b"[1, 2]")],
-    ids=["spec-truncated", "config-not-utf8", "generation-config", "tokenizer-empty", "tokenizer-config-not-utf8",
-         "spec-not-an-object"],
+    [
+        ("blockdiff.json", b'{"mask_token_id": 259,'),
+        ("config.json", b"\xff\xfe{}"),
+        ("blockdiff_generation_config.json", b"{not json"),
+        ("tokenizer.json", b""),
+        ("tokenizer_config.json", b"\xc3\x28"),
+        ("blockdiff.json", b"[1, 2]"),
+    ],
+    ids=[
+        "spec-truncated",
+        "config-not-utf8",
+        "generation-config",
+        "tokenizer-empty",
+        "tokenizer-config-not-utf8",
+        "spec-not-an-object",
+    ],
 )
 def test_json_and_utf8_errors_name_the_file(model_dir, tmp_path, capsys, name, content):
     directory = damaged_copy(model_dir, tmp_path)
@@ -464,6 +510,7 @@ def test_the_long_prompt_error_says_what_works():
 
 # -- 13. counting, the live view, permissions, devices ---------------------------------------------------------
 
+
 def test_nfe_per_sample_is_what_each_sample_costs_alone():
     model = sharp(tiny_model(4, max_seq_len=64))
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
@@ -471,8 +518,9 @@ def test_nfe_per_sample_is_what_each_sample_costs_alone():
     batch = model.generate(prompts, **common)
     alone = [model.generate([p], **common) for p in prompts]
     assert batch.sample_nfe.tolist() == [a.nfe for a in alone]
-    assert batch.sample_tokens_per_forward == pytest.approx(sum(a.lengths.sum().item() for a in alone)
-                                                            / sum(a.nfe for a in alone))
+    assert batch.sample_tokens_per_forward == pytest.approx(
+        sum(a.lengths.sum().item() for a in alone) / sum(a.nfe for a in alone)
+    )
     assert batch.tokens_per_forward > batch.sample_tokens_per_forward  # the batch figure sums over samples
 
 

@@ -166,6 +166,7 @@ def test_resume_refuses_a_changed_model(straight, corpus, tmp_path):
 
 # -- (2) damaged checkpoints ------------------------------------------------------------------------------
 
+
 def test_truncated_checkpoint_is_named_and_the_previous_one_still_loads(straight, tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -201,6 +202,7 @@ def test_garbage_checkpoint_is_a_clear_error(tmp_path):
 
 # -- (3) a checkpoint that would run code -----------------------------------------------------------------
 
+
 class _RunsCode:
     def __init__(self, marker: str):
         self.marker = marker
@@ -227,6 +229,7 @@ def test_checkpoint_with_a_pickled_code_object_is_refused(straight, tmp_path, ca
 
 # -- (6) NaN, disk full ----------------------------------------------------------------------------------
 
+
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
     run = tmp_path / "run"
     at_step(monkeypatch, 5, lambda module, loss: loss * float("nan"))
@@ -243,10 +246,18 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(corpus, tmp_
 @pytest.mark.parametrize("where", ["state_dict", "current_model_state", "optimizer_states"])
 def test_a_checkpoint_with_nan_weights_is_never_written(tmp_path, where):
     path = tmp_path / "last.ckpt"
-    good = {"state_dict": {"w": torch.ones(2)}, "global_step": 1, "callbacks": {"kth_value": torch.tensor(float("inf"))}}
+    good = {
+        "state_dict": {"w": torch.ones(2)},
+        "global_step": 1,
+        "callbacks": {"kth_value": torch.tensor(float("inf"))},
+    }
     SafeCheckpointIO().save_checkpoint(good, path)  # an inf score outside the weights is fine
-    bad = {**good, where: [{"state": {0: {"exp_avg": torch.tensor([1.0, float("nan")])}}}] if where == "optimizer_states"
-           else {"w": torch.tensor([1.0, float("nan")])}}
+    bad = {
+        **good,
+        where: [{"state": {0: {"exp_avg": torch.tensor([1.0, float("nan")])}}}]
+        if where == "optimizer_states"
+        else {"w": torch.tensor([1.0, float("nan")])},
+    }
     with pytest.raises(CheckpointError, match="NaN"):
         SafeCheckpointIO().save_checkpoint(bad, path)
     assert load_checkpoint(path)["global_step"] == 1 and not (tmp_path / "prev.ckpt").exists()
@@ -273,20 +284,40 @@ def test_disk_full_during_save_leaves_the_previous_checkpoint_intact(tmp_path, m
 
 # -- (4) two processes (DDP, gloo) -------------------------------------------------------------------------
 
+
 def test_ddp_two_processes_match_one_process_and_only_rank_zero_writes(corpus, tmp_path):
     # noise.beta = noise.omega = 1 masks every token: the loss is then a deterministic function of the
     # weights and the data, so the two runs differ only in how the global batch of 4 is computed
     # (one process, or two processes of 2 with gradients averaged by DDP).
-    common = ["noise.beta=1", "noise.omega=1", "trainer.max_steps=4", "trainer.val_every_n_steps=4",
-              "optim.ema_decay=0", "data.val_fraction=0.2"]
+    common = [
+        "noise.beta=1",
+        "noise.omega=1",
+        "trainer.max_steps=4",
+        "trainer.val_every_n_steps=4",
+        "optim.ema_decay=0",
+        "data.val_fraction=0.2",
+    ]
     one = tmp_path / "one"
     single = train(config(corpus, one, *common), progress=False)
 
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "blockdiff.cli",
-           "train", *TINY, *common, f"data.source={corpus}", f"trainer.out_dir={two}", "trainer.devices=2",
-           "trainer.strategy=ddp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "blockdiff.cli",
+        "train",
+        *TINY,
+        *common,
+        f"data.source={corpus}",
+        f"trainer.out_dir={two}",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -167,13 +167,16 @@ def test_a_finished_run_logs_its_final_validation_once(corpus, tmp_path):
 
 # -- 3. a resume gets its time budget again, and says what it will do -------------------------------------
 
+
 def test_resume_of_a_time_boxed_run_trains_on(corpus, tmp_path, capsys):
     run_dir = tmp_path / "tb"
     first = train(config(corpus, run_dir, "trainer.max_steps=100000", "trainer.max_minutes=0.0005"), progress=False)
     assert first.stopped_by == "time budget" and 1 <= first.steps < 100000
     capsys.readouterr()
     second = train(
-        config(corpus, run_dir, "trainer.max_steps=100000", "trainer.max_minutes=0.0005"), progress=False, resume=run_dir
+        config(corpus, run_dir, "trainer.max_steps=100000", "trainer.max_minutes=0.0005"),
+        progress=False,
+        resume=run_dir,
     )
     assert second.steps > first.steps  # before: the restored timer counted the budget as spent, 0 steps
     out = capsys.readouterr().out
@@ -184,6 +187,7 @@ def test_resume_of_a_time_boxed_run_trains_on(corpus, tmp_path, capsys):
 
 
 # -- 4. falling back to prev.ckpt keeps the good backup -------------------------------------------------
+
 
 def test_fallback_resume_keeps_a_good_prev_ckpt(corpus, tmp_path):
     run_dir = tmp_path / "r"
@@ -197,8 +201,15 @@ def test_fallback_resume_keeps_a_good_prev_ckpt(corpus, tmp_path):
 
 # -- 5. a resume checks what the checkpoint was trained with, before touching a file ---------------------
 
-@pytest.mark.parametrize("edit", [("block_length: 4", "block_length: 8"), ("batch_size: 4", "batch_size: 2"),
-                                  ("hidden_size: 32", "hidden_size: 64")])
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        ("block_length: 4", "block_length: 8"),
+        ("batch_size: 4", "batch_size: 2"),
+        ("hidden_size: 32", "hidden_size: 64"),
+    ],
+)
 def test_resume_after_editing_config_yaml_is_refused_before_anything_is_written(run, tmp_path, capsys, edit):
     copy = tmp_path / "run"
     for name, data in tree(run).items():
@@ -216,8 +227,18 @@ def test_resume_after_editing_config_yaml_is_refused_before_anything_is_written(
 
 # -- 6. a failed start leaves no run directory, so the corrected command just works ----------------------
 
-@pytest.mark.parametrize("bad", ["trainer.precision=17", "trainer.accelerator=nope", "data.num_workers=-1",
-                                 "optim.lr=nan", "optim.betas=[0.9,1.5]", "trainer.accelerator=gpu"])
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "trainer.precision=17",
+        "trainer.accelerator=nope",
+        "data.num_workers=-1",
+        "optim.lr=nan",
+        "optim.betas=[0.9,1.5]",
+        "trainer.accelerator=gpu",
+    ],
+)
 def test_a_bad_setting_leaves_no_run_directory(corpus, tmp_path, capsys, bad):
     run_dir = tmp_path / "r"
     assert main(["train", *args(corpus, run_dir, "trainer.max_steps=2", bad)]) == 2
@@ -272,12 +293,18 @@ def test_disk_full_during_export_keeps_the_previous_export_and_leaves_no_staging
 
 # -- 9 / 10. values that passed validation and then crashed, trained nothing, or were ignored ----------
 
-@pytest.mark.parametrize("override, key", [
-    ("trainer.max_minutes=-1", "trainer.max_minutes"), ("trainer.max_minutes=0", "trainer.max_minutes"),
-    ("data.max_documents=0", "data.max_documents"), ("data.max_documents=-5", "data.max_documents"),
-    ("model.block_length_mixture={4: nan}", "model.block_length_mixture"),
-    ("data.batch_size=100000000000000000000000", "data.batch_size"),
-])
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.max_minutes=-1", "trainer.max_minutes"),
+        ("trainer.max_minutes=0", "trainer.max_minutes"),
+        ("data.max_documents=0", "data.max_documents"),
+        ("data.max_documents=-5", "data.max_documents"),
+        ("model.block_length_mixture={4: nan}", "model.block_length_mixture"),
+        ("data.batch_size=100000000000000000000000", "data.batch_size"),
+    ],
+)
 def test_values_that_used_to_pass_validation_are_refused_by_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config([], [override])

@@ -210,6 +210,7 @@ def test_fixed_without_k_spreads_the_block_over_its_step_budget(steps_per_block)
 
 # -- ddpm -----------------------------------------------------------------------------------------------------
 
+
 def test_ddpm_step_reveal_probability_and_last_step():
     s = state([[M] * 1000] * 4, num_steps=4)
     g = torch.Generator().manual_seed(0)
@@ -246,13 +247,15 @@ def test_ddpm_finishes_blocks_in_budget_and_reuses_the_prediction_after_an_empty
 
 # -- remasking -------------------------------------------------------------------------------------------------
 
+
 def test_remask_step_reopens_the_least_confident_generated_token():
     # Row 0: prompt tokens 7, 8 (not editable) with the lowest confidences; generated 20 (0.2) and 21 (0.1).
     s = state(
         [[7, 8, 20, 21, M, M]],
         editable=[[False, False, True, True, True, True]],
         confidence=[[0.01, 0.02, 0.2, 0.1, 1.0, 1.0]],
-        step=1, num_steps=8,
+        step=1,
+        num_steps=8,
     )
     proposal = torch.tensor([[0, 0, 0, 0, 30, 31]])
     conf = torch.tensor([[0.9, 0.9, 0.9, 0.9, 0.05, 0.6]])
@@ -270,8 +273,9 @@ def test_remask_step_reopens_the_least_confident_generated_token():
 @pytest.mark.parametrize("block_length, steps_per_block", [(4, None), (8, None), (8, 4), (4, 3)])
 def test_remask_reopens_only_generated_tokens_and_finishes_every_block(block_length, steps_per_block):
     model = tiny_model(block_length, max_seq_len=64)  # near-uniform predictions: every confidence is low
-    kw = dict(max_new_tokens=19, sampler="remask", remask_threshold=0.99, temperature=1.0,
-              steps_per_block=steps_per_block)
+    kw = dict(
+        max_new_tokens=19, sampler="remask", remask_threshold=0.99, temperature=1.0, steps_per_block=steps_per_block
+    )
     out, events = run(model, PROMPTS, **kw)
     reopened = 0
     for (block, i), (gen, steps, final) in steps_by_block(events, PROMPTS, 19).items():
@@ -299,8 +303,15 @@ def test_remask_finishes_every_block_within_its_step_budget(steps_per_block):
     # early enough that the even schedule still fills the re-opened positions within the budget.
     model = tiny_model(8, max_seq_len=64)
     prompt = [[1, 2, 3, 4, 5, 6, 7, 8]]  # block-aligned: every new block has 8 masks
-    out, events = run(model, prompt, max_new_tokens=32, sampler="remask", remask_threshold=0.99, temperature=1.0,
-                      steps_per_block=steps_per_block)
+    out, events = run(
+        model,
+        prompt,
+        max_new_tokens=32,
+        sampler="remask",
+        remask_threshold=0.99,
+        temperature=1.0,
+        steps_per_block=steps_per_block,
+    )
     steps = {e.block: e.step for e in events if e.finished}
     # With a budget of 2 there is no step that is neither the first (nothing committed yet) nor the last
     # (no re-opening, so the block can finish): remasking needs a budget of at least 3.
@@ -311,6 +322,7 @@ def test_remask_finishes_every_block_within_its_step_budget(steps_per_block):
 
 # -- entropy bound ---------------------------------------------------------------------------------------------
 
+
 def _probs_with_entropies(spreads: list[int], vocab: int = 8) -> torch.Tensor:
     """(1, l, v): position j uniform over spreads[j] tokens, so its entropy is ln(spreads[j])."""
     probs = torch.zeros(1, len(spreads), vocab)
@@ -319,11 +331,14 @@ def _probs_with_entropies(spreads: list[int], vocab: int = 8) -> torch.Tensor:
     return probs
 
 
-@pytest.mark.parametrize("bound, expected", [
-    (0.01, [True, False, False, False]),  # the lowest-entropy position always goes (sum - max = 0)
-    (0.7, [True, False, True, False]),    # ln2 + ln3 - ln3 = 0.69 <= 0.7
-    (2.0, [True, True, True, False]),     # ln2 + ln3 + ln4 - ln4 = 1.79 <= 2.0
-])
+@pytest.mark.parametrize(
+    "bound, expected",
+    [
+        (0.01, [True, False, False, False]),  # the lowest-entropy position always goes (sum - max = 0)
+        (0.7, [True, False, True, False]),  # ln2 + ln3 - ln3 = 0.69 <= 0.7
+        (2.0, [True, True, True, False]),  # ln2 + ln3 + ln4 - ln4 = 1.79 <= 2.0
+    ],
+)
 def test_entropy_bound_reveals_lowest_entropy_positions_within_the_bound(bound, expected):
     s = state([[M, M, M, 5]])  # entropies ln2, ln4, ln3 at the masked positions; position 3 is committed
     probs = _probs_with_entropies([2, 4, 3, 1])
@@ -339,6 +354,7 @@ def test_entropy_bound_needs_probs_and_a_positive_bound():
 
 
 # -- logits processing ---------------------------------------------------------------------------------------
+
 
 def _random_logits(shape=(3, 5, 64), seed=0):
     logits = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3

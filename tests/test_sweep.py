@@ -48,7 +48,13 @@ def write_sweep(tmp: Path, grid, **extra) -> Path:
     corpus.mkdir(exist_ok=True)
     for name in ("a.txt", "b.txt"):
         (corpus / name).write_text("The quick brown fox jumps over the lazy dog. " * 30)
-    spec = {"name": "t", "out_dir": str(tmp / "out"), "overrides": {**TINY, "data.source": str(corpus)}, "grid": grid, **extra}
+    spec = {
+        "name": "t",
+        "out_dir": str(tmp / "out"),
+        "overrides": {**TINY, "data.source": str(corpus)},
+        "grid": grid,
+        **extra,
+    }
     path = tmp / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -63,17 +69,26 @@ def test_expand_grid_product_zip_and_union():
         {"model.block_length": 4, "noise.beta": 0.3, "noise.omega": 0.8},
     ]
     union = expand_grid([{"model.block_length": [1, 2]}, {"model.block_length_mixture": [{1: 0.5, 4: 0.5}]}])
-    assert union == [{"model.block_length": 1}, {"model.block_length": 2}, {"model.block_length_mixture": {1: 0.5, 4: 0.5}}]
+    assert union == [
+        {"model.block_length": 1},
+        {"model.block_length": 2},
+        {"model.block_length_mixture": {1: 0.5, 4: 0.5}},
+    ]
     assert run_name(combos[1]) == "block_length-1_beta-0.3_omega-0.8"
     assert run_name(union[2]) == "block_length_mixture-1x0.5+4x0.5"
 
 
 def test_sweep_runs_resumes_and_reports(tmp_path):
     path = write_sweep(
-        tmp_path, {"model.block_length": [1, 4]},
+        tmp_path,
+        {"model.block_length": [1, 4]},
         evaluate={"block_lengths": [1, 4, 16], "max_batches": 1, "clip_variance": True, "clip_batches": 1},
-        sample={"prompts": ["The "], "max_new_tokens": 8, "reference": "block_length-1",
-                "grid": {"sampler,tau": [["first_hitting", 0.9], ["threshold", 0.5]]}},
+        sample={
+            "prompts": ["The "],
+            "max_new_tokens": 8,
+            "reference": "block_length-1",
+            "grid": {"sampler,tau": [["first_hitting", 0.9], ["threshold", 0.5]]},
+        },
     )
     sweep = load_sweep(path)
     assert [r.name for r in sweep.runs] == ["block_length-1", "block_length-4"]
@@ -87,7 +102,9 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
         assert len(summary["clip"]["windows"]) == 16
         assert [s["sampler"] for s in summary["samples"]] == ["first_hitting", "threshold"]
         assert all(s["gen_nll"] is not None and s["nfe_per_token"] > 0 for s in summary["samples"])
-    assert yaml.safe_load((tmp_path / "out" / "block_length-4" / "config.yaml").read_text())["model"]["block_length"] == 4
+    assert (
+        yaml.safe_load((tmp_path / "out" / "block_length-4" / "config.yaml").read_text())["model"]["block_length"] == 4
+    )
 
     # re-launch: nothing trains again
     def no_training(*args, **kwargs):
@@ -97,8 +114,10 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
         mp.setattr(sweep_mod, "run_one", no_training)
         messages = []
         assert run_sweep(load_sweep(path), log=messages.append) == []
-        assert messages == ["skip block_length-1 (finished: {})".format(tmp_path / "out" / "block_length-1" / "summary.json"),
-                            "skip block_length-4 (finished: {})".format(tmp_path / "out" / "block_length-4" / "summary.json")]
+        assert messages == [
+            "skip block_length-1 (finished: {})".format(tmp_path / "out" / "block_length-1" / "summary.json"),
+            "skip block_length-4 (finished: {})".format(tmp_path / "out" / "block_length-4" / "summary.json"),
+        ]
 
     # a sampling setting added to the file later: sampled on the finished models, nothing trained
     spec = yaml.safe_load(path.read_text())
@@ -113,8 +132,14 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
 
     written = report(tmp_path / "out")
     names = {p.name for p in written}
-    assert {"results.csv", "results.md", "ppl_vs_block_length.png", "loss_curves.png", "quality_vs_nfe.png",
-            "clip_variance.png"} <= names
+    assert {
+        "results.csv",
+        "results.md",
+        "ppl_vs_block_length.png",
+        "loss_curves.png",
+        "quality_vs_nfe.png",
+        "clip_variance.png",
+    } <= names
     with open(tmp_path / "out" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(int(r["block_length"]) for r in rows) == [1, 4]
@@ -182,8 +207,12 @@ def test_command_line_layers_sit_between_the_file_and_the_grid(tmp_path):
         load_sweep(path, None, [], ["model.hidden=3"])
 
 
-SHIPPED = sorted([*Path(__file__).resolve().parents[1].glob("configs/sweeps/*.yaml"),
-                  *Path(__file__).resolve().parents[1].glob("experiments/block_length/*.yaml")])
+SHIPPED = sorted(
+    [
+        *Path(__file__).resolve().parents[1].glob("configs/sweeps/*.yaml"),
+        *Path(__file__).resolve().parents[1].glob("experiments/block_length/*.yaml"),
+    ]
+)
 
 
 @pytest.mark.parametrize("path", [p for p in SHIPPED if p.name != "gpu.yaml"], ids=lambda p: p.name)

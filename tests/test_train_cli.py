@@ -198,10 +198,20 @@ def test_cli_eval_of_a_mismatched_model_exits_2(mismatched_model_dir, capsys):
 
 # -- (b) the CLI ----------------------------------------------------------------------------------------
 
+
 def test_cli_train_eval_sample_on_shakespeare(tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["train", "-c", str(ROOT / "configs" / "demo.yaml"), *TINY, "data.source=shakespeare",
-            "data.max_documents=1", "trainer.max_steps=5", "trainer.val_every_n_steps=5", f"trainer.out_dir={run}"]
+    args = [
+        "train",
+        "-c",
+        str(ROOT / "configs" / "demo.yaml"),
+        *TINY,
+        "data.source=shakespeare",
+        "data.max_documents=1",
+        "trainer.max_steps=5",
+        "trainer.val_every_n_steps=5",
+        f"trainer.out_dir={run}",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "val/nll" in out and "model written to" in out
@@ -225,7 +235,7 @@ def test_cli_config_show_prints_loadable_yaml(tmp_path, capsys):
     assert main(["config", "show", "model.block_length=8", f"trainer.out_dir={long_dir}"]) == 0
     out = capsys.readouterr().out
     # `blockdiff config show > my.yaml` must give a loadable file: no line may be wrapped at the terminal width.
-    assert f"  out_dir: {long_dir}\n" in out, f"trainer.out_dir line is wrapped:\n{out[out.find('out_dir'):][:300]}"
+    assert f"  out_dir: {long_dir}\n" in out, f"trainer.out_dir line is wrapped:\n{out[out.find('out_dir') :][:300]}"
     shown = yaml.safe_load(out)
     assert shown["model"]["block_length"] == 8
     assert shown["trainer"]["out_dir"] == str(long_dir)
@@ -282,8 +292,12 @@ def test_installed_console_script_runs():
 
 
 def test_python_dash_m_cli_reports_bad_override_with_status_2():
-    proc = subprocess.run([sys.executable, "-m", "blockdiff.cli", "config", "validate", "model.block_length=5"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "blockdiff.cli", "config", "validate", "model.block_length=5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "model.block_length" in proc.stderr and "Traceback" not in proc.stderr + proc.stderr
 
@@ -292,16 +306,39 @@ def test_init_from_starts_from_the_saved_weights_and_tokenizer(tmp_path):
     """model.init_from reuses a run's tokenizer and weights (e.g. AR -> larger block length)."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 200)
-    base = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "data.max_seq_len=32",
-            "data.batch_size=4", "data.tokenizer=bytes", f"data.source={corpus}", "trainer.max_minutes=null",
-            "trainer.limit_val_batches=1", "optim.ema_decay=0"]
+    base = [
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "model.num_heads=2",
+        "data.max_seq_len=32",
+        "data.batch_size=4",
+        "data.tokenizer=bytes",
+        f"data.source={corpus}",
+        "trainer.max_minutes=null",
+        "trainer.limit_val_batches=1",
+        "optim.ema_decay=0",
+    ]
     first = tmp_path / "first"
-    train(load_config([], base + ["trainer.max_steps=3", "trainer.val_every_n_steps=3", f"trainer.out_dir={first}"]),
-          progress=False)
+    train(
+        load_config([], base + ["trainer.max_steps=3", "trainer.val_every_n_steps=3", f"trainer.out_dir={first}"]),
+        progress=False,
+    )
     second = tmp_path / "second"
-    cfg = load_config([], base + [f"model.init_from={first}", "model.block_length=8", "model.hidden_size=64",
-                                  "optim.lr=1e-12", "optim.weight_decay=0", "optim.warmup_steps=0",
-                                  "trainer.max_steps=1", "trainer.val_every_n_steps=1", f"trainer.out_dir={second}"])
+    cfg = load_config(
+        [],
+        base
+        + [
+            f"model.init_from={first}",
+            "model.block_length=8",
+            "model.hidden_size=64",
+            "optim.lr=1e-12",
+            "optim.weight_decay=0",
+            "optim.warmup_steps=0",
+            "trainer.max_steps=1",
+            "trainer.val_every_n_steps=1",
+            f"trainer.out_dir={second}",
+        ],
+    )
     train(cfg, progress=False)
     a, b = load_model_dir(first), load_model_dir(second)
     assert b.model.block_length == 8 and a.model.block_length == 4
@@ -314,11 +351,30 @@ def test_init_from_starts_from_the_saved_weights_and_tokenizer(tmp_path):
 def test_init_from_refuses_a_longer_context_than_the_network_has(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 200)
-    base = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "data.batch_size=4",
-            "data.tokenizer=bytes", f"data.source={corpus}", "trainer.max_minutes=null", "trainer.limit_val_batches=1"]
+    base = [
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "model.num_heads=2",
+        "data.batch_size=4",
+        "data.tokenizer=bytes",
+        f"data.source={corpus}",
+        "trainer.max_minutes=null",
+        "trainer.limit_val_batches=1",
+    ]
     first = tmp_path / "first"
-    assert main(["train", *base, "data.max_seq_len=32", "trainer.max_steps=1", "trainer.val_every_n_steps=1",
-                 f"trainer.out_dir={first}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *base,
+                "data.max_seq_len=32",
+                "trainer.max_steps=1",
+                "trainer.val_every_n_steps=1",
+                f"trainer.out_dir={first}",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     second = tmp_path / "second"
     assert main(["train", *base, "data.max_seq_len=64", f"model.init_from={first}", f"trainer.out_dir={second}"]) == 2
@@ -327,7 +383,9 @@ def test_init_from_refuses_a_longer_context_than_the_network_has(tmp_path, capsy
 
 def test_cli_config_overrides_after_a_config_file(capsys):
     """`config validate -c FILE key=value`: the trailing overrides are applied, not rejected."""
-    assert main(["config", "validate", "-c", str(ROOT / "configs" / "ar_shakespeare.yaml"), "model.block_length=3"]) == 2
+    assert (
+        main(["config", "validate", "-c", str(ROOT / "configs" / "ar_shakespeare.yaml"), "model.block_length=3"]) == 2
+    )
     assert "model.block_length=3" in capsys.readouterr().err
     assert main(["config", "show", "-c", str(ROOT / "configs" / "ar_shakespeare.yaml"), "data.max_seq_len=64"]) == 0
     assert "max_seq_len: 64" in capsys.readouterr().out

@@ -141,7 +141,11 @@ def describe_keys() -> list[tuple[str, str, str]]:
     for node in ast.parse(inspect.getsource(sections)).body:
         if isinstance(node, ast.ClassDef):
             for stmt, nxt in zip(node.body, node.body[1:]):
-                if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                if (
+                    isinstance(stmt, ast.AnnAssign)
+                    and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant)
+                ):
                     helps[(node.name, stmt.target.id)] = str(nxt.value.value)
     rows, defaults = [], Config()
     for section in dataclasses.fields(Config):

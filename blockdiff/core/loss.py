@@ -148,8 +148,11 @@ def mixture_loss(
     nll_sum = sum(p.nll_sum for p in parts)
     num_tokens = sum(p.num_tokens for p in parts)
     return LossOutput(
-        loss=nll_sum / num_tokens.clamp(min=1), nll_sum=nll_sum, num_tokens=num_tokens,
-        num_masked=sum(p.num_masked for p in parts), block_lengths=drawn,
+        loss=nll_sum / num_tokens.clamp(min=1),
+        nll_sum=nll_sum,
+        num_tokens=num_tokens,
+        num_masked=sum(p.num_masked for p in parts),
+        block_lengths=drawn,
     )
 
 

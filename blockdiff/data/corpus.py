@@ -30,7 +30,15 @@ import torch
 from blockdiff.config import DataConfig
 from blockdiff.errors import UserError
 
-__all__ = ["DataError", "shakespeare_files", "resolve_files", "load_documents", "pack_documents", "PackedCorpus", "collate_windows"]
+__all__ = [
+    "DataError",
+    "shakespeare_files",
+    "resolve_files",
+    "load_documents",
+    "pack_documents",
+    "PackedCorpus",
+    "collate_windows",
+]
 
 
 class DataError(UserError, ValueError):
@@ -89,9 +97,7 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
         if cfg.max_documents:
             files = files[: cfg.max_documents]
         _check_utf8(files)
-        docs = datasets.load_dataset(
-            "text", data_files=[str(f) for f in files], sample_by="document", split="train"
-        )
+        docs = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document", split="train")
     else:
         try:
             docs = datasets.load_dataset(cfg.source, cfg.hub_config, split="train")

@@ -98,27 +98,42 @@ def _result(label: str, judge: Judge, gens: Generations) -> GenerativeResult:
     )
 
 
-def generative_eval(model, tokenizer, prompts: list[str], judge: Judge, label: str, seed: int = 0, **settings) -> GenerativeResult:
+def generative_eval(
+    model, tokenizer, prompts: list[str], judge: Judge, label: str, seed: int = 0, **settings
+) -> GenerativeResult:
     """Continue ``prompts`` with the block diffuser (``settings`` are generation overrides) and judge them."""
     return _result(label, judge, sample_each(model, tokenizer, prompts, seed, **settings))  # batch 1, like below
 
 
 @torch.no_grad()
 def base_generative_eval(
-    judge: Judge, prompts: list[str], max_new_tokens: int, temperature: float, seed: int = 0, label: str = "base AR generate()"
+    judge: Judge,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int = 0,
+    label: str = "base AR generate()",
 ) -> GenerativeResult:
     """The same protocol with the base decoder's own ``generate()`` (one prompt at a time, KV cache on)."""
     tok = judge.tokenizer
 
     def one(i: int, prompt: str) -> tuple[str, list[int], int]:
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([[tok.bos_token_id, *ids] if tok.bos_token_id is not None else ids], device=judge.model.device)
+        ids = torch.tensor(
+            [[tok.bos_token_id, *ids] if tok.bos_token_id is not None else ids], device=judge.model.device
+        )
         torch.manual_seed(seed + i)
         out = judge.model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-            temperature=temperature or None, top_k=None, top_p=None, pad_token_id=tok.eos_token_id,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature or None,
+            top_k=None,
+            top_p=None,
+            pad_token_id=tok.eos_token_id,
         )
-        new = out[0, ids.shape[1]:].tolist()
+        new = out[0, ids.shape[1] :].tolist()
         if tok.eos_token_id in new:
             new = new[: new.index(tok.eos_token_id)]
         return tok.decode(new, skip_special_tokens=True), new, len(new)  # one forward per token
@@ -176,11 +191,15 @@ def compare_with_base(
     judge_model = reference if judge in (None, base) else load_judge(judge, device=loaded.model.device)
     results, prompts = [], []
     if num_samples > 0:
-        rows = corpus.val[: num_samples]["input_ids"]
+        rows = corpus.val[:num_samples]["input_ids"]
         prompts = [loaded.tokenizer.decode(r[1 : 1 + prompt_tokens], skip_special_tokens=True) for r in rows]
         common = {"max_new_tokens": gen_length, "temperature": temperature}
         for sampler in samplers:
             label = f"{sampler} tau={loaded.model.generation_config.tau}" if sampler == "threshold" else sampler
-            results.append(generative_eval(loaded.model, loaded.tokenizer, prompts, judge_model, label, seed, sampler=sampler, **common))
+            results.append(
+                generative_eval(
+                    loaded.model, loaded.tokenizer, prompts, judge_model, label, seed, sampler=sampler, **common
+                )
+            )
         results.append(base_generative_eval(reference, prompts, gen_length, temperature, seed))
     return Comparison(nelbo, base, base_nll, base_tokens, results, prompts)

@@ -39,8 +39,15 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate_nelbo(
-    model: BlockDiffusionLM, batches, schedule, t_range, tokens_per_byte: float, seed: int = 0, max_batches: int | None = None,
-    block_length: int | None = None, progress: Progress | None = None,
+    model: BlockDiffusionLM,
+    batches,
+    schedule,
+    t_range,
+    tokens_per_byte: float,
+    seed: int = 0,
+    max_batches: int | None = None,
+    block_length: int | None = None,
+    progress: Progress | None = None,
 ) -> EvalResult:
     """Token-weighted mean NELBO over ``batches`` of ``(b, n)`` token tensors, at the model's block length or
     at ``block_length`` (e.g. a block-length-mixture model evaluated at each length it was trained on).
@@ -53,7 +60,9 @@ def evaluate_nelbo(
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        out = block_diffusion_loss(model, batch.to(device), schedule, t_range, True, generator, block_length=block_length)
+        out = block_diffusion_loss(
+            model, batch.to(device), schedule, t_range, True, generator, block_length=block_length
+        )
         nll_sum += out.nll_sum.item()
         num_tokens += int(out.num_tokens)
         if progress is not None:
@@ -61,17 +70,24 @@ def evaluate_nelbo(
     if num_tokens == 0:
         raise UsageError("no held-out tokens to evaluate on")
     nll = nll_sum / num_tokens
-    return EvalResult(nll, math.exp(nll), bits_per_byte(nll, tokens_per_byte), num_tokens, block_length or model.block_length)
+    return EvalResult(
+        nll, math.exp(nll), bits_per_byte(nll, tokens_per_byte), num_tokens, block_length or model.block_length
+    )
 
 
 def evaluate_held_out(
-    loaded: LoadedModel, max_batches: int | None = None, seed: int = 0, block_length: int | None = None,
+    loaded: LoadedModel,
+    max_batches: int | None = None,
+    seed: int = 0,
+    block_length: int | None = None,
     progress: Progress | None = None,
 ):
     """``(EvalResult, corpus, loader)``: the NELBO of a loaded model on the held-out split of its config's corpus,
     with the packed corpus and the loader, for callers that evaluate more on the same tokens."""
     cfg = loaded.config
-    if block_length is not None and (isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 1):
+    if block_length is not None and (
+        isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 1
+    ):
         raise UsageError(f"--block-length must be an integer >= 1, got {block_length!r}")
     if block_length is not None:
         require_divides("--block-length", block_length, "the model's data.max_seq_len", cfg.data.max_seq_len)
@@ -79,15 +95,27 @@ def evaluate_held_out(
         progress("packing the held-out split", 0, 0)
     held = held_out_split(cfg.data, loaded.tokenizer)
     result = evaluate_nelbo(
-        loaded.model, held.loader, make_schedule(cfg.noise.schedule), cfg.noise.eval_range, held.tokens_per_byte, seed,
-        max_batches, block_length, progress,
+        loaded.model,
+        held.loader,
+        make_schedule(cfg.noise.schedule),
+        cfg.noise.eval_range,
+        held.tokens_per_byte,
+        seed,
+        max_batches,
+        block_length,
+        progress,
     )
     return result, held.corpus, held.loader
 
 
 def evaluate(
-    path: str | Path, overrides: list[str] = (), max_batches: int | None = None, seed: int = 0, block_length: int | None = None,
-    device: str | None = None, progress: Progress | None = None,
+    path: str | Path,
+    overrides: list[str] = (),
+    max_batches: int | None = None,
+    seed: int = 0,
+    block_length: int | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
 ) -> EvalResult:
     """NELBO / PPL / BPB of a trained model on the held-out split of its (possibly overridden) corpus."""
     if progress is not None:

@@ -138,7 +138,9 @@ class BlockDiffusionLM(nn.Module):
         if block_length == self.block_length:
             return self
         if block_length < 1 or (self.spec.max_seq_len and self.spec.max_seq_len % block_length):
-            raise UsageError(f"block_length={block_length} must be >= 1 and divide the training context {self.spec.max_seq_len}")
+            raise UsageError(
+                f"block_length={block_length} must be >= 1 and divide the training context {self.spec.max_seq_len}"
+            )
         other = BlockDiffusionLM(self.backbone, replace(self.spec, block_length=block_length))
         other.generation_config = self.generation_config
         return other.train(self.training)
@@ -321,11 +323,19 @@ class BlockDiffusionLM(nn.Module):
             )
         spec = BlockDiffusionSpec.from_file(spec_path)
         if config is not None and not isinstance(config, BlockDiffusionConfig):
-            raise UsageError(f"config must be a BlockDiffusionConfig (the model's config.json), got {type(config).__name__}")
+            raise UsageError(
+                f"config must be a BlockDiffusionConfig (the model's config.json), got {type(config).__name__}"
+            )
         if config is not None:
-            check_decoder_type(getattr(config.text_config, "model_type", None), f"{directory / CONFIG_FILE} (text_config)")
+            check_decoder_type(
+                getattr(config.text_config, "model_type", None), f"{directory / CONFIG_FILE} (text_config)"
+            )
         decoder_config = config.text_config if config is not None else backbone_config(directory)
-        for key in ("trust_remote_code", "adapter_kwargs", "_from_auto"):  # the decoder is a built-in class: no code runs
+        for key in (
+            "trust_remote_code",
+            "adapter_kwargs",
+            "_from_auto",
+        ):  # the decoder is a built-in class: no code runs
             hf_kwargs.pop(key, None)
         backbone = load_backbone(directory, decoder_config, attn_implementation, **hf_kwargs)
         vocab = backbone.get_input_embeddings().num_embeddings
@@ -334,7 +344,9 @@ class BlockDiffusionLM(nn.Module):
                 f"{spec_path}: mask_token_id={spec.mask_token_id} is outside the decoder's vocabulary of {vocab} "
                 f"({directory / CONFIG_FILE}); the two files come from different models"
             )
-        positions = getattr(backbone.config, "max_position_embeddings", None) or getattr(backbone.config, "n_positions", None)
+        positions = getattr(backbone.config, "max_position_embeddings", None) or getattr(
+            backbone.config, "n_positions", None
+        )
         if spec.max_seq_len and positions and spec.max_seq_len > positions:
             raise UsageError(
                 f"{spec_path}: max_seq_len={spec.max_seq_len} exceeds the {positions} positions of the decoder in "

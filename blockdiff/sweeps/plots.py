@@ -116,10 +116,19 @@ def loss_curves(runs: list[dict], path: Path, smooth: int = 5) -> Path:
         mixture = bool(r["settings"]["block_length_mixture"])
         label = "mixture" if mixture else f"L'={l}"
         k = min(smooth, len(rows))  # moving average over k logged points
-        values = [sum(v for _, v in rows[max(0, i - k + 1) : i + 1]) / len(rows[max(0, i - k + 1) : i + 1]) for i in range(len(rows))]
-        ax.plot([s for s, _ in rows], values, linewidth=0.8, alpha=0.8,
-                color="black" if mixture else cmap(lengths.index(l)), linestyle="--" if mixture else "-",
-                label=None if label in labelled else label)
+        values = [
+            sum(v for _, v in rows[max(0, i - k + 1) : i + 1]) / len(rows[max(0, i - k + 1) : i + 1])
+            for i in range(len(rows))
+        ]
+        ax.plot(
+            [s for s, _ in rows],
+            values,
+            linewidth=0.8,
+            alpha=0.8,
+            color="black" if mixture else cmap(lengths.index(l)),
+            linestyle="--" if mixture else "-",
+            label=None if label in labelled else label,
+        )
         labelled.add(label)
     ax.set_xlabel("step")
     ax.set_ylabel(f"train/loss (NELBO nats/token, moving average of {smooth} logs)")
@@ -137,8 +146,13 @@ def clip_variance(runs: list[dict], path: Path) -> Path:
                 by_l[r["settings"]["block_length"]][(b, o)].append(v)
     windows = sorted({w for d in by_l.values() for w in d})
     for l, d in sorted(by_l.items()):
-        ax.plot(range(len(windows)), [_mean_sd(d[w])[0] if w in d else float("nan") for w in windows],
-                marker="o", markersize=3, label=f"L'={l}")
+        ax.plot(
+            range(len(windows)),
+            [_mean_sd(d[w])[0] if w in d else float("nan") for w in windows],
+            marker="o",
+            markersize=3,
+            label=f"L'={l}",
+        )
     ax.set_xticks(range(len(windows)), [f"{b:g}–{o:g}" for b, o in windows], rotation=60, fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel("clipping window [beta, omega]")

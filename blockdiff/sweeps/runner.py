@@ -42,7 +42,9 @@ def _selected(sweep: Sweep, only: list[str] | None) -> list[Run]:
     if only:
         missing = set(only) - {r.name for r in todo}
         if missing:
-            raise UsageError(f"--only names no run of {sweep.path}: {sorted(missing)}; runs: {[r.name for r in sweep.runs]}")
+            raise UsageError(
+                f"--only names no run of {sweep.path}: {sorted(missing)}; runs: {[r.name for r in sweep.runs]}"
+            )
     return todo
 
 
@@ -106,8 +108,19 @@ def _run_subprocesses(sweep: Sweep, todo: list[Run], parallel: int, log) -> list
     while pending or active:
         while pending and len(active) < parallel:
             run = pending.pop(0)
-            cmd = [sys.executable, "-m", "blockdiff.cli", "sweep", str(sweep.path), "--out-dir", str(sweep.out_dir),
-                   "--only", run.name, *itertools.chain.from_iterable(["-c", c] for c in sweep.configs), *sweep.cli_overrides]
+            cmd = [
+                sys.executable,
+                "-m",
+                "blockdiff.cli",
+                "sweep",
+                str(sweep.path),
+                "--out-dir",
+                str(sweep.out_dir),
+                "--only",
+                run.name,
+                *itertools.chain.from_iterable(["-c", c] for c in sweep.configs),
+                *sweep.cli_overrides,
+            ]
             out = open(logs / f"{run.name}.log", "w")
             active[run.name] = (subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT), out)
             log(f"started {run.name} (log: {logs / (run.name + '.log')})")
@@ -175,8 +188,9 @@ def _evaluate_run(sweep: Sweep, run: Run, model_dir: Path) -> dict:
     lengths = sorted({l for l in lengths if cfg.data.max_seq_len % l == 0})
     out: dict = {"eval": []}
     for l in lengths:
-        r = evaluate_nelbo(loaded.model, held.loader, schedule, cfg.noise.eval_range, held.tokens_per_byte, 0,
-                           max_batches, l)
+        r = evaluate_nelbo(
+            loaded.model, held.loader, schedule, cfg.noise.eval_range, held.tokens_per_byte, 0, max_batches, l
+        )
         out["eval"].append({"block_length": l, "nll": r.nll, "ppl": r.ppl, "bpb": r.bpb, "num_tokens": r.num_tokens})
     if ev.get("clip_variance"):
         scores = ClipWindowScores(cfg.noise.clip_windows, schedule, cfg.noise.eps, torch.Generator().manual_seed(0))
@@ -186,7 +200,9 @@ def _evaluate_run(sweep: Sweep, run: Run, model_dir: Path) -> dict:
                 scores.add(loaded.model, batch, window)
         choice = scores.choice()
         out["clip"] = {
-            "beta": choice.beta, "omega": choice.omega, "variance": choice.variance,
+            "beta": choice.beta,
+            "omega": choice.omega,
+            "variance": choice.variance,
             "windows": [[b, o, v] for (b, o), v in choice.variances.items()],
         }
     if sweep.sample_settings:
@@ -246,13 +262,24 @@ def _sample(sweep: Sweep, loaded, setting: dict) -> dict:
     prompts = sweep.sample.get("prompts", DEFAULT_PROMPTS)
     n_new = int(sweep.sample.get("max_new_tokens", 48))
     gens = sample_each(  # one prompt at a time: a batch's NFE is that of its slowest row
-        model, loaded.tokenizer, prompts, int(sweep.sample.get("seed", 0)), max_new_tokens=n_new, eos_token_id=None,
-        temperature=float(sweep.sample.get("temperature", 1.0)), **setting,
+        model,
+        loaded.tokenizer,
+        prompts,
+        int(sweep.sample.get("seed", 0)),
+        max_new_tokens=n_new,
+        eos_token_id=None,
+        temperature=float(sweep.sample.get("temperature", 1.0)),
+        **setting,
     )
     nfe = sum(gens.nfes) / len(gens.nfes)
     record = {
-        "sampler": setting.get("sampler", model.generation_config.sampler), **setting, "block_length": l,
-        "per_sequence": True, "nfe": nfe, "new_tokens": n_new, "nfe_per_token": nfe / n_new,
+        "sampler": setting.get("sampler", model.generation_config.sampler),
+        **setting,
+        "block_length": l,
+        "per_sequence": True,
+        "nfe": nfe,
+        "new_tokens": n_new,
+        "nfe_per_token": nfe / n_new,
         "entropy": sum(unigram_entropy(t, base=2) for t in gens.tokens) / len(gens.tokens),  # bits
         "example": prompts[0] + gens.texts[0],
     }
@@ -276,7 +303,7 @@ def _score(ref, prompts: list[str], texts: list[str]) -> float:
         ids = encode_prompts(ref.tokenizer, [prompt + text])[0][:limit]
         if len(ids) <= len(head):
             continue
-        total, n = continuation_nll(scorer, ids[: len(head)], ids[len(head):], device=ref.model.device)
+        total, n = continuation_nll(scorer, ids[: len(head)], ids[len(head) :], device=ref.model.device)
         nll += total
         count += n
     return nll / count if count else float("nan")

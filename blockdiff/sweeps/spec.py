@@ -98,7 +98,9 @@ def expand_grid(grid: dict | list) -> list[dict[str, Any]]:
             if len(keys) > 1:
                 bad = [v for v in values if not isinstance(v, list) or len(v) != len(keys)]
                 if bad:
-                    raise UsageError(f"grid key {key!r} varies {len(keys)} keys together; each value must be a list of {len(keys)}, got {bad[0]!r}")
+                    raise UsageError(
+                        f"grid key {key!r} varies {len(keys)} keys together; each value must be a list of {len(keys)}, got {bad[0]!r}"
+                    )
                 axes.append([dict(zip(keys, v)) for v in values])
             else:
                 axes.append([{keys[0]: v} for v in values])
@@ -157,7 +159,9 @@ def _flat_keys(mapping: dict, known: set[str], prefix: str = "") -> list[str]:
     return out
 
 
-def _config_for(base: list[Path], overrides: dict, extra: list[str | Path], values: dict, cli: list[str] = ()) -> Config:
+def _config_for(
+    base: list[Path], overrides: dict, extra: list[str | Path], values: dict, cli: list[str] = ()
+) -> Config:
     """Defaults <- base files <- the sweep's ``overrides`` <- ``extra`` files <- ``cli`` key=value <- the
     run's grid ``values``, validated. Mappings go through temporary YAML files so dict values (the
     block-length mixture) keep their types and interpolations (``${data.max_seq_len}``) resolve."""
@@ -195,7 +199,9 @@ def load_sweep(
         raise ConfigError(f"sweep file {path} must hold a mapping (name:, grid:, ...)")
     unknown = set(spec) - {"name", "out_dir", "base", "overrides", "grid", "evaluate", "sample"}
     if unknown:
-        raise ConfigError(f"sweep file {path}: unknown section(s) {sorted(unknown)}; allowed: name, out_dir, base, overrides, grid, evaluate, sample")
+        raise ConfigError(
+            f"sweep file {path}: unknown section(s) {sorted(unknown)}; allowed: name, out_dir, base, overrides, grid, evaluate, sample"
+        )
     name = spec.get("name", path.stem)
     root = Path(out_dir or spec.get("out_dir") or f"runs/sweeps/{name}")
     base = [(path.parent / p) for p in spec.get("base") or []]
@@ -216,7 +222,9 @@ def load_sweep(
             raise ConfigError(f"sweep {path}: two grid entries give the same run {name_!r}")
         seen.add(name_)
         try:
-            cfg = _config_for(base, file_overrides, list(configs), {**values, "trainer.out_dir": str(root / name_)}, overrides)
+            cfg = _config_for(
+                base, file_overrides, list(configs), {**values, "trainer.out_dir": str(root / name_)}, overrides
+            )
         except ConfigError as err:
             raise ConfigError(f"sweep {path}, run {name_}: {err}") from None
         runs.append(Run(name_, values, cfg))
@@ -229,11 +237,13 @@ def load_sweep(
     reference = sample.get("reference")
     if reference is not None:  # the scoring model trains first
         runs.sort(key=lambda r: r.name != reference)
-    return Sweep(name, path, root, runs, spec.get("evaluate") or {}, sample, settings,
-                 [str(c) for c in configs], list(overrides))
+    return Sweep(
+        name, path, root, runs, spec.get("evaluate") or {}, sample, settings, [str(c) for c in configs], list(overrides)
+    )
 
 
 # -- what a run left behind ---------------------------------------------------------------------------
+
 
 def _read_yaml(path: Path, what: str):
     """``yaml.safe_load`` of a file; bad UTF-8 or bad YAML is a ``ConfigError`` naming the file."""

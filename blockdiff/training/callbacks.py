@@ -38,7 +38,13 @@ from lightning.pytorch.callbacks import Checkpoint, Timer
 from blockdiff.modeling.rundir import LAST
 
 __all__ = [
-    "ResumableRNG", "NonFiniteLossGuard", "NonFiniteLoss", "LastCheckpoint", "RunConfigRecord", "SessionTimer", "GracefulInterrupt",
+    "ResumableRNG",
+    "NonFiniteLossGuard",
+    "NonFiniteLoss",
+    "LastCheckpoint",
+    "RunConfigRecord",
+    "SessionTimer",
+    "GracefulInterrupt",
     "TrainingInterrupted",
 ]
 
@@ -144,7 +150,11 @@ class NonFiniteLossGuard(L.Callback):
         kept = ""
         if self.checkpoint_dir is not None:
             last = Path(self.checkpoint_dir) / LAST
-            kept = f"; the last good checkpoint {last} is kept" if last.is_file() else "; no checkpoint had been written yet"
+            kept = (
+                f"; the last good checkpoint {last} is kept"
+                if last.is_file()
+                else "; no checkpoint had been written yet"
+            )
         raise NonFiniteLoss(
             f"the training loss is {float(loss.detach()):.4g} at step {trainer.global_step}: training stopped before "
             f"this step was applied{kept}. Try a lower optim.lr, optim.grad_clip=1.0, or precision=32-true, then "

@@ -37,7 +37,14 @@ from blockdiff.errors import StorageError, UserError
 from blockdiff.files import write_failure_reason
 from blockdiff.modeling.rundir import CHECKPOINTS, LAST, PREV
 
-__all__ = ["CheckpointError", "SafeCheckpointIO", "load_checkpoint", "atomic_torch_save", "copy_into_place", "previous_of"]
+__all__ = [
+    "CheckpointError",
+    "SafeCheckpointIO",
+    "load_checkpoint",
+    "atomic_torch_save",
+    "copy_into_place",
+    "previous_of",
+]
 
 
 class CheckpointError(UserError, ValueError):
@@ -93,10 +100,11 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         if reason is not None:
             raise StorageError(
                 getattr(err, "errno", None) or errno.EIO,
-                f"could not write checkpoint {path} ({reason}); nothing was replaced: " + (
+                f"could not write checkpoint {path} ({reason}); nothing was replaced: "
+                + (
                     f"the previous {path.name} is intact. Free some space and resume with `blockdiff train --resume`"
-                    if path.exists() else
-                    "no checkpoint existed yet, so there is nothing to resume. Free some space (or choose another "
+                    if path.exists()
+                    else "no checkpoint existed yet, so there is nothing to resume. Free some space (or choose another "
                     "trainer.out_dir) and start the run again"
                 ),
             ) from None
@@ -149,7 +157,9 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     hint = ""
     prev = previous_of(path)
     if prev.is_file() and prev != path:
-        hint = f"; the previous checkpoint {prev} may still be good: resume from it with `blockdiff train --resume {prev}`"
+        hint = (
+            f"; the previous checkpoint {prev} may still be good: resume from it with `blockdiff train --resume {prev}`"
+        )
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): truncated, or not a checkpoint at all{hint}")
@@ -171,7 +181,9 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as err:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({_torch_reason(err)}){hint}") from None
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"checkpoint {path} does not hold a Lightning checkpoint (a dict), got {type(checkpoint).__name__}")
+        raise CheckpointError(
+            f"checkpoint {path} does not hold a Lightning checkpoint (a dict), got {type(checkpoint).__name__}"
+        )
     return checkpoint
 
 
@@ -181,15 +193,23 @@ class SafeCheckpointIO(CheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("SafeCheckpointIO does not take storage_options")
-        states = {key: checkpoint[key] for key in ("state_dict", "current_model_state", "optimizer_states") if key in checkpoint}
-        bad = _non_finite(states)  # weights, EMA / raw weights, optimiser moments (not e.g. ModelCheckpoint's inf scores)
+        states = {
+            key: checkpoint[key]
+            for key in ("state_dict", "current_model_state", "optimizer_states")
+            if key in checkpoint
+        }
+        bad = _non_finite(
+            states
+        )  # weights, EMA / raw weights, optimiser moments (not e.g. ModelCheckpoint's inf scores)
         if bad is not None:
             raise CheckpointError(
                 f"refusing to write {path}: weight {bad!r} is NaN/Inf; the last good checkpoint is kept"
             )
         atomic_torch_save(checkpoint, Path(path))
 
-    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         # weights_only is always True here, whatever the caller asked for.
         return load_checkpoint(path, map_location=map_location or "cpu")
 

@@ -70,21 +70,33 @@ class BlockDiffusionModule(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         block_length, bidirectional = self.curriculum_at(self.global_step)
         if self.block_length_mixture:  # each sequence draws its own block length
-            out = mixture_loss(self.model, batch, self.schedule, self.train_range, self.block_length_mixture, self.noise.antithetic)
+            out = mixture_loss(
+                self.model, batch, self.schedule, self.train_range, self.block_length_mixture, self.noise.antithetic
+            )
         else:
             out = block_diffusion_loss(
-                self.model, batch, self.schedule, self.train_range, self.noise.antithetic,
-                block_length=block_length, bidirectional=bidirectional,
+                self.model,
+                batch,
+                self.schedule,
+                self.train_range,
+                self.noise.antithetic,
+                block_length=block_length,
+                bidirectional=bidirectional,
             )
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch.shape[0], sync_dist=True)  # mean over ranks
         if self.curriculum.block_length_fraction > 0 or bidirectional < 1.0:
-            self.log_dict({"train/block_length": float(block_length), "train/bidirectional": bidirectional}, batch_size=batch.shape[0])
+            self.log_dict(
+                {"train/block_length": float(block_length), "train/bidirectional": bidirectional},
+                batch_size=batch.shape[0],
+            )
         return out.loss
 
     def curriculum_at(self, step: int) -> tuple[int, float]:
         """``(block length, open fraction of anti-causal in-block attention)`` at optimiser step ``step``."""
         c = self.curriculum
-        block_length = block_length_at(step, self.max_steps, self.model.block_length, c.block_length_fraction, c.start_block_length)
+        block_length = block_length_at(
+            step, self.max_steps, self.model.block_length, c.block_length_fraction, c.start_block_length
+        )
         return block_length, bidirectional_fraction_at(step, self.max_steps, c.mask_annealing_fraction)
 
     def on_validation_epoch_start(self) -> None:
