@@ -2,8 +2,8 @@
 
 ``write_report`` puts ``results.json`` (the whole report, raw numbers included) and ``table.md`` (the
 environment and definitions as HTML comments, then a markdown table, then optional trailing lines)
-into ``out_dir``; ``print_report`` shows the same table on the terminal. Imported by the scripts as ``from _report import ...`` (they run as
-``python experiments/NAME.py``, which puts this folder on ``sys.path``).
+into ``out_dir``; ``print_report`` shows the same table on the terminal. Imported by the scripts as
+``from _report import ...`` (they run as ``python experiments/NAME.py``, which puts this folder on ``sys.path``).
 """
 
 from __future__ import annotations

@@ -344,7 +344,8 @@ def main() -> None:
 
     console = Console(width=max(Console().width, 140))
     report = run(args, console)
-    print_report(console, "Generation: block diffusion (ours) vs HF AR generate(), same network size", COLUMNS, table_rows(report), header(report), FOOTER, left="row")
+    title = "Generation: block diffusion (ours) vs HF AR generate(), same network size"
+    print_report(console, title, COLUMNS, table_rows(report), header(report), FOOTER, left="row")
     for line in target_lines(report):
         console.print(line, markup=False)
     write_outputs(report, args.out)

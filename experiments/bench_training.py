@@ -246,7 +246,8 @@ FOOTER = (
     "BD/AR time: median over rounds of (BD step time / AR step time in the same round); target <= 2.0.\n"
     "BD/AR FLOP: counted FLOPs ratio. GFLOP/s from counted FLOPs (FlopCounterMode, CPU SDPA included); "
     "'of peak' = achieved / same-round matmul peak.\n"
-    "analytic FLOPs = 6*N_nonemb*b*s + 6*d*V*head_rows + 12*layers*s^2*d*b (dense attention); s = 2L - L' for BD (the last clean block is not fed), L for AR."
+    "analytic FLOPs = 6*N_nonemb*b*s + 6*d*V*head_rows + 12*layers*s^2*d*b (dense attention); s = 2L - L' for BD "
+    "(the last clean block is not fed), L for AR."
 )
 
 

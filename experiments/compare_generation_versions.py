@@ -24,7 +24,8 @@ from blockdiff.config import ModelConfig
 from blockdiff import BlockDiffusionLM, BlockDiffusionSpec, build_backbone  # the same import in older trees
 torch.manual_seed(0)
 cfg = ModelConfig(hidden_size=192, num_layers=4, num_heads=4, block_length=4)
-model = BlockDiffusionLM(build_backbone(cfg, vocab_size=2048, max_seq_len=512).eval(), BlockDiffusionSpec(2047, 4, False, 512))
+backbone = build_backbone(cfg, vocab_size=2048, max_seq_len=512).eval()
+model = BlockDiffusionLM(backbone, BlockDiffusionSpec(2047, 4, False, 512))
 ids = [[1, 5, 9, 13]]
 model.generate(ids, max_new_tokens=32, sampler="threshold", temperature=0.0, eos_token_id=None)
 start = time.perf_counter()

@@ -205,7 +205,8 @@ def test_do_sample_false_is_greedy_whatever_the_seed():
     for seed in range(3):
         out = model.generate(prompts, do_sample=False, generator=torch.Generator().manual_seed(seed), **common)
         assert torch.equal(out.sequences, greedy), f"seed {seed}"
-    sampled = [model.generate(prompts, generator=torch.Generator().manual_seed(s), **common).sequences for s in range(2)]
+    generators = [torch.Generator().manual_seed(s) for s in range(2)]
+    sampled = [model.generate(prompts, generator=g, **common).sequences for g in generators]
     assert not torch.equal(sampled[0], sampled[1])  # do_sample=True (the default) still samples
 
 

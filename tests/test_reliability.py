@@ -99,7 +99,8 @@ def straight(corpus, tmp_path_factory) -> Path:
 
 # -- (1) kill and resume ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kill_at", [5, 7])  # 3 steps per epoch: the last checkpoint (step 4 / 6) is mid-epoch / at its end
+# 3 steps per epoch: the last checkpoint (step 4 / 6) is mid-epoch / at its end
+@pytest.mark.parametrize("kill_at", [5, 7])
 def test_kill_and_resume_reproduces_the_uninterrupted_run(straight, corpus, tmp_path, monkeypatch, kill_at):
     run = tmp_path / "run"
     with monkeypatch.context() as mp:

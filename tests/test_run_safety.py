@@ -130,7 +130,8 @@ def test_demo_does_not_replace_an_existing_run_without_overwrite(run, tmp_path, 
 def test_last_ckpt_stays_the_newest_across_a_resume(corpus, tmp_path):
     run_dir = tmp_path / "stale"
     train(config(corpus, run_dir, "trainer.max_steps=3"), progress=False)  # ends before its first periodic save
-    assert sorted(os.listdir(run_dir / "checkpoints")) == ["last.ckpt"] and step_of(run_dir / "checkpoints" / "last.ckpt") == 3
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["last.ckpt"]
+    assert step_of(run_dir / "checkpoints" / "last.ckpt") == 3
     result = train(config(corpus, run_dir, "trainer.max_steps=10"), progress=False, resume=run_dir)
     assert result.steps == 10
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["last.ckpt", "prev.ckpt"]

@@ -178,7 +178,8 @@ def test_fixed_step_reveals_the_k_most_confident_masks():
     proposal = torch.full((2, 5), 42)
     r = FixedStepSampler(2).step(proposal, conf, s, None)
     assert r.revealed.tolist() == [[False, True, True, False, False], [True, False, True, False, False]]
-    r = FixedStepSampler(None).step(proposal, conf, state([[M, M, M, M, 3], [M, 1, M, 2, 4]], step=2, num_steps=4), None)
+    block = state([[M, M, M, M, 3], [M, 1, M, 2, 4]], step=2, num_steps=4)
+    r = FixedStepSampler(None).step(proposal, conf, block, None)
     assert r.revealed.sum(-1).tolist() == [2, 1]  # ceil(4 / 2), ceil(2 / 2)
     with pytest.raises(ValueError, match="tokens_per_step"):
         FixedStepSampler(0)

@@ -180,7 +180,8 @@ def mismatched_model_dir(trained, tmp_path):
     shutil.copytree(result.model_dir, model_dir)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (model_dir / name).unlink(missing_ok=True)
-    train_bpe([SENTENCES * 40, "Quite different words, to learn some merges. " * 20], vocab_size=300).save_pretrained(model_dir)
+    texts = [SENTENCES * 40, "Quite different words, to learn some merges. " * 20]
+    train_bpe(texts, vocab_size=300).save_pretrained(model_dir)
     return model_dir
 
 

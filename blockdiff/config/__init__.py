@@ -6,7 +6,7 @@ user can fix the command line. Nothing outside the CLI and the recipes reads a `
 modules take the sections they need as explicit arguments.
 
 This package is a leaf: it imports neither the samplers, the model nor Lightning. ``sections.py`` holds the
-dataclasses, ``load.py`` the YAML/override merge, ``checks.py`` the shared checks.
+dataclasses (``trainer.py`` the trainer section), ``load.py`` the YAML/override merge, ``checks.py`` the shared checks.
 """
 
 from blockdiff.config.checks import SEED_MAX, ConfigError
@@ -23,9 +23,9 @@ from blockdiff.config.sections import (
     OptimConfig,
     SampleConfig,
     Schedule,
-    TrainerConfig,
     set_sampler_names,
 )
+from blockdiff.config.trainer import TrainerConfig
 from blockdiff.files import path_problem
 
 __all__ = [

@@ -28,4 +28,5 @@ def check_numbers(section: str, obj) -> None:
 
 
 SEED_MAX = 2**32 - 1
-"""Largest seed: ``lightning.seed_everything`` and numpy take ``0 .. 2**32 - 1``; ``--seed`` and ``trainer.seed`` share the range."""
+"""Largest seed: ``lightning.seed_everything`` and numpy take ``0 .. 2**32 - 1``; ``--seed`` and ``trainer.seed`` share
+the range."""

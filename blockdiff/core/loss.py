@@ -69,7 +69,8 @@ def nelbo(
 
 
 def check_batch(model, x0: torch.Tensor) -> torch.Tensor:
-    """A ``(b, n)`` batch of token ids in the model's vocabulary (never the mask token), as ``long``; else ``ValueError``."""
+    """A ``(b, n)`` batch of token ids in the model's vocabulary (never the mask token), as ``long``; else
+    ``ValueError``."""
     if not isinstance(x0, torch.Tensor) or x0.dim() != 2 or x0.numel() == 0:
         shape = tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__
         raise ValueError(f"a training batch must be a non-empty (batch, length) tensor of token ids, got {shape}")
@@ -78,7 +79,8 @@ def check_batch(model, x0: torch.Tensor) -> torch.Tensor:
     x0 = x0.long()
     if bool(((x0 < 0) | (x0 >= model.vocab_size) | (x0 == model.mask_token_id)).any()):
         raise ValueError(
-            f"a training batch holds token ids outside [0, {model.vocab_size}) or the mask token {model.mask_token_id}; "
+            f"a training batch holds token ids outside [0, {model.vocab_size}) or the mask token "
+            f"{model.mask_token_id}; "
             "was it tokenised with another tokenizer?"
         )
     return x0

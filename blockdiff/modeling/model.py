@@ -130,7 +130,8 @@ class BlockDiffusionLM(nn.Module):
     @property
     def config(self) -> BlockDiffusionConfig:
         """The ``config.json`` this model is saved with (the decoder's config as ``text_config``)."""
-        return BlockDiffusionConfig(text_config=copy.deepcopy(self.backbone.config), architectures=[type(self).__name__])
+        decoder = copy.deepcopy(self.backbone.config)
+        return BlockDiffusionConfig(text_config=decoder, architectures=[type(self).__name__])
 
     def with_block_length(self, block_length: int) -> "BlockDiffusionLM":
         """The same network (shared weights) generating and evaluating with another block length, e.g. a

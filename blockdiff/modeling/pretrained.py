@@ -225,7 +225,8 @@ def check_custom_masks(backbone: PreTrainedModel) -> None:
         ]
     except Exception as err:  # noqa: BLE001 - any failure here means "cannot take a 4-D mask"
         raise UsageError(
-            f"the {backbone.config.model_type} decoder cannot run with a custom 4-D attention mask ({type(err).__name__}: "
+            f"the {backbone.config.model_type} decoder cannot run with a custom 4-D attention mask "
+            f"({type(err).__name__}: "
             f"{err}); block diffusion needs one. Supported: Llama (SmolLM2), Qwen2/Qwen3, GPT-2 and other decoders "
             "whose attention takes a 4-D mask with attn_implementation=sdpa or eager"
         ) from None
@@ -234,7 +235,8 @@ def check_custom_masks(backbone: PreTrainedModel) -> None:
     if torch.allclose(outs[0], outs[1]):
         raise UsageError(
             f"the {backbone.config.model_type} decoder ignores custom 4-D attention masks (position 0 saw later tokens "
-            "neither way); block diffusion needs them. Try model.attn_implementation=eager, or a Llama/Qwen/GPT-2 family model"
+            "neither way); block diffusion needs them. Try model.attn_implementation=eager, or a Llama/Qwen/GPT-2 "
+            "family model"
         )
 
 

@@ -139,7 +139,9 @@ def is_run_dir(directory: str | Path) -> bool:
 def check_new_run_dir(run_dir: Path, overwrite: bool, flag: str = "--overwrite") -> None:
     """Refuse, before any work, a ``trainer.out_dir`` a new run may not be written to (changes nothing on disk)."""
     if run_dir.exists() and not run_dir.is_dir():
-        raise WouldOverwriteError(f"trainer.out_dir={str(run_dir)!r} is a file, not a directory; choose another trainer.out_dir")
+        raise WouldOverwriteError(
+            f"trainer.out_dir={str(run_dir)!r} is a file, not a directory; choose another trainer.out_dir"
+        )
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return
     problem = _run_dir_problem(run_dir)
@@ -176,7 +178,8 @@ def check_replaceable(out_dir: Path, overwrite: bool, what: str = "model") -> No
         foreign = _foreign_files(out_dir)
         detail = f"it holds {', '.join(foreign[:5])}" if foreign else f"it has no {SPEC_FILE}"
         raise WouldOverwriteError(
-            f"{out_dir} is not empty and is not a blockdiff {what} directory ({detail}); nothing was written or deleted. "
+            f"{out_dir} is not empty and is not a blockdiff {what} directory ({detail}); nothing was written or "
+            "deleted. "
             "Choose a new or empty output directory"
         )
     if not overwrite:

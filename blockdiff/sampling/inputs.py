@@ -39,7 +39,8 @@ def prompt_lists(input_ids, attention_mask, config: BlockDiffusionGenerationConf
             raise UsageError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise UsageError(
-                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                f"{tuple(attention_mask.shape)}"
             )
         width = input_ids.shape[1]
         keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)

@@ -43,7 +43,8 @@ def load_summaries(root: str | Path) -> list[dict]:
         summary["run_dir"] = str(path.parent)
         runs.append(summary)
     if not runs:
-        raise UsageError(f"sweep report: {root} holds no finished runs (no */{SUMMARY_FILE}); run `blockdiff sweep FILE` first")
+        raise UsageError(f"sweep report: {root} holds no finished runs (no */{SUMMARY_FILE}); run `blockdiff sweep "
+            "FILE` first")
     return runs
 
 
@@ -76,6 +77,12 @@ def mean_sd(values: list[float]) -> tuple[float, float, int]:
     if not values:
         return float("nan"), float("nan"), 0
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan")), len(values)
+
+
+def _clip_windows(rows: list[dict]) -> str:
+    """The distinct clip windows ``[beta,omega]`` the runs of a group chose, or ``–`` if none searched."""
+    windows = {f"[{r['clip_beta']:g},{r['clip_omega']:g}]" for r in rows if r["clip_beta"] is not None}
+    return ", ".join(sorted(windows)) or "–"
 
 
 def _pm(values: list[float], digits: int = 3) -> str:
@@ -111,7 +118,8 @@ def _rows(runs: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
                         "bpb": native["bpb"], "clip_beta": clip.get("beta"), "clip_omega": clip.get("omega"),
                         "clip_var": clip.get("variance"), "var_U01": full})
         for e in r.get("eval", []):
-            evals.append({**base, "eval_block_length": e["block_length"], "nll": e["nll"], "ppl": e["ppl"], "bpb": e["bpb"]})
+            scores = {"nll": e["nll"], "ppl": e["ppl"], "bpb": e["bpb"]}
+            evals.append({**base, "eval_block_length": e["block_length"], **scores})
         for smp in r.get("samples", []):
             samples.append({**base, "sampler": sampler_label(smp), "tau": smp.get("tau"),
                             "tokens_per_step": smp.get("tokens_per_step"),
@@ -158,7 +166,7 @@ def report(root: str | Path, console=None, checks: Sequence[Check] = ()) -> list
     for (var, l), rows in group_rows(results, ("variant", "block_length")).items():
         bound_rows.append([var, l, len(rows), _pm([r["nll"] for r in rows]), _pm([r["ppl"] for r in rows], 2),
                            _pm([r["bpb"] for r in rows]), _pm([r["clip_var"] for r in rows], 2),
-                           ", ".join(sorted({f"[{r['clip_beta']:g},{r['clip_omega']:g}]" for r in rows if r["clip_beta"] is not None})) or "–",
+                           _clip_windows(rows),
                            _pm([r["minutes"] for r in rows], 1)])
     bound_header = ["variant", "L' (train)", "seeds", "NELBO nats/tok", "PPL ≤", "BPB ≤", "min clip var",
                     "min-var window", "minutes"]

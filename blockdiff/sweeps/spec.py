@@ -99,7 +99,8 @@ def expand_grid(grid: dict | list) -> list[dict[str, Any]]:
                 bad = [v for v in values if not isinstance(v, list) or len(v) != len(keys)]
                 if bad:
                     raise UsageError(
-                        f"grid key {key!r} varies {len(keys)} keys together; each value must be a list of {len(keys)}, got {bad[0]!r}"
+                        f"grid key {key!r} varies {len(keys)} keys together; each value must be a list of "
+                        f"{len(keys)}, got {bad[0]!r}"
                     )
                 axes.append([dict(zip(keys, v)) for v in values])
             else:
@@ -200,7 +201,8 @@ def load_sweep(
     unknown = set(spec) - {"name", "out_dir", "base", "overrides", "grid", "evaluate", "sample"}
     if unknown:
         raise ConfigError(
-            f"sweep file {path}: unknown section(s) {sorted(unknown)}; allowed: name, out_dir, base, overrides, grid, evaluate, sample"
+            f"sweep file {path}: unknown section(s) {sorted(unknown)}; allowed: name, out_dir, base, overrides, "
+            "grid, evaluate, sample"
         )
     name = spec.get("name", path.stem)
     root = Path(out_dir or spec.get("out_dir") or f"runs/sweeps/{name}")

@@ -165,7 +165,8 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): truncated, or not a checkpoint at all{hint}")
     if not zipfile.is_zipfile(path):  # torch.save (and so Lightning) has written zip archives since torch 1.6
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupted, or not a checkpoint at all: its {size} byte{'s' if size > 1 else ''} "
+            f"checkpoint {path} is truncated or corrupted, or not a checkpoint at all: its {size} "
+            f"byte{'s' if size > 1 else ''} "
             f"are not the zip archive torch.save writes{hint}"
         )
     try:
