@@ -241,31 +241,24 @@ def test_mask_annealing_at_zero_is_causal_inside_the_block(tmp_path):
     assert not torch.allclose(full[0], full[1])  # bidirectional: row 8 sees the revealed tokens
 
 
+def _finetune(base, corpus, run, steps: int, *extra: str) -> int:
+    """``blockdiff finetune`` of ``base`` on the tiny corpus for ``steps`` steps (validated at the last one)."""
+    return main([
+        "finetune", "--base", str(base), f"data.source={corpus}", "data.max_seq_len=32", "data.batch_size=4",
+        "data.val_fraction=0.2", f"trainer.max_steps={steps}", f"trainer.val_every_n_steps={steps}",
+        "trainer.max_minutes=null", "optim.warmup_steps=1", f"trainer.out_dir={run}", *extra,
+    ])
+
+
 # -- the recipe end to end: finetune -> export -> eval -------------------------------------------------
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("ft")
     base = save_base(root / "base")
     run = root / "run"
-    code = main(
-        [
-            "finetune",
-            "--base",
-            str(base),
-            f"data.source={corpus}",
-            "data.max_seq_len=32",
-            "data.batch_size=4",
-            "data.val_fraction=0.2",
-            "trainer.max_steps=8",
-            "trainer.val_every_n_steps=8",
-            "trainer.checkpoint_every_n_steps=8",
-            "trainer.limit_val_batches=2",
-            "trainer.log_every_n_steps=1",
-            "trainer.max_minutes=null",
-            "optim.warmup_steps=1",
-            "curriculum.block_length_fraction=0.5",
-            f"trainer.out_dir={run}",
-        ]
+    code = _finetune(
+        base, corpus, run, 8, "trainer.checkpoint_every_n_steps=8", "trainer.limit_val_batches=2",
+        "trainer.log_every_n_steps=1", "curriculum.block_length_fraction=0.5",
     )
     assert code == 0
     return base, run
@@ -430,30 +423,8 @@ def test_finetune_without_the_offline_model_package_says_how_to_install_it(monke
 def test_a_lora_run_exports_merged_weights_from_model_dir_and_checkpoint_alike(corpus, tmp_path):
     base = save_base(tmp_path / "base", "qwen3")
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "finetune",
-                "--base",
-                str(base),
-                f"data.source={corpus}",
-                "data.max_seq_len=32",
-                "data.batch_size=4",
-                "data.val_fraction=0.2",
-                "trainer.max_steps=3",
-                "trainer.val_every_n_steps=3",
-                "trainer.limit_val_batches=1",
-                "trainer.max_minutes=null",
-                "optim.warmup_steps=1",
-                "optim.lr=1e-2",
-                "model.lora_rank=2",
-                "trainer.accumulate_grad_batches=2",
-                "model.gradient_checkpointing=true",
-                f"trainer.out_dir={run}",
-            ]
-        )
-        == 0
-    )
+    extra = ["trainer.limit_val_batches=1", "optim.lr=1e-2", "model.lora_rank=2", "trainer.accumulate_grad_batches=2"]
+    assert _finetune(base, corpus, run, 3, *extra, "model.gradient_checkpointing=true") == 0
     assert main(["export", str(run), str(tmp_path / "exported")]) == 0
     a = load_model_dir(run / "model").model.state_dict()
     b = load_model_dir(tmp_path / "exported").model.state_dict()
