@@ -16,11 +16,18 @@ def run(args) -> None:
     path = args.checkpoint or args.path
     if path is None:
         raise UsageError("say which model to sample from: blockdiff sample RUN_DIR (or --checkpoint RUN_DIR)")
+    if args.speculative:
+        _check_speculative_flags(args)
+    elif args.base is not None:
+        raise UsageError("--base names the verifier of --speculative decoding; add --speculative")
     prompts = _read_prompts(args)
     loaded = load_model_dir(path, device=args.device)
     if args.block_length is not None:  # e.g. a block-length-mixture model at another of its lengths
         loaded.model = loaded.model.with_block_length(args.block_length)
     _apply_settings(args, loaded.model)
+    if args.speculative:
+        _speculate(args, loaded, prompts)
+        return
     texts, out = _generate(args, loaded, prompts)
     _print_samples(prompts, texts, out)
 
@@ -99,6 +106,72 @@ def _print_samples(prompts: list[str], texts: list[str], out) -> None:
     )
 
 
+# -- --speculative: the base decoder verifies the model's block drafts (blockdiff/sampling/speculative.py) -----
+def _check_speculative_flags(args) -> None:
+    """Refuse the flags that mean nothing when the verifier chooses every token (before any loading)."""
+    given = {"--sampler": args.sampler, "--steps-per-block": args.steps_per_block, "--window": args.window,
+             "--no-cache": args.no_cache or None, "--show-denoising": args.show_denoising or None,
+             "--trace": args.trace, **{f"--{n.replace('_', '-')}": getattr(args, n) for n in knobs()}}
+    wrong = [flag for flag, value in given.items() if value is not None]
+    if wrong:
+        raise UsageError(
+            f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to --speculative: the verifier "
+            "chooses every token (the trace and live view are not wired for speculative decoding yet)"
+        )
+
+
+def _base_of(loaded) -> str:
+    """The decoder a model was fine-tuned from: ``model.pretrained`` of its training config, followed through
+    ``model.init_from`` when a run continued an earlier blockdiff model."""
+    from blockdiff.modeling.io import read_train_config
+    from blockdiff.modeling.rundir import model_dir_of
+
+    cfg, seen = loaded.config, [loaded.directory]
+    while cfg.model.pretrained is None and cfg.model.init_from is not None and len(seen) < 8:
+        seen.append(model_dir_of(cfg.model.init_from))
+        cfg = read_train_config(seen[-1])
+    if cfg.model.pretrained is None:
+        raise UsageError(
+            f"{loaded.directory} was not fine-tuned from a pretrained decoder (its train_config.yaml sets no "
+            "model.pretrained), so it has no base to verify its drafts: pass --base NAME, a causal LM with the same "
+            "tokenizer (a local directory, a .gguf, smollm2 or a hub id)"
+        )
+    return cfg.model.pretrained
+
+
+def _speculate(args, loaded, prompts: list[str]) -> None:
+    """Each prompt on its own (speculative decoding is batch 1): the base decoder verifies the model's drafts."""
+    import torch
+
+    from blockdiff.modeling.pretrained import load_decoder
+    from blockdiff.sampling import encode_prompts
+    from blockdiff.sampling.speculative import BlockDrafter, check_verifier, speculative_generate
+
+    name = args.base or _base_of(loaded)
+    verifier, verifier_tokenizer, _ = load_decoder(name, what="--base")
+    verifier = verifier.to(loaded.model.device).eval()
+    drafter = BlockDrafter(loaded.model)
+    check_verifier(verifier, drafter, tokenizer=loaded.tokenizer, verifier_tokenizer=verifier_tokenizer)
+    config = loaded.model.generation_config
+    for i, ids in enumerate(encode_prompts(loaded.tokenizer, prompts)):
+        generator = torch.Generator(device=loaded.model.device).manual_seed(args.seed + i)
+        out = speculative_generate(
+            verifier, drafter, ids, max_new_tokens=config.max_new_tokens, temperature=config.temperature or 0.0,
+            do_sample=config.do_sample, top_k=config.top_k, top_p=config.top_p,
+            eos_token_id=loaded.tokenizer.eos_token_id, generator=generator,
+        )
+        text = loaded.tokenizer.decode(out.new_tokens(0), skip_special_tokens=True)
+        reasons = {"eos": "EOS", "max_new_tokens": "max_new_tokens", "max_length": "the verifier's context"}
+        console.rule(f"sample {i}: {int(out.lengths[0])} tokens, stopped at {reasons[out.stop_reasons[0]]}")
+        console.print(prompts[i] + text, markup=False, highlight=False)
+        console.print(
+            f"speculative ({name} verifies): {out.verifier_forwards} verifier + {out.drafter_forwards} drafter "
+            f"forwards, {out.tokens_per_verifier_forward:.2f} new tokens per verifier forward, "
+            f"{out.acceptance_rate:.0%} of drafts kept; drafts kept per step: {out.acceptance_histogram}",
+            highlight=False,
+        )
+
+
 def _read_prompts(args) -> list[str]:
     prompts = []
     for prompt in args.prompt or []:
@@ -143,6 +216,11 @@ def add_arguments(p):
     p.add_argument("--show-denoising", action="store_true", help="draw the block being denoised live")
     p.add_argument("--trace", help="write every denoising step as JSON lines to this file")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
+    p.add_argument(
+        "--speculative", action="store_true",
+        help="lossless speculative decoding: the model drafts blocks, its base decoder verifies (one prompt at a time)",
+    )
+    p.add_argument("--base", help="with --speculative: the verifier (default: the model.pretrained it was tuned from)")
 
 
 def add_sampler_flags(p) -> None:

@@ -1,0 +1,140 @@
+"""Drafters for speculative decoding: what proposes the tokens the verifier checks.
+
+The verification loop (``speculative.py``) sees a drafter only through the ``Drafter`` protocol: ``reset``,
+``draft(committed, limit, sampling, generator) -> Draft`` (tokens and the distributions ``q`` they were drawn
+from) and ``commit(committed, accepted)`` once the step's tokens are final. A drafter that shares its forward
+with the verifier (the planned gated-adapter drafter of docs/design.md §14) implements the same three calls.
+
+``BlockDrafter`` drafts with a ``BlockDiffusionLM`` in one forward:
+
+```
+committed = c_0 .. c_{n-1}           blocks on the training grid: block j = positions [j l, (j+1) l)
+cache     = KV of the whole blocks before the one holding c_{n-1}        (clean, block-causal, final)
+forward   = [committed tokens not in the cache] + [m] * k                 (the block after the committed tokens)
+q         = the model's distribution at the k mask rows (logit shift: row i reads the row before it)
+cache     cropped back to whole committed blocks: the masks and the partial block never stay in it
+```
+
+The committed tokens attend block-causally, as the clean stream does in training. The ``k`` masks form one
+noisy block that sees every committed token and itself bidirectionally; by default it holds ``block_length``
+masks right after the committed tokens (``aligned=False``). With ``aligned=True`` the masks fill only the rest
+of the grid block the committed tokens end in (fewer drafts when they end mid-block), and the committed tokens
+of that block are its unmasked noisy tokens — exactly the block loop's forward (``generation.py``). Drafts never
+enter the drafter's cache, so a rejection needs no rollback there: the cache holds committed tokens only.
+Past the training context the drafter sees the last ``window`` tokens (re-encoded at fresh positions when the
+window slides, as in the block loop); the verifier always sees everything.
+
+Shape legend: ``q`` input tokens, ``s`` key tokens, ``k`` drafts, ``v`` vocab, ``d`` hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from blockdiff.sampling.speculative_verify import Sampling, crop_to
+
+__all__ = ["Draft", "Drafter", "BlockDrafter"]
+
+
+@dataclass
+class Draft:
+    """Proposed tokens (k,) and, when sampling, the distributions (k, v) they were drawn from (``None``:
+    deterministic drafts, treated as one-hot)."""
+
+    tokens: torch.Tensor
+    probs: torch.Tensor | None = None
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    """What the verification loop needs from a drafter."""
+
+    forwards: int  # network forwards so far (since ``reset``)
+    processed: int  # input tokens over those forwards
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids it can read: every committed token must be below this."""
+
+    def reset(self) -> None:
+        """Forget everything (a new prompt follows)."""
+
+    def draft(self, committed: list[int], limit: int, sampling: Sampling, generator=None) -> Draft:
+        """Propose at most ``limit`` (>= 1) tokens to follow ``committed``; drawn with ``sampling.draw``."""
+
+    def commit(self, committed: list[int], accepted: int) -> None:
+        """The step is final: ``committed`` now ends with ``accepted`` of the drafts plus the verifier's token."""
+
+
+class BlockDrafter:
+    """A ``BlockDiffusionLM`` drafting one noisy block after the committed tokens per forward (module docstring)."""
+
+    def __init__(self, model, aligned: bool = False, window: int | None = None):
+        self.model = model
+        self.aligned = aligned
+        l = model.block_length
+        window = window or model.spec.max_seq_len or model.max_positions
+        self.window = max(window, 2 * l) if window else None  # room for the block of c_{n-1} and the drafts
+        self.reset()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    def reset(self) -> None:
+        self.cache = None  # KV of columns [window_start, cache_end)
+        self.window_start = 0  # first column the network sees (a multiple of the block length)
+        self.cache_end = 0
+        self.forwards = 0
+        self.processed = 0
+
+    def commit(self, committed: list[int], accepted: int) -> None:
+        """Nothing to undo: drafts never enter this drafter's cache."""
+
+    @torch.no_grad()
+    def draft(self, committed: list[int], limit: int, sampling: Sampling, generator=None) -> Draft:
+        model, l = self.model, self.model.block_length
+        n = len(committed)
+        tail = (n - 1) // l * l  # first column of the block holding the last committed token
+        if self.aligned:
+            count = -(-n // l) * l - n or l  # the rest of the block the committed tokens end in (a whole one if none)
+            mask_block = n // l  # the masks' block on the grid: the tail's when it is partial
+        else:
+            count, mask_block = l, tail // l + 1  # always a new block after the committed tokens
+        count = min(count, limit)
+        self._slide(n + count, tail)
+        device = model.device
+        start, ws = self.cache_end, self.window_start
+        ids = torch.tensor(committed[start:] + [model.mask_token_id] * count, device=device)  # (q,)
+        columns = torch.arange(start, n + count, device=device)  # (q,)
+        keys = torch.arange(ws, n + count, device=device)  # (s,)
+        q_block = torch.where(columns < n, columns // l, mask_block)  # (q,)
+        k_block = torch.where(keys < n, keys // l, mask_block)  # (s,)
+        allowed = k_block[None, :] <= q_block[:, None]  # (q, s): block-causal; the masks are the last block
+        cache = self.cache if self.cache is not None else model.new_cache()
+        hidden, cache = model.hidden_states(
+            ids[None], (columns - ws)[None], model.format_mask(allowed[None, None]), past_key_values=cache,
+            use_cache=True,
+        )  # (1, q, d)
+        crop_to(cache, tail - ws)  # whole committed blocks only
+        self.cache, self.cache_end = cache, tail
+        self.forwards += 1
+        self.processed += len(ids)
+        rows = hidden[:, n - start :]  # (1, k, d) the mask rows
+        if model.spec.logit_shift:  # draft i reads the row before it; the first reads the last committed token
+            rows = model.apply_logit_shift(rows, hidden[:, n - start - 1][:, None], block_length=count)
+        tokens, probs = sampling.draw(model.logits(rows)[0], generator)  # (k,), (k, v) | None
+        return Draft(tokens, probs)
+
+    def _slide(self, end: int, tail: int) -> None:
+        """When columns up to ``end`` would not fit the window, drop the oldest whole blocks (half a window's worth,
+        at least one block) and forget the cache: the kept tokens are re-encoded at fresh positions next forward."""
+        if self.window is None or end - self.window_start <= self.window:
+            return
+        l = self.model.block_length
+        keep = max(0, min(self.window // 2, self.window - 2 * l)) // l * l  # whole blocks before the tail block
+        self.window_start = max(0, tail - keep)
+        self.cache, self.cache_end = None, self.window_start
