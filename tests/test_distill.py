@@ -8,6 +8,7 @@ embedding rows); the corpus is a folder of small text files whose last one (the 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,11 @@ def test_a_set_made_with_other_settings_is_refused_then_replaced_with_overwrite(
     with pytest.raises(DistilledSetError, match=r"--temperature: the set has \[0.0\], this command asks for \[0.0, 0"):
         run_distill(teacher, corpus_dir, out, temperatures=(0.0, 0.7))
     assert read_settings(out).new_tokens == NEW  # untouched
+    stored = read_settings(out)
+    moved = replace(stored, tokenizer={**stored.tokenizer, "name": "/elsewhere"})
+    assert moved.differences(stored) == []  # the same token table read from another place is the same tokenizer
+    other = replace(stored, tokenizer={**stored.tokenizer, "sha256": "0" * 64})
+    assert [d.split(":")[0] for d in other.differences(stored)] == ["the teacher's tokenizer"]
     run_distill(teacher, corpus_dir, out, new_tokens=5, overwrite=True)
     assert read_settings(out).new_tokens == 5
     assert all(len(r["continuation_ids"]) <= 5 for r in rows_of(out))
@@ -278,6 +284,8 @@ def test_finetune_on_a_distilled_set_runs_end_to_end(teacher, distilled_set, tmp
     ])
     assert code == 0, capsys.readouterr().err
     assert (run / "model" / "blockdiff.json").is_file()
+    assert main(["eval", str(run), "--max-batches", "1"]) == 0  # its held-out split is re-made from the set
+    assert "NELBO" in capsys.readouterr().out
 
 
 def test_train_from_scratch_with_its_own_bpe_on_a_distilled_set_is_refused(distilled_set, tmp_path, capsys):

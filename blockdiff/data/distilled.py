@@ -112,6 +112,12 @@ class DistillSettings:
                     f"data.{k}: the set has {theirs.get(k)!r}, this command asks for {mine.get(k)!r}"
                     for k in keys if mine.get(k) != theirs.get(k)
                 ]
+            elif field.name == "tokenizer":  # the table decides, not where it was read from
+                if (mine.get("vocab_size"), mine.get("sha256")) != (theirs.get("vocab_size"), theirs.get("sha256")):
+                    found.append(
+                        f"{self.FLAGS['tokenizer']}: the set has {theirs.get('name')} ({theirs.get('vocab_size')} "
+                        f"tokens), this command's is {mine.get('name')} ({mine.get('vocab_size')} tokens, different)"
+                    )
             elif mine != theirs:
                 shown = (lambda v: list(v)) if field.name == "temperatures" else (lambda v: v)
                 found.append(
