@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
 
-from blockdiff.cli import config, demo, evaluate, export, finetune, sample, sweep, train
+from blockdiff.cli import config, demo, distill, evaluate, export, finetune, sample, sweep, train
 from blockdiff.config import SEED_MAX
 from blockdiff.errors import UsageError, UserError
 
@@ -45,6 +45,7 @@ COMMANDS: dict[str, Verb] = {
         "config": config,
         "demo": demo,
         "sweep": sweep,
+        "distill": distill,
     }.items()
 }
 

