@@ -259,7 +259,7 @@ class BlockDiffusionLM(nn.Module):
             mask = self.format_mask(mask)
         clean = n - block_length  # clean tokens fed: all blocks but the last
         positions = torch.cat([torch.arange(n), torch.arange(clean)]).to(xt.device)[None].expand(b, -1)  # (b, n+clean)
-        gate = (positions.new_ones(n + clean).cumsum(0) <= n)[None] if self.adapter is not None else None  # x_t rows
+        gate = (torch.arange(n + clean, device=xt.device) < n)[None] if self.adapter is not None else None  # x_t rows
         hidden, _ = self.hidden_states(torch.cat([xt, x0[:, :clean]], dim=1), positions, mask, gate=gate)
         return hidden[:, :n], hidden[:, n:]  # (b, n, d), (b, clean, d)
 
