@@ -8,6 +8,8 @@ c. The vectorised ``x_t ⊕ x_0`` forward gives the same logits as a naive loop 
 d. ``nelbo`` counts only masked positions, applies the weight, and normalises per predicted token.
 e. ``bits_per_byte`` by hand.
 f. ``block_length == n`` (MDLM) runs; a block length that does not divide ``n`` is refused.
+g. ``clean_attention=causal``: the vectorised forward equals the naive loop that runs ``[clean prefix, token-causal ;
+   noisy block k]``, and the x_0 half's logits are the plain decoder's causal logits.
 
 Tiny fp32 models from ``conftest.py`` (hidden 32, 2 layers, vocab 64). Shape legend: ``b`` batch,
 ``n`` tokens, ``k`` block index, ``l`` block length, ``v`` vocab.
@@ -16,6 +18,7 @@ Tiny fp32 models from ``conftest.py`` (hidden 32, 2 layers, vocab 64). Shape leg
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,8 +26,9 @@ import torch.nn.functional as F
 from conftest import MASK_ID, VOCAB, random_tokens, tiny_model
 
 from blockdiff.core.loss import bits_per_byte, block_diffusion_loss, nelbo
-from blockdiff.core.masks import block_causal_mask
+from blockdiff.core.masks import block_causal_mask, causal_prefix_mask
 from blockdiff.core.noise import CosineSchedule, LogLinearSchedule, add_noise, sample_t
+from blockdiff.modeling.model import BlockDiffusionLM
 
 FAMILIES = ["llama", "qwen2", "gpt2"]
 KEEP = torch.arange(VOCAB) != MASK_ID  # vocabulary columns other than the mask (whose logit is -inf)
@@ -83,7 +87,9 @@ def naive_block_logits(model, xt: torch.Tensor, x0: torch.Tensor) -> torch.Tenso
     """Logits ``(b, n, v)`` from one network call per block on ``[x0 blocks < k ; xt block k]``.
 
     With the logit shift, token ``i`` reads the output at ``i - 1``: inside the noisy block for all but
-    the block's first token, which reads the clean prefix's last row. Row 0 is left as NaN.
+    the block's first token, which reads the clean prefix's last row. Row 0 is left as NaN. The clean prefix
+    attends block-causally, or token-causally under ``spec.clean_attention=causal`` (the noisy block sees the
+    whole prefix and itself either way).
     """
     b, n = x0.shape
     l = model.block_length
@@ -92,7 +98,11 @@ def naive_block_logits(model, xt: torch.Tensor, x0: torch.Tensor) -> torch.Tenso
         start, end = k * l, (k + 1) * l
         ids = torch.cat([x0[:, :start], xt[:, start:end]], dim=1)  # (b, end)
         pos = torch.arange(end)  # (end,)
-        mask = model.format_mask(block_causal_mask(pos, pos, l)[None, None])  # (1, 1, end, end)
+        if model.spec.clean_attention == "causal":
+            allowed = causal_prefix_mask(pos, pos, l, noisy_from=start)  # (end, end)
+        else:
+            allowed = block_causal_mask(pos, pos, l)  # (end, end)
+        mask = model.format_mask(allowed[None, None])  # (1, 1, end, end)
         hidden, _ = model.hidden_states(ids, pos[None].expand(b, -1), mask)  # (b, end, d)
         logits = model.logits(hidden)  # (b, end, v)
         if not model.spec.logit_shift:
@@ -104,8 +114,9 @@ def naive_block_logits(model, xt: torch.Tensor, x0: torch.Tensor) -> torch.Tenso
     return out
 
 
-def _check_vectorised_equals_naive(block_length, logit_shift, family, attn="sdpa", n=32, b=2):
+def _check_vectorised_equals_naive(block_length, logit_shift, family, attn="sdpa", n=32, b=2, clean="block_causal"):
     model = tiny_model(block_length=block_length, logit_shift=logit_shift, family=family, max_seq_len=n, attn=attn)
+    model = BlockDiffusionLM(model.backbone, replace(model.spec, clean_attention=clean))
     x0 = random_tokens(b, n, seed=5)
     xt = _random_xt(x0)
     assert (xt != x0).any() and (xt == x0).any()
@@ -132,6 +143,40 @@ def test_vectorised_forward_equals_naive_block_loop(block_length, logit_shift, f
 @pytest.mark.parametrize("logit_shift", [False, True])
 def test_vectorised_forward_equals_naive_block_loop_attn(attn, logit_shift):
     _check_vectorised_equals_naive(4, logit_shift, "qwen2", attn=attn)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("logit_shift", [False, True])
+@pytest.mark.parametrize("block_length", [1, 4, 8, 32])
+def test_causal_clean_stream_vectorised_forward_equals_naive_block_loop(block_length, logit_shift, family):
+    _check_vectorised_equals_naive(block_length, logit_shift, family, clean="causal")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_causal_clean_stream_vectorised_equals_naive_attn(attn):
+    _check_vectorised_equals_naive(4, True, "qwen2", attn=attn, clean="causal")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("block_length", [1, 4, 8])
+def test_causal_clean_half_is_the_plain_decoder(family, block_length):
+    """With clean_attention=causal the x_0 half of the training forward computes the plain causal decoder: its
+    logits equal ``backbone(x_0)`` (fp64, so no kernel-order noise can hide a difference)."""
+    n, b = 32, 2
+    model = tiny_model(block_length=block_length, logit_shift=True, family=family, max_seq_len=n).double()
+    model = BlockDiffusionLM(model.backbone, replace(model.spec, clean_attention="causal"))
+    x0 = random_tokens(b, n, seed=7)
+    xt = _random_xt(x0)
+    with torch.no_grad():
+        _, clean = model.training_streams(xt, x0)  # (b, n - l, d)
+        got = model.logits(clean)
+        want = model.logits(model.backbone.base_model(input_ids=x0).last_hidden_state)[:, : n - block_length]
+        blocky = BlockDiffusionLM(model.backbone, replace(model.spec, clean_attention="block_causal"))
+        other = model.logits(blocky.training_streams(xt, x0)[1])
+    assert clean.shape == (b, n - block_length, model.backbone.config.hidden_size)
+    torch.testing.assert_close(got[..., KEEP], want[..., KEEP], rtol=0, atol=1e-12)
+    if block_length > 1:  # the block-causal clean half is not the decoder: the check has teeth
+        assert (other[..., KEEP] - want[..., KEEP]).abs().max().item() > 1e-4
 
 
 def test_naive_loop_detects_a_wrong_mask():

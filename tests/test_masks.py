@@ -8,6 +8,10 @@ query ``q`` and key ``k`` of the doubled ``x_t ⊕ x_0`` sequence, straight from
 * x_0 → x_0 block-causal (clean block ``b`` sees clean blocks ``<= b``);
 * x_0 → x_t never.
 
+With ``clean_attention=causal`` the x_0 → x_0 part is token-causal instead (clean position ``i`` sees clean
+positions ``<= i``), the x_t parts unchanged; the causal sampling mask (``causal_prefix_mask``) is checked against
+its own loop reference and against the rows of the causal training mask.
+
 The flex-attention ``BlockMask`` is only built when CUDA is available (compiling flex on CPU is slow).
 """
 
@@ -20,7 +24,9 @@ from blockdiff.core.masks import (
     block_causal,
     block_causal_mask,
     block_diagonal,
+    causal_prefix_mask,
     offset_block_causal,
+    token_causal,
     training_block_mask,
     training_mask,
     training_mask_mod,
@@ -193,6 +199,93 @@ def test_block_causal_mask_new_block_sees_prefix_and_itself():
     assert m[4, 7] and not m[3, 4]  # bidirectional within a block, causal across
 
 
+# -- clean_attention=causal: the token-causal clean stream -------------------------------------------
+def reference_token_causal(n: int, l: int) -> torch.Tensor:
+    """x_0 → x_0 token-causal, from the prose: a clean query at position ``i`` sees the clean keys at positions
+    ``j <= i``; nothing else (no noisy query, no noisy key)."""
+    out = torch.zeros(2 * n, 2 * n, dtype=torch.bool)
+    for q in range(2 * n):
+        for k in range(2 * n):
+            if q >= n and k >= n and (k - n) <= (q - n):
+                out[q, k] = True
+    return out
+
+
+@pytest.mark.parametrize("n,l", CASES)
+def test_token_causal_piece_matches_reference(n, l):
+    q, k = _grid(n)
+    assert torch.equal(token_causal(q, k, n, l), reference_token_causal(n, l))
+
+
+@pytest.mark.parametrize("n,l", CASES)
+def test_causal_clean_training_mask_matches_reference(n, l):
+    ref = reference_parts(n, l)
+    expected = ref["diag"] | ref["offset"] | reference_token_causal(n, l)
+    mask = training_mask(n, l, clean_attention="causal")
+    assert mask.dtype == torch.bool and torch.equal(mask, expected)
+    assert torch.equal(mask[n:, n:], torch.ones(n, n, dtype=torch.bool).tril())  # x_0 -> x_0: a causal decoder
+    assert torch.equal(mask[:n], training_mask(n, l)[:n])  # the noisy rows do not change
+    assert not mask[n:, :n].any(), "x_0 must never attend to x_t"
+    q, k = _grid(n)
+    assert torch.equal(training_mask_mod(n, l, "causal")(None, None, q, k), mask)
+
+
+def test_causal_clean_mask_differs_from_block_causal_only_inside_clean_blocks():
+    n, l = 8, 4
+    diff = training_mask(n, l) ^ training_mask(n, l, clean_attention="causal")
+    q, k = _grid(n)
+    inside = (q >= n) & (k >= n) & ((q - n) // l == (k - n) // l) & (k > q)  # anti-causal cells of a clean block
+    assert torch.equal(diff, inside)
+
+
+def test_unknown_clean_attention_raises():
+    with pytest.raises(ValueError, match="clean_attention"):
+        training_mask(8, 4, clean_attention="bidirectional")
+
+
+def _reference_causal_prefix(qpos, kpos, l, noisy_from):
+    """From the prose: a clean query (< noisy_from) sees keys at its own and earlier positions; a noisy query sees
+    every clean key and the noisy keys of its own block (blocks of l counted from noisy_from)."""
+    out = torch.zeros(len(qpos), len(kpos), dtype=torch.bool)
+    for i, qp in enumerate(qpos):
+        for j, kp in enumerate(kpos):
+            if qp < noisy_from:
+                out[i, j] = kp <= qp
+            else:
+                out[i, j] = kp < noisy_from or (kp - noisy_from) // l == (qp - noisy_from) // l
+    return out
+
+
+@pytest.mark.parametrize(
+    "qpos,kpos,l,noisy_from",
+    [
+        (list(range(12)), list(range(12)), 4, 8),  # [clean prefix ; one noisy block]
+        (list(range(4, 12)), list(range(12)), 4, 8),  # a finished block folded in + the noisy block, cache before
+        (list(range(8, 12)), list(range(12)), 4, 8),  # the noisy block alone against the cache
+        (list(range(9)), list(range(9)), 3, 6),
+        (list(range(10)), list(range(10)), 4, 5),  # a draft block after any committed token (off the grid)
+        (list(range(20, 24)), list(range(10, 24)), 4, 20),  # sliding window
+        (list(range(8)), list(range(8)), 1, 8),  # all clean: a plain causal decoder
+    ],
+)
+def test_causal_prefix_mask_matches_reference(qpos, kpos, l, noisy_from):
+    got = causal_prefix_mask(torch.tensor(qpos), torch.tensor(kpos), l, noisy_from)
+    assert torch.equal(got, _reference_causal_prefix(qpos, kpos, l, noisy_from))
+
+
+@pytest.mark.parametrize("n,l", CASES)
+def test_causal_prefix_mask_is_the_causal_training_mask_seen_from_one_block(n, l):
+    """[x_0 blocks < k ; x_t block k] under causal_prefix_mask = the rows and columns of the causal training mask
+    that the naive per-block loop (test_loss.py) feeds."""
+    full = training_mask(n, l, clean_attention="causal")
+    for blk in range(n // l):
+        start, end = blk * l, (blk + 1) * l
+        pos = torch.arange(end)
+        rows = torch.cat([n + torch.arange(start), torch.arange(start, end)])  # clean prefix, then noisy block
+        want = full[rows][:, rows]
+        assert torch.equal(causal_prefix_mask(pos, pos, l, start), want), (n, l, blk)
+
+
 # -- flex attention (CUDA only) -------------------------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex-attention BlockMask needs CUDA (never compiled on CPU)")
 @pytest.mark.parametrize("n,l", [(128, 16), (256, 32), (128, 128)])
@@ -203,6 +296,20 @@ def test_training_block_mask_matches_dense_on_cuda(n, l):
     block_mask = training_block_mask(n, l, device="cuda")
     q, k, v = (torch.randn(1, 2, 2 * n, 16, device="cuda") for _ in range(3))
     dense = training_mask(n, l, device="cuda")
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense[None, None])
+    got = flex_attention(q, k, v, block_mask=block_mask)
+    assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex-attention BlockMask needs CUDA (never compiled on CPU)")
+def test_causal_clean_block_mask_matches_dense_on_cuda():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    n, l = 128, 16
+    torch.manual_seed(0)
+    block_mask = training_block_mask(n, l, device="cuda", clean_attention="causal")
+    q, k, v = (torch.randn(1, 2, 2 * n, 16, device="cuda") for _ in range(3))
+    dense = training_mask(n, l, device="cuda", clean_attention="causal")
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense[None, None])
     got = flex_attention(q, k, v, block_mask=block_mask)
     assert (got - want).abs().max().item() < 1e-4

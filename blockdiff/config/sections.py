@@ -39,6 +39,20 @@ class LRSchedule(str, enum.Enum):
     constant = "constant"
 
 
+class CleanAttention(str, enum.Enum):
+    """x_0 -> x_0 of the training mask (docs/design.md §4)."""
+
+    block_causal = "block_causal"
+    causal = "causal"
+
+
+class Adapter(str, enum.Enum):
+    """Drafting adapter (docs/design.md §14): none, or a LoRA only noisy rows use, over a frozen decoder."""
+
+    none = "none"
+    gated_lora = "gated_lora"
+
+
 @dataclass
 class ModelConfig:
     family: Family = Family.llama
@@ -52,6 +66,14 @@ class ModelConfig:
     """LoRA rank for fine-tuning (0 = train all weights); needs the peft package."""
     lora_alpha: float = 32.0
     """LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)."""
+    adapter: Adapter = Adapter.none
+    """Drafting adapter: none (train the network itself), or gated_lora: a LoRA on the attention and MLP layers that
+    only the noisy (x_t) rows use; the decoder is frozen, so the clean stream stays the base model bit for bit (saved
+    apart as adapter.safetensors, never merged). Pair with clean_attention=causal to keep the base as exact verifier."""
+    adapter_rank: int = 16
+    """Rank of the gated_lora adapter."""
+    adapter_alpha: float = 32.0
+    """Scaling numerator of the gated_lora adapter (its update is scaled by adapter_alpha / adapter_rank)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, about a third more compute)."""
     init_from: Optional[str] = None
@@ -71,6 +93,9 @@ class ModelConfig:
     """Predict masked token i from the output at i-1; default (null): on for model.pretrained, off otherwise."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa (dense 4-D mask, every device), eager, or flex_attention (CUDA only)."""
+    clean_attention: CleanAttention = CleanAttention.block_causal
+    """Attention inside the clean (x_0) half of the training mask: block_causal (a clean block sees itself and earlier
+    blocks) or causal (token-causal, a plain decoder: the clean stream and its KV cache are then the AR model's)."""
     block_length_mixture: dict[int, float] = field(default_factory=dict)
     """Train on a mixture of block lengths: {L': probability} drawn per training sequence (e.g. {1: 0.1, 4: 0.3, 16:
     0.6}); empty = off. block_length stays the one generation uses."""
@@ -82,6 +107,21 @@ class ModelConfig:
                 raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
         if self.lora_rank < 0:
             raise ConfigError(f"model.lora_rank must be >= 0 (0 = no LoRA), got {self.lora_rank}")
+        if Adapter(self.adapter) is Adapter.gated_lora:
+            if self.adapter_rank < 1 or not self.adapter_alpha > 0:
+                raise ConfigError(
+                    f"model.adapter=gated_lora needs model.adapter_rank >= 1 and model.adapter_alpha > 0, got "
+                    f"{self.adapter_rank} and {self.adapter_alpha}"
+                )
+            if self.lora_rank > 0:
+                raise ConfigError(
+                    "model.adapter=gated_lora freezes the decoder and trains its own adapter; set model.lora_rank=0"
+                )
+            if self.gradient_checkpointing:
+                raise ConfigError(
+                    "model.adapter=gated_lora cannot be combined with model.gradient_checkpointing (the recomputation "
+                    "would run without the adapter's gate; the frozen clean half keeps no activations anyway)"
+                )
         if self.pretrained is not None and self.init_from is not None:
             raise ConfigError("set only one of model.pretrained (a base decoder) and model.init_from (a blockdiff run)")
         if self.hidden_size % self.num_heads:

@@ -3,7 +3,10 @@
 One network path for both uses (docs/design.md §6): a from-scratch network built from a small config, or a
 pretrained decoder. The wrapper adds only what block diffusion needs on top of the decoder:
 
-* the vectorised training forward over ``x_t ⊕ x_0`` with the three-part mask (``masks.py``);
+* the vectorised training forward over ``x_t ⊕ x_0`` with the three-part mask (``masks.py``), whose clean part is
+  block-causal or token-causal (``spec.clean_attention``);
+* an optional drafting adapter that only noisy rows use (``spec.adapter="gated_lora"``, ``adapter.py``): the clean
+  stream is then the frozen decoder itself, bit for bit;
 * the SUBS output: the mask token is never predicted (its logit is ``-inf``);
 * the optional logit shift for AR-initialised backbones (predict token ``i`` from the output at
   ``i-1``; the first token of block ``k`` reads the clean stream at the last position of block ``k-1``);
@@ -20,10 +23,12 @@ A model directory holds
   blockdiff`` registers the type, and ``AutoModelForCausalLM.from_pretrained(dir)`` then gives a
   ``BlockDiffusionLM`` (whose ``generate`` is the block generation). Directories written before this
   (``config.json`` of the decoder's own type) still load with ``BlockDiffusionLM.from_pretrained``;
-* ``blockdiff.json`` — the ``BlockDiffusionSpec`` (mask token, block length, logit shift, context, schedule).
+* ``blockdiff.json`` — the ``BlockDiffusionSpec`` (mask token, block length, logit shift, context, schedule,
+  clean attention, adapter settings).
   Every key must be known: a key this version does not know (a newer blockdiff, or a hand edit) is refused
   rather than ignored, since it could change what the numbers mean; a missing optional key takes its default;
-* ``blockdiff_generation_config.json`` — the generation defaults (``sampling/config.py``).
+* ``blockdiff_generation_config.json`` — the generation defaults (``sampling/config.py``);
+* ``adapter.safetensors`` — only with a gated adapter: its tensors (``adapter.py``; not mergeable into the weights).
 
 Every file is checked on load; a damaged, truncated or inconsistent one is a ``UserError`` naming the file.
 
@@ -33,6 +38,7 @@ Shape legend: ``b`` batch, ``n`` tokens per half, ``q``/``s`` query/key lengths,
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -41,8 +47,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from blockdiff.core.masks import block_causal_mask, training_block_mask, training_mask
+from blockdiff.core.masks import block_causal_mask, causal_prefix_mask, training_block_mask, training_mask
 from blockdiff.errors import MissingFileError, UsageError
+from blockdiff.modeling.adapter import ADAPTER_FILE, GatedLoRA
 from blockdiff.modeling.device import resolve_device
 from blockdiff.modeling.model_files import (
     CONFIG_FILE,
@@ -61,12 +68,13 @@ __all__ = ["BlockDiffusionLM", "BlockDiffusionConfig", "register_auto_classes"]
 
 
 @lru_cache(maxsize=16)
-def _cached_training_mask(n: int, block_length: int, device: str, kind: str):
+def _cached_training_mask(n: int, block_length: int, device: str, kind: str, clean_attention: str = "block_causal"):
     """The training mask without the last clean block (no query ever needs it): ``2n - l`` square."""
     length = 2 * n - block_length
     if kind == "flex_attention":
-        return training_block_mask(n, block_length, None, device=device, length=length)
-    return training_mask(n, block_length, device=device)[None, None, :length, :length]  # (1, 1, 2n-l, 2n-l)
+        return training_block_mask(n, block_length, None, device=device, length=length, clean_attention=clean_attention)
+    mask = training_mask(n, block_length, device=device, clean_attention=clean_attention)
+    return mask[None, None, :length, :length]  # (1, 1, 2n-l, 2n-l)
 
 
 def _annealing_keep(n: int, block_length: int, p: float, generator, device) -> torch.Tensor:
@@ -97,6 +105,7 @@ class BlockDiffusionLM(nn.Module):
             raise UsageError(f"mask_token_id={spec.mask_token_id} is outside the backbone's vocabulary of {vocab}")
         self.backbone = backbone
         self.spec = spec
+        self.adapter = _adapter_for(backbone, spec)  # GatedLoRA or None (a submodule: trains, moves, checkpoints)
         self.generation_config = BlockDiffusionGenerationConfig(
             eos_token_id=backbone.config.eos_token_id, pad_token_id=backbone.config.pad_token_id
         )
@@ -146,16 +155,31 @@ class BlockDiffusionLM(nn.Module):
         other.generation_config = self.generation_config
         return other.train(self.training)
 
+    def train(self, mode: bool = True) -> "BlockDiffusionLM":
+        """As ``nn.Module.train``, except that a frozen decoder under a gated adapter stays in eval mode (no dropout):
+        its clean stream is then the base model in training too, and its cache the one inference computes."""
+        super().train(mode)
+        if self.adapter is not None and not any(p.requires_grad for p in self.backbone.parameters()):
+            self.backbone.eval()
+        return self
+
     # -- the network call -------------------------------------------------------------------------
-    def hidden_states(self, input_ids, position_ids, attention_mask, past_key_values=None, use_cache=False):
-        """Run the decoder body with an explicit 4-D mask and positions; returns ``(hidden (b,q,d), cache)``."""
-        out = self.backbone.base_model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-        )
+    def hidden_states(
+        self, input_ids, position_ids, attention_mask, past_key_values=None, use_cache=False, gate=None
+    ):
+        """Run the decoder body with an explicit 4-D mask and positions; returns ``(hidden (b,q,d), cache)``.
+
+        ``gate`` (b, q): where the gated adapter is on (1: a noisy row, drafting) or off (0: a clean row, the base
+        decoder); ``None`` = off everywhere. Without an adapter it has no effect. The gate holds for this call only."""
+        gated = self.adapter.gated(gate) if self.adapter is not None else nullcontext()
+        with gated:
+            out = self.backbone.base_model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+            )
         return out.last_hidden_state, out.past_key_values
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -195,6 +219,28 @@ class BlockDiffusionLM(nn.Module):
         the spec, and so generation, keeps the model's. ``bidirectional < 1`` anneals the mask: each
         anti-causal cell inside a noisy block stays open with that probability (``curriculum.py``).
         """
+        block_length = block_length or self.block_length
+        h_xt, h_x0 = self.training_streams(xt, x0, block_length, bidirectional, generator)
+        if self.spec.logit_shift:  # block k > 0 reads the clean stream at its last position; block 0 a placeholder
+            before = torch.cat([h_xt[:, :1], h_x0[:, block_length - 1 :: block_length]], dim=1)  # (b, n/l, d)
+            h_xt = self.apply_logit_shift(h_xt, before, block_length)  # (b, n, d); row 0 is a placeholder
+        return h_xt
+
+    def training_streams(
+        self,
+        xt: torch.Tensor,
+        x0: torch.Tensor,
+        block_length: int | None = None,
+        bidirectional: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two halves of the training forward before the logit shift: ``(noisy (b, n, d), clean (b, n - l, d))``,
+        row ``i`` of each being the decoder's output at position ``i`` of ``x_t`` / ``x_0``.
+
+        Without an adapter: one forward over ``x_t ⊕ x_0[:n-l]`` under the training mask. With the gated adapter (on
+        for the x_t rows, off for the x_0 rows) and a dense mask: two forwards with the same result — the clean
+        stream alone first (the base decoder; without gradients when the base is frozen, so the backward pass runs
+        over the ``n`` noisy rows only), then the noisy stream against the clean stream's keys and values."""
         b, n = xt.shape
         block_length = block_length or self.block_length
         if n % block_length:
@@ -202,21 +248,43 @@ class BlockDiffusionLM(nn.Module):
         kind = self.attn_implementation
         if kind == "flex_attention" and xt.device.type != "cuda":
             raise RuntimeError("model.attn_implementation=flex_attention needs CUDA; use sdpa on CPU")
-        mask = _cached_training_mask(n, block_length, str(xt.device), kind)
+        if bidirectional < 1.0 and kind == "flex_attention":
+            raise UsageError("attention-mask annealing needs a dense mask; use attn_implementation=sdpa or eager")
+        mask = _cached_training_mask(n, block_length, str(xt.device), kind, self.spec.clean_attention)
         if bidirectional < 1.0:
-            if kind == "flex_attention":
-                raise UsageError("attention-mask annealing needs a dense mask; use attn_implementation=sdpa or eager")
             mask = mask & _annealing_keep(n, block_length, bidirectional, generator, xt.device)
+        if self.adapter is not None and kind != "flex_attention":
+            return self._split_streams(xt, x0, block_length, mask)
         if kind != "flex_attention":
             mask = self.format_mask(mask)
         clean = n - block_length  # clean tokens fed: all blocks but the last
         positions = torch.cat([torch.arange(n), torch.arange(clean)]).to(xt.device)[None].expand(b, -1)  # (b, n+clean)
-        hidden, _ = self.hidden_states(torch.cat([xt, x0[:, :clean]], dim=1), positions, mask)  # (b, n+clean, d)
-        h_xt, h_x0 = hidden[:, :n], hidden[:, n:]  # (b, n, d), (b, clean, d)
-        if self.spec.logit_shift:  # block k > 0 reads the clean stream at its last position; block 0 a placeholder
-            before = torch.cat([h_xt[:, :1], h_x0[:, block_length - 1 :: block_length]], dim=1)  # (b, n/l, d)
-            h_xt = self.apply_logit_shift(h_xt, before, block_length)  # (b, n, d); row 0 is a placeholder
-        return h_xt
+        gate = (torch.arange(n + clean, device=xt.device) < n)[None] if self.adapter is not None else None  # x_t rows
+        hidden, _ = self.hidden_states(torch.cat([xt, x0[:, :clean]], dim=1), positions, mask, gate=gate)
+        return hidden[:, :n], hidden[:, n:]  # (b, n, d), (b, clean, d)
+
+    def _split_streams(self, xt, x0, block_length: int, mask: torch.Tensor):
+        """``training_streams`` as two forwards (``mask``: the dense training mask (1, 1, n + clean, n + clean) over
+        ``[x_t ; x_0[:clean]]``): the clean stream with the gate off, then the noisy rows, gate on, against its cache
+        (keys ``[x_0[:clean] ; x_t]``)."""
+        b, n = xt.shape
+        clean = n - block_length
+        device = xt.device
+        cache = None
+        h_x0 = torch.zeros(b, 0, self.backbone.config.hidden_size, device=device, dtype=self.backbone.dtype)
+        if clean > 0:
+            base_trainable = any(p.requires_grad for p in self.backbone.parameters())
+            with torch.set_grad_enabled(torch.is_grad_enabled() and base_trainable):
+                h_x0, cache = self.hidden_states(
+                    x0[:, :clean], torch.arange(clean, device=device)[None].expand(b, -1),
+                    self.format_mask(mask[..., n:, n:]), past_key_values=self.new_cache(), use_cache=True,
+                )  # (b, clean, d)
+        noisy_mask = torch.cat([mask[..., :n, n:], mask[..., :n, :n]], dim=-1)  # (1, 1, n, clean + n)
+        h_xt, _ = self.hidden_states(
+            xt, torch.arange(n, device=device)[None].expand(b, -1), self.format_mask(noisy_mask),
+            past_key_values=cache, use_cache=cache is not None, gate=torch.ones(1, n, device=device),
+        )  # (b, n, d)
+        return h_xt, h_x0
 
     def apply_logit_shift(self, noisy: torch.Tensor, before: torch.Tensor, block_length: int | None = None):
         """The logit shift, the one place it is done (docs/design.md §5): row ``i`` of the result is the state that
@@ -240,13 +308,26 @@ class BlockDiffusionLM(nn.Module):
         """An empty KV cache for this network (the block loop writes finished blocks into it)."""
         return DynamicCache(config=self.backbone.config)
 
-    def sampling_mask(self, query_columns: torch.Tensor, key_columns: torch.Tensor, first_valid: torch.Tensor):
+    def sampling_mask(
+        self,
+        query_columns: torch.Tensor,
+        key_columns: torch.Tensor,
+        first_valid: torch.Tensor,
+        noisy_from: int | None = None,
+    ):
         """The attention mask of a sampling forward, formatted for the attention implementation: (b, 1, q, s).
 
         Columns lie on the block grid (column ``c`` is in block ``c // l``). A query sees the keys of its own and
         earlier blocks (``masks.block_causal_mask``), never a key left of its sample's ``first_valid`` column (b,)
-        (left padding), and always itself (so a pad query has no empty row)."""
-        allowed = block_causal_mask(query_columns, key_columns, self.block_length)[None]  # (1, q, s)
+        (left padding), and always itself (so a pad query has no empty row). Under ``spec.clean_attention=causal``
+        the columns before ``noisy_from`` (default: the first column of the last query block) are the clean
+        stream and attend token-causally (``masks.causal_prefix_mask``)."""
+        if self.spec.clean_attention == "causal":
+            if noisy_from is None:
+                noisy_from = int(query_columns[-1]) // self.block_length * self.block_length
+            allowed = causal_prefix_mask(query_columns, key_columns, self.block_length, noisy_from)[None]  # (1, q, s)
+        else:
+            allowed = block_causal_mask(query_columns, key_columns, self.block_length)[None]  # (1, q, s)
         allowed = allowed & (key_columns[None, None, :] >= first_valid[:, None, None])  # (b, q, s)
         allowed |= query_columns[:, None] == key_columns[None, :]
         return self.format_mask(allowed[:, None])  # (b, 1, q, s)
@@ -294,6 +375,8 @@ class BlockDiffusionLM(nn.Module):
         self.config.save_pretrained(directory)  # replaces the decoder's own config.json: plain transformers refuses it
         self.spec.save(directory / SPEC_FILE)
         self.generation_config.save_pretrained(directory, config_file_name=GENERATION_CONFIG_FILE)
+        if self.adapter is not None:
+            self.adapter.save(directory / ADAPTER_FILE)
         honour_umask(directory)
 
     @classmethod
@@ -354,9 +437,29 @@ class BlockDiffusionLM(nn.Module):
                 f"{directory / CONFIG_FILE}; the two files come from different models"
             )
         model = cls(backbone, spec)
+        if model.adapter is not None:
+            model.adapter.load(directory / ADAPTER_FILE)
         if (directory / GENERATION_CONFIG_FILE).is_file():
             model.generation_config = load_generation_config(directory / GENERATION_CONFIG_FILE, spec.block_length)
         return model.to(resolve_device(device)) if device is not None else model
+
+
+def _adapter_for(backbone: PreTrainedModel, spec: BlockDiffusionSpec) -> GatedLoRA | None:
+    """The gated adapter ``spec`` asks for: the one already attached to ``backbone`` (another view of the same
+    network) or a fresh one (``B = 0``: the base model until trained); ``None`` without one."""
+    attached = GatedLoRA.of(backbone)
+    if not spec.has_adapter:
+        if attached is not None:
+            raise UsageError("this decoder carries a gated adapter, but the spec says adapter=none")
+        return None
+    if attached is None:
+        return GatedLoRA.attach(backbone, spec.adapter_rank, spec.adapter_alpha)
+    if (attached.rank, attached.alpha) != (spec.adapter_rank, float(spec.adapter_alpha)):
+        raise UsageError(
+            f"this decoder's gated adapter has rank {attached.rank}, alpha {attached.alpha}; the spec says "
+            f"adapter_rank={spec.adapter_rank}, adapter_alpha={spec.adapter_alpha}"
+        )
+    return attached
 
 
 def register_auto_classes() -> None:

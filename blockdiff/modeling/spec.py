@@ -1,5 +1,10 @@
 """``BlockDiffusionSpec``: what turns a decoder into a block diffuser (mask token, block length, logit shift,
-training context, noise schedule), stored next to the weights as ``blockdiff.json`` and checked on read."""
+training context, noise schedule, clean-stream attention, drafting adapter), stored next to the weights as
+``blockdiff.json`` and checked on read.
+
+The keys added after the first release (``clean_attention``, ``adapter``, ``adapter_rank``, ``adapter_alpha``) are
+written only when they differ from their defaults, so a model that does not use them reads with an older blockdiff;
+a file without them takes the defaults (today's behaviour)."""
 
 from __future__ import annotations
 
@@ -12,7 +17,11 @@ from blockdiff.core.noise import make_schedule
 from blockdiff.errors import UsageError
 from blockdiff.modeling.model_files import read_json_file
 
-__all__ = ["BlockDiffusionSpec"]
+__all__ = ["BlockDiffusionSpec", "CLEAN_ATTENTION_CHOICES", "ADAPTER_CHOICES"]
+
+CLEAN_ATTENTION_CHOICES = ("block_causal", "causal")
+ADAPTER_CHOICES = ("none", "gated_lora")
+_OPTIONAL_DEFAULTS = {"clean_attention": "block_causal", "adapter": "none", "adapter_rank": None, "adapter_alpha": None}
 
 
 def _is_int(value) -> bool:
@@ -31,6 +40,10 @@ class BlockDiffusionSpec:
     logit_shift: bool = False
     max_seq_len: int | None = None  # training context length, for reference
     schedule: str = "loglinear"  # noise schedule it was trained with (evaluation uses the same)
+    clean_attention: str = "block_causal"  # x_0 -> x_0 of the training mask: block_causal or causal (token-causal)
+    adapter: str = "none"  # none, or gated_lora: a LoRA only noisy rows use (modeling/adapter.py, adapter.safetensors)
+    adapter_rank: int | None = None  # gated_lora: rank r
+    adapter_alpha: float | None = None  # gated_lora: the delta is scaled by adapter_alpha / adapter_rank
 
     def __post_init__(self):
         if not _is_int(self.mask_token_id) or self.mask_token_id < 0:
@@ -50,6 +63,28 @@ class BlockDiffusionSpec:
             make_schedule(self.schedule)
         except (ValueError, TypeError) as err:
             raise UsageError(f"schedule: {err}") from None
+        if self.clean_attention not in CLEAN_ATTENTION_CHOICES:
+            raise UsageError(
+                f"clean_attention must be one of {list(CLEAN_ATTENTION_CHOICES)}, got {self.clean_attention!r}"
+            )
+        if self.adapter not in ADAPTER_CHOICES:
+            raise UsageError(f"adapter must be one of {list(ADAPTER_CHOICES)}, got {self.adapter!r}")
+        if self.adapter == "gated_lora":
+            if not _is_int(self.adapter_rank) or self.adapter_rank < 1:
+                raise UsageError(
+                    f"adapter_rank must be an integer >= 1 with adapter=gated_lora, got {self.adapter_rank!r}"
+                )
+            alpha = self.adapter_alpha
+            if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not 0 < alpha < float("inf"):
+                raise UsageError(f"adapter_alpha must be a number > 0 with adapter=gated_lora, got {alpha!r}")
+        elif self.adapter_rank is not None or self.adapter_alpha is not None:
+            raise UsageError(
+                "adapter_rank and adapter_alpha belong to adapter=gated_lora; remove them or set adapter=gated_lora"
+            )
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.adapter != "none"
 
     @classmethod
     def from_file(cls, path: str | Path) -> "BlockDiffusionSpec":
@@ -72,4 +107,5 @@ class BlockDiffusionSpec:
             raise UsageError(f"{path}: {err}") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        data = {k: v for k, v in asdict(self).items() if k not in _OPTIONAL_DEFAULTS or v != _OPTIONAL_DEFAULTS[k]}
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")

@@ -91,9 +91,10 @@ def _forward(model, st: _State, feed_from: int, end: int, use_cache: bool):
     past = st.cache if use_cache else None
     if use_cache and past is None:
         past = model.new_cache()
+    noisy_from = end - model.block_length  # the block being denoised: the noisy stream (adapter on, if any)
     hidden, past = model.hidden_states(
-        st.cols[act, feed_from:end], positions, model.sampling_mask(q_cols, k_cols, first), past_key_values=past,
-        use_cache=use_cache,
+        st.cols[act, feed_from:end], positions, model.sampling_mask(q_cols, k_cols, first, noisy_from),
+        past_key_values=past, use_cache=use_cache, gate=(q_cols >= noisy_from)[None],
     )
     st.nfe += 1
     st.processed += hidden.shape[0] * hidden.shape[1]

@@ -2,8 +2,9 @@
 
 ``build_model(cfg, docs)`` gives ``(tokenizer, BlockDiffusionLM)`` ready to train: a randomly initialised decoder of
 the configured family and size (``build_backbone``), a pretrained decoder (``model.pretrained``), or the network of
-an earlier blockdiff model (``model.init_from``); then the block-diffusion spec, LoRA / gradient checkpointing and
-the sampler defaults saved with the model. These read ``Config`` / ``ModelConfig``, so they live in the training
+an earlier blockdiff model (``model.init_from``); then the block-diffusion spec, LoRA / gradient checkpointing (or
+the gated drafting adapter over a frozen decoder, ``model.adapter=gated_lora``) and the sampler defaults saved with
+the model. These read ``Config`` / ``ModelConfig``, so they live in the training
 layer: the network itself (``modeling/model.py``) never sees a run config (docs/design.md, "Layers").
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from blockdiff.config import Config, ConfigError, Family, ModelConfig
+from blockdiff.config import Adapter, CleanAttention, Config, ConfigError, Family, ModelConfig
 from blockdiff.modeling.io import load_model_dir
 from blockdiff.modeling.model import BlockDiffusionLM
 from blockdiff.modeling.model_files import read_json_file
@@ -51,10 +52,17 @@ def build_model(cfg: Config, docs, tokenizer=None) -> tuple[object, BlockDiffusi
     defaults of the ``sample`` section saved with the model."""
     tokenizer, backbone, inherited_shift = _tokenizer_and_backbone(cfg, docs, tokenizer)
     logit_shift = inherited_shift if cfg.model.logit_shift is None and inherited_shift is not None else cfg.logit_shift
+    gated = Adapter(cfg.model.adapter) is Adapter.gated_lora
     spec = BlockDiffusionSpec(
         tokenizer.mask_token_id, cfg.model.block_length, logit_shift, cfg.data.max_seq_len,
         getattr(cfg.noise.schedule, "value", cfg.noise.schedule),
+        clean_attention=CleanAttention(cfg.model.clean_attention).value,
+        adapter=Adapter(cfg.model.adapter).value,
+        adapter_rank=cfg.model.adapter_rank if gated else None,
+        adapter_alpha=float(cfg.model.adapter_alpha) if gated else None,
     )
+    if gated:  # the decoder is the frozen verifier: only the adapter (attached by BlockDiffusionLM) trains
+        backbone.requires_grad_(False)
     model = BlockDiffusionLM(_adapt_for_training(backbone, cfg), spec)
     model.generation_config.update(
         sampler=cfg.sample.sampler, tau=cfg.sample.tau, steps_per_block=cfg.sample.steps_per_block,
@@ -88,6 +96,12 @@ def _tokenizer_and_backbone(cfg: Config, docs, tokenizer=None):
         )
         return tokenizer, backbone, None
     loaded = load_model_dir(cfg.model.init_from)
+    if loaded.model.adapter is not None and Adapter(cfg.model.adapter) is not Adapter.gated_lora:
+        raise ConfigError(
+            f"model.init_from={cfg.model.init_from} has a gated drafting adapter over a frozen decoder; continue it "
+            f"with model.adapter=gated_lora model.adapter_rank={loaded.model.adapter.rank} "
+            f"model.adapter_alpha={loaded.model.adapter.alpha}"
+        )
     _check_positions(loaded.model.backbone, cfg.data.max_seq_len, f"model.init_from={cfg.model.init_from}")
     return loaded.tokenizer, loaded.model.backbone.train(), loaded.model.spec.logit_shift  # back to training mode
 
