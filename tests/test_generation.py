@@ -644,3 +644,97 @@ def test_a_generator_list_must_match_the_prompts():
     model = tiny_model(4, max_seq_len=64)
     with pytest.raises(ValueError, match="one per prompt"):
         model.generate([[1, 2], [3]], generator=[torch.Generator()], max_new_tokens=4)
+
+
+# -- 7. the lean block step: no mask when none is needed, GQA without copies, head on masked rows -------------
+
+
+def gqa_model(family: str = "llama", block_length: int = 4) -> "BlockDiffusionLM":  # noqa: F821
+    """A tiny grouped-query decoder (4 query heads, 2 key/value heads), fp64 so paths agree to 1e-10."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from blockdiff.modeling.model import BlockDiffusionLM
+    from blockdiff.modeling.spec import BlockDiffusionSpec
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    backbone = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval().double()
+    return BlockDiffusionLM(backbone, BlockDiffusionSpec(MASK_ID, block_length, True, 64))
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """Every SDPA call's (mask given, enable_gqa, is_causal), spied on for one test."""
+    calls, original = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, is_causal=False, enable_gqa=False, **kwargs):
+        calls.append((attn_mask is not None, enable_gqa, is_causal))
+        return original(*args, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_full_attention_and_fast_gqa_equal_the_masked_forward(family, sdpa_calls):
+    """A block over a cached prefix: the all-True 4-D mask (transformers copies K/V per head), no mask at all
+    (FULL_ATTENTION), and the mask with SDPA's enable_gqa give the same hidden states and cache; the decoder's
+    config and the environment are left as they were."""
+    import os
+
+    from blockdiff.modeling.model import FULL_ATTENTION
+
+    model = gqa_model(family)
+    ids = random_tokens(2, 12, seed=1)
+    pos = torch.arange(12)[None].expand(2, -1)
+    cols = torch.arange(12)
+    outs = []
+    for mask, fast in [("dense", False), (FULL_ATTENTION, False), ("dense", True)]:
+        cache = model.new_cache()
+        with torch.no_grad():
+            model.hidden_states(ids[:, :8], pos[:, :8], model.sampling_mask(cols[:8], cols[:8], torch.zeros(2)),
+                                past_key_values=cache, use_cache=True)
+            allowed = model.sampling_mask(cols[8:], cols, torch.zeros(2, dtype=torch.long)) if mask == "dense" else mask
+            sdpa_calls.clear()
+            hidden, cache = model.hidden_states(ids[:, 8:], pos[:, 8:], allowed, past_key_values=cache, use_cache=True,
+                                                fast_gqa=fast)
+        outs.append((hidden, cache.layers[0].keys))
+        assert set(sdpa_calls) == {{"dense": (True, False, False), FULL_ATTENTION: (False, True, False)}[mask]
+                                   if not fast else (True, True, False)}
+    for hidden, keys in outs[1:]:
+        assert torch.allclose(hidden, outs[0][0], atol=1e-10) and torch.equal(keys, outs[0][1])
+    assert not hasattr(model.backbone.config, "is_causal") or model.backbone.config.is_causal
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+
+
+def test_sampling_mask_is_full_attention_exactly_when_it_allows_everything():
+    from blockdiff.modeling.model import FULL_ATTENTION
+
+    model = tiny_model(4)
+    for q0, q, k0, first in [(8, 4, 0, [0, 0]), (8, 4, 0, [0, 3]), (4, 8, 0, [0, 0]), (8, 4, 4, [4, 2]),
+                             (8, 2, 0, [0]), (9, 3, 2, [1, 2])]:
+        q_cols, k_cols = torch.arange(q0, q0 + q), torch.arange(k0, q0 + q)
+        first = torch.tensor(first)
+        dense = model.sampling_mask(q_cols, k_cols, first)
+        full = model.sampling_mask(q_cols, k_cols, first, allow_full=True)
+        assert (full is FULL_ATTENTION) == bool(dense.all()), (q0, q, k0, first)
+        if full is not FULL_ATTENTION:
+            assert torch.equal(full, dense)
+
+
+def test_the_head_runs_on_masked_rows_and_the_mask_is_built_once_per_block(monkeypatch, sdpa_calls):
+    """One token revealed per forward (fixed, k=1): the output head sees 4, 3, 2, 1 rows per block; a ragged
+    batch needs a mask, built at most twice per block (the forward that caches the finished block, the others)."""
+    model = gqa_model()
+    rows, masks = [], []
+    head, build = model.logits, model.sampling_mask
+    monkeypatch.setattr(model, "logits", lambda hidden: rows.append(hidden.shape[0]) or head(hidden))
+    monkeypatch.setattr(model, "sampling_mask", lambda *a, **k: masks.append(1) or build(*a, **k))
+    settings = dict(max_new_tokens=8, sampler="fixed", tokens_per_step=1, eos_token_id=None, temperature=0.0)
+    out = model.generate([[1, 2, 3, 4]], **settings)
+    assert rows == [4, 3, 2, 1] * 2 and out.nfe == 8
+    assert (True, False, False) not in sdpa_calls  # no forward copies K/V for a mask
+    rows.clear(), masks.clear()
+    out = model.generate([[1, 2, 3, 4], [5, 6]], **settings)
+    assert rows == [6, 4, 2, 1] + [8, 6, 4, 2] + [2, 1] and len(masks) <= 2 * 3 < out.nfe == 10

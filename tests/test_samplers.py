@@ -457,3 +457,78 @@ def test_ddpm_sampling_follows_the_schedule_the_model_was_trained_with(monkeypat
     model.spec = replace(model.spec, schedule="cosine")
     model.generate([[1, 2, 3]], max_new_tokens=8, sampler="ddpm", steps_per_block=4, seed=0, eos_token_id=None)
     assert seen.count(CosineSchedule) >= 2  # one sampler per block, each on the trained cosine alpha(t)
+
+
+# -- the fast token choice (choose_rows: inverse CDF, nucleus among topk candidates) -------------------------
+
+
+def _reference_filter(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
+    """top-k then nucleus by their definitions, with a full sort (what filter_logits computes faster)."""
+    if top_k:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
+        size = ((probs.cumsum(-1) - probs < top_p).sum(-1)).clamp(min=1)  # the smallest prefix reaching top_p
+        first = torch.arange(logits.shape[-1]) < size[:, None]  # (r, v) in sorted order
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, first)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    return logits
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, None, None), (1.0, None, None), (1.3, 40, None),
+                                                        (0.8, None, 0.8), (1.0, 300, 0.95), (2.0, 650, None)])
+def test_choose_rows_samples_the_filtered_tempered_distribution(temperature, top_k, top_p):
+    """700 tokens span three chunks of the two-level inverse CDF (the last one partial); the empirical distribution
+    of 20000 draws is within its expected sampling error of softmax(filter(logits) / T), in total variation, and
+    no token outside the filtered support (nor the mask token) is ever drawn."""
+    from blockdiff.sampling.logits import choose_rows
+
+    v, n = 700, 20000
+    row = torch.randn(v, generator=torch.Generator().manual_seed(3)) * 2
+    row[v - 1] = float("-inf")  # the mask token (SUBS), last id
+    target = (_reference_filter(row[None], top_k, top_p)[0] / temperature).softmax(-1)  # (v,)
+    u = torch.rand(n, generator=torch.Generator().manual_seed(4))
+    tokens, conf, probs = choose_rows(row.expand(n, v), u, temperature, top_k, top_p, need_probs=False)
+    assert probs is None and (target[tokens] > 0).all()
+    assert torch.allclose(conf, row.softmax(-1)[tokens])  # the untempered probability
+    freq = torch.bincount(tokens, minlength=v).double() / n
+    tv = 0.5 * (freq - target.double()).abs().sum()
+    expected = 0.5 * (target.double() * (1 - target.double()) / n).sqrt().sum()  # >= E[TV] (Jensen)
+    assert tv < 1.25 * expected + 1e-3, (float(tv), float(expected))
+
+
+def test_the_nucleus_is_the_sorted_definition_at_every_candidate_width():
+    """Rows whose nucleus fits in 256 candidates, in 4096, or needs the whole vocabulary of 6000 (flat)."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 6000, generator=g) * torch.tensor([8.0, 8.0, 2.5, 2.5, 0.05, 0.01])[:, None]
+    for top_p in (0.3, 0.9, 0.999):
+        got = torch.isfinite(filter_logits(logits, top_p=top_p))
+        assert torch.equal(got, torch.isfinite(_reference_filter(logits, None, top_p))), top_p
+    assert torch.isfinite(filter_logits(logits, top_p=0.9)).sum(-1).tolist()[4] > 4096  # the widest case ran
+    tied = torch.zeros(1, 6000)  # exact ties: which tokens is arbitrary (as with a sort), how many is not
+    want = torch.isfinite(_reference_filter(tied, None, 0.5)).sum()
+    assert torch.isfinite(filter_logits(tied, top_p=0.5)).sum() == want
+
+
+def test_inverse_cdf_never_returns_a_zero_weight_entry():
+    from blockdiff.sampling.logits import _inverse_cdf
+
+    weights = torch.zeros(4, 600)
+    weights[0, 5] = 1.0  # a single entry
+    weights[1, 300:302] = 1e-30  # tiny entries in the middle chunk
+    weights[2, ::7] = torch.rand(86, generator=torch.Generator().manual_seed(0))
+    weights[3, 599] = 3.0  # the last entry of the partial chunk
+    for u in (0.0, 0.5, 1.0 - 2**-24):
+        picked = _inverse_cdf(weights, torch.full((4,), u))
+        assert (weights.gather(-1, picked[:, None]) > 0).all(), u
+
+
+def test_choose_rows_greedy_is_the_argmax_without_probs_unless_asked():
+    from blockdiff.sampling.logits import choose_rows
+
+    logits = _random_logits((9, 64), seed=6)
+    tokens, conf, probs = choose_rows(logits, None, 0.0, top_k=3, top_p=0.5, need_probs=False)
+    assert probs is None and torch.equal(tokens, logits.argmax(-1))
+    assert torch.allclose(conf, logits.softmax(-1).max(-1).values)
+    assert torch.allclose(choose_rows(logits, None, 0.0)[2], logits.softmax(-1))

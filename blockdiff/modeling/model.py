@@ -37,8 +37,9 @@ Shape legend: ``b`` batch, ``n`` tokens per half, ``q``/``s`` query/key lengths,
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from contextlib import nullcontext
+import os
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -64,7 +65,11 @@ from blockdiff.modeling.rundir import SPEC_FILE
 from blockdiff.modeling.spec import BlockDiffusionSpec
 from blockdiff.sampling.config import GENERATION_CONFIG_FILE, BlockDiffusionGenerationConfig
 
-__all__ = ["BlockDiffusionLM", "BlockDiffusionConfig", "register_auto_classes"]
+__all__ = ["BlockDiffusionLM", "BlockDiffusionConfig", "register_auto_classes", "FULL_ATTENTION"]
+
+# ``hidden_states``' attention mask meaning "every query sees every key" (no mask is built or passed: SDPA's fast
+# path). ``None`` keeps the decoder's own (causal) default, as in transformers.
+FULL_ATTENTION = "full_attention"
 
 
 @lru_cache(maxsize=16)
@@ -165,22 +170,74 @@ class BlockDiffusionLM(nn.Module):
 
     # -- the network call -------------------------------------------------------------------------
     def hidden_states(
-        self, input_ids, position_ids, attention_mask, past_key_values=None, use_cache=False, gate=None
+        self,
+        input_ids,
+        position_ids,
+        attention_mask,
+        past_key_values=None,
+        use_cache=False,
+        gate=None,
+        *,
+        fast_gqa=False,
     ):
         """Run the decoder body with an explicit 4-D mask and positions; returns ``(hidden (b,q,d), cache)``.
 
         ``gate`` (b, q): where the gated adapter is on (1: a noisy row, drafting) or off (0: a clean row, the base
-        decoder); ``None`` = off everywhere. Without an adapter it has no effect. The gate holds for this call only."""
-        gated = self.adapter.gated(gate) if self.adapter is not None else nullcontext()
-        with gated:
+        decoder); ``None`` = off everywhere. Without an adapter it has no effect. The gate holds for this call only.
+        ``attention_mask=FULL_ATTENTION``: every query sees every key (its cached ones and the fed ones), with no
+        mask at all. ``fast_gqa``: under SDPA on CPU, a grouped-query decoder given a mask attends with SDPA's
+        ``enable_gqa`` instead of copying keys and values per query head (transformers' ``repeat_kv``; same
+        result). Both are the sampling forward's fast paths (docs/benchmarks.md); see ``_attention_options``.
+        """
+        gated = self.adapter.gated(gate) if self.adapter is not None else contextlib.nullcontext()
+        with gated, self._attention_options(attention_mask, fast_gqa, input_ids.device) as kwargs:
             out = self.backbone.base_model(
                 input_ids=input_ids,
                 position_ids=position_ids,
-                attention_mask=attention_mask,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
+                **kwargs,
             )
         return out.last_hidden_state, out.past_key_values
+
+    @contextlib.contextmanager
+    def _attention_options(self, attention_mask, fast_gqa: bool, device: torch.device):
+        """The decoder's keyword arguments for ``attention_mask``, and the settings they need while it runs.
+
+        transformers (5.x) builds a causal mask whenever it is given none, and takes ``enable_gqa`` with a mask only
+        when ``TRANSFORMERS_SDPA_FORCE_GQA=1``. So full attention runs with this backbone's ``config.is_causal``
+        set to False (transformers' switch to a bidirectional mask, which it skips when nothing is masked) and
+        ``is_causal=False`` for SDPA; ``fast_gqa`` sets the variable (on CPU only: on CUDA a mask with GQA would
+        fall back to the math kernel). Both are restored on exit, so they are not meant for concurrent threads."""
+        config = self.backbone.config
+        if isinstance(attention_mask, str):
+            if attention_mask != FULL_ATTENTION:
+                raise ValueError(f"attention_mask must be a tensor, None or FULL_ATTENTION, got {attention_mask!r}")
+            had, old = hasattr(config, "is_causal"), getattr(config, "is_causal", None)
+            config.is_causal = False
+            try:
+                yield {"attention_mask": None, "is_causal": False}
+            finally:
+                if had:
+                    config.is_causal = old
+                else:
+                    del config.is_causal
+            return
+        gqa = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+        grouped = gqa is not None and gqa != getattr(config, "num_attention_heads", gqa)
+        if not (fast_gqa and grouped and attention_mask is not None and device.type == "cpu"
+                and self.attn_implementation == "sdpa"):
+            yield {"attention_mask": attention_mask}
+            return
+        old = os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+        os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
+        try:
+            yield {"attention_mask": attention_mask}
+        finally:
+            if old is None:
+                del os.environ["TRANSFORMERS_SDPA_FORCE_GQA"]
+            else:
+                os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = old
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Output head + SUBS: the mask token gets ``-inf`` (never predicted). ``(b, q, d) -> (b, q, v)``."""
@@ -314,20 +371,29 @@ class BlockDiffusionLM(nn.Module):
         key_columns: torch.Tensor,
         first_valid: torch.Tensor,
         noisy_from: int | None = None,
+        *,
+        allow_full: bool = False,
     ):
         """The attention mask of a sampling forward, formatted for the attention implementation: (b, 1, q, s).
 
-        Columns lie on the block grid (column ``c`` is in block ``c // l``). A query sees the keys of its own and
-        earlier blocks (``masks.block_causal_mask``), never a key left of its sample's ``first_valid`` column (b,)
-        (left padding), and always itself (so a pad query has no empty row). Under ``spec.clean_attention=causal``
-        the columns before ``noisy_from`` (default: the first column of the last query block) are the clean
-        stream and attend token-causally (``masks.causal_prefix_mask``)."""
+        Columns lie on the block grid (column ``c`` is in block ``c // l``), ascending. A query sees the keys of its
+        own and earlier blocks (``masks.block_causal_mask``), never a key left of its sample's ``first_valid`` column
+        (b,) (left padding), and always itself (so a pad query has no empty row). Under
+        ``spec.clean_attention=causal`` the columns before ``noisy_from`` (default: the first column of the last
+        query block) are the clean stream and attend token-causally (``masks.causal_prefix_mask``). With
+        ``allow_full``, a mask that would allow everything (the queries are one block, no key is padding) is
+        ``FULL_ATTENTION`` instead, for ``hidden_states``."""
+        l = self.block_length
+        if allow_full and int(key_columns[-1]) // l <= int(query_columns[0]) // l and int(first_valid.max()) <= int(
+            key_columns[0]
+        ):
+            return FULL_ATTENTION
         if self.spec.clean_attention == "causal":
             if noisy_from is None:
-                noisy_from = int(query_columns[-1]) // self.block_length * self.block_length
-            allowed = causal_prefix_mask(query_columns, key_columns, self.block_length, noisy_from)[None]  # (1, q, s)
+                noisy_from = int(query_columns[-1]) // l * l
+            allowed = causal_prefix_mask(query_columns, key_columns, l, noisy_from)[None]  # (1, q, s)
         else:
-            allowed = block_causal_mask(query_columns, key_columns, self.block_length)[None]  # (1, q, s)
+            allowed = block_causal_mask(query_columns, key_columns, l)[None]  # (1, q, s)
         allowed = allowed & (key_columns[None, None, :] >= first_valid[:, None, None])  # (b, q, s)
         allowed |= query_columns[:, None] == key_columns[None, :]
         return self.format_mask(allowed[:, None])  # (b, 1, q, s)

@@ -57,6 +57,7 @@ class Sampler:
     with ``registry.register_sampler`` (docs/design.md §9)."""
 
     name: ClassVar[str]
+    needs_probs: ClassVar[bool] = False  # whether ``step`` reads ``probs`` (the block loop skips them otherwise)
 
     @classmethod
     def from_config(cls, config, schedule=None) -> "Sampler":
@@ -73,7 +74,8 @@ class Sampler:
         probs: torch.Tensor | None = None,
     ) -> StepResult:
         """One step. ``tokens``/``confidence`` (b, l): a proposal for every position (from ``choose_tokens``);
-        ``probs`` (b, l, v): the model's distribution there, for samplers that need more than the proposal."""
+        ``probs`` (b, l, v): the model's distribution there, for samplers that need more than the proposal (passed
+        only to those that set ``needs_probs``; zero at unmasked positions)."""
         raise NotImplementedError
 
 

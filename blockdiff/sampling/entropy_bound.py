@@ -24,6 +24,7 @@ __all__ = ["EntropyBoundSampler"]
 @dataclass
 class EntropyBoundSampler(Sampler):
     name = "entropy_bound"
+    needs_probs = True
 
     entropy_bound: float = knob(0.5, "reveal lowest-entropy tokens while sum - max <= this (nats)")
 

@@ -24,6 +24,11 @@ sample, the forwards that denoised it (its block still had masks), which is what
 kept new tokens of *all* samples per batch forward (so it grows with the batch); ``sample_tokens_per_forward``
 is the per-sequence figure.
 
+What a step costs (docs/benchmarks.md, "Cost of a forward"): the decoder body, then the output head and the
+token choice on the rows that are still masked only (``choose_rows``). The attention mask of a forward is built
+once per block (``_mask``); a forward over the current block alone with no padding in the window needs none
+(``model.sampling_mask(..., allow_full=True)``), so SDPA runs without a mask.
+
 Lengths: ``max_new_tokens`` is compared with ``column - gen_start`` (never added to a column index), so any
 value up to ``2**63 - 1`` just means "until EOS".
 
@@ -41,9 +46,9 @@ from transformers import DynamicCache
 
 from blockdiff.core.noise import make_schedule
 from blockdiff.errors import UsageError
-from blockdiff.sampling.base import BlockState, Sampler, reveal
+from blockdiff.sampling.base import BlockState, Sampler, reveal, uniform
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
-from blockdiff.sampling.logits import choose_tokens
+from blockdiff.sampling.logits import choose_rows
 from blockdiff.sampling.outputs import GenerationOutput, StepEvent
 from blockdiff.sampling.registry import make_sampler
 
@@ -64,6 +69,7 @@ class _State:
     processed: int = 0
     max_cache: int = 0
     sample_nfe: torch.Tensor | None = None  # (B,) forwards that denoised each sample
+    masks: dict = field(default_factory=dict)  # the attention masks of the current block's forwards, by shape
     final_length: dict[int, int] = field(default_factory=dict)  # new tokens kept, per finished sample
     stop_reason: dict[int, str] = field(default_factory=dict)
 
@@ -93,8 +99,8 @@ def _forward(model, st: _State, feed_from: int, end: int, use_cache: bool):
         past = model.new_cache()
     noisy_from = end - model.block_length  # the block being denoised: the noisy stream (adapter on, if any)
     hidden, past = model.hidden_states(
-        st.cols[act, feed_from:end], positions, model.sampling_mask(q_cols, k_cols, first, noisy_from),
-        past_key_values=past, use_cache=use_cache, gate=(q_cols >= noisy_from)[None],
+        st.cols[act, feed_from:end], positions, _mask(model, st, q_cols, k_cols, first, noisy_from),
+        past_key_values=past, use_cache=use_cache, gate=(q_cols >= noisy_from)[None], fast_gqa=True,
     )
     st.nfe += 1
     st.processed += hidden.shape[0] * hidden.shape[1]
@@ -103,8 +109,23 @@ def _forward(model, st: _State, feed_from: int, end: int, use_cache: bool):
     return hidden, past
 
 
+def _mask(model, st: _State, q_cols: torch.Tensor, k_cols: torch.Tensor, first: torch.Tensor, noisy_from: int):
+    """The sampling mask of a forward (``model.sampling_mask``), built once per block: the forwards of a block
+    that feed the same columns share it (``st.masks`` is emptied when a block starts)."""
+    key = (int(q_cols[0]), len(q_cols), int(k_cols[0]), len(k_cols))
+    if key not in st.masks:
+        st.masks[key] = model.sampling_mask(q_cols, k_cols, first, noisy_from, allow_full=True)
+    return st.masks[key]
+
+
 def _block_logits(model, st: _State, start: int, end: int, use_cache: bool) -> torch.Tensor:
     """Logits (b, l, v) for the block at columns ``[start, end)``; folds the finished block into the cache."""
+    return model.logits(_block_rows(model, st, start, end, use_cache))
+
+
+def _block_rows(model, st: _State, start: int, end: int, use_cache: bool) -> torch.Tensor:
+    """The hidden states (b, l, d) that predict the block at columns ``[start, end)`` (logit shift applied: the
+    output head turns them into its logits); folds the finished block into the cache."""
     feed_from = st.cache_end if use_cache else st.window_start
     hidden, past = _forward(model, st, feed_from, end, use_cache)  # (b, q, d)
     if use_cache:
@@ -118,7 +139,7 @@ def _block_logits(model, st: _State, start: int, end: int, use_cache: bool) -> t
         else:
             prev = st.last_hidden if st.last_hidden is not None else torch.zeros_like(rows[:, 0])
         rows = model.apply_logit_shift(rows, prev[:, None])  # (b, l, d)
-    return model.logits(rows)
+    return rows
 
 
 def _slide(model, st: _State, window: int) -> None:
@@ -183,6 +204,7 @@ def generate(
         start = st.cols.shape[1] - l  # the new block is always the last l columns
         if window is not None:
             _slide(model, st, window)
+        st.masks.clear()  # new columns, perhaps fewer samples: the block's forwards build their masks afresh
         tokens = _denoise_block(model, st, start, config, sampler, generator, observer, eos_ids)  # (b, l)
         st.cols[torch.tensor(st.active, device=device), start:] = tokens
         keep = _finish_samples(st, start, l, config.max_new_tokens, eos_ids, stops, tokenizer)
@@ -257,18 +279,18 @@ def _denoise_block(
     hard_cap = num_steps + 2 * l  # samplers finish sooner; the cap guards bugs
     if isinstance(generator, list):  # per-sample generators of the samples still in the batch
         generator = [generator[i] for i in st.active]
+    need_probs = sampler.needs_probs
     logits, changed = None, True
     while state.masked.any():
         ran = logits is None or changed or not config.reuse_predictions
-        if ran:  # otherwise nothing changed since the last forward: its prediction is still exact
+        if ran:  # otherwise nothing changed since the last forward (nor which rows are masked): its logits stand
             st.cols[act, start:] = state.tokens
             st.sample_nfe[act[state.masked.any(-1)].cpu()] += 1  # the samples this forward denoises
-            logits = _block_logits(model, st, start, start + l, config.use_cache)  # (b, l, v)
+            rows = _block_rows(model, st, start, start + l, config.use_cache)  # (b, l, d)
+            logits = model.logits(rows[state.masked])  # (r, v): the head runs on the masked rows only
             if no_eos is not None:
-                logits[..., eos_cols] = logits[..., eos_cols].masked_fill(no_eos[..., None], float("-inf"))
-        proposal, conf, probs = choose_tokens(
-            logits, temperature, config.top_k, config.top_p, generator, rows=state.masked.any(-1)
-        )
+                logits[:, eos_cols] = logits[:, eos_cols].masked_fill(no_eos[state.masked][:, None], float("-inf"))
+        proposal, conf, probs = _choose(logits, state, temperature, config, generator, need_probs)
         step = sampler.step if state.step < hard_cap else _force
         result = step(proposal, conf, state, generator, probs)
         tokens = result.tokens.masked_fill(result.remasked, mask_id)
@@ -279,6 +301,25 @@ def _denoise_block(
     if observer is not None:
         observer(_event(st, start, l, state, None, False, None, finished=True))
     return state.tokens
+
+
+def _choose(logits, state: BlockState, temperature: float, config, generator, need_probs: bool):
+    """Token choice at the masked positions (``logits`` (r, v) holds their rows), as the samplers take it:
+    ``(proposal (b, l), confidence (b, l), probs (b, l, v) or None)``; unmasked positions get token 0, confidence 0
+    and zero probabilities (a sampler reveals masked positions only). Sampling draws one ``U[0, 1)`` per position of
+    the block (``uniform``: with per-sample generators only the samples still denoising draw)."""
+    masked = state.masked  # (b, l)
+    u = None
+    if temperature != 0:
+        u = uniform(masked.shape, generator, masked.device, rows=masked.any(-1))[masked]  # (r,)
+    tokens, confidence, probs = choose_rows(logits, u, temperature, config.top_k, config.top_p, need_probs)
+    proposal = torch.zeros(masked.shape, dtype=torch.long, device=masked.device).masked_scatter(masked, tokens)
+    conf = torch.zeros(masked.shape, device=masked.device).masked_scatter(masked, confidence)
+    if probs is not None:
+        full = probs.new_zeros((*masked.shape, probs.shape[-1]))  # (b, l, v)
+        full[masked] = probs
+        probs = full
+    return proposal, conf, probs
 
 
 def _finish_samples(
