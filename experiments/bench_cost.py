@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from blockdiff.modeling.model import BlockDiffusionLM  # noqa: E402
 from blockdiff.modeling.spec import BlockDiffusionSpec  # noqa: E402
-from blockdiff.sampling.generation import _block_rows, _layout  # noqa: E402
+from blockdiff.sampling.grid import _block_rows, _layout  # noqa: E402
 
 KS = (1, 2, 4, 8, 16, 32, 64)
 PREFIX = 128
