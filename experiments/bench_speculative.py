@@ -183,6 +183,12 @@ def run(args, console: Console) -> dict:
     began = time.perf_counter()
     model, base, judge, tok, cfg, base_name = load(args)
     has_base = args.base is not None or cfg.model.pretrained is not None  # a separate verifier for the two-model rows
+    positions = getattr(base.config, "max_position_embeddings", None)
+    if positions is not None and args.prompt_tokens + args.new_tokens > positions:
+        raise SystemExit(
+            f"--prompt-tokens + --new-tokens = {args.prompt_tokens + args.new_tokens} exceeds the base's {positions} "
+            "positions: speculative decoding stops there while HF generate() runs on; shorten them"
+        )
     prompts = heldout_prompts(cfg, tok, args.num_prompts, args.prompt_tokens)
     rows = rows_for(model, has_base, args.temperature)
     counter = CountForwards(base)
