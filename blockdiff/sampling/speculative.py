@@ -183,26 +183,9 @@ def speculative_generate(
     tokens). ``check_base``: refuse a drafter that does not look fine-tuned from this verifier
     (``check_verifier``); pass ``False`` to pair unrelated models (still exact, only slower).
     """
-    if input_ids is None:
-        raise UsageError("give the prompt: speculative_generate(verifier, drafter, input_ids) (drafter None: fused)")
-    prompt = _prompt(input_ids)
-    pair = _speculator(verifier, drafter, check_base)
-    if do_sample is False:
-        temperature = 0.0
-    _check_settings(max_new_tokens, temperature, top_k, top_p)
-    if any(not 0 <= t < pair.vocab_size for t in prompt):
-        raise UsageError(f"prompt token ids must be in [0, {pair.vocab_size}) (the verifier's vocabulary)")
-    sampling = Sampling(pair.vocab_size, float(temperature), top_k, top_p)
-    base = pair.verifier_model
-    if eos_token_id is None:  # what the verifier's own generate() would stop at
-        defaults = getattr(base, "generation_config", None) or base.config
-        eos_token_id = defaults.eos_token_id
-    eos = set(eos_token_id if isinstance(eos_token_id, list) else [] if eos_token_id is None else [eos_token_id])
-    positions = getattr(base.config, "max_position_embeddings", None)
-    if positions is not None and len(prompt) >= positions:
-        raise UsageError(
-            f"a prompt of {len(prompt)} tokens leaves no room in the verifier's {positions} positions; shorten it"
-        )
+    prompt, pair, sampling, eos, positions = _prepare(
+        verifier, drafter, input_ids, check_base, max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id
+    )
     pair.reset()
     committed, hist, drafted, reason = list(prompt), [], 0, None
     if streamer is not None:
@@ -231,6 +214,33 @@ def speculative_generate(
     if streamer is not None:
         streamer.end()
     return _output(prompt, committed, reason, pair, hist, drafted)
+
+
+def _prepare(
+    verifier, drafter, input_ids, check_base, max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id
+):
+    """Every input check before any forward: ``(prompt, speculator, sampling, EOS ids, verifier positions)``."""
+    if input_ids is None:
+        raise UsageError("give the prompt: speculative_generate(verifier, drafter, input_ids) (drafter None: fused)")
+    prompt = _prompt(input_ids)
+    pair = _speculator(verifier, drafter, check_base)
+    if do_sample is False:
+        temperature = 0.0
+    _check_settings(max_new_tokens, temperature, top_k, top_p)
+    if any(not 0 <= t < pair.vocab_size for t in prompt):
+        raise UsageError(f"prompt token ids must be in [0, {pair.vocab_size}) (the verifier's vocabulary)")
+    sampling = Sampling(pair.vocab_size, float(temperature), top_k, top_p)
+    base = pair.verifier_model
+    if eos_token_id is None:  # what the verifier's own generate() would stop at
+        defaults = getattr(base, "generation_config", None) or base.config
+        eos_token_id = defaults.eos_token_id
+    eos = set(eos_token_id if isinstance(eos_token_id, list) else [] if eos_token_id is None else [eos_token_id])
+    positions = getattr(base.config, "max_position_embeddings", None)
+    if positions is not None and len(prompt) >= positions:
+        raise UsageError(
+            f"a prompt of {len(prompt)} tokens leaves no room in the verifier's {positions} positions; shorten it"
+        )
+    return prompt, pair, sampling, eos, positions
 
 
 def _speculator(verifier, drafter, check_base: bool):
