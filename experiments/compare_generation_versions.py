@@ -7,6 +7,11 @@ Each round runs one subprocess per tree (``PYTHONPATH=<tree>``): a random demo-s
 4 layers, vocab 2048, block length 4), 256 new tokens with the threshold sampler (tau 0.9, temperature
 0.8, seeded), one warm-up call first. Prints the per-round ratio (after / before) and its median.
 OMP_WAIT_POLICY=PASSIVE is set for the children (libgomp's spin-waiting makes shared-machine timings erratic).
+
+``--model-dir DIR`` times a saved model instead (``BlockDiffusionLM.from_pretrained`` in each tree, e.g. SmolLM2
+with a mask token written by ``save_pretrained``); ``--block-length``, ``--batch`` (that many copies of the
+prompt), ``--new-tokens`` and ``--temperature`` change the generation (defaults: the model's block length, 1,
+256, 0.8).
 """
 
 from __future__ import annotations
@@ -18,25 +23,34 @@ import subprocess
 import sys
 
 CHILD = r"""
-import time, torch
+import sys, time, torch
 torch.set_num_threads(2)
-from blockdiff.config import ModelConfig
 from blockdiff import BlockDiffusionLM, BlockDiffusionSpec, build_backbone  # the same import in older trees
+model_dir, block_length, batch, new_tokens, temperature = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
+    int(sys.argv[4]), float(sys.argv[5])
 torch.manual_seed(0)
-cfg = ModelConfig(hidden_size=192, num_layers=4, num_heads=4, block_length=4)
-backbone = build_backbone(cfg, vocab_size=2048, max_seq_len=512).eval()
-model = BlockDiffusionLM(backbone, BlockDiffusionSpec(2047, 4, False, 512))
-ids = [[1, 5, 9, 13]]
-model.generate(ids, max_new_tokens=32, sampler="threshold", temperature=0.0, eos_token_id=None)
+if model_dir:
+    model = BlockDiffusionLM.from_pretrained(model_dir).eval()
+else:
+    from blockdiff.config import ModelConfig
+    cfg = ModelConfig(hidden_size=192, num_layers=4, num_heads=4, block_length=4)
+    backbone = build_backbone(cfg, vocab_size=2048, max_seq_len=512).eval()
+    model = BlockDiffusionLM(backbone, BlockDiffusionSpec(2047, 4, False, 512))
+if block_length:
+    model = model.with_block_length(block_length)
+ids = [[1, 5, 9, 13] + list(range(20, 20 + i)) for i in range(batch)]
+model.generate(ids, max_new_tokens=min(32, new_tokens), sampler="threshold", temperature=0.0, eos_token_id=None)
 start = time.perf_counter()
-out = model.generate(ids, max_new_tokens=256, sampler="threshold", tau=0.9, temperature=0.8, eos_token_id=None, seed=0)
+out = model.generate(ids, max_new_tokens=new_tokens, sampler="threshold", tau=0.9, temperature=temperature,
+                     eos_token_id=None, seed=0)
 print(time.perf_counter() - start, out.nfe)
 """
 
 
-def seconds(tree: str) -> float:
+def seconds(tree: str, settings: list[str]) -> float:
     env = {**os.environ, "PYTHONPATH": os.path.abspath(tree), "OMP_WAIT_POLICY": "PASSIVE"}
-    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True, cwd="/")
+    out = subprocess.run([sys.executable, "-c", CHILD, *settings], env=env, capture_output=True, text=True, check=True,
+                         cwd="/")
     return float(out.stdout.split()[0])
 
 
@@ -45,10 +59,17 @@ def main() -> None:
     parser.add_argument("before")
     parser.add_argument("after")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--model-dir", default="")
+    parser.add_argument("--block-length", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.8)
     args = parser.parse_args()
+    settings = [os.path.abspath(args.model_dir) if args.model_dir else "", str(args.block_length), str(args.batch),
+                str(args.new_tokens), str(args.temperature)]
     ratios = []
     for r in range(args.rounds):
-        before, after = seconds(args.before), seconds(args.after)
+        before, after = seconds(args.before, settings), seconds(args.after, settings)
         ratios.append(after / before)
         print(f"round {r}: before {before:.2f} s, after {after:.2f} s, ratio {ratios[-1]:.3f}", flush=True)
     print(f"median after/before: {statistics.median(ratios):.3f} over {args.rounds} rounds")

@@ -36,9 +36,10 @@ from blockdiff.core.noise import make_schedule
 from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.modeling.adapter import ADAPTER_FILE, GatedLoRA, target_modules
 from blockdiff.modeling.io import load_model_dir
-from blockdiff.modeling.model import BlockDiffusionLM, _cached_training_mask
+from blockdiff.modeling.model import BlockDiffusionLM
 from blockdiff.modeling.pretrained import load_pretrained
 from blockdiff.modeling.spec import BlockDiffusionSpec
+from blockdiff.modeling.training_forward import _cached_training_mask
 
 FAMILIES = ["llama", "qwen2", "gpt2"]
 KEEP = torch.arange(64) != MASK_ID

@@ -36,7 +36,8 @@ import torch
 from conftest import MASK_ID, random_tokens, tiny_model, train_tiny_cli_run
 
 from blockdiff.sampling.config import SAMPLERS as ALL_SAMPLERS
-from blockdiff.sampling.generation import GenerationOutput, _block_logits, _layout
+from blockdiff.sampling.generation import GenerationOutput
+from blockdiff.sampling.grid import _block_logits, _layout
 
 PAD = 0
 SAMPLERS = list(ALL_SAMPLERS)  # every sampler the config accepts, new ones included

@@ -211,6 +211,7 @@ SHIPPED = sorted(
     [
         *Path(__file__).resolve().parents[1].glob("configs/sweeps/*.yaml"),
         *Path(__file__).resolve().parents[1].glob("experiments/block_length/*.yaml"),
+        *Path(__file__).resolve().parents[1].glob("experiments/clean_attention/*.yaml"),
     ]
 )
 

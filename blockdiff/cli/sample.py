@@ -140,23 +140,25 @@ def _base_of(loaded) -> str:
 
 
 def _speculate(args, loaded, prompts: list[str]) -> None:
-    """Each prompt on its own (speculative decoding is batch 1): the base decoder verifies the model's drafts."""
+    """Each prompt on its own (speculative decoding is batch 1). A model with a gated adapter over its frozen decoder
+    and a token-causal clean stream verifies its own drafts in the same forward (``sampling/fused.py``); any other
+    model drafts for a separate base decoder (``--base``, default its ``model.pretrained``), which verifies. ``--base``
+    given for a fused model picks the two-model path."""
     import torch
 
-    from blockdiff.modeling.pretrained import load_decoder
     from blockdiff.sampling import encode_prompts
-    from blockdiff.sampling.speculative import BlockDrafter, check_verifier, speculative_generate
+    from blockdiff.sampling.speculative import FusedBlockDiffusion, speculative_generate, supports_fused
 
-    name = args.base or _base_of(loaded)
-    verifier, verifier_tokenizer, _ = load_decoder(name, what="--base")
-    verifier = verifier.to(loaded.model.device).eval()
-    drafter = BlockDrafter(loaded.model)
-    check_verifier(verifier, drafter, tokenizer=loaded.tokenizer, verifier_tokenizer=verifier_tokenizer)
+    if supports_fused(loaded.model) and args.base is None:
+        pair, drafter, who = FusedBlockDiffusion(loaded.model), None, "fused: the model's own frozen base verifies"
+    else:
+        pair, drafter, name = _two_models(args, loaded)
+        who = f"{name} verifies"
     config = loaded.model.generation_config
     for i, ids in enumerate(encode_prompts(loaded.tokenizer, prompts)):
         generator = torch.Generator(device=loaded.model.device).manual_seed(args.seed + i)
         out = speculative_generate(
-            verifier, drafter, ids, max_new_tokens=config.max_new_tokens, temperature=config.temperature or 0.0,
+            pair, drafter, ids, max_new_tokens=config.max_new_tokens, temperature=config.temperature or 0.0,
             do_sample=config.do_sample, top_k=config.top_k, top_p=config.top_p,
             eos_token_id=loaded.tokenizer.eos_token_id, generator=generator,
         )
@@ -164,12 +166,28 @@ def _speculate(args, loaded, prompts: list[str]) -> None:
         reasons = {"eos": "EOS", "max_new_tokens": "max_new_tokens", "max_length": "the verifier's context"}
         console.rule(f"sample {i}: {int(out.lengths[0])} tokens, stopped at {reasons[out.stop_reasons[0]]}")
         console.print(prompts[i] + text, markup=False, highlight=False)
+        forwards = (
+            f"{out.verifier_forwards} forwards (1 forward per step: verify + draft)" if drafter is None
+            else f"{out.verifier_forwards} verifier + {out.drafter_forwards} drafter forwards"
+        )
         console.print(
-            f"speculative ({name} verifies): {out.verifier_forwards} verifier + {out.drafter_forwards} drafter "
-            f"forwards, {out.tokens_per_verifier_forward:.2f} new tokens per verifier forward, "
-            f"{out.acceptance_rate:.0%} of drafts kept; drafts kept per step: {out.acceptance_histogram}",
+            f"speculative ({who}): {forwards}, {out.tokens_per_verifier_forward:.2f} new tokens per verifier "
+            f"forward, {out.acceptance_rate:.0%} of drafts kept; drafts kept per step: {out.acceptance_histogram}",
             highlight=False,
         )
+
+
+def _two_models(args, loaded):
+    """``(verifier, BlockDrafter, base name)``: the base decoder loaded and checked against the model."""
+    from blockdiff.modeling.pretrained import load_decoder
+    from blockdiff.sampling.speculative import BlockDrafter, check_verifier
+
+    name = args.base or _base_of(loaded)
+    verifier, verifier_tokenizer, _ = load_decoder(name, what="--base")
+    verifier = verifier.to(loaded.model.device).eval()
+    drafter = BlockDrafter(loaded.model)
+    check_verifier(verifier, drafter, tokenizer=loaded.tokenizer, verifier_tokenizer=verifier_tokenizer)
+    return verifier, drafter, name
 
 
 def _read_prompts(args) -> list[str]:
@@ -218,9 +236,13 @@ def add_arguments(p):
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
     p.add_argument(
         "--speculative", action="store_true",
-        help="lossless speculative decoding: the model drafts blocks, its base decoder verifies (one prompt at a time)",
+        help="lossless speculative decoding: the model drafts blocks, its base decoder verifies (one prompt at a time; "
+        "in one forward per step for a model with a gated adapter and a causal clean stream)",
     )
-    p.add_argument("--base", help="with --speculative: the verifier (default: the model.pretrained it was tuned from)")
+    p.add_argument(
+        "--base", help="with --speculative: a separate verifier (default: the model's own frozen base when it has a "
+        "gated adapter and a causal clean stream, else the model.pretrained it was tuned from)",
+    )
 
 
 def add_sampler_flags(p) -> None:

@@ -24,12 +24,9 @@ Shape legend: ``b`` batch (prompts of one ``generate`` call), ``p`` prompt token
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import math
-import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -41,19 +38,15 @@ import torch
 
 from blockdiff.config import DataConfig
 from blockdiff.data.corpus import load_documents, pack_documents
+from blockdiff.data.distill_store import check_resume, clear_unfinished, plan_out_dir, remove_new_set, write_shard
 from blockdiff.data.distilled import (
-    FEATURES,
     MANIFEST,
-    SHARDS,
-    DistilledSetError,
     DistillSettings,
     finished_shards,
     is_distilled_source,
-    read_settings,
-    shard_name,
     tokenizer_fingerprint,
 )
-from blockdiff.errors import MissingFileError, UsageError, WouldOverwriteError
+from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.files import write_text_atomic
 from blockdiff.modeling.device import resolve_device
 from blockdiff.modeling.rundir import SPEC_FILE
@@ -62,8 +55,6 @@ from blockdiff.modeling.tokenizer import ensure_special_tokens
 __all__ = ["Progress", "DistillResult", "check_settings", "select_prompts", "generate_continuations", "distill"]
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
-_SHARD_DIR = re.compile(r"shard-\d{5}")
-_SHARD_TMP = re.compile(r"\.shard-\d{5}\.tmp-.*")
 
 
 @dataclass
@@ -123,73 +114,6 @@ def _corpus_keys(data: DataConfig) -> dict:
 
 
 # -- the output directory: new, ours to resume, or ours to replace ----------------------------------------------------
-
-
-def _foreign_entries(out_dir: Path) -> list[str]:
-    """Entries of ``out_dir`` a distilled set never holds."""
-    found = [p.name for p in out_dir.iterdir() if p.name not in (MANIFEST, SHARDS)]
-    shards = out_dir / SHARDS
-    if shards.exists() and not shards.is_dir():
-        found.append(SHARDS)
-    elif shards.is_dir():
-        found += [
-            f"{SHARDS}/{p.name}" for p in shards.iterdir()
-            if not (p.is_dir() and (_SHARD_DIR.fullmatch(p.name) or _SHARD_TMP.fullmatch(p.name)))
-        ]
-    if not (out_dir / MANIFEST).is_file():
-        found.append(f"no {MANIFEST}")
-    return sorted(found)
-
-
-def _plan_out_dir(out_dir: Path, overwrite: bool, asked: DistillSettings) -> str:
-    """``"new"``, ``"resume"`` or ``"replace"`` for ``out_dir``; refuses (changing nothing) a folder that is not a
-    distilled set, and one made with other settings unless ``overwrite``. ``asked.tokenizer`` is not compared here
-    (the teacher is not loaded yet); ``_check_resume`` compares it."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise WouldOverwriteError(f"--out {out_dir} is a file, not a directory; choose another --out")
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
-        return "new"
-    foreign = _foreign_entries(out_dir)
-    if foreign:
-        raise WouldOverwriteError(
-            f"--out {out_dir} is not empty and is not a distilled set ({', '.join(foreign[:5])}); nothing was deleted. "
-            "Choose another --out"
-        )
-    if overwrite:
-        return "replace"
-    _check_resume(out_dir, replace(asked, tokenizer=read_settings(out_dir).tokenizer))
-    return "resume"
-
-
-def _check_resume(out_dir: Path, asked: DistillSettings) -> None:
-    diffs = asked.differences(read_settings(out_dir))
-    if diffs:
-        raise DistilledSetError(
-            f"--out {out_dir} holds a distilled set made with other settings — {'; '.join(diffs)}. Resume it with the "
-            "same settings, choose another --out, or pass --overwrite to replace it"
-        )
-
-
-def _clear_unfinished(out_dir: Path) -> None:
-    """Remove shards a stopped run left half-written (only our own temporary names)."""
-    shards = out_dir / SHARDS
-    for p in shards.iterdir() if shards.is_dir() else ():
-        if _SHARD_TMP.fullmatch(p.name):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _write_shard(out_dir: Path, index: int, rows: list[dict]) -> None:
-    """Write a shard under a temporary name, then rename it: a shard directory exists only once complete."""
-    shards = out_dir / SHARDS
-    shards.mkdir(parents=True, exist_ok=True)
-    final, tmp = shards / shard_name(index), shards / f".{shard_name(index)}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        datasets.Dataset.from_list(rows, features=FEATURES).save_to_disk(str(tmp))
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # -- prompts and continuations ----------------------------------------------------------------------------------------
@@ -340,69 +264,77 @@ def distill(
         batch_size=batch_size, corpus=_corpus_keys(data),
     )
     check_settings(asked)
-    plan = _plan_out_dir(out_dir, overwrite, asked)  # before the slow part
+    plan = plan_out_dir(out_dir, overwrite, asked)  # before the slow part
     device = resolve_device(device)
     model, tokenizer = _load_teacher(teacher, device)
     settings = replace(asked, tokenizer=tokenizer_fingerprint(tokenizer))
     _check_positions(model, settings)
     prompts = _training_prompts(data, tokenizer, settings)
-    if plan == "resume":
-        _check_resume(out_dir, settings)  # now with the tokenizer
-        _clear_unfinished(out_dir)
-    else:
-        _plan_out_dir(out_dir, overwrite, asked)  # the folder may have changed while the teacher loaded
-        if plan == "replace":
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out_dir / MANIFEST, settings.to_json())
+    _open_set(out_dir, plan, overwrite, asked, settings)
 
     done = finished_shards(out_dir)
     start, written, rows_written, generated = time.monotonic(), 0, 0, 0
     total = len(prompts) * len(settings.temperatures)
     rows_done = sum(len(_shard(prompts, settings, i)) for i in done) * len(settings.temperatures)
-    eos_ids, pad_id = _special_ids(model, tokenizer)
+
+    def on_batch(size: int) -> None:
+        nonlocal rows_done
+        rows_done += size
+        if progress is not None:
+            progress("distilling", rows_done, total)
+
     try:
         for index in range(settings.num_shards):
             if index in done:
                 continue
-            rows = []
-            for setting, temperature in enumerate(settings.temperatures):
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(_stream_seed(settings.seed, index, setting))
-                    for batch in _batches(_shard(prompts, settings, index), settings.batch_size):
-                        outs = generate_continuations(
-                            model, [ids for _, _, ids in batch], settings.new_tokens, temperature, eos_ids, pad_id
-                        )
-                        for (order, window, ids), (continuation, finished) in zip(batch, outs):
-                            rows.append(
-                                _row(tokenizer, order, window, setting, temperature, ids, continuation, finished)
-                            )
-                            generated += len(continuation)
-                        rows_done += len(batch)
-                        if progress is not None:
-                            progress("distilling", rows_done, total)
-            rows.sort(key=lambda r: (r["prompt_index"], r["_setting"]))  # prompt by prompt, settings in order
-            for r in rows:
-                del r["_setting"]
-            _write_shard(out_dir, index, rows)
+            rows, tokens = _distill_shard(model, tokenizer, prompts, settings, index, device, on_batch)
+            generated += tokens
+            write_shard(out_dir, index, rows)
             written += 1
             rows_written += len(rows)
     finally:
         if plan != "resume" and not finished_shards(out_dir):
-            _remove_new_set(out_dir)  # a new set that never finished a shard holds nothing to resume
+            remove_new_set(out_dir)  # a new set that never finished a shard holds nothing to resume
     return DistillResult(
         out_dir=out_dir, settings=settings, rows=total, rows_written=rows_written, shards_written=written,
         shards_skipped=len(done), seconds=time.monotonic() - start, generated_tokens=generated,
     )
 
 
-def _remove_new_set(out_dir: Path) -> None:
-    """Remove what this command wrote into a new ``out_dir`` (the manifest, the shards folder), then the folder if it is
-    left empty."""
-    shutil.rmtree(out_dir / SHARDS, ignore_errors=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        out_dir.rmdir()
+def _open_set(out_dir: Path, plan: str, overwrite: bool, asked: DistillSettings, settings: DistillSettings) -> None:
+    """Make ``out_dir`` ready for the missing shards: a resume is checked again (now with the teacher's tokenizer)
+    and loses its half-written shards; a new or replaced set gets its manifest first."""
+    if plan == "resume":
+        check_resume(out_dir, settings)
+        clear_unfinished(out_dir)
+        return
+    plan_out_dir(out_dir, overwrite, asked)  # the folder may have changed while the teacher loaded
+    if plan == "replace":
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / MANIFEST, settings.to_json())
+
+
+def _distill_shard(model, tokenizer, prompts, settings: DistillSettings, index: int, device, on_batch):
+    """The rows of shard ``index`` (prompt by prompt, settings in order) and the tokens generated; each temperature
+    samples from its own seeded stream, so the shard is the same whether or not earlier shards ran here."""
+    eos_ids, pad_id = _special_ids(model, tokenizer)
+    rows, generated = [], 0
+    for setting, temperature in enumerate(settings.temperatures):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(_stream_seed(settings.seed, index, setting))
+            for batch in _batches(_shard(prompts, settings, index), settings.batch_size):
+                outs = generate_continuations(
+                    model, [ids for _, _, ids in batch], settings.new_tokens, temperature, eos_ids, pad_id
+                )
+                for (order, window, ids), (continuation, finished) in zip(batch, outs):
+                    rows.append(_row(tokenizer, order, window, setting, temperature, ids, continuation, finished))
+                    generated += len(continuation)
+                on_batch(len(batch))
+    rows.sort(key=lambda r: (r["prompt_index"], r["_setting"]))
+    for r in rows:
+        del r["_setting"]
+    return rows, generated
 
 
 def _shard(prompts: list[tuple[int, list[int]]], settings: DistillSettings, index: int) -> list[tuple[int, int, list]]:

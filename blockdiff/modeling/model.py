@@ -41,28 +41,25 @@ import contextlib
 import copy
 import os
 from dataclasses import replace
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from blockdiff.core.masks import block_causal_mask, causal_prefix_mask, training_block_mask, training_mask
-from blockdiff.errors import MissingFileError, UsageError
+from blockdiff.core.masks import block_causal_mask, causal_prefix_mask
+from blockdiff.errors import UsageError
 from blockdiff.modeling.adapter import ADAPTER_FILE, GatedLoRA
 from blockdiff.modeling.device import resolve_device
+from blockdiff.modeling.loading import read_model_dir
 from blockdiff.modeling.model_files import (
-    CONFIG_FILE,
     BlockDiffusionConfig,
-    backbone_config,
-    check_decoder_type,
     honour_umask,
-    load_backbone,
     load_generation_config,
 )
 from blockdiff.modeling.rundir import SPEC_FILE
 from blockdiff.modeling.spec import BlockDiffusionSpec
+from blockdiff.modeling.training_forward import TrainingForward
 from blockdiff.sampling.config import GENERATION_CONFIG_FILE, BlockDiffusionGenerationConfig
 
 __all__ = ["BlockDiffusionLM", "BlockDiffusionConfig", "register_auto_classes", "FULL_ATTENTION"]
@@ -72,25 +69,6 @@ __all__ = ["BlockDiffusionLM", "BlockDiffusionConfig", "register_auto_classes", 
 FULL_ATTENTION = "full_attention"
 
 
-@lru_cache(maxsize=16)
-def _cached_training_mask(n: int, block_length: int, device: str, kind: str, clean_attention: str = "block_causal"):
-    """The training mask without the last clean block (no query ever needs it): ``2n - l`` square."""
-    length = 2 * n - block_length
-    if kind == "flex_attention":
-        return training_block_mask(n, block_length, None, device=device, length=length, clean_attention=clean_attention)
-    mask = training_mask(n, block_length, device=device, clean_attention=clean_attention)
-    return mask[None, None, :length, :length]  # (1, 1, 2n-l, 2n-l)
-
-
-def _annealing_keep(n: int, block_length: int, p: float, generator, device) -> torch.Tensor:
-    """Cells kept open while annealing: everything except anti-causal x_t cells, which stay with probability ``p``."""
-    length = 2 * n - block_length
-    idx = torch.arange(length, device=device)
-    anticausal = (idx[None, :] > idx[:, None]) & (idx[:, None] < n) & (idx[None, :] < n)  # (q, s), inside x_t
-    drawn = torch.rand((length, length), generator=generator, device=device) < p
-    return (~anticausal | drawn)[None, None]  # (1, 1, q, s)
-
-
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean "may attend" mask -> additive float mask (eager attention adds it to the scores)."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
@@ -98,7 +76,7 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     )
 
 
-class BlockDiffusionLM(nn.Module):
+class BlockDiffusionLM(TrainingForward, nn.Module):
     """A Hugging Face decoder plus the block-diffusion contract (mask token, block length, logit shift)."""
 
     config_class = BlockDiffusionConfig  # what AutoModelForCausalLM maps to this class (register_auto_classes)
@@ -251,98 +229,6 @@ class BlockDiffusionLM(nn.Module):
             return _additive(allowed, self.backbone.dtype)
         return allowed
 
-    # -- training forward -------------------------------------------------------------------------
-    def forward(self, xt: torch.Tensor, x0: torch.Tensor, block_length: int | None = None) -> torch.Tensor:
-        """Vectorised training forward: logits ``(b, n, v)`` predicting ``x0`` at every position of ``xt``.
-
-        Runs the network once on ``x_t ⊕ x_0`` (positions ``0..n-1`` twice) under the three-part mask.
-        The last clean block is left out of the input: no noisy block may see it and no clean block
-        before it does, so dropping it is exact and the input is ``2n - l`` tokens (``n`` for MDLM).
-        With the logit shift, row ``0`` has no predecessor and holds no prediction (``num_unpredictable``).
-        """
-        return self.logits(self.training_hidden(xt, x0, block_length))
-
-    def training_hidden(
-        self,
-        xt: torch.Tensor,
-        x0: torch.Tensor,
-        block_length: int | None = None,
-        bidirectional: float = 1.0,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """The hidden states behind ``forward``'s logits, ``(b, n, d)`` (lets the loss project only masked rows).
-
-        ``block_length`` overrides the model's own for this call (block-length curricula and mixtures);
-        the spec, and so generation, keeps the model's. ``bidirectional < 1`` anneals the mask: each
-        anti-causal cell inside a noisy block stays open with that probability (``curriculum.py``).
-        """
-        block_length = block_length or self.block_length
-        h_xt, h_x0 = self.training_streams(xt, x0, block_length, bidirectional, generator)
-        if self.spec.logit_shift:  # block k > 0 reads the clean stream at its last position; block 0 a placeholder
-            before = torch.cat([h_xt[:, :1], h_x0[:, block_length - 1 :: block_length]], dim=1)  # (b, n/l, d)
-            h_xt = self.apply_logit_shift(h_xt, before, block_length)  # (b, n, d); row 0 is a placeholder
-        return h_xt
-
-    def training_streams(
-        self,
-        xt: torch.Tensor,
-        x0: torch.Tensor,
-        block_length: int | None = None,
-        bidirectional: float = 1.0,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two halves of the training forward before the logit shift: ``(noisy (b, n, d), clean (b, n - l, d))``,
-        row ``i`` of each being the decoder's output at position ``i`` of ``x_t`` / ``x_0``.
-
-        Without an adapter: one forward over ``x_t ⊕ x_0[:n-l]`` under the training mask. With the gated adapter (on
-        for the x_t rows, off for the x_0 rows) and a dense mask: two forwards with the same result — the clean
-        stream alone first (the base decoder; without gradients when the base is frozen, so the backward pass runs
-        over the ``n`` noisy rows only), then the noisy stream against the clean stream's keys and values."""
-        b, n = xt.shape
-        block_length = block_length or self.block_length
-        if n % block_length:
-            raise UsageError(f"block_length={block_length} must divide the sequence length {n}")
-        kind = self.attn_implementation
-        if kind == "flex_attention" and xt.device.type != "cuda":
-            raise RuntimeError("model.attn_implementation=flex_attention needs CUDA; use sdpa on CPU")
-        if bidirectional < 1.0 and kind == "flex_attention":
-            raise UsageError("attention-mask annealing needs a dense mask; use attn_implementation=sdpa or eager")
-        mask = _cached_training_mask(n, block_length, str(xt.device), kind, self.spec.clean_attention)
-        if bidirectional < 1.0:
-            mask = mask & _annealing_keep(n, block_length, bidirectional, generator, xt.device)
-        if self.adapter is not None and kind != "flex_attention":
-            return self._split_streams(xt, x0, block_length, mask)
-        if kind != "flex_attention":
-            mask = self.format_mask(mask)
-        clean = n - block_length  # clean tokens fed: all blocks but the last
-        positions = torch.cat([torch.arange(n), torch.arange(clean)]).to(xt.device)[None].expand(b, -1)  # (b, n+clean)
-        gate = (torch.arange(n + clean, device=xt.device) < n)[None] if self.adapter is not None else None  # x_t rows
-        hidden, _ = self.hidden_states(torch.cat([xt, x0[:, :clean]], dim=1), positions, mask, gate=gate)
-        return hidden[:, :n], hidden[:, n:]  # (b, n, d), (b, clean, d)
-
-    def _split_streams(self, xt, x0, block_length: int, mask: torch.Tensor):
-        """``training_streams`` as two forwards (``mask``: the dense training mask (1, 1, n + clean, n + clean) over
-        ``[x_t ; x_0[:clean]]``): the clean stream with the gate off, then the noisy rows, gate on, against its cache
-        (keys ``[x_0[:clean] ; x_t]``)."""
-        b, n = xt.shape
-        clean = n - block_length
-        device = xt.device
-        cache = None
-        h_x0 = torch.zeros(b, 0, self.backbone.config.hidden_size, device=device, dtype=self.backbone.dtype)
-        if clean > 0:
-            base_trainable = any(p.requires_grad for p in self.backbone.parameters())
-            with torch.set_grad_enabled(torch.is_grad_enabled() and base_trainable):
-                h_x0, cache = self.hidden_states(
-                    x0[:, :clean], torch.arange(clean, device=device)[None].expand(b, -1),
-                    self.format_mask(mask[..., n:, n:]), past_key_values=self.new_cache(), use_cache=True,
-                )  # (b, clean, d)
-        noisy_mask = torch.cat([mask[..., :n, n:], mask[..., :n, :n]], dim=-1)  # (1, 1, n, clean + n)
-        h_xt, _ = self.hidden_states(
-            xt, torch.arange(n, device=device)[None].expand(b, -1), self.format_mask(noisy_mask),
-            past_key_values=cache, use_cache=cache is not None, gate=torch.ones(1, n, device=device),
-        )  # (b, n, d)
-        return h_xt, h_x0
-
     def apply_logit_shift(self, noisy: torch.Tensor, before: torch.Tensor, block_length: int | None = None):
         """The logit shift, the one place it is done (docs/design.md §5): row ``i`` of the result is the state that
         predicts token ``i``, i.e. row ``i - 1`` of ``noisy`` (b, n, d), except at the first position of each block,
@@ -463,45 +349,7 @@ class BlockDiffusionLM(nn.Module):
         ``dtype=torch.bfloat16`` go to the decoder's ``from_pretrained``.
         """
         directory = Path(directory)
-        if not directory.is_dir():
-            raise MissingFileError(f"{directory} is not a directory; pass a run directory's model/ folder")
-        spec_path = directory / SPEC_FILE
-        if not spec_path.is_file():
-            raise MissingFileError(
-                f"{directory} is not a blockdiff model directory (no {SPEC_FILE}); "
-                "pass the model/ folder of a run, or a directory written by BlockDiffusionLM.save_pretrained"
-            )
-        spec = BlockDiffusionSpec.from_file(spec_path)
-        if config is not None and not isinstance(config, BlockDiffusionConfig):
-            raise UsageError(
-                f"config must be a BlockDiffusionConfig (the model's config.json), got {type(config).__name__}"
-            )
-        if config is not None:
-            check_decoder_type(
-                getattr(config.text_config, "model_type", None), f"{directory / CONFIG_FILE} (text_config)"
-            )
-        decoder_config = config.text_config if config is not None else backbone_config(directory)
-        for key in (
-            "trust_remote_code",
-            "adapter_kwargs",
-            "_from_auto",
-        ):  # the decoder is a built-in class: no code runs
-            hf_kwargs.pop(key, None)
-        backbone = load_backbone(directory, decoder_config, attn_implementation, **hf_kwargs)
-        vocab = backbone.get_input_embeddings().num_embeddings
-        if spec.mask_token_id >= vocab:
-            raise UsageError(
-                f"{spec_path}: mask_token_id={spec.mask_token_id} is outside the decoder's vocabulary of {vocab} "
-                f"({directory / CONFIG_FILE}); the two files come from different models"
-            )
-        positions = getattr(backbone.config, "max_position_embeddings", None) or getattr(
-            backbone.config, "n_positions", None
-        )
-        if spec.max_seq_len and positions and spec.max_seq_len > positions:
-            raise UsageError(
-                f"{spec_path}: max_seq_len={spec.max_seq_len} exceeds the {positions} positions of the decoder in "
-                f"{directory / CONFIG_FILE}; the two files come from different models"
-            )
+        spec, backbone = read_model_dir(directory, config, attn_implementation, **hf_kwargs)
         model = cls(backbone, spec)
         if model.adapter is not None:
             model.adapter.load(directory / ADAPTER_FILE)

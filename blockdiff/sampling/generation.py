@@ -26,7 +26,7 @@ is the per-sequence figure.
 
 What a step costs (docs/benchmarks.md, "Cost of a forward"): the decoder body, then the output head and the
 token choice on the rows that are still masked only (``choose_rows``). The attention mask of a forward is built
-once per block (``_mask``); a forward over the current block alone with no padding in the window needs none
+once per block (``grid._mask``); a forward over the current block alone with no padding in the window needs none
 (``model.sampling_mask(..., allow_full=True)``), so SDPA runs without a mask.
 
 Lengths: ``max_new_tokens`` is compared with ``column - gen_start`` (never added to a column index), so any
@@ -38,128 +38,26 @@ length, ``v`` vocab, ``d`` hidden.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import DynamicCache
 
 from blockdiff.core.noise import make_schedule
 from blockdiff.errors import UsageError
 from blockdiff.sampling.base import BlockState, Sampler, reveal, uniform
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
+from blockdiff.sampling.grid import (
+    _block_rows,
+    _drop_finished,
+    _layout,
+    _slide,
+    _State,
+)
 from blockdiff.sampling.logits import choose_rows
 from blockdiff.sampling.outputs import GenerationOutput, StepEvent
 from blockdiff.sampling.registry import make_sampler
 
 __all__ = ["GenerationOutput", "StepEvent", "generate"]
-
-
-@dataclass
-class _State:
-    cols: torch.Tensor  # (B, c) every column of every sample (pads, prompt, generated)
-    first_valid: torch.Tensor  # (B,) first non-pad column per sample
-    gen_start: torch.Tensor  # (B,) column of the first generated token per sample
-    active: list[int]  # original indices of samples still generating
-    window_start: int = 0  # first column the network sees
-    cache: DynamicCache | None = None  # KV of columns [window_start, cache_end) for the active samples
-    cache_end: int = 0
-    last_hidden: torch.Tensor | None = None  # (b, d) hidden state at column cache_end - 1 (logit shift)
-    nfe: int = 0
-    processed: int = 0
-    max_cache: int = 0
-    sample_nfe: torch.Tensor | None = None  # (B,) forwards that denoised each sample
-    masks: dict = field(default_factory=dict)  # the attention masks of the current block's forwards, by shape
-    final_length: dict[int, int] = field(default_factory=dict)  # new tokens kept, per finished sample
-    stop_reason: dict[int, str] = field(default_factory=dict)
-
-
-def _layout(prompts: list[list[int]], l: int, pad_id: int, device) -> _State:
-    full_blocks = [len(p) // l for p in prompts]
-    start = max(full_blocks) * l  # first column of the first generation block
-    first_valid = torch.tensor([start - k * l for k in full_blocks], device=device)
-    cols = torch.full((len(prompts), start + l), pad_id, device=device)
-    for i, p in enumerate(prompts):
-        cols[i, int(first_valid[i]) : int(first_valid[i]) + len(p)] = torch.tensor(p, device=device)
-    gen_start = first_valid + torch.tensor([len(p) for p in prompts], device=device)
-    return _State(cols=cols, first_valid=first_valid, gen_start=gen_start, active=list(range(len(prompts))),
-                  sample_nfe=torch.zeros(len(prompts), dtype=torch.long))
-
-
-def _forward(model, st: _State, feed_from: int, end: int, use_cache: bool):
-    """Run columns ``[feed_from, end)`` of the active samples against the cache; returns
-    ``(hidden (b, q, d), cache)``."""
-    act = torch.tensor(st.active, device=st.cols.device)
-    q_cols = torch.arange(feed_from, end, device=st.cols.device)  # (q,)
-    k_cols = torch.arange(st.window_start, end, device=st.cols.device)  # (s,)
-    first = st.first_valid[act].clamp(min=st.window_start)  # (b,)
-    positions = (q_cols[None, :] - first[:, None]).clamp(min=0)  # (b, q)
-    past = st.cache if use_cache else None
-    if use_cache and past is None:
-        past = model.new_cache()
-    noisy_from = end - model.block_length  # the block being denoised: the noisy stream (adapter on, if any)
-    hidden, past = model.hidden_states(
-        st.cols[act, feed_from:end], positions, _mask(model, st, q_cols, k_cols, first, noisy_from),
-        past_key_values=past, use_cache=use_cache, gate=(q_cols >= noisy_from)[None], fast_gqa=True,
-    )
-    st.nfe += 1
-    st.processed += hidden.shape[0] * hidden.shape[1]
-    if use_cache:
-        st.max_cache = max(st.max_cache, past.get_seq_length())
-    return hidden, past
-
-
-def _mask(model, st: _State, q_cols: torch.Tensor, k_cols: torch.Tensor, first: torch.Tensor, noisy_from: int):
-    """The sampling mask of a forward (``model.sampling_mask``), built once per block: the forwards of a block
-    that feed the same columns share it (``st.masks`` is emptied when a block starts)."""
-    key = (int(q_cols[0]), len(q_cols), int(k_cols[0]), len(k_cols))
-    if key not in st.masks:
-        st.masks[key] = model.sampling_mask(q_cols, k_cols, first, noisy_from, allow_full=True)
-    return st.masks[key]
-
-
-def _block_logits(model, st: _State, start: int, end: int, use_cache: bool) -> torch.Tensor:
-    """Logits (b, l, v) for the block at columns ``[start, end)``; folds the finished block into the cache."""
-    return model.logits(_block_rows(model, st, start, end, use_cache))
-
-
-def _block_rows(model, st: _State, start: int, end: int, use_cache: bool) -> torch.Tensor:
-    """The hidden states (b, l, d) that predict the block at columns ``[start, end)`` (logit shift applied: the
-    output head turns them into its logits); folds the finished block into the cache."""
-    feed_from = st.cache_end if use_cache else st.window_start
-    hidden, past = _forward(model, st, feed_from, end, use_cache)  # (b, q, d)
-    if use_cache:
-        past.crop(-(end - start))  # keep finished columns only: the cache stays read-only for the block
-        st.cache, st.cache_end = past, start
-    rows = hidden[:, start - feed_from : end - feed_from]  # (b, l, d)
-    if model.spec.logit_shift:  # the block's first token reads the last finished column (kept for later forwards)
-        if start > feed_from:
-            prev = hidden[:, start - feed_from - 1]  # (b, d): last finished column, clean
-            st.last_hidden = prev
-        else:
-            prev = st.last_hidden if st.last_hidden is not None else torch.zeros_like(rows[:, 0])
-        rows = model.apply_logit_shift(rows, prev[:, None])  # (b, l, d)
-    return rows
-
-
-def _slide(model, st: _State, window: int) -> None:
-    """Drop the oldest columns so the next block fits in ``window``; the cache is rebuilt at fresh positions."""
-    l = model.block_length
-    end = st.cols.shape[1]
-    if end - st.window_start <= window:
-        return
-    keep = max(l, (window // 2) // l * l)
-    st.window_start = end - l - keep
-    st.cache, st.cache_end, st.last_hidden = None, st.window_start, None
-
-
-def _drop_finished(st: _State, keep_rows: list[int]) -> None:
-    idx = torch.tensor(keep_rows, dtype=torch.long, device=st.cols.device)
-    st.active = [st.active[r] for r in keep_rows]
-    if st.cache is not None:
-        st.cache.batch_select_indices(idx)
-    if st.last_hidden is not None:
-        st.last_hidden = st.last_hidden[idx]
 
 
 @torch.no_grad()

@@ -23,24 +23,30 @@ Counting: ``SpeculativeOutput.verifier_forwards`` (one per step; the prompt is f
 ``tokens_per_verifier_forward`` = new tokens / verifier forwards (accepted + 1 on average, less when EOS or
 ``max_new_tokens`` cut the last step). ``nfe`` counts the forwards of both models.
 
+The loop sees the two models through one step interface (``Speculator``: ``propose`` the drafts, ``score`` them,
+``commit`` the step). ``TwoModels`` is a verifier plus a ``Drafter``, one forward each per step;
+``fused.FusedBlockDiffusion`` is one ``BlockDiffusionLM`` whose clean stream is its frozen base, verifying and
+drafting in the same forward (``speculative_generate(model, None, ...)``). Both feed the same acceptance code.
+
 Shape legend: ``k`` drafts, ``v`` vocabulary.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
 from blockdiff.errors import UsageError
+from blockdiff.sampling.fused import FusedBlockDiffusion, supports_fused
 from blockdiff.sampling.outputs import GenerationOutput
 from blockdiff.sampling.speculative_drafters import BlockDrafter, Draft, Drafter
 from blockdiff.sampling.speculative_verify import CausalLMVerifier, Sampling, accept_greedy, accept_sampled
 
 __all__ = [
     "speculative_generate", "SpeculativeOutput", "SpeculativeStep", "check_verifier", "Drafter", "Draft",
-    "BlockDrafter", "CausalLMVerifier", "Sampling",
+    "BlockDrafter", "CausalLMVerifier", "Sampling", "Speculator", "TwoModels", "FusedBlockDiffusion", "supports_fused",
 ]
 
 BATCH_ONE = "speculative decoding needs batch 1 (one prompt, one sequence): call it once per prompt"
@@ -78,11 +84,79 @@ class SpeculativeStep:
     committed: list[int]  # every committed token so far (prompt included)
 
 
+@runtime_checkable
+class Speculator(Protocol):
+    """One verification step as the loop sees it: what drafts, what verifies and what it costs."""
+
+    verifier_forwards: int
+    drafter_forwards: int
+    processed: int  # input tokens over all forwards of both roles
+    max_cache: int  # the verifier's largest cache
+
+    @property
+    def verifier_model(self):
+        """The plain causal LM whose output this is (its generation config gives the default EOS)."""
+
+    @property
+    def vocab_size(self) -> int:
+        """The verifier's vocabulary: every distribution lives on it."""
+
+    def reset(self) -> None:
+        """Forget everything (a new prompt follows)."""
+
+    def propose(self, committed: list[int], limit: int, sampling: Sampling, generator=None) -> Draft:
+        """At most ``limit`` (>= 0) drafts to follow ``committed``, with their ``q`` when sampling."""
+
+    def score(self, committed: list[int], drafts: torch.Tensor) -> torch.Tensor:
+        """The verifier's logits ``(k + 1, v)`` after ``committed + drafts[:i]``, ``i = 0 .. k``."""
+
+    def commit(self, committed: list[int], accepted: int) -> None:
+        """``committed`` now ends with ``accepted`` drafts plus the verifier's token: drop everything else."""
+
+
+class TwoModels:
+    """A verifier (``CausalLMVerifier``) and a separate ``Drafter``: one forward of each per step."""
+
+    def __init__(self, verifier: CausalLMVerifier, drafter: Drafter):
+        self.verifier, self.drafter = verifier, drafter
+
+    @property
+    def verifier_model(self):
+        return self.verifier.model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.verifier.vocab_size
+
+    verifier_forwards = property(lambda self: self.verifier.forwards)
+    drafter_forwards = property(lambda self: self.drafter.forwards)
+    processed = property(lambda self: self.verifier.processed + self.drafter.processed)
+    max_cache = property(lambda self: self.verifier.max_cache)
+
+    def reset(self) -> None:
+        self.verifier.reset()
+        self.drafter.reset()
+
+    def propose(self, committed, limit, sampling, generator=None) -> Draft:
+        if limit < 1:
+            return Draft(torch.zeros(0, dtype=torch.long))
+        draft = self.drafter.draft(committed, limit, sampling, generator)
+        probs = draft.probs[:limit] if draft.probs is not None else None
+        return Draft(draft.tokens[:limit].long(), probs)  # never check more than can be kept
+
+    def score(self, committed, drafts) -> torch.Tensor:
+        return self.verifier.score(committed, drafts)
+
+    def commit(self, committed, accepted) -> None:
+        self.verifier.commit(committed)
+        self.drafter.commit(committed, accepted)
+
+
 @torch.no_grad()
 def speculative_generate(
     verifier,
-    drafter,
-    input_ids,
+    drafter=None,
+    input_ids=None,
     *,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
@@ -100,52 +174,36 @@ def speculative_generate(
 
     ``verifier``: a plain Hugging Face causal LM (the base decoder the drafter was fine-tuned from) or a
     ``CausalLMVerifier``. ``drafter``: a ``BlockDiffusionLM`` (drafting with ``BlockDrafter``) or any ``Drafter``.
+    ``drafter=None``: ``verifier`` is a ``BlockDiffusionLM`` with a gated adapter and a causal clean stream (or a
+    ``FusedBlockDiffusion``) that verifies with its own frozen base and drafts in the same forward (``fused.py``);
+    the output is then its base decoder's. A ``Speculator`` may also be passed as ``verifier`` with no drafter.
     ``input_ids``: one prompt, a list of ids or a ``(1, p)`` / ``(p,)`` tensor. ``temperature == 0`` or
     ``do_sample=False`` is greedy. ``eos_token_id`` defaults to the verifier's. ``generator`` seeds the drafts,
     the acceptance tests and the resampling. ``streamer``: a transformers streamer (the prompt, then each step's
     tokens). ``check_base``: refuse a drafter that does not look fine-tuned from this verifier
     (``check_verifier``); pass ``False`` to pair unrelated models (still exact, only slower).
     """
-    prompt = _prompt(input_ids)
-    drafter = drafter if isinstance(drafter, Drafter) else BlockDrafter(drafter)
-    check_verifier(verifier.model if isinstance(verifier, CausalLMVerifier) else verifier, drafter, related=check_base)
-    ver = verifier if isinstance(verifier, CausalLMVerifier) else CausalLMVerifier(verifier)
-    if do_sample is False:
-        temperature = 0.0
-    _check_settings(max_new_tokens, temperature, top_k, top_p)
-    if any(not 0 <= t < ver.vocab_size for t in prompt):
-        raise UsageError(f"prompt token ids must be in [0, {ver.vocab_size}) (the verifier's vocabulary)")
-    sampling = Sampling(ver.vocab_size, float(temperature), top_k, top_p)
-    if eos_token_id is None:  # what the verifier's own generate() would stop at
-        defaults = getattr(ver.model, "generation_config", None) or ver.model.config
-        eos_token_id = defaults.eos_token_id
-    eos = set(eos_token_id if isinstance(eos_token_id, list) else [] if eos_token_id is None else [eos_token_id])
-    positions = getattr(ver.model.config, "max_position_embeddings", None)
-    if positions is not None and len(prompt) >= positions:
-        raise UsageError(
-            f"a prompt of {len(prompt)} tokens leaves no room in the verifier's {positions} positions; shorten it"
-        )
-    ver.reset()
-    drafter.reset()
+    prompt, pair, sampling, eos, positions = _prepare(
+        verifier, drafter, input_ids, check_base, max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id
+    )
+    pair.reset()
     committed, hist, drafted, reason = list(prompt), [], 0, None
     if streamer is not None:
         streamer.put(torch.tensor([prompt]))
     while reason is None:
         new = len(committed) - len(prompt)
         room = max_new_tokens - new if positions is None else min(max_new_tokens - new, positions - len(committed))
-        draft = drafter.draft(committed, room - 1, sampling, generator) if room > 1 else Draft(torch.zeros(0))
-        tokens = draft.tokens[: room - 1].long()  # (k,) ragged last step: never check more than can be kept
-        logits = ver.score(committed, tokens)  # (k + 1, v)
+        draft = pair.propose(committed, room - 1, sampling, generator)
+        tokens = draft.tokens.long()  # (k,) k <= room - 1: never more than can be kept
+        logits = pair.score(committed, tokens)  # (k + 1, v)
         if sampling.greedy:
             accepted, extra = accept_greedy(sampling.fit(logits), tokens)
         else:
-            q = draft.probs[: len(tokens)] if draft.probs is not None else None
-            accepted, extra = accept_sampled(sampling.probs(logits), q, tokens, generator)
+            accepted, extra = accept_sampled(sampling.probs(logits), draft.probs, tokens, generator)
         step = tokens[:accepted].tolist() + [extra]
         step, reason = _cut(step, eos, room, max_new_tokens - new)
         committed += step
-        ver.commit(committed)
-        drafter.commit(committed, accepted)
+        pair.commit(committed, accepted)
         hist += [0] * (accepted + 1 - len(hist))
         hist[accepted] += 1
         drafted += len(tokens)
@@ -155,7 +213,51 @@ def speculative_generate(
             observer(SpeculativeStep(sum(hist) - 1, tokens.tolist(), accepted, step, list(committed)))
     if streamer is not None:
         streamer.end()
-    return _output(prompt, committed, reason, ver, drafter, hist, drafted)
+    return _output(prompt, committed, reason, pair, hist, drafted)
+
+
+def _prepare(
+    verifier, drafter, input_ids, check_base, max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id
+):
+    """Every input check before any forward: ``(prompt, speculator, sampling, EOS ids, verifier positions)``."""
+    if input_ids is None:
+        raise UsageError("give the prompt: speculative_generate(verifier, drafter, input_ids) (drafter None: fused)")
+    prompt = _prompt(input_ids)
+    pair = _speculator(verifier, drafter, check_base)
+    if do_sample is False:
+        temperature = 0.0
+    _check_settings(max_new_tokens, temperature, top_k, top_p)
+    if any(not 0 <= t < pair.vocab_size for t in prompt):
+        raise UsageError(f"prompt token ids must be in [0, {pair.vocab_size}) (the verifier's vocabulary)")
+    sampling = Sampling(pair.vocab_size, float(temperature), top_k, top_p)
+    base = pair.verifier_model
+    if eos_token_id is None:  # what the verifier's own generate() would stop at
+        defaults = getattr(base, "generation_config", None) or base.config
+        eos_token_id = defaults.eos_token_id
+    eos = set(eos_token_id if isinstance(eos_token_id, list) else [] if eos_token_id is None else [eos_token_id])
+    positions = getattr(base.config, "max_position_embeddings", None)
+    if positions is not None and len(prompt) >= positions:
+        raise UsageError(
+            f"a prompt of {len(prompt)} tokens leaves no room in the verifier's {positions} positions; shorten it"
+        )
+    return prompt, pair, sampling, eos, positions
+
+
+def _speculator(verifier, drafter, check_base: bool):
+    """The step interface for what was passed (``speculative_generate``'s argument rules), checked."""
+    if drafter is None:
+        if isinstance(verifier, Speculator):
+            return verifier
+        if hasattr(verifier, "spec") and hasattr(verifier, "block_length"):  # a BlockDiffusionLM verifying itself
+            return FusedBlockDiffusion(verifier)
+        raise UsageError(
+            "no drafter: pass one (a BlockDiffusionLM fine-tuned from this verifier), or pass a BlockDiffusionLM "
+            "trained with model.adapter=gated_lora model.clean_attention=causal alone (it verifies its own drafts)"
+        )
+    drafter = drafter if isinstance(drafter, Drafter) else BlockDrafter(drafter)
+    check_verifier(verifier.model if isinstance(verifier, CausalLMVerifier) else verifier, drafter, related=check_base)
+    ver = verifier if isinstance(verifier, CausalLMVerifier) else CausalLMVerifier(verifier)
+    return TwoModels(ver, drafter)
 
 
 def _prompt(input_ids) -> list[int]:
@@ -255,22 +357,22 @@ def check_verifier(verifier, drafter, related: bool = True, tokenizer=None, veri
         )
 
 
-def _output(prompt, committed, reason, ver: CausalLMVerifier, drafter, hist, drafted) -> SpeculativeOutput:
+def _output(prompt, committed, reason, pair: Speculator, hist, drafted) -> SpeculativeOutput:
     new = len(committed) - len(prompt)
-    nfe = ver.forwards + drafter.forwards
+    nfe = pair.verifier_forwards + pair.drafter_forwards
     return SpeculativeOutput(
         sequences=torch.tensor([committed]),
         prompt_lengths=torch.tensor([len(prompt)]),
         lengths=torch.tensor([new]),
         stopped_at_eos=torch.tensor([reason == "eos"]),
         nfe=nfe,
-        tokens_processed_per_forward=(ver.processed + drafter.processed) / max(1, nfe),
+        tokens_processed_per_forward=pair.processed / max(1, nfe),
         tokens_per_forward=new / max(1, nfe),
-        max_cache_length=ver.max_cache,
+        max_cache_length=pair.max_cache,
         sample_nfe=torch.tensor([nfe]),
         stop_reasons=[reason],
-        verifier_forwards=ver.forwards,
-        drafter_forwards=drafter.forwards,
+        verifier_forwards=pair.verifier_forwards,
+        drafter_forwards=pair.drafter_forwards,
         acceptance_histogram=hist,
         drafted_tokens=drafted,
         accepted_tokens=sum(a * c for a, c in enumerate(hist)),
