@@ -384,3 +384,34 @@ def test_cli_speculative(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "sample 1" in out and "new tokens per verifier forward" in out
+
+
+# -- a gated-adapter model as the two-model drafter: the adapter drafts, the clean stream is token-causal ---------
+@pytest.mark.parametrize("n", [5, 8, 11])
+def test_block_drafter_of_a_gated_causal_model_drafts_with_the_adapter(n):
+    """Before this was checked, ``BlockDrafter`` ran a gated model with the gate off everywhere (the base, which was
+    never trained on masks, drafted) and block-causally; its drafts must be the uncached forward's with the gate on
+    the mask rows and the committed tokens token-causal (``model.sampling_mask(noisy_from=n)``)."""
+    from test_fused import fused_model
+
+    model, _ = fused_model("llama", scale=0.2)
+    l = model.block_length
+    committed = torch.randint(0, model.mask_token_id, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    drafter = BlockDrafter(model)
+    sampling = Sampling(vocab_size=model.vocab_size, temperature=1.0)
+    drafter.draft(committed[: n - 3], l, sampling)  # fill the cache first: the draft below reads part of it
+    drafter.commit(committed[: n - 3], 0)
+    got = drafter.draft(committed, l, sampling, torch.Generator().manual_seed(0)).probs  # (k, v)
+    columns = torch.arange(n + l)
+    ids = torch.tensor(committed + [model.mask_token_id] * l)[None]
+    mask = model.sampling_mask(columns, columns, torch.zeros(1, dtype=torch.long), noisy_from=n)
+    with torch.no_grad():
+        hidden, _ = model.hidden_states(ids, columns[None], mask, gate=(columns >= n)[None])  # (1, n + l, d)
+        rows = model.apply_logit_shift(hidden[:, n:], hidden[:, n - 1][:, None], block_length=l)
+        want = sampling.probs(model.logits(rows)[0])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the base alone (gate off) drafts something else: the comparison sees the adapter
+        hidden, _ = model.hidden_states(ids, columns[None], mask)
+        rows = model.apply_logit_shift(hidden[:, n:], hidden[:, n - 1][:, None], block_length=l)
+        base_only = sampling.probs(model.logits(rows)[0])
+    assert (base_only[1:] - want[1:]).abs().max() > 1e-3

@@ -114,10 +114,13 @@ class BlockDrafter:
         q_block = torch.where(columns < n, columns // l, mask_block)  # (q,)
         k_block = torch.where(keys < n, keys // l, mask_block)  # (s,)
         allowed = k_block[None, :] <= q_block[:, None]  # (q, s): block-causal; the masks are the last block
+        if model.spec.clean_attention == "causal":  # committed tokens token-causal (the base's own stream)
+            allowed = torch.where((columns < n)[:, None], keys[None, :] <= columns[:, None], allowed)
+        gate = (columns >= n)[None] if model.adapter is not None else None  # (1, q): the adapter on the masks only
         cache = self.cache if self.cache is not None else model.new_cache()
         hidden, cache = model.hidden_states(
             ids[None], (columns - ws)[None], model.format_mask(allowed[None, None]), past_key_values=cache,
-            use_cache=True,
+            use_cache=True, gate=gate,
         )  # (1, q, d)
         crop_to(cache, tail - ws)  # whole committed blocks only
         self.cache, self.cache_end = cache, tail

@@ -6,7 +6,7 @@
 #   bash experiments/speculative/run.sh                 # from the repository root
 #   BL=8 bash experiments/speculative/run.sh            # the drafter at block length 8 (runs/spec_demo/drafter_bl8)
 #
-# Knobs (environment): AR_MINUTES (8), DISTILL_PROMPTS (4000), DRAFT_MINUTES (14), BL (4), RANK (32),
+# Knobs (environment): AR_MINUTES (8), DISTILL_PROMPTS (4000), DRAFT_MINUTES (13), BL (4), RANK (32),
 # THREADS (2), BLOCKDIFF (the CLI to call), PYTHON.
 set -euo pipefail
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
@@ -15,7 +15,7 @@ PYTHON=${PYTHON:-python}
 OUT=${OUT:-runs/spec_demo}
 AR_MINUTES=${AR_MINUTES:-8}
 DISTILL_PROMPTS=${DISTILL_PROMPTS:-4000}
-DRAFT_MINUTES=${DRAFT_MINUTES:-14}
+DRAFT_MINUTES=${DRAFT_MINUTES:-13}
 BL=${BL:-4}
 RANK=${RANK:-32}
 THREADS=${THREADS:-2}
@@ -38,7 +38,7 @@ train() {
 #    instead of the 1/t-weighted estimate of it that t ~ U[0, 1] gives (same expectation, far noisier).
 train "$OUT/ar" -c configs/demo.yaml model.block_length=1 model.logit_shift=true noise.beta=1.0 noise.omega=1.0 \
   trainer.max_steps=200 trainer.max_minutes="$AR_MINUTES" trainer.val_every_n_steps=100 \
-  trainer.checkpoint_every_n_steps=50
+  trainer.checkpoint_every_n_steps=100
 if [[ ! -f $OUT/base/check.json ]]; then
   echo "== $OUT/base: the backbone as an HF causal LM, checked against the blockdiff model at L'=1"
   "$PYTHON" "$HERE/spec_demo.py" export-base "$OUT/ar" "$OUT/base"
@@ -57,8 +57,8 @@ echo "== $OUT/distilled"
 train "$OUT/drafter_bl$BL" -c configs/demo.yaml model.init_from="$OUT/ar" model.block_length="$BL" \
   model.clean_attention=causal model.adapter=gated_lora model.adapter_rank="$RANK" model.adapter_alpha="$RANK" \
   data.source=distilled:"$OUT/distilled" optim.lr=1e-3 optim.warmup_steps=20 optim.ema_decay=0 \
-  trainer.max_steps=360 trainer.max_minutes="$DRAFT_MINUTES" trainer.val_every_n_steps=120 \
-  trainer.checkpoint_every_n_steps=50
+  trainer.max_steps=1200 trainer.max_minutes="$DRAFT_MINUTES" trainer.val_every_n_steps=400 \
+  trainer.checkpoint_every_n_steps=100
 
 # 4. Measure: speculative (drafter drafts, base verifies) vs HF generate of the base, native threshold.
 echo "== measure"
