@@ -2,7 +2,8 @@
 
 * ``export-base AR_RUN OUT``: save the backbone of a blockdiff run trained at ``model.block_length=1
   model.logit_shift=true`` as a plain Hugging Face causal LM (``save_pretrained`` + the run's tokenizer; its
-  generation config suppresses the mask token, which blockdiff's SUBS head never predicts), and check on held-out windows that its next-token logits equal the blockdiff model's at L'=1 (every column but the
+  generation config suppresses the mask token, which blockdiff's SUBS head never predicts), and check on
+  held-out windows that its next-token logits equal the blockdiff model's at L'=1 (every column but the
   mask token, which SUBS sets to -inf in blockdiff and which the exported head never ranks first there).
 * ``bench DRAFTER BASE AR_RUN --out DIR``: on held-out prompts of the AR run's corpus (the tail neither the
   AR model nor the distilled prompts saw), one prompt at a time, round-robin over rows (the starting row rotates
@@ -109,7 +110,8 @@ def bench(args) -> None:
         pair = (drafter, None) if one_forward else (verifier, drafter)  # fused: the drafter verifies with its own base
         out = speculative_generate(*pair, torch.tensor([ids]), max_new_tokens=n,
                                    temperature=temperature, eos_token_id=eos, generator=g)
-        return {"tokens": out.new_tokens(0), "forwards": out.verifier_forwards, "drafter_forwards": out.drafter_forwards,
+        return {"tokens": out.new_tokens(0), "forwards": out.verifier_forwards,
+                "drafter_forwards": out.drafter_forwards,
                 "histogram": list(out.acceptance_histogram), "drafted": out.drafted_tokens,
                 "accepted": out.accepted_tokens}
 
@@ -201,7 +203,8 @@ def bench(args) -> None:
     for name, s in summary.items():
         lines.append(
             f"| {name} | {s['tokens_per_s_median']:.1f} | {s['x_hf_median']:.2f} | {s['forwards_per_token']:.3f} | "
-            f"{s.get('tokens_per_verifier_forward', float('nan')):.2f} | {s.get('acceptance_rate', float('nan')):.2f} | "
+            f"{s.get('tokens_per_verifier_forward', float('nan')):.2f} | "
+            f"{s.get('acceptance_rate', float('nan')):.2f} | "
             f"{s.get('acceptance_histogram', '')} | {s.get('exact_match_vs_hf_greedy', '')} | {s['judge_nll']:.3f} | "
             f"{s['unigram_entropy']:.2f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
