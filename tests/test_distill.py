@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from test_finetune import base_tokenizer as teacher_tokenizer  # the byte tokenizer of a released decoder
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from blockdiff.cli import main
@@ -27,16 +27,6 @@ from blockdiff.modeling.pretrained import load_decoder
 from blockdiff.modeling.tokenizer import ensure_special_tokens, train_bpe
 
 PROMPT, NEW = 8, 6
-
-
-def teacher_tokenizer() -> PreTrainedTokenizerFast:
-    """256 byte tokens + BOS/EOS/PAD (ids 256-258), no mask token, like a released decoder."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<s>", "</s>", "<pad>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
 @pytest.fixture(scope="module")
