@@ -14,7 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from blockdiff.core.noise import make_schedule
-from blockdiff.errors import UsageError
+from blockdiff.errors import UsageError, require_divides
 from blockdiff.modeling.model_files import read_json_file
 
 __all__ = ["BlockDiffusionSpec", "CLEAN_ATTENTION_CHOICES", "ADAPTER_CHOICES"]
@@ -54,11 +54,9 @@ class BlockDiffusionSpec:
             raise UsageError(f"logit_shift must be true or false, got {self.logit_shift!r}")
         if self.max_seq_len is not None and (not _is_int(self.max_seq_len) or self.max_seq_len < 1):
             raise UsageError(f"max_seq_len must be an integer >= 1 (or null), got {self.max_seq_len!r}")
-        if self.max_seq_len is not None and self.max_seq_len % self.block_length:
-            raise UsageError(
-                f"block_length={self.block_length} must divide max_seq_len={self.max_seq_len} (the training context "
-                "is a whole number of blocks)"
-            )
+        if self.max_seq_len is not None:
+            note = " (the training context is a whole number of blocks)"
+            require_divides("block_length", self.block_length, "max_seq_len", self.max_seq_len, UsageError, note)
         try:
             make_schedule(self.schedule)
         except (ValueError, TypeError) as err:
