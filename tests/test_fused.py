@@ -219,7 +219,7 @@ def test_every_length_cache_equals_a_fresh_base_prefill_and_drafts_follow_the_ke
     speculative_generate(fused, None, prompt, max_new_tokens=40, temperature=temperature,
                          generator=torch.Generator().manual_seed(0), observer=check)
     assert len(set(accepted)) > 1 and min(accepted) == 0
-    assert all(drafts_ready[:-3]), "every step but the last few (no room to check drafts) leaves drafts, rejected or not"
+    assert all(drafts_ready[:-3]), "every step but the last few (no room for drafts) leaves drafts, rejected or not"
 
 
 # -- sampling: the base's distribution -------------------------------------------------------------------------
