@@ -23,7 +23,8 @@ HEAVY = ("lightning", "pytorch_lightning", "datasets")  # training / corpus stac
 
 LAYER = {
     "errors": 0, "files": 0, "tables": 0, "config": 0,  # leaves: they may import each other
-    "core": 1, "sampling": 2, "modeling": 3, "data": 4, "evaluation": 5, "training": 5, "sweeps": 6,
+    "core": 1, "sampling": 2, "modeling": 3, "data": 4, "evaluation": 5, "training": 5, "serving": 5,
+    "sweeps": 6,
     "__init__": 7,  # ``from blockdiff import X`` for a name that is not a submodule: the public API
     "cli": 8,
 }

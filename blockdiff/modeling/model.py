@@ -294,6 +294,7 @@ class BlockDiffusionLM(TrainingForward, nn.Module):
         streamer=None,
         observer=None,
         tokenizer=None,
+        cancelled=None,
         **overrides,
     ):
         """Write up to ``max_new_tokens`` after each prompt, block by block (``sampling/generation.py``).
@@ -308,14 +309,15 @@ class BlockDiffusionLM(TrainingForward, nn.Module):
         ``stop_strings`` (needs ``tokenizer``; a sample stops after the token that completes one). Any other
         transformers setting (``num_beams``, ``repetition_penalty``, ...) is refused by name.
         ``generator``: one for the batch, or one per returned sequence so each sample is independent of its
-        batch. Returns a ``GenerationOutput``.
+        batch. ``cancelled(i)``, asked after every block, ends sample ``i`` there (a server's client went away).
+        Returns a ``GenerationOutput``.
         """
         from blockdiff.sampling.generation import generate
         from blockdiff.sampling.inputs import prompt_lists, with_overrides
 
         config = with_overrides(generation_config or self.generation_config, overrides)
         prompts = prompt_lists(input_ids, attention_mask, config)
-        return generate(self, prompts, config, generator, streamer, observer, tokenizer)
+        return generate(self, prompts, config, generator, streamer, observer, tokenizer, cancelled)
 
     # -- persistence ------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
