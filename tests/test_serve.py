@@ -272,3 +272,43 @@ def test_streamed_text_never_holds_what_the_final_text_drops():
     assert capped.block(tok("abcdef", add_special_tokens=False)["input_ids"]) == "abc"  # at most max_tokens
     eos = TextDeltas(tok, 100, [], {tok.eos_token_id}, tok.mask_token_id)
     assert eos.block(tok("ab", add_special_tokens=False)["input_ids"] + [tok.eos_token_id, 65]) == "ab"
+
+
+def test_the_serve_verb_starts_a_server_that_answers_and_stops_on_interrupt(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    model_dir = write_tiny_model_dir(tmp_path)
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "blockdiff.cli", "serve", str(model_dir), "--port", str(port),
+                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.2)
+        assert health["model"] == tmp_path.name  # a model/ folder is named after its run
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": tmp_path.name, "prompt": "The",
+                                                                       "max_tokens": 4}, timeout=30)
+        assert r.status_code == 200 and r.json()["object"] == "text_completion"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert proc.returncode in (0, 130)
+
+
+def test_serve_flag_errors_exit_2():
+    from blockdiff.cli import main
+
+    assert main(["serve", "nowhere", "--port", "70000"]) == 2
+    assert main(["serve", "does/not/exist"]) == 2

@@ -344,13 +344,16 @@ class BlockDiffusionLM(TrainingForward, nn.Module):
         **hf_kwargs,
     ) -> "BlockDiffusionLM":
         """Load a directory written by ``save_pretrained`` (or by an older blockdiff: ``config.json`` of the decoder's
-        own type); never executes code from the directory. Every file is checked first, and an error names it.
+        own type), or a hub id (``owner/name``: downloaded once, then read from the cache; offline a clear error at
+        once); never executes code from the directory. Every file is checked first, and an error names it.
 
         ``device``: ``cpu``, ``cuda``, ``mps`` or ``auto`` (``resolve_device``). ``config`` and ``hf_kwargs`` are
         what ``AutoModelForCausalLM.from_pretrained`` passes on (after ``import blockdiff``); ``hf_kwargs`` such as
         ``dtype=torch.bfloat16`` go to the decoder's ``from_pretrained``.
         """
-        directory = Path(directory)
+        from blockdiff.modeling.hub import local_model_dir
+
+        directory = local_model_dir(directory)
         spec, backbone = read_model_dir(directory, config, attn_implementation, **hf_kwargs)
         model = cls(backbone, spec)
         if model.adapter is not None:
