@@ -1,7 +1,7 @@
 """The layers stay layers: imports only point down, and the light layers never pull in Lightning or ``datasets``.
 
 Order (docs/design.md, "Layers"), lowest first: the leaves ``errors``/``files``/``tables``/``config``, then ``core``
-< ``sampling`` < ``modeling`` < ``data`` < ``evaluation`` and ``training`` (siblings: neither imports the other)
+< ``sampling`` < ``modeling`` < ``data`` < ``evaluation``, ``training`` and ``serving`` (siblings: none imports another)
 < ``sweeps`` < the package root (the public API) < ``cli``.
 """
 
