@@ -151,6 +151,10 @@ BAD = [
     ({"model": NAME, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, None),
     ({"model": NAME, "prompt": [1, 2, 3]}, 400, None),
     ({"model": NAME, "prompt": "x", "seed": -1}, 400, "invalid_value"),
+    ({"model": NAME, "prompt": "x", "seed": 2**70}, 400, "invalid_value"),
+    ({"model": NAME, "prompt": "x", "max_tokens": 10**30}, 400, "max_tokens_over_limit"),
+    ({"model": NAME, "prompt": "x", "temperature": 1e-9}, 400, "invalid_value"),
+    ({"model": NAME, "prompt": "x", "block_length": 10**6}, 400, "invalid_value"),
     ([1, 2], 400, None),
 ]
 
@@ -312,3 +316,25 @@ def test_serve_flag_errors_exit_2():
 
     assert main(["serve", "nowhere", "--port", "70000"]) == 2
     assert main(["serve", "does/not/exist"]) == 2
+
+
+def test_random_bodies_never_get_a_5xx(server):
+    """Fields of the API with values of every JSON type: each answer is a 200 or an OpenAI-shaped 4xx, none hangs."""
+    import random
+
+    url, _ = server
+    rng = random.Random(0)
+    values = [None, True, 0, -3, 7, 2**40, 0.5, -1e300, float("1e308"), "", "x", "threshold", [], ["a"], [1, "b"], {},
+              {"include_usage": "yes"}]
+    fields = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream",
+              "stream_options", "sampler", "tau", "block_length", "steps_per_block", "n", "logprobs", "echo"]
+    with httpx.Client(timeout=30) as http:
+        for i in range(80):
+            body = {"model": NAME, "prompt": "hi", "max_tokens": 4} if i % 2 else {}
+            for name in rng.sample(fields, rng.randint(1, 4)):
+                body[name] = rng.choice(values)
+            route = "/v1/chat/completions" if i % 3 == 0 else "/v1/completions"
+            r = http.post(url + route, json=body)
+            assert r.status_code < 500, (body, r.text)
+            if r.status_code >= 400:
+                assert set(r.json()["error"]) == {"message", "type", "param", "code"}

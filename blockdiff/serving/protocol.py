@@ -16,6 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from blockdiff.config import SEED_MAX
 from blockdiff.sampling.registry import knobs
 
 __all__ = ["APIError", "GenerationRequest", "parse_request", "completion_body", "chunk_body", "usage_body"]
@@ -63,7 +64,7 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> API
     return APIError(400, message, param, code)
 
 
-def _int(body: dict, name: str, low: int | None = None) -> int | None:
+def _int(body: dict, name: str, low: int | None = None, high: int | None = None) -> int | None:
     value = body.get(name)
     if value is None:
         return None
@@ -71,6 +72,8 @@ def _int(body: dict, name: str, low: int | None = None) -> int | None:
         raise _bad(f"{name} must be an integer, got {value!r}", name, "invalid_type")
     if low is not None and value < low:
         raise _bad(f"{name} must be >= {low}, got {value}", name, "invalid_value")
+    if high is not None and value > high:
+        raise _bad(f"{name} must be <= {high}, got {value}", name, "invalid_value")
     return int(value)
 
 
@@ -165,7 +168,7 @@ def parse_request(body, chat: bool, served_model: str) -> GenerationRequest:
         include_usage=bool(options.get("include_usage", False)),
         max_tokens=max_tokens,
         stop=_stop(body),
-        seed=_int(body, "seed", 0),
+        seed=_int(body, "seed", 0, SEED_MAX - 1024),  # prompt i of a request is seeded seed + i
         settings={k: v for k, v in settings.items() if v is not None},
         block_length=_int(body, "block_length", 1),
     )
