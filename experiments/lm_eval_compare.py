@@ -2,7 +2,8 @@
 
 Rows: the `hf` model type on a plain HF causal LM, then the `blockdiff` model type on blockdiff model directories
 (each given as DIR[:key=value,...], the model args). Every row runs the same tasks through `lm_eval.simple_evaluate`;
-the table has each task's metric and the wall time per request (the evaluator's requests of that task).
+the table has each task's metric and the wall time per request (the evaluator's requests of that task; the model is
+loaded once per row, before, and its loading time is recorded apart as `load_seconds`).
 
     python experiments/lm_eval_compare.py --hf runs/demo_base \\
         --blockdiff runs/demo_ar:add_bos_token=False --blockdiff runs/demo_ar \\
@@ -36,13 +37,16 @@ def model_args(spec: str) -> tuple[str, dict]:
 
 
 def run_row(model: str, args: dict, tasks: list[str], manager) -> dict:
+    """Load the model once (timed on its own), then evaluate each task; the per-request time excludes loading."""
     import lm_eval
+    from lm_eval.api.registry import get_model
 
-    out = {}
+    start = time.perf_counter()
+    lm = get_model(model).create_from_arg_obj(dict(args), {"batch_size": args.get("batch_size", 8), "device": "cpu"})
+    out = {"load_seconds": time.perf_counter() - start}
     for task in tasks:  # one task at a time, so each gets its own wall time
         start = time.perf_counter()
-        result = lm_eval.simple_evaluate(model=model, model_args=dict(args), tasks=[task], task_manager=manager,
-                                         device="cpu", batch_size=args.get("batch_size", 8), bootstrap_iters=0,
+        result = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0,
                                          log_samples=True)
         seconds = time.perf_counter() - start
         requests = sum(len(s["resps"]) for s in result["samples"][task])
@@ -59,6 +63,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hf", help="a plain HF causal LM directory for lm-eval's own hf model type")
+    p.add_argument("--hf-gguf", help="with --hf: the GGUF file in that directory (e.g. the offline SmolLM2)")
     p.add_argument("--blockdiff", action="append", default=[], help="DIR[:key=value,...] (repeatable)")
     p.add_argument("--tasks", default="blockdiff_mc,blockdiff_gen,blockdiff_ppl")
     p.add_argument("--out", default="experiments/results/lm_eval")
@@ -69,7 +74,8 @@ def main() -> None:
         return
     manager, tasks, rows = TaskManager(include_path=str(TASKS)), a.tasks.split(","), {}
     if a.hf:
-        rows[f"hf ({a.hf})"] = run_row("hf", {"pretrained": a.hf, "dtype": "float32"}, tasks, manager)
+        hf_args = {"pretrained": a.hf, "dtype": "float32", **({"gguf_file": a.hf_gguf} if a.hf_gguf else {})}
+        rows[f"hf ({a.hf_gguf or a.hf})"] = run_row("hf", hf_args, tasks, manager)
     for spec in a.blockdiff:
         label, args = model_args(spec)
         rows[label] = run_row("blockdiff", args, tasks, manager)
@@ -81,8 +87,8 @@ def main() -> None:
 
 def write_table(rows: dict, out: Path) -> None:
     head = "| model | MC acc | MC acc_norm | s/request (MC) | gen exact match | s/request (gen) | PPL task word PPL " \
-           "| bits/byte | s/request (PPL) |"
-    lines = [head, "|" + "---|" * 9]
+           "| bits/byte | s/request (PPL) | load s |"
+    lines = [head, "|" + "---|" * 10]
     nan = float("nan")
     for label, r in rows.items():
         mc, gen, ppl = r.get("blockdiff_mc", {}), r.get("blockdiff_gen", {}), r.get("blockdiff_ppl", {})
@@ -90,7 +96,8 @@ def write_table(rows: dict, out: Path) -> None:
             f"| {label} | {mc.get('acc,none', nan):.3f} | {mc.get('acc_norm,none', nan):.3f} | "
             f"{mc.get('seconds_per_request', nan):.4f} | {gen.get('exact_match,none', nan):.3f} | "
             f"{gen.get('seconds_per_request', nan):.3f} | {ppl.get('word_perplexity,none', nan):.1f} | "
-            f"{ppl.get('bits_per_byte,none', nan):.3f} | {ppl.get('seconds_per_request', nan):.3f} |"
+            f"{ppl.get('bits_per_byte,none', nan):.3f} | {ppl.get('seconds_per_request', nan):.3f} | "
+            f"{r.get('load_seconds', nan):.1f} |"
         )
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
