@@ -188,6 +188,24 @@ def test_greedy_with_a_streamer_gets_the_prompt_then_every_step():
     assert sum(streamer.parts, []) == out.sequences[0].tolist()
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_verifiers_suppress_tokens_are_honoured_as_generate_does(temperature):
+    """``generation_config.suppress_tokens`` (e.g. an exported base's mask token): never emitted, and greedy is still
+    the verifier's ``generate`` token for token (which honours it)."""
+    verifier, prompt = ar_model(), PROMPTS["mid_block"]
+    free = hf_greedy(verifier, prompt, 24)[len(prompt) :]
+    banned = max(set(free), key=free.count)  # the token greedy writes most
+    verifier.generation_config.suppress_tokens = [banned]
+    reference = hf_greedy(verifier, prompt, 24)
+    assert banned not in reference[len(prompt) :] and reference[len(prompt) :] != free
+    for _ in range(2 if temperature else 1):
+        out = speculative_generate(verifier, copy_drafter(verifier), prompt, max_new_tokens=24, temperature=temperature,
+                                   generator=torch.Generator().manual_seed(0))
+        assert banned not in out.new_tokens(0)
+        if temperature == 0:
+            assert out.sequences[0].tolist() == reference
+
+
 # -- sampling: the verifier's distribution ---------------------------------------------------------------------
 def l1_bound(cells: int, n: int, delta: float = 1e-6) -> float:
     """``eps`` with ``P(||P_hat - P||_1 >= eps) <= delta`` for ``n`` draws over ``cells`` outcomes:

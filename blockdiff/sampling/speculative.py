@@ -245,8 +245,9 @@ def _prepare(
     _check_settings(max_new_tokens, temperature, top_k, top_p)
     if any(not 0 <= t < pair.vocab_size for t in prompt):
         raise UsageError(f"prompt token ids must be in [0, {pair.vocab_size}) (the verifier's vocabulary)")
-    sampling = Sampling(pair.vocab_size, float(temperature), top_k, top_p)
     base = pair.verifier_model
+    suppress = getattr(getattr(base, "generation_config", None), "suppress_tokens", None) or ()
+    sampling = Sampling(pair.vocab_size, float(temperature), top_k, top_p, tuple(int(t) for t in suppress))
     if eos_token_id is None:  # what the verifier's own generate() would stop at
         defaults = getattr(base, "generation_config", None) or base.config
         eos_token_id = defaults.eos_token_id

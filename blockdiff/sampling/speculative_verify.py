@@ -37,6 +37,7 @@ class Sampling:
     temperature: float = 0.0  # 0 = greedy
     top_k: int | None = None
     top_p: float | None = None
+    suppress: tuple[int, ...] = ()  # ids never chosen (the verifier's generation_config.suppress_tokens, as generate)
 
     @property
     def greedy(self) -> bool:
@@ -44,13 +45,18 @@ class Sampling:
 
     def fit(self, logits: torch.Tensor) -> torch.Tensor:
         """``(m, v')`` logits of either model -> ``(m, v)`` float32 (as transformers' generate reads them): extra
-        columns dropped, missing ones ``-inf``."""
+        columns dropped, missing ones and ``suppress`` ``-inf`` (transformers' ``SuppressTokensLogitsProcessor``)."""
         logits = logits.float()
         v = self.vocab_size
         if logits.shape[-1] >= v:
-            return logits[..., :v]
-        pad = logits.new_full((*logits.shape[:-1], v - logits.shape[-1]), float("-inf"))
-        return torch.cat([logits, pad], dim=-1)
+            logits = logits[..., :v]
+        else:
+            pad = logits.new_full((*logits.shape[:-1], v - logits.shape[-1]), float("-inf"))
+            logits = torch.cat([logits, pad], dim=-1)
+        if self.suppress:  # out of place: the caller's tensor stays as it was
+            ids = torch.tensor(self.suppress, dtype=torch.long, device=logits.device)
+            logits = logits.index_fill(-1, ids, float("-inf"))
+        return logits
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution a sampling step draws from: ``(m, v')`` logits -> ``(m, v)`` probabilities."""
