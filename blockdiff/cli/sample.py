@@ -66,7 +66,7 @@ def _generate(args, loaded, prompts: list[str]):
 
     ids = encode_prompts(loaded.tokenizer, prompts)
     finished = FinishedBlocks([len(p) for p in ids])
-    trace = TraceWriter(args.trace) if args.trace else None
+    trace = TraceWriter(args.trace, _trace_header(loaded, ids)) if args.trace else None
     live = LiveView(loaded.tokenizer, loaded.model.mask_token_id, console, prompts=ids) if args.show_denoising else None
     device = loaded.model.device  # sample i: seed + i, whatever else is in the batch
     generators = [torch.Generator(device=device).manual_seed(args.seed + i) for i in range(len(prompts))]
@@ -87,8 +87,21 @@ def _generate(args, loaded, prompts: list[str]):
             trace.close(keep=False)
         raise
     if trace is not None:
-        trace.close()
+        from blockdiff.sampling.watch import trace_end
+
+        trace.close(end=trace_end(out, texts, loaded.tokenizer, trace.seen | {t for p in ids for t in p}))
+        console.print(f"trace: {args.trace} — see it with `blockdiff view {args.trace}`", markup=False, highlight=False)
     return texts, out
+
+
+def _trace_header(loaded, ids: list[list[int]]) -> dict:
+    """The trace's first line: the model, the prompts' token ids and the generation settings in force."""
+    from blockdiff.sampling.watch import trace_header
+
+    config = loaded.model.generation_config
+    keys = ("sampler", "max_new_tokens", "steps_per_block", "temperature", "top_k", "top_p", *knobs())
+    settings = {k: getattr(config, k, None) for k in keys if getattr(config, k, None) is not None}
+    return trace_header(ids, loaded.model.mask_token_id, loaded.model.block_length, str(loaded.directory), settings)
 
 
 def _print_samples(prompts: list[str], texts: list[str], out) -> None:
