@@ -5,7 +5,8 @@
    per-sample forward count of ``GenerationOutput.sample_nfe``; re-opened tokens (the remask sampler) included.
 2. ``text_segments``: one piece per token, joining to the decoded text even across multi-byte characters.
 3. ``blockdiff view``: one HTML file with the data inlined and nothing fetched; clear errors for what is not a trace.
-4. The page in headless Chromium (Debian's ``chromium``, installed here when missing and apt can; skipped with the
+4. ``--gif``: one frame per step, the last not blank (``--mp4`` with ffmpeg, refused clearly without).
+5. The page in headless Chromium (Debian's ``chromium``, installed here when missing and apt can; skipped with the
    reason otherwise): after pressing play, after scrubbing to the end (the text on screen is the sampled text) and
    after scrubbing by block, a screenshot that is not blank, and a 4,096-token trace scrubbed to its end.
 """
@@ -55,6 +56,9 @@ def check_replay(trace) -> None:
         assert "".join(s.segments) == s.text
         assert s.forwards == s.nfe
         assert sum(s.revealed_per_forward()) == sum(len(st.revealed) for st in s.steps)
+        final = s.cells(len(s.steps), trace.pieces, trace.special_ids)  # what the page and the GIF draw at the end
+        assert "".join(c.text for c in final if c.kind == "gen") == s.text
+        assert not [c for c in final if c.kind == "mask"]
 
 
 def test_replaying_a_trace_gives_every_step_and_the_sampled_tokens(trace_path):
@@ -141,6 +145,39 @@ def long_trace(model_dir, path, n: int):
     texts = [loaded.tokenizer.decode(out.new_tokens(0), skip_special_tokens=True)]
     writer.close(end=trace_end(out, texts, loaded.tokenizer, writer.seen | set(ids[0])))
     return path
+
+
+def test_gif_has_a_frame_per_step_and_a_final_frame_that_is_not_blank(trace_path, tmp_path, capsys):
+    from PIL import Image, ImageChops, ImageStat
+
+    gif = tmp_path / "t.gif"
+    assert main(["view", str(trace_path), "--gif", str(gif), "--sample", "1"]) == 0
+    assert "gif:" in capsys.readouterr().out and not trace_path.with_suffix(".html").exists()  # --gif alone: no page
+    sample = read_trace(trace_path).samples[1]
+    image = Image.open(gif)
+    assert image.n_frames == len(sample.steps) + 1  # the prompt, then one frame per step
+    image.seek(0)
+    first = image.convert("RGB")
+    image.seek(image.n_frames - 1)
+    last = image.convert("RGB")
+    assert image.info["duration"] > 1000  # the final frame is held
+    assert max(ImageStat.Stat(last).stddev) > 10, "the final frame is blank"
+    diff = ImageChops.difference(first, last).convert("L")
+    assert sum(1 for v in diff.getdata() if v > 40) > 200, "the final frame shows nothing the prompt frame did not"
+
+
+def test_mp4_needs_ffmpeg(trace_path, tmp_path, capsys, monkeypatch):
+    import blockdiff.viewer.animation as animation
+
+    monkeypatch.setattr(animation.shutil, "which", lambda name: None)
+    assert main(["view", str(trace_path), "--mp4", str(tmp_path / "t.mp4")]) == 2
+    assert "needs ffmpeg" in capsys.readouterr().err and not (tmp_path / "t.mp4").exists()
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed (the refusal is tested above)")
+def test_mp4_is_written_with_ffmpeg(trace_path, tmp_path):
+    assert main(["view", str(trace_path), "--mp4", str(tmp_path / "t.mp4")]) == 0
+    assert (tmp_path / "t.mp4").stat().st_size > 1000
 
 
 # -- the page in a real browser ---------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from blockdiff.errors import MissingFileError, UsageError
 
-__all__ = ["Step", "SampleTrace", "Trace", "read_trace"]
+MASK_GLYPH = "░"  # as the live terminal view draws a masked position (sampling/watch.py)
+
+__all__ = ["Step", "Cell", "SampleTrace", "Trace", "read_trace", "MASK_GLYPH"]
 
 
 @dataclass
@@ -34,6 +36,19 @@ class Step:
     revealed: list[tuple[int, int, float]]  # (position, token, confidence) revealed at this step
     remasked: list[int]  # positions re-opened at this step
     tokens: list[int] = field(repr=False, default_factory=list)  # the block after the step, as the trace wrote it
+
+
+@dataclass
+class Cell:
+    """One position as a viewer draws it after some step."""
+
+    position: int
+    text: str  # what to print (the token's share of the sampled text once final; "░" while masked)
+    kind: str  # "prompt", "mask", "gen" or "cut" (generated after the stop: not in the sampled text)
+    confidence: float = 1.0  # the model's confidence in the token when it was revealed
+    fresh: bool = False  # revealed at this very step
+    reopened: bool = False  # re-opened (remasked) at some earlier step
+    special: bool = False  # a special token (EOS...): not part of the text
 
 
 @dataclass
@@ -79,6 +94,36 @@ class SampleTrace:
             for position in s.remasked:
                 tokens[position] = self.mask_token_id
         return tokens
+
+    def cells(self, k: int, pieces: dict[int, str], special: set[int] = frozenset()) -> list[Cell]:
+        """What a viewer draws after step ``k`` (the page's ``tokenSpan`` in ``viewer.js`` draws the same): the
+        prompt, the finished blocks and the current block; a finished block without the masked positions it never
+        generated (past ``max_new_tokens``). ``pieces``: the text of each token id (``Trace.pieces``)."""
+        tokens = self.tokens_at(k)
+        conf: dict[int, float] = {}
+        reopened: set[int] = set()
+        for s in self.steps[:k]:
+            conf.update((p, c) for p, _, c in s.revealed)
+            reopened.update(s.remasked)
+        fresh = {p for p, _, _ in self.steps[k - 1].revealed} if k else set()
+        current = self.steps[k - 1].block if 0 < k < len(self.steps) else None
+        kept = len(self.new_tokens) if self.new_tokens is not None else 1 << 62
+        out = []
+        for p, t in enumerate(tokens):
+            if p < len(self.prompt):
+                text = self.prompt_segments[p] if self.prompt_segments else pieces.get(t, "")
+                out.append(Cell(p, text, "prompt"))
+                continue
+            j = p - len(self.prompt)
+            if t == self.mask_token_id:
+                if p // self.block_length == current:
+                    out.append(Cell(p, MASK_GLYPH, "mask"))
+                continue
+            final = self.new_tokens is not None and j < kept and self.new_tokens[j] == t
+            text = self.segments[j] if final else ("" if t in special else pieces.get(t, f"<{t}>"))
+            out.append(Cell(p, text, "gen" if j < kept else "cut", conf.get(p, 1.0), p in fresh, p in reopened,
+                            t in special))
+        return out
 
     def final_new_tokens(self) -> list[int]:
         """The kept new tokens as the replay of every step leaves them (== ``new_tokens`` for a complete trace)."""
