@@ -24,6 +24,9 @@ def run(args) -> None:
         console.print(f"page: {page} — open it in a browser (everything is inside the file)", markup=False)
     for path, kind in ((args.gif, "gif"), (args.mp4, "mp4")):
         if path is not None:
+            from blockdiff.cli.plot import require_plots
+
+            require_plots(f"--{kind}")
             from blockdiff.viewer.animation import write_animation
 
             frames = write_animation(trace, path, kind, sample=args.sample or 0, fps=args.fps, width=args.width)
