@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -82,6 +83,7 @@ def test_replay_marks_re_opened_tokens(model_dir, tmp_path):
 
 def test_text_segments_join_to_the_text_across_multibyte_characters():
     from blockdiff.modeling.tokenizer import byte_tokenizer
+    from blockdiff.sampling import watch
     from blockdiff.sampling.watch import text_segments
 
     tok = byte_tokenizer()
@@ -90,6 +92,10 @@ def test_text_segments_join_to_the_text_across_multibyte_characters():
     assert len(segments) == len(ids) and "".join(segments) == "héllo ☃!"
     assert segments[1:3] == ["", "é"]  # the first byte of é adds nothing yet, the second the character
     assert segments[-1] == ""  # EOS is a special token: not in the text
+    assert watch._segments_by_prefix(tok, ids, "héllo ☃!") == segments  # the incremental split == prefix by prefix
+    rng = random.Random(0)
+    noise = [rng.randrange(256) for _ in range(2000)]  # invalid UTF-8 everywhere: still joins exactly
+    assert "".join(text_segments(tok, noise)) == tok.decode(noise, skip_special_tokens=True)
 
 
 def test_view_writes_one_self_contained_page(trace_path, tmp_path, capsys):
@@ -150,9 +156,10 @@ def long_trace(model_dir, path, n: int):
 def test_gif_has_a_frame_per_step_and_a_final_frame_that_is_not_blank(trace_path, tmp_path, capsys):
     from PIL import Image, ImageChops, ImageStat
 
-    gif = tmp_path / "t.gif"
-    assert main(["view", str(trace_path), "--gif", str(gif), "--sample", "1"]) == 0
-    assert "gif:" in capsys.readouterr().out and not trace_path.with_suffix(".html").exists()  # --gif alone: no page
+    gif, own = tmp_path / "t.gif", tmp_path / "own.jsonl"
+    shutil.copy(trace_path, own)
+    assert main(["view", str(own), "--gif", str(gif), "--sample", "1"]) == 0
+    assert "gif:" in capsys.readouterr().out and not own.with_suffix(".html").exists()  # --gif alone: no page
     sample = read_trace(trace_path).samples[1]
     image = Image.open(gif)
     assert image.n_frames == len(sample.steps) + 1  # the prompt, then one frame per step

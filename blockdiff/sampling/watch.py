@@ -105,13 +105,33 @@ def trace_end(out: GenerationOutput, texts: list[str], tokenizer, token_ids) -> 
 def text_segments(tokenizer, ids: list[int]) -> list[str]:
     """Split ``decode(ids)`` (special tokens skipped) into one piece per token: token ``i`` gets the characters the
     text gains when it is decoded, so the pieces join to the text exactly, even where one character spans several
-    byte-level tokens (the first of them gets ``""``, the last the character)."""
+    byte-level tokens (the first of them gets ``""``, the last the character).
+
+    Incremental, as streaming detokenisers do: each step decodes only the tokens since the last complete character
+    (linear in ``len(ids)``); should the pieces not join to the text (a tokenizer whose decoding is not local), the
+    prefix-by-prefix split (quadratic) is used instead."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
+    segments, prefix, read = [], 0, 0
+    for i in range(len(ids)):
+        before = tokenizer.decode(ids[prefix:read], skip_special_tokens=True)
+        after = tokenizer.decode(ids[prefix : i + 1], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd") and after.startswith(before):
+            segments.append(after[len(before) :])
+            prefix, read = read, i + 1
+        else:
+            segments.append("")  # an unfinished character (or a special token): its text comes with a later token
+    if segments:
+        segments[-1] += text[len("".join(segments)) :] if text.startswith("".join(segments)) else ""
+    if "".join(segments) == text:
+        return segments
+    return _segments_by_prefix(tokenizer, ids, text)
+
+
+def _segments_by_prefix(tokenizer, ids: list[int], text: str) -> list[str]:
     segments, done = [], 0
     for i in range(len(ids)):
         prefix = tokenizer.decode(ids[: i + 1], skip_special_tokens=True) if i + 1 < len(ids) else text
-        common = len(os.path.commonprefix([prefix, text]))
-        end = max(done, common)
+        end = max(done, len(os.path.commonprefix([prefix, text])))
         segments.append(text[done:end])
         done = end
     return segments
