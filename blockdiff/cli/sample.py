@@ -96,10 +96,11 @@ def _generate(args, loaded, prompts: list[str]):
 
 def _trace_header(loaded, ids: list[list[int]]) -> dict:
     """The trace's first line: the model, the prompts' token ids and the generation settings in force."""
+    from blockdiff.sampling.registry import knobs_of
     from blockdiff.sampling.watch import trace_header
 
     config = loaded.model.generation_config
-    keys = ("sampler", "max_new_tokens", "steps_per_block", "temperature", "top_k", "top_p", *knobs())
+    keys = ("sampler", "max_new_tokens", "steps_per_block", "temperature", "top_k", "top_p", *knobs_of(config.sampler))
     settings = {k: getattr(config, k, None) for k in keys if getattr(config, k, None) is not None}
     return trace_header(ids, loaded.model.mask_token_id, loaded.model.block_length, str(loaded.directory), settings)
 
