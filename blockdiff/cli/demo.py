@@ -183,7 +183,8 @@ def _report(shown: list[Shown], cfg, page: Path, trace: Path) -> None:
         f"\n[bold]See it write:[/] open {escape(str(page))} in a browser — it replays the first sample above step by "
         "step (masks ░ turning into tokens, coloured by confidence).\n"
         "[bold]Next:[/]\n"
-        f"  blockdiff sample {escape(str(bd.run_dir))} --prompt \"JULIET.\" --show-denoising   # watch it live\n"
+        f"  blockdiff sample {escape(str(bd.run_dir))} --prompt \"JULIET.\" --sampler fixed --tokens-per-step 2 "
+        "--show-denoising   # watch it write, two tokens per forward\n"
         f"  blockdiff plot {' '.join(escape(str(s.run_dir)) for s in shown)} {escape(str(trace))}"
         "   # curves, NELBO per block position, tokens per forward\n"
         "  blockdiff finetune   # the same recipe on a pretrained decoder (the offline SmolLM2-135M)",
