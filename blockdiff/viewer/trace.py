@@ -188,7 +188,8 @@ def read_trace(path: str | Path) -> Trace:
                 raise UsageError(f"{path}:{number} is not a trace record (no block/samples/tokens/revealed keys)")
     if header is None:
         raise UsageError(
-            f"{path} has no header line: it was written by an older blockdiff; sample again with --trace to view it"
+            f"{path} has no header line: it was written by an older blockdiff or by `sample --speculative` (whose "
+            "traces the viewer does not read yet); sample again with --trace (without --speculative) to view it"
         )
     if not events:
         raise UsageError(f"{path} holds no denoising steps")
