@@ -408,7 +408,12 @@ def test_cli_sample_prints_every_sample_and_writes_a_trace(run_dir, tmp_path, ca
     assert all(1 <= n <= 10 for n, _ in samples.values())
     assert "NFE" in out
     assert trace.is_file() and not trace.with_name(trace.name + ".partial").exists()
-    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    header, *events, end = records
+    assert header["kind"] == "header" and end["kind"] == "end"  # what makes the trace viewable (test_viewer.py)
+    assert [len(p) for p in header["prompts"]] == [2, 4]  # BOS + the prompt's bytes
+    assert end["lengths"] == [samples[i][0] for i in (0, 1)]
+    assert [len(t) for t in end["new_tokens"]] == end["lengths"] and len(end["texts"]) == 2
     assert events
     for e in events:
         assert {"block", "step", "revealed", "tokens", "finished", "samples"} <= set(e)

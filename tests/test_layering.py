@@ -2,7 +2,7 @@
 
 Order (docs/design.md, "Layers"), lowest first: the leaves ``errors``/``files``/``tables``/``config``, then ``core``
 < ``sampling`` < ``modeling`` < ``data`` < ``evaluation``, ``training`` and ``serving`` (siblings: none imports another)
-< ``sweeps`` < the package root (the public API) < ``cli``.
+< ``viewer`` < ``sweeps`` < the package root (the public API) < ``cli``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ HEAVY = ("lightning", "pytorch_lightning", "datasets")  # training / corpus stac
 LAYER = {
     "errors": 0, "files": 0, "tables": 0, "config": 0,  # leaves: they may import each other
     "core": 1, "sampling": 2, "modeling": 3, "data": 4, "evaluation": 5, "training": 5, "serving": 5,
-    "sweeps": 6,
-    "__init__": 7,  # ``from blockdiff import X`` for a name that is not a submodule: the public API
-    "cli": 8,
+    "viewer": 6,  # traces read back, the trace page, animations, plots (the sweep report draws with it)
+    "sweeps": 7,
+    "__init__": 8,  # ``from blockdiff import X`` for a name that is not a submodule: the public API
+    "cli": 9,
 }
 
 # Imports that break the order today, each removed by the change that fixes it. Keep this list short and named.

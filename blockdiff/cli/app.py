@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
 
-from blockdiff.cli import config, demo, distill, evaluate, export, finetune, sample, serve, sweep, train
+from blockdiff.cli import config, demo, distill, evaluate, export, finetune, plot, sample, serve, sweep, train, view
 from blockdiff.config import SEED_MAX
 from blockdiff.errors import UsageError, UserError
 
@@ -47,6 +47,8 @@ COMMANDS: dict[str, Verb] = {
         "sweep": sweep,
         "distill": distill,
         "serve": serve,
+        "view": view,
+        "plot": plot,
     }.items()
 }
 

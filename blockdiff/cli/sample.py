@@ -60,23 +60,39 @@ def _generate(args, loaded, prompts: list[str]):
     import torch
 
     from blockdiff.sampling import encode_prompts, sample_texts
+    from blockdiff.sampling.watch import trace_end
 
     ids = encode_prompts(loaded.tokenizer, prompts)
     device = loaded.model.device  # sample i: seed + i, whatever else is in the batch
     generators = [torch.Generator(device=device).manual_seed(args.seed + i) for i in range(len(prompts))]
-    with _watching(args, loaded, ids, prompts) as observer:
-        return sample_texts(loaded.model, loaded.tokenizer, prompts, generators, observer=observer)
+    ending: list = []
+    with _watching(args, loaded, ids, prompts, _trace_header(loaded, ids), ending) as observer:
+        texts, out = sample_texts(loaded.model, loaded.tokenizer, prompts, generators, observer=observer)
+        ending.append(lambda seen: trace_end(out, texts, loaded.tokenizer, seen | {t for p in ids for t in p}))
+    return texts, out
+
+
+def _trace_header(loaded, ids: list[list[int]]) -> dict:
+    """The trace's first line (what makes it viewable): the model, the prompts' token ids and the settings in force."""
+    from blockdiff.sampling.registry import knobs_of
+    from blockdiff.sampling.watch import trace_header
+
+    config = loaded.model.generation_config
+    keys = ("sampler", "max_new_tokens", "steps_per_block", "temperature", "top_k", "top_p", *knobs_of(config.sampler))
+    settings = {k: getattr(config, k, None) for k in keys if getattr(config, k, None) is not None}
+    return trace_header(ids, loaded.model.mask_token_id, loaded.model.block_length, str(loaded.directory), settings)
 
 
 @contextlib.contextmanager
-def _watching(args, loaded, ids: list[list[int]], prompts: list[str]):
+def _watching(args, loaded, ids: list[list[int]], prompts: list[str], header: dict | None = None, ending=()):
     """The observer of every step (``StepEvent``): the ``--trace`` file, the ``--show-denoising`` live view and the
     finished blocks. On Ctrl-C print the finished blocks and keep the trace's complete lines; on any other failure
-    leave no trace file."""
+    leave no trace file. ``header`` starts the trace; ``ending`` holds (after the run) a function of the token ids
+    seen that gives its end record (``blockdiff view`` needs both; the speculative path writes neither yet)."""
     from blockdiff.sampling.watch import FinishedBlocks, LiveView, TraceWriter, fan_out
 
     finished = FinishedBlocks([len(p) for p in ids])
-    trace = TraceWriter(args.trace) if args.trace else None
+    trace = TraceWriter(args.trace, header) if args.trace else None
     live = LiveView(loaded.tokenizer, loaded.model.mask_token_id, console, prompts=ids) if args.show_denoising else None
     try:
         with live or contextlib.nullcontext():
@@ -93,7 +109,10 @@ def _watching(args, loaded, ids: list[list[int]], prompts: list[str]):
             trace.close(keep=False)
         raise
     if trace is not None:
-        trace.close()
+        trace.close(end=ending[0](trace.seen) if ending else None)
+        if header is not None:
+            console.print(f"trace: {args.trace} — see it with `blockdiff view {args.trace}`", markup=False,
+                          highlight=False)
 
 
 def _print_samples(prompts: list[str], texts: list[str], out) -> None:

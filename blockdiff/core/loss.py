@@ -8,7 +8,9 @@ The returned ``nll`` is in nats/token; ``exp(nll)`` is the NELBO perplexity boun
 ``nll / ln 2 * tokens_per_byte`` the bits-per-byte bound.
 
 ``block_diffusion_loss(..., reduction="block")`` also returns the per-block estimates ``(b, k)`` (nats per
-token of each block) the clip search measures the variance of (``clip_search.py``): one NELBO, two reductions.
+token of each block) the clip search measures the variance of (``clip_search.py``); ``reduction="position"`` the
+sums and counts per in-block position ``(l,)`` (does the bound get worse later in a block? ``blockdiff plot``):
+one NELBO, three reductions.
 Under the logit shift position 0 is the conditioning token: never scored, so never noised either.
 
 ``mixture_loss`` trains one network on several block lengths at once (each sequence draws its own).
@@ -40,17 +42,21 @@ class LossOutput:
     num_masked: torch.Tensor  # scalar: positions that were masked and contributed
     block_lengths: torch.Tensor | None = None  # (b,) block length each sequence drew (mixtures only)
     per_block: torch.Tensor | None = None  # (b, k) nats per token of each block (reduction="block" only)
+    per_position: torch.Tensor | None = None  # (l,) summed weighted -log p at each in-block position ("position")
+    position_tokens: torch.Tensor | None = None  # (l,) predicted positions at each in-block position ("position")
 
 
 def nelbo(
     logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor,
-    block_length: int | None = None,
+    block_length: int | None = None, by_position: bool = False,
 ) -> LossOutput:
     """NELBO per token from logits at masked positions.
 
     ``logits`` may be ``(b, n, v)`` or already gathered to the masked-and-valid rows ``(m, v)``. With
     ``block_length`` the output also holds ``per_block``: each block's weighted ``-log p`` of its masked
-    tokens divided by ``block_length`` (they average to ``loss`` when every position is valid).
+    tokens divided by ``block_length`` (they average to ``loss`` when every position is valid); with
+    ``by_position`` instead ``per_position`` / ``position_tokens``: the weighted sum and the predicted positions at
+    each in-block position (``per_position.sum() / position_tokens.sum() == loss``).
     """
     sel = masked & valid  # (b, n)
     rows = logits[sel] if logits.dim() == 3 else logits  # (m, v)
@@ -64,7 +70,12 @@ def nelbo(
         b, n = x0.shape
         per_token = torch.zeros(b, n, device=x0.device, dtype=nll.dtype)  # (b, n)
         per_token[sel] = nll
-        out.per_block = (weight * per_token).reshape(b, n // block_length, block_length).sum(-1) / block_length
+        weighted = (weight * per_token).reshape(b, n // block_length, block_length)  # (b, k, l)
+        if by_position:
+            out.per_position = weighted.sum((0, 1))  # (l,)
+            out.position_tokens = valid.reshape(b, n // block_length, block_length).sum((0, 1))  # (l,)
+        else:
+            out.per_block = weighted.sum(-1) / block_length
     return out
 
 
@@ -96,17 +107,18 @@ def block_diffusion_loss(
     t: torch.Tensor | None = None,
     block_length: int | None = None,
     bidirectional: float = 1.0,
-    reduction: Literal["token", "block"] = "token",
+    reduction: Literal["token", "block", "position"] = "token",
 ) -> LossOutput:
     """Noise ``x0`` with one ``t ~ U[t_range]`` per block (or the given ``t`` of shape ``(b, k)``), run
     the vectorised forward, and return the per-token NELBO. ``block_length`` overrides the model's;
     ``bidirectional < 1`` anneals the in-block attention (see ``BlockDiffusionLM.training_hidden``).
-    ``reduction="block"`` also fills ``per_block`` ``(b, k)`` (the clip search's samples).
+    ``reduction="block"`` also fills ``per_block`` ``(b, k)`` (the clip search's samples); ``"position"`` fills
+    ``per_position`` and ``position_tokens`` ``(l,)``.
 
     The ``model.num_unpredictable`` leading positions (position 0 under the logit shift) are neither
     scored nor noised: the conditioning token stays clean in ``x_t`` (docs/design.md §5)."""
-    if reduction not in ("token", "block"):
-        raise ValueError(f"reduction must be 'token' or 'block', got {reduction!r}")
+    if reduction not in ("token", "block", "position"):
+        raise ValueError(f"reduction must be 'token', 'block' or 'position', got {reduction!r}")
     x0 = check_batch(model, x0)
     b, n = x0.shape
     block_length = block_length or model.block_length
@@ -118,7 +130,8 @@ def block_diffusion_loss(
     valid[:, :unscored] = False
     hidden = model.training_hidden(noised.xt, x0, block_length, bidirectional, generator)  # (b, n, d)
     logits = model.logits(hidden[noised.masked & valid])  # (m, v)
-    return nelbo(logits, x0, noised.masked, noised.weight, valid, block_length if reduction == "block" else None)
+    per = block_length if reduction != "token" else None
+    return nelbo(logits, x0, noised.masked, noised.weight, valid, per, by_position=reduction == "position")
 
 
 def draw_block_lengths(mixture: dict[int, float], batch_size: int, generator=None, device=None) -> torch.Tensor:

@@ -35,6 +35,7 @@ class EvalResult:
     bpb: float  # bits per UTF-8 byte
     num_tokens: int  # predicted tokens the average is over
     block_length: int
+    per_position: list[float] | None = None  # NELBO (nats/token) at each in-block position 0..L'-1 (by_position)
 
 
 @torch.no_grad()
@@ -48,30 +49,38 @@ def evaluate_nelbo(
     max_batches: int | None = None,
     block_length: int | None = None,
     progress: Progress | None = None,
+    by_position: bool = False,
 ) -> EvalResult:
     """Token-weighted mean NELBO over ``batches`` of ``(b, n)`` token tensors, at the model's block length or
     at ``block_length`` (e.g. a block-length-mixture model evaluated at each length it was trained on).
-    ``progress(stage, done, total)`` is told after every batch (``stage="held-out batches"``)."""
+    ``progress(stage, done, total)`` is told after every batch (``stage="held-out batches"``). ``by_position``
+    also fills ``per_position``: the same estimate split by position inside the block (same noise draws)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     nll_sum, num_tokens = 0.0, 0
+    position_sums = position_tokens = 0
     total = len(batches) if hasattr(batches, "__len__") else 0
     total = min(total, max_batches) if max_batches is not None else total
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         out = block_diffusion_loss(
-            model, batch.to(device), schedule, t_range, True, generator, block_length=block_length
+            model, batch.to(device), schedule, t_range, True, generator, block_length=block_length,
+            reduction="position" if by_position else "token",
         )
         nll_sum += out.nll_sum.item()
         num_tokens += int(out.num_tokens)
+        if by_position:
+            position_sums, position_tokens = position_sums + out.per_position, position_tokens + out.position_tokens
         if progress is not None:
             progress("held-out batches", i + 1, total)
     if num_tokens == 0:
         raise UsageError("no held-out tokens to evaluate on")
     nll = nll_sum / num_tokens
+    per_position = (position_sums / position_tokens.clamp(min=1)).tolist() if by_position else None
     return EvalResult(
-        nll, math.exp(nll), bits_per_byte(nll, tokens_per_byte), num_tokens, block_length or model.block_length
+        nll, math.exp(nll), bits_per_byte(nll, tokens_per_byte), num_tokens, block_length or model.block_length,
+        per_position,
     )
 
 
@@ -81,6 +90,7 @@ def evaluate_held_out(
     seed: int = 0,
     block_length: int | None = None,
     progress: Progress | None = None,
+    by_position: bool = False,
 ):
     """``(EvalResult, corpus, loader)``: the NELBO of a loaded model on the held-out split of its config's corpus,
     with the packed corpus and the loader, for callers that evaluate more on the same tokens."""
@@ -104,6 +114,7 @@ def evaluate_held_out(
         max_batches,
         block_length,
         progress,
+        by_position,
     )
     return result, held.corpus, held.loader
 

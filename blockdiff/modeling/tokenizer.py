@@ -57,14 +57,15 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return _wrap(tok)
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE with ``vocab_size`` entries (special tokens included) trained on ``texts``."""
+def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with ``vocab_size`` entries (special tokens included) trained on ``texts`` (``show_progress``:
+    the trainer's own progress bars on a terminal)."""
     tok = _byte_level(models.BPE())
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=show_progress,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return _wrap(tok)
@@ -95,12 +96,14 @@ def ensure_special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return sorted(missing)
 
 
-def build_tokenizer(spec: str, texts: Iterable[str] = (), bpe_vocab_size: int = 2048) -> PreTrainedTokenizerBase:
+def build_tokenizer(
+    spec: str, texts: Iterable[str] = (), bpe_vocab_size: int = 2048, show_progress: bool = False
+) -> PreTrainedTokenizerBase:
     """``bytes``, ``bpe`` (trained on ``texts``) or a Hugging Face name/path; always with a mask token."""
     if spec == "bytes":
         return byte_tokenizer()
     if spec == "bpe":
-        return train_bpe(texts, bpe_vocab_size)
+        return train_bpe(texts, bpe_vocab_size, show_progress)
     tokenizer = load_tokenizer(spec)
     ensure_special_tokens(tokenizer)
     return tokenizer

@@ -36,7 +36,7 @@ from blockdiff.sampling.base import Sampler, knob
 
 __all__ = [
     "Sampler", "knob", "GENERAL", "Knob", "WithKnobs", "register_sampler", "unregister_sampler", "registered",
-    "sampler_names", "sampler_class", "knobs", "settings", "make_sampler", "check_knobs",
+    "sampler_names", "sampler_class", "knobs", "knobs_of", "settings", "make_sampler", "check_knobs",
 ]
 
 # Block-diffusion generation settings no sampler owns: name -> default (the comment is the doc). The sampler
@@ -125,6 +125,11 @@ def sampler_class(name: str):
     if name not in _SAMPLERS:
         raise UsageError(f"sampler must be one of {sampler_names()}, got {name!r}")
     return _SAMPLERS[name]
+
+
+def knobs_of(name: str) -> list[str]:
+    """The knob names of the registered sampler ``name`` (what a trace records of its settings)."""
+    return [k.name for k in _knobs_of(sampler_class(name))]
 
 
 def knobs() -> dict[str, Knob]:

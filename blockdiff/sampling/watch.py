@@ -3,10 +3,14 @@
 Both are *observers*: callables that ``generate`` calls with a ``StepEvent`` after every step (and once
 more when a block is final). They never change what is generated.
 
-* ``TraceWriter(path)`` — one JSON object per line: block, step, per-sample revealed positions, tokens,
+* ``TraceWriter(path, header=...)`` — one JSON object per line: block, step, per-sample revealed positions, tokens,
   confidences, re-opened positions, whether the network ran. Written to ``path.partial`` and renamed by
   ``close()``, so a crash never leaves a truncated file under the real name (``close(keep=False)``
-  discards it); on Ctrl-C the complete lines written so far are kept.
+  discards it); on Ctrl-C the complete lines written so far are kept. A trace written by ``blockdiff sample``
+  is self-describing, so ``blockdiff view`` needs nothing else: its first line is a ``{"kind": "header"}``
+  record (``trace_header``: the model, the prompts' token ids, the settings) and its last an
+  ``{"kind": "end"}`` record (``trace_end``: the texts, lengths, forwards, and the text of every token id seen).
+  Step lines have no ``kind`` key. The format is read back by ``blockdiff/viewer/trace.py``.
 * ``LiveView(tokenizer, mask_id, prompts=...)`` — a ``rich`` live display: prompt and finished text, then the
   current block with ``░`` for each masked position, turning into tokens step by step.
 """
@@ -23,37 +27,114 @@ from rich.live import Live
 from rich.text import Text
 
 from blockdiff.errors import MissingFileError
-from blockdiff.sampling.outputs import StepEvent
+from blockdiff.sampling.outputs import GenerationOutput, StepEvent
 
-__all__ = ["TraceWriter", "LiveView", "FinishedBlocks", "fan_out"]
+__all__ = ["TraceWriter", "trace_header", "trace_end", "LiveView", "FinishedBlocks", "fan_out", "TRACE_VERSION"]
 
 MASK_GLYPH = "░"
+TRACE_VERSION = 1  # of the header / end records (step lines are ``asdict(StepEvent)``)
 
 
 class TraceWriter:
-    """JSON lines, one per event; the file appears under its real name only when ``close()`` keeps it."""
+    """JSON lines, one per event; the file appears under its real name only when ``close()`` keeps it.
 
-    def __init__(self, path: str | Path):
+    ``header`` (``trace_header``) is written before the first event; ``close(end=trace_end(...))`` appends the end
+    record. ``seen`` collects every token id the events hold (what ``trace_end`` gives the text of)."""
+
+    def __init__(self, path: str | Path, header: dict | None = None):
         self.path = Path(path)
         if self.path.is_dir():
             raise MissingFileError(f"--trace {self.path} is a directory; give a file name")
         self.partial = self.path.with_name(self.path.name + ".partial")
+        self.header = header
+        self.seen: set[int] = set()
         self.file = None  # opened at the first event: an input error before any step leaves no file
 
     def __call__(self, event: StepEvent) -> None:
         if self.file is None:
             self.file = self.partial.open("w", encoding="utf-8")
+            if self.header is not None:
+                self.file.write(json.dumps(self.header) + "\n")
+        for row in event.tokens:
+            self.seen.update(row)
         self.file.write(json.dumps(asdict(event)) + "\n")
 
-    def close(self, keep: bool = True) -> None:
-        """Rename the complete lines into place (``keep``) or discard them (a failed run)."""
+    def close(self, keep: bool = True, end: dict | None = None) -> None:
+        """Rename the complete lines into place (``keep``), after the ``end`` record when given, or discard them
+        (a failed run)."""
         if self.file is None:
             return
+        if keep and end is not None:
+            self.file.write(json.dumps(end) + "\n")
         self.file.close()
         if keep:
             os.replace(self.partial, self.path)
         else:
             self.partial.unlink(missing_ok=True)
+
+
+def trace_header(prompts: list[list[int]], mask_token_id: int, block_length: int, model: str = "",
+                 settings: dict | None = None) -> dict:
+    """The first line of a trace: what was sampled from what (``prompts``: token ids, BOS included)."""
+    return {
+        "kind": "header", "version": TRACE_VERSION, "model": model, "block_length": block_length,
+        "mask_token_id": mask_token_id, "prompts": [list(p) for p in prompts], "settings": settings or {},
+    }
+
+
+def trace_end(out: GenerationOutput, texts: list[str], tokenizer, token_ids) -> dict:
+    """The last line of a trace: each sample's text, kept new tokens, stop reason and forwards; the text of every
+    token id in ``token_ids`` (``pieces``; special tokens listed apart: the sampled text leaves them out); and
+    ``segments``, each kept token's share of the sample's text (``text_segments``), so a viewer that shows them
+    shows exactly the sampled text."""
+    ids = sorted(int(i) for i in token_ids)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    new = [out.new_tokens(i) for i in range(len(texts))]
+    prompts = [out.sequences[i, : int(out.prompt_lengths[i])].tolist() for i in range(len(texts))]
+    return {
+        "kind": "end", "texts": list(texts), "lengths": out.lengths.tolist(), "stop_reasons": out.stop_reasons,
+        "sample_nfe": out.sample_nfe.tolist() if out.sample_nfe is not None else None, "nfe": out.nfe,
+        "tokens_per_forward": out.sample_tokens_per_forward, "new_tokens": new,
+        "segments": [text_segments(tokenizer, t) for t in new],
+        "prompt_segments": [text_segments(tokenizer, p) for p in prompts],
+        "pieces": {str(i): tokenizer.decode([i], skip_special_tokens=False) for i in ids},
+        "special_ids": sorted(i for i in ids if i in special),
+    }
+
+
+def text_segments(tokenizer, ids: list[int]) -> list[str]:
+    """Split ``decode(ids)`` (special tokens skipped) into one piece per token: token ``i`` gets the characters the
+    text gains when it is decoded, so the pieces join to the text exactly, even where one character spans several
+    byte-level tokens (the first of them gets ``""``, the last the character).
+
+    Incremental, as streaming detokenisers do: each step decodes only the tokens since the last complete character
+    (linear in ``len(ids)``); should the pieces not join to the text (a tokenizer whose decoding is not local), the
+    prefix-by-prefix split (quadratic) is used instead."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    segments, prefix, read = [], 0, 0
+    for i in range(len(ids)):
+        before = tokenizer.decode(ids[prefix:read], skip_special_tokens=True)
+        after = tokenizer.decode(ids[prefix : i + 1], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd") and after.startswith(before):
+            segments.append(after[len(before) :])
+            prefix, read = read, i + 1
+        else:
+            segments.append("")  # an unfinished character (or a special token): its text comes with a later token
+    if segments:
+        segments[-1] += text[len("".join(segments)) :] if text.startswith("".join(segments)) else ""
+    if "".join(segments) == text:
+        return segments
+    return _segments_by_prefix(tokenizer, ids, text)
+
+
+def _segments_by_prefix(tokenizer, ids: list[int], text: str) -> list[str]:
+    segments, done = [], 0
+    for i in range(len(ids)):
+        prefix = tokenizer.decode(ids[: i + 1], skip_special_tokens=True) if i + 1 < len(ids) else text
+        end = max(done, len(os.path.commonprefix([prefix, text])))
+        segments.append(text[done:end])
+        done = end
+    return segments
 
 
 class FinishedBlocks:

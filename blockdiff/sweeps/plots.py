@@ -8,21 +8,18 @@
 * ``loss_curves`` — logged ``train/loss`` per run, smoothed (colour = block length);
 * ``clip_variance`` — variance of the per-block NELBO estimate vs clipping window, one line per L'.
 
-The rows are those of ``sweep_report`` (dicts); nothing here reads files except ``logs/metrics.csv``.
+The rows are those of ``sweep_report`` (dicts); nothing here reads files except ``logs/metrics.csv``. The helpers
+every figure shares (saving, reading ``metrics.csv``, smoothing) live in ``blockdiff/viewer/plots.py``, which also
+draws ``blockdiff plot``'s figures.
 """
 
 from __future__ import annotations
 
-import csv
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from blockdiff.modeling.rundir import RunDir  # noqa: E402
+from blockdiff.viewer.plots import moving_average, plt, read_metrics
+from blockdiff.viewer.plots import save as _save
 
 __all__ = ["ppl_vs_block_length", "quality_vs_nfe", "loss_curves", "clip_variance"]
 
@@ -32,13 +29,6 @@ def _mean_sd(values):
     m = sum(values) / len(values)
     sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
     return m, sd
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def ppl_vs_block_length(results: list[dict], evals: list[dict], path: Path) -> Path:
@@ -105,24 +95,15 @@ def loss_curves(runs: list[dict], path: Path, smooth: int = 5) -> Path:
     cmap = plt.get_cmap("viridis", max(2, len(lengths)))
     labelled = set()
     for r in runs:
-        csv_path = RunDir(r["run_dir"]).metrics
-        if not csv_path.is_file():
-            continue
-        with open(csv_path) as f:
-            rows = [(int(row["step"]), float(row["train/loss"])) for row in csv.DictReader(f) if row.get("train/loss")]
+        rows = read_metrics(r["run_dir"], "train/loss")
         if not rows:
             continue
         l = r["settings"]["block_length"]
         mixture = bool(r["settings"]["block_length_mixture"])
         label = "mixture" if mixture else f"L'={l}"
-        k = min(smooth, len(rows))  # moving average over k logged points
-        values = [
-            sum(v for _, v in rows[max(0, i - k + 1) : i + 1]) / len(rows[max(0, i - k + 1) : i + 1])
-            for i in range(len(rows))
-        ]
         ax.plot(
             [s for s, _ in rows],
-            values,
+            moving_average([v for _, v in rows], smooth),
             linewidth=0.8,
             alpha=0.8,
             color="black" if mixture else cmap(lengths.index(l)),

@@ -46,11 +46,11 @@ def build_backbone(cfg: ModelConfig, vocab_size: int, max_seq_len: int, **specia
     return AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attn_implementation)
 
 
-def build_model(cfg: Config, docs, tokenizer=None) -> tuple[object, BlockDiffusionLM]:
+def build_model(cfg: Config, docs, tokenizer=None, progress: bool = False) -> tuple[object, BlockDiffusionLM]:
     """``(tokenizer, model)`` as ``cfg`` describes them, ready to train: the backbone (``_tokenizer_and_backbone``;
-    ``docs`` is only read to train a BPE), the block-diffusion spec, LoRA / checkpointing, and the sampler
-    defaults of the ``sample`` section saved with the model."""
-    tokenizer, backbone, inherited_shift = _tokenizer_and_backbone(cfg, docs, tokenizer)
+    ``docs`` is only read to train a BPE, with its progress bars when ``progress``), the block-diffusion spec, LoRA /
+    checkpointing, and the sampler defaults of the ``sample`` section saved with the model."""
+    tokenizer, backbone, inherited_shift = _tokenizer_and_backbone(cfg, docs, tokenizer, progress)
     logit_shift = inherited_shift if cfg.model.logit_shift is None and inherited_shift is not None else cfg.logit_shift
     gated = Adapter(cfg.model.adapter) is Adapter.gated_lora
     spec = BlockDiffusionSpec(
@@ -71,7 +71,7 @@ def build_model(cfg: Config, docs, tokenizer=None) -> tuple[object, BlockDiffusi
     return tokenizer, model
 
 
-def _tokenizer_and_backbone(cfg: Config, docs, tokenizer=None):
+def _tokenizer_and_backbone(cfg: Config, docs, tokenizer=None, progress: bool = False):
     """``(tokenizer, backbone, logit_shift of the source)``: a fresh tokenizer (or the given one) + randomly initialised
     network, or both from ``model.pretrained`` / ``model.init_from`` (whose logit shift a run keeps unless
     ``model.logit_shift`` says otherwise)."""
@@ -85,7 +85,7 @@ def _tokenizer_and_backbone(cfg: Config, docs, tokenizer=None):
         _check_positions(backbone, cfg.data.max_seq_len, f"model.pretrained={cfg.model.pretrained}")
         return tokenizer, backbone.train(), None
     if cfg.model.init_from is None:
-        tokenizer = tokenizer or build_tokenizer(cfg.data.tokenizer, docs["text"], cfg.data.bpe_vocab_size)
+        tokenizer = tokenizer or build_tokenizer(cfg.data.tokenizer, docs["text"], cfg.data.bpe_vocab_size, progress)
         backbone = build_backbone(
             cfg.model,
             vocab_size=len(tokenizer),

@@ -74,7 +74,7 @@ def train(
     plan = plan_resume(cfg, run_dir.root, resume)
     if is_zero and not plan.in_place:
         check_new_run_dir(run_dir.root, overwrite)  # before the slow part; prepare_run_dir repeats it when writing
-    tokenizer, model, module, datamodule = _training_parts(cfg, plan)
+    tokenizer, model, module, datamodule = _training_parts(cfg, plan, progress)
     run = build_trainer(cfg, run_dir, progress)  # Lightning checks accelerator, precision, strategy here
 
     # -- the run directory, the fit, the final numbers, the export -----------------------------------
@@ -98,11 +98,12 @@ def train(
     )
 
 
-def _training_parts(cfg: Config, plan: ResumePlan):
+def _training_parts(cfg: Config, plan: ResumePlan, progress: bool = False):
     """``(tokenizer, model, module, datamodule)``: the corpus read and packed, the network built (the resumed run's
-    tokenizer kept), and the Lightning module and data module around them."""
+    tokenizer kept; a BPE trained with its progress bars when ``progress``), and the Lightning module and data module
+    around them."""
     docs = load_documents(cfg.data)
-    tokenizer, model = build_model(cfg, docs, plan.tokenizer)
+    tokenizer, model = build_model(cfg, docs, plan.tokenizer, progress)
     corpus = pack_documents(docs, tokenizer, cfg.data.max_seq_len, cfg.data.val_fraction)
     if cfg.data.batch_size > len(corpus.train):
         raise ConfigError(
