@@ -294,8 +294,17 @@ def test_cli_speculative_uses_the_fused_path(tmp_path, capsys):
         for low in model.adapter.layers.values():
             low.B.normal_(0, 0.05)
     export_model(model, loaded.tokenizer, loaded.config, tmp_path / "fused" / "model")
-    rc = main(["sample", str(tmp_path / "fused" / "model"), "--speculative", "--prompt", "The",
-               "--max-new-tokens", "9", "--temperature", "0"])
+    trace = tmp_path / "trace.jsonl"
+    rc = main(["sample", str(tmp_path / "fused" / "model"), "--speculative", "--prompt", "The", "--prompt", "A",
+               "--max-new-tokens", "9", "--temperature", "0", "--trace", str(trace)])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "fused" in out and "1 forward per step" in out
+    # the trace replays like any other (the viewer's own checks: tokens per step, forwards == NFE, the text)
+    from test_viewer import check_replay
+
+    from blockdiff.viewer.trace import read_trace
+
+    replay = read_trace(trace)
+    assert replay.complete and replay.settings["speculative"] == "fused" and len(replay.samples) == 2
+    check_replay(replay)

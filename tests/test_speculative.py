@@ -410,19 +410,25 @@ def test_cli_speculative(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "sample 1" in out and "new tokens per verifier forward" in out
-    # the trace: one finished block per verification step, per prompt; its tokens are the continuation
-    events = [json.loads(line) for line in trace.read_text().splitlines()]
-    assert {e["samples"][0] for e in events} == {0, 1} and all(e["finished"] and e["forward"] for e in events)
+    # the trace: the block loop's events on the grid of the drafter's blocks, each verification step revealing what it
+    # committed with one forward; `blockdiff view` reads it back to the continuation
     from blockdiff.sampling import encode_prompts
+    from blockdiff.viewer.trace import read_trace
 
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    steps = [e for e in events if "kind" not in e and not e["finished"]]
+    assert all(len(e["tokens"][0]) == 4 and e["block_start"][0] % 4 == 0 for e in steps)
+    assert all(0 < c <= 1 for e in steps for c in e["confidence"][0])
+    replay = read_trace(trace)
+    assert replay.complete and replay.settings["speculative"] == "two-model" and "sampler" not in replay.settings
     for i, ids in enumerate(encode_prompts(loaded.tokenizer, ["The", "A cat"])):
-        mine = [e for e in events if e["samples"] == [i]]
-        assert [e["block"] for e in mine] == list(range(len(mine)))
-        new = [t for e in mine for t in e["tokens"][0]]
-        assert new == hf_greedy(base_model(base), ids, 9)[len(ids) :]
-        assert all(0 < c <= 1 for e in mine for c in e["confidence"][0])
-        starts = [e["block_start"][0] for e in mine]
-        assert starts == [len(ids) + sum(len(e["tokens"][0]) for e in mine[:j]) for j in range(len(mine))]
+        reference = hf_greedy(base_model(base), ids, 9)[len(ids) :]
+        sample = replay.samples[i]
+        assert sample.new_tokens == sample.final_new_tokens() == reference
+        verifier_steps = [e for e in steps if e["samples"] == [i] and e["forward"]]
+        assert sum(len(e["revealed"][0]) for e in steps if e["samples"] == [i]) == 9
+        assert len(verifier_steps) == sample.forwards  # one forward per verification step
+    assert main(["view", str(trace), "-o", str(tmp_path / "page.html")]) == 0
 
 
 # -- a gated-adapter model as the two-model drafter: the adapter drafts, the clean stream is token-causal ---------

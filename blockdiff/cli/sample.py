@@ -72,14 +72,18 @@ def _generate(args, loaded, prompts: list[str]):
     return texts, out
 
 
-def _trace_header(loaded, ids: list[list[int]]) -> dict:
-    """The trace's first line (what makes it viewable): the model, the prompts' token ids and the settings in force."""
+def _trace_header(loaded, ids: list[list[int]], speculative: str | None = None) -> dict:
+    """The trace's first line (what makes it viewable): the model, the prompts' token ids and the settings in force
+    (``speculative``: the sampler's own settings do not apply, the verifier chooses every token)."""
     from blockdiff.sampling.registry import knobs_of
     from blockdiff.sampling.watch import trace_header
 
     config = loaded.model.generation_config
-    keys = ("sampler", "max_new_tokens", "steps_per_block", "temperature", "top_k", "top_p", *knobs_of(config.sampler))
+    own = () if speculative else ("sampler", "steps_per_block", *knobs_of(config.sampler))
+    keys = ("max_new_tokens", "temperature", "top_k", "top_p", *own)
     settings = {k: getattr(config, k, None) for k in keys if getattr(config, k, None) is not None}
+    if speculative:
+        settings["speculative"] = speculative
     return trace_header(ids, loaded.model.mask_token_id, loaded.model.block_length, str(loaded.directory), settings)
 
 
@@ -88,7 +92,7 @@ def _watching(args, loaded, ids: list[list[int]], prompts: list[str], header: di
     """The observer of every step (``StepEvent``): the ``--trace`` file, the ``--show-denoising`` live view and the
     finished blocks. On Ctrl-C print the finished blocks and keep the trace's complete lines; on any other failure
     leave no trace file. ``header`` starts the trace; ``ending`` holds (after the run) a function of the token ids
-    seen that gives its end record (``blockdiff view`` needs both; the speculative path writes neither yet)."""
+    seen that gives its end record (``blockdiff view`` needs both)."""
     from blockdiff.sampling.watch import FinishedBlocks, LiveView, TraceWriter, fan_out
 
     finished = FinishedBlocks([len(p) for p in ids])
@@ -170,7 +174,9 @@ def _speculate(args, loaded, prompts: list[str]) -> None:
     import torch
 
     from blockdiff.sampling import encode_prompts
-    from blockdiff.sampling.speculative import FusedBlockDiffusion, speculative_generate, step_event, supports_fused
+    from blockdiff.sampling.outputs import GenerationOutput
+    from blockdiff.sampling.speculative import FusedBlockDiffusion, speculative_generate, supports_fused
+    from blockdiff.sampling.watch import SpeculativeEvents, trace_end
 
     if supports_fused(loaded.model) and args.base is None:
         pair, drafter, who = FusedBlockDiffusion(loaded.model), None, "fused: the model's own frozen base verifies"
@@ -179,17 +185,24 @@ def _speculate(args, loaded, prompts: list[str]) -> None:
         who = f"{name} verifies"
     config = loaded.model.generation_config
     ids = encode_prompts(loaded.tokenizer, prompts)
-    with _watching(args, loaded, ids, prompts) as watch:
+    header = _trace_header(loaded, ids, speculative="fused" if drafter is None else "two-model")
+    outs, ending = [], []
+    with _watching(args, loaded, ids, prompts, header, ending) as watch:
         for i, prompt_ids in enumerate(ids):
             generator = torch.Generator(device=loaded.model.device).manual_seed(args.seed + i)
-            observer = None if watch is None else (lambda step, i=i: watch(step_event(step, sample=i)))
+            events = SpeculativeEvents(watch, prompt_ids, loaded.model.block_length, loaded.model.mask_token_id, i)
             out = speculative_generate(
                 pair, drafter, prompt_ids, max_new_tokens=config.max_new_tokens, temperature=config.temperature or 0.0,
                 do_sample=config.do_sample, top_k=config.top_k, top_p=config.top_p,
-                eos_token_id=loaded.tokenizer.eos_token_id, generator=generator, observer=observer,
+                eos_token_id=loaded.tokenizer.eos_token_id, generator=generator, observer=events,
             )
+            events.close()
+            outs.append(out)
             _print_speculative(prompts[i], i, loaded.tokenizer.decode(out.new_tokens(0), skip_special_tokens=True),
                                out, who, fused=drafter is None)
+        texts = [loaded.tokenizer.decode(o.new_tokens(0), skip_special_tokens=True) for o in outs]
+        stacked = GenerationOutput.stack(outs, loaded.tokenizer.pad_token_id or 0)
+        ending.append(lambda seen: trace_end(stacked, texts, loaded.tokenizer, seen | {t for p in ids for t in p}))
 
 
 def _print_speculative(prompt: str, i: int, text: str, out, who: str, fused: bool) -> None:

@@ -33,6 +33,28 @@ class GenerationOutput:
         start = int(self.prompt_lengths[i])
         return self.sequences[i, start : start + int(self.lengths[i])].tolist()
 
+    @classmethod
+    def stack(cls, outputs: list["GenerationOutput"], pad_token_id: int = 0) -> "GenerationOutput":
+        """The rows of several calls (each run on its own, e.g. speculative decoding's one prompt per call) as one
+        output, in order; ``nfe`` and the caches add up, each row keeps its own forwards (``sample_nfe``: a call's
+        own when it has none, ``nfe`` of a one-row call)."""
+        rows = [row for out in outputs for row in out.sequences]
+        sequences = torch.full((len(rows), max(len(r) for r in rows)), pad_token_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            sequences[i, : len(row)] = row
+        own = [out.sample_nfe if out.sample_nfe is not None else torch.full((len(out.lengths),), out.nfe)
+               for out in outputs]
+        nfe = sum(out.nfe for out in outputs)
+        lengths = torch.cat([out.lengths for out in outputs])
+        return cls(
+            sequences=sequences, prompt_lengths=torch.cat([out.prompt_lengths for out in outputs]), lengths=lengths,
+            stopped_at_eos=torch.cat([out.stopped_at_eos for out in outputs]), nfe=nfe,
+            tokens_processed_per_forward=sum(o.tokens_processed_per_forward * o.nfe for o in outputs) / max(1, nfe),
+            tokens_per_forward=float(lengths.sum()) / max(1, nfe),
+            max_cache_length=max(out.max_cache_length for out in outputs), sample_nfe=torch.cat(own),
+            stop_reasons=[r for out in outputs for r in (out.stop_reasons or [None] * len(out.lengths))],
+        )
+
     @property
     def sample_tokens_per_forward(self) -> float:
         """New tokens per forward per sequence: all kept tokens over all per-sample forwards (1.0 for AR decoding)."""

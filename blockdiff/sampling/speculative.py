@@ -40,12 +40,12 @@ import torch
 
 from blockdiff.errors import UsageError
 from blockdiff.sampling.fused import FusedBlockDiffusion, supports_fused
-from blockdiff.sampling.outputs import GenerationOutput, StepEvent
+from blockdiff.sampling.outputs import GenerationOutput
 from blockdiff.sampling.speculative_drafters import BlockDrafter, Draft, Drafter
 from blockdiff.sampling.speculative_verify import CausalLMVerifier, Sampling, accept_greedy, accept_sampled
 
 __all__ = [
-    "speculative_generate", "SpeculativeOutput", "SpeculativeStep", "step_event", "check_verifier", "Drafter", "Draft",
+    "speculative_generate", "SpeculativeOutput", "SpeculativeStep", "check_verifier", "Drafter", "Draft",
     "BlockDrafter", "CausalLMVerifier", "Sampling", "Speculator", "TwoModels", "FusedBlockDiffusion", "supports_fused",
 ]
 
@@ -83,18 +83,6 @@ class SpeculativeStep:
     new_tokens: list[int]  # what the step committed (kept drafts + the verifier's token, cut at EOS / the limit)
     committed: list[int]  # every committed token so far (prompt included)
     confidence: list[float] = field(default_factory=list)  # the verifier's probability of each new token
-
-
-def step_event(step: SpeculativeStep, sample: int = 0) -> StepEvent:
-    """One verification step as the block loop's ``StepEvent`` (for ``--trace`` and the live view): the tokens the
-    step committed form one finished block, all revealed at once by one forward, with the verifier's probabilities
-    as their confidences."""
-    start = len(step.committed) - len(step.new_tokens)
-    return StepEvent(
-        block=step.step, step=0, samples=[sample], block_start=[start], tokens=[list(step.new_tokens)],
-        revealed=[list(range(start, len(step.committed)))], remasked=[[]], confidence=[list(step.confidence)],
-        forward=True, finished=True,
-    )
 
 
 @runtime_checkable

@@ -29,7 +29,10 @@ from rich.text import Text
 from blockdiff.errors import MissingFileError
 from blockdiff.sampling.outputs import GenerationOutput, StepEvent
 
-__all__ = ["TraceWriter", "trace_header", "trace_end", "LiveView", "FinishedBlocks", "fan_out", "TRACE_VERSION"]
+__all__ = [
+    "TraceWriter", "trace_header", "trace_end", "LiveView", "FinishedBlocks", "fan_out", "SpeculativeEvents",
+    "TRACE_VERSION",
+]
 
 MASK_GLYPH = "░"
 TRACE_VERSION = 1  # of the header / end records (step lines are ``asdict(StepEvent)``)
@@ -220,3 +223,44 @@ def fan_out(*observers):
             o(event)
 
     return call
+
+
+class SpeculativeEvents:
+    """Speculative decoding's steps (``SpeculativeStep``) as the block loop's ``StepEvent`` s, so the trace, the live
+    view and ``blockdiff view`` show them like any other generation: the continuation is laid out on a grid of
+    ``block_length`` positions (from position 0, as the block loop's), every block starts all masked, and each
+    verification step reveals the tokens it committed (kept drafts + the verifier's token, confidence = the
+    verifier's probability of each) in the one or more blocks they fall in: one forward, so only the first of those
+    events has ``forward`` set. A block is ``finished`` once every position of it is committed; ``close()`` finishes
+    the last, partial one (its masks are past the end, as in the block loop)."""
+
+    def __init__(self, observer, prompt: list[int], block_length: int, mask_id: int, sample: int = 0):
+        self.observer, self.l, self.mask_id, self.sample = observer, block_length, mask_id, sample
+        self.committed = list(prompt)
+        self.steps: dict[int, int] = {}  # block -> events so far
+
+    def __call__(self, step) -> None:
+        first, self.committed = len(self.committed), list(step.committed)
+        end, l = len(self.committed), self.l
+        for g in range(first // l, (end - 1) // l + 1):
+            lo, hi = max(first, g * l), min(end, (g + 1) * l)
+            confidence = step.confidence[lo - first : hi - first] if step.confidence else [1.0] * (hi - lo)
+            self._emit(g, list(range(lo, hi)), confidence, forward=g == first // l)
+            if hi == (g + 1) * l:
+                self._emit(g, [], [], forward=False, finished=True)
+
+    def close(self) -> None:
+        """Finish the block the last step ended in, if it is partial."""
+        g = len(self.committed) // self.l
+        if len(self.committed) % self.l and g in self.steps:
+            self._emit(g, [], [], forward=False, finished=True)
+
+    def _emit(self, g: int, revealed: list[int], confidence: list[float], forward: bool, finished: bool = False):
+        start = g * self.l
+        tokens = [self.committed[p] if p < len(self.committed) else self.mask_id for p in range(start, start + self.l)]
+        step = self.steps.get(g, 0)
+        self.steps[g] = step + (not finished)
+        self.observer(StepEvent(
+            block=g, step=step, samples=[self.sample], block_start=[start], tokens=[tokens], revealed=[revealed],
+            remasked=[[]], confidence=[list(confidence)], forward=forward, finished=finished,
+        ))
