@@ -261,6 +261,7 @@ def _sample(sweep: Sweep, loaded, setting: dict) -> dict:
     model = loaded.model.with_block_length(l)  # the same network, maybe generating with another block length
     prompts = sweep.sample.get("prompts", DEFAULT_PROMPTS)
     n_new = int(sweep.sample.get("max_new_tokens", 48))
+    start = time.perf_counter()
     gens = sample_each(  # one prompt at a time: a batch's NFE is that of its slowest row
         model,
         loaded.tokenizer,
@@ -271,6 +272,7 @@ def _sample(sweep: Sweep, loaded, setting: dict) -> dict:
         temperature=float(sweep.sample.get("temperature", 1.0)),
         **setting,
     )
+    seconds = time.perf_counter() - start
     nfe = sum(gens.nfes) / len(gens.nfes)
     record = {
         "sampler": setting.get("sampler", model.generation_config.sampler),
@@ -280,6 +282,7 @@ def _sample(sweep: Sweep, loaded, setting: dict) -> dict:
         "nfe": nfe,
         "new_tokens": n_new,
         "nfe_per_token": nfe / n_new,
+        "seconds_per_token": seconds / (n_new * len(prompts)),  # wall time: a record of this machine, not a metric
         "entropy": sum(unigram_entropy(t, base=2) for t in gens.tokens) / len(gens.tokens),  # bits
         "example": prompts[0] + gens.texts[0],
     }
@@ -291,7 +294,7 @@ def _sample(sweep: Sweep, loaded, setting: dict) -> dict:
 def _score(ref, prompts: list[str], texts: list[str]) -> float:
     """Nats per token of the continuations under a block-length-1 reference model (exact AR NLL: every
     position masked, t = 1, so the NELBO is the causal cross-entropy), continuation positions only; text past
-    the reference's training context is cut off."""
+    the reference's training context is scored in sliding windows of that context (``continuation_nll``)."""
     from blockdiff.evaluation.scoring import block_diffusion_ar_logits, continuation_nll
     from blockdiff.sampling.text import encode_prompts
 
@@ -300,10 +303,10 @@ def _score(ref, prompts: list[str], texts: list[str]) -> float:
     nll, count = 0.0, 0
     for prompt, text in zip(prompts, texts):
         head = encode_prompts(ref.tokenizer, [prompt])[0]
-        ids = encode_prompts(ref.tokenizer, [prompt + text])[0][:limit]
+        ids = encode_prompts(ref.tokenizer, [prompt + text])[0]
         if len(ids) <= len(head):
             continue
-        total, n = continuation_nll(scorer, ids[: len(head)], ids[len(head) :], device=ref.model.device)
+        total, n = continuation_nll(scorer, ids[: len(head)], ids[len(head) :], context=limit, device=ref.model.device)
         nll += total
         count += n
     return nll / count if count else float("nan")
