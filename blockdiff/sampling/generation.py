@@ -55,7 +55,8 @@ from blockdiff.sampling.grid import (
 )
 from blockdiff.sampling.logits import choose_rows
 from blockdiff.sampling.outputs import GenerationOutput, StepEvent
-from blockdiff.sampling.registry import make_sampler
+from blockdiff.sampling.registry import make_sampler, sampler_class, sampler_names
+from blockdiff.sampling.rewrite import denoise_uniform_block
 
 __all__ = ["GenerationOutput", "StepEvent", "generate"]
 
@@ -79,6 +80,12 @@ def generate(
     schedule = make_schedule(model.spec.schedule)  # DDPM follows the trained alpha(t)
     config.check(model.block_length, schedule)
     sampler = make_sampler(config, schedule)  # one sampler for every block of this call
+    if model.spec.noise_kind == "uniform" and not sampler.rewrites:
+        usable = [n for n in sampler_names() if sampler_class(n).rewrites]
+        raise UsageError(
+            f"sampler={config.sampler!r} reveals mask tokens, but this model was trained with uniform noise "
+            f"(noise.kind=uniform: no mask to reveal); use sampler= one of {usable}"
+        )
     copies = config.num_return_sequences or 1
     prompts = [p for p in prompts for _ in range(copies)]
     window, eos_ids, pad_id = _check_inputs(model, prompts, config, streamer)
@@ -171,12 +178,16 @@ def _denoise_block(
     if config.min_new_tokens and len(eos_cols):
         no_eos = offset < config.min_new_tokens
     temperature = 0.0 if config.do_sample is False else (config.temperature or 0.0)  # do_sample=False: greedy
+    if isinstance(generator, list):  # per-sample generators of the samples still in the batch
+        generator = [generator[i] for i in st.active]
+    if model.spec.noise_kind == "uniform":  # random tokens, no mask: the sampler may rewrite any position
+        return denoise_uniform_block(
+            model, st, start, config, sampler, generator, observer, in_gen, after_prompt, no_eos, eos_cols, temperature
+        )
     tokens = st.cols[act, start:].masked_fill(after_prompt, mask_id)  # (b, l): prompt tail, then masks
     num_steps = config.steps_per_block or l
     state = BlockState(tokens, in_gen.clone(), in_gen, torch.ones(tokens.shape, device=device), 0, num_steps)
     hard_cap = num_steps + 2 * l  # samplers finish sooner; the cap guards bugs
-    if isinstance(generator, list):  # per-sample generators of the samples still in the batch
-        generator = [generator[i] for i in st.active]
     need_probs = sampler.needs_probs
     logits, changed = None, True
     while state.masked.any():
@@ -311,4 +322,5 @@ def _output(st: _State, prompts, pad_id: int) -> GenerationOutput:
         max_cache_length=st.max_cache,
         sample_nfe=st.sample_nfe.clone(),
         stop_reasons=reasons,
+        rewrites=st.rewrites,
     )
