@@ -34,7 +34,10 @@ import torch.nn.functional as F
 from blockdiff.core.noise import add_noise, sample_t
 from blockdiff.core.uniform import add_uniform_noise, uniform_token_nelbo
 
-__all__ = ["LossOutput", "nelbo", "weighted_sum", "block_diffusion_loss", "draw_block_lengths", "mixture_loss", "bits_per_byte"]
+__all__ = [
+    "LossOutput", "nelbo", "weighted_sum", "block_diffusion_loss", "draw_block_lengths", "mixture_loss",
+    "bits_per_byte",
+]
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Noise schedules and the absorbing-state forward process (uniform-state noise: ``uniform.py``) (docs/design.md §2). Pure, no hidden state.
+"""Noise schedules and the absorbing-state forward process (docs/design.md §2; uniform noise: ``uniform.py``).
+Pure, no hidden state.
 
 ``alpha(t)`` is the probability that a token is still clean at time ``t`` (``alpha(0) = 1``,
 ``alpha(1) = 0``). The NELBO weight of a masked token at time ``t`` is ``-alpha'(t) / (1 - alpha(t))``

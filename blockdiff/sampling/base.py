@@ -26,7 +26,10 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["BlockState", "StepResult", "RewriteState", "RewriteResult", "Sampler", "Generators", "knob", "reveal", "top_confident", "uniform"]
+__all__ = [
+    "BlockState", "StepResult", "RewriteState", "RewriteResult", "Sampler", "Generators", "knob", "reveal",
+    "top_confident", "uniform",
+]
 
 # One generator for the whole batch, or one per sample (then a sample's random stream, and so its text,
 # does not depend on which other prompts share its batch).

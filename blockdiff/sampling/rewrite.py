@@ -65,7 +65,8 @@ def denoise_uniform_block(
         if state.step < hard_cap:
             result = sampler.rewrite(proposal, conf, probs, state, generator)
         else:  # write every unwritten position (only reached if a sampler fails to finish)
-            result = RewriteResult(torch.where(state.written, state.tokens, proposal), in_gen.clone(), torch.ones_like(done))
+            tokens = torch.where(state.written, state.tokens, proposal)
+            result = RewriteResult(tokens, in_gen.clone(), torch.ones_like(done))
         new = torch.where(done[:, None], state.tokens, result.tokens)  # a final block never changes
         rewritten = state.written & (new != state.tokens)  # (b, l)
         st.rewrites += int(rewritten.sum())
