@@ -150,6 +150,7 @@ def run_one(sweep: Sweep, run: Run) -> dict:
             "block_length": cfg.model.block_length,
             "block_length_mixture": {str(k): v for k, v in cfg.model.block_length_mixture.items()},
             "schedule": getattr(cfg.noise.schedule, "value", cfg.noise.schedule),
+            "noise_kind": getattr(cfg.noise.kind, "value", cfg.noise.kind),
             "beta": cfg.noise.beta,
             "omega": cfg.noise.omega,
             "clip_search": getattr(cfg.noise.clip_search, "value", cfg.noise.clip_search),
@@ -283,6 +284,7 @@ def _sample(sweep: Sweep, loaded, setting: dict) -> dict:
         "new_tokens": n_new,
         "nfe_per_token": nfe / n_new,
         "seconds_per_token": seconds / (n_new * len(prompts)),  # wall time: a record of this machine, not a metric
+        "rewrites_per_token": sum(gens.rewrites) / max(1, gens.produced),  # uniform noise: corrected tokens
         "entropy": sum(unigram_entropy(t, base=2) for t in gens.tokens) / len(gens.tokens),  # bits
         "example": prompts[0] + gens.texts[0],
     }
