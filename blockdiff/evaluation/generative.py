@@ -28,6 +28,7 @@ class Generations:
     nfes: list[int]  # network forwards each continuation cost
     seconds: float  # wall time of the whole loop
     rewrites: list[int] = field(default_factory=list)  # per continuation: written tokens later replaced (uniform noise)
+    row_forwards: list[int] = field(default_factory=list)  # per continuation: forwards x rows (beam search: compute)
 
     @property
     def produced(self) -> int:
@@ -50,14 +51,15 @@ def sample_each(model, tokenizer, prompts: list[str], seed: int = 0, **settings)
     ``settings`` are generation overrides (``max_new_tokens``, ``sampler``, ``tau``, ...)."""
     from blockdiff.sampling import sample_texts
 
-    rewrites = []
+    rewrites, row_forwards = [], []
 
     def one(i: int, prompt: str) -> tuple[str, list[int], int]:
         generator = torch.Generator(device=model.device).manual_seed(seed + i)
         (text,), out = sample_texts(model, tokenizer, [prompt], generator, **settings)
         rewrites.append(out.rewrites)
+        row_forwards.append(int(out.sample_nfe[0]) if out.sample_nfe is not None else out.nfe)
         return text, out.new_tokens(0), out.nfe
 
     gens = generate_each(prompts, one)
-    gens.rewrites = rewrites
+    gens.rewrites, gens.row_forwards = rewrites, row_forwards
     return gens

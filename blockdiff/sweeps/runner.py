@@ -285,6 +285,7 @@ def _sample(sweep: Sweep, loaded, setting: dict) -> dict:
         "nfe_per_token": nfe / n_new,
         "seconds_per_token": seconds / (n_new * len(prompts)),  # wall time: a record of this machine, not a metric
         "rewrites_per_token": sum(gens.rewrites) / max(1, gens.produced),  # uniform noise: corrected tokens
+        "row_forwards_per_token": sum(gens.row_forwards) / max(1, gens.produced),  # compute (beams: x candidates)
         "entropy": sum(unigram_entropy(t, base=2) for t in gens.tokens) / len(gens.tokens),  # bits
         "example": prompts[0] + gens.texts[0],
     }
