@@ -165,7 +165,7 @@ class NoiseConfig:
     kind: NoiseKind = NoiseKind.absorbing
     """Noise inside a block: absorbing (a noised token becomes the mask token; SUBS, only masked positions are scored)
     or uniform (it becomes a uniformly random token; every position is scored with the uniform-state NELBO, and the
-    sampler may re-write any position of the current block). See docs/design.md §2b."""
+    sampler may re-write any position of the current block). See docs/design.md §3.1."""
     schedule: Schedule = Schedule.loglinear
     """alpha(t): loglinear (1 - t) or cosine."""
     beta: float = 0.0

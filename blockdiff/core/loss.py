@@ -14,7 +14,7 @@ Under the logit shift position 0 is the conditioning token: never scored, so nev
 ``mixture_loss`` trains one network on several block lengths at once (each sequence draws its own).
 
 Under uniform (random-token) noise (``model.spec.noise_kind == "uniform"``, ``uniform.py``) every position is
-scored and the per-token term is the uniform-state NELBO (docs/design.md §2b) instead of the weighted
+scored and the per-token term is the uniform-state NELBO (docs/design.md §3.1) instead of the weighted
 cross-entropy; the reductions, the per-token normalisation and the mixture are the same.
 
 This module composes the pure pieces (``noise.py``) with a network call; it holds no state.

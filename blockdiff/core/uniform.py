@@ -1,5 +1,5 @@
 """Uniform-state (random-token) noise inside each block: the forward process, its continuous-time NELBO and the
-reverse step (docs/design.md §2b, where the loss is derived). Pure functions, no hidden state.
+reverse step (docs/design.md §3.1, where the loss is derived). Pure functions, no hidden state.
 
 The forward process replaces a token, with probability ``1 - alpha(t)``, by a token drawn uniformly from the ``K``
 real classes (every id but the mask token, which uniform noise never uses; the draw may give the token back):
