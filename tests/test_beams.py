@@ -98,3 +98,12 @@ def test_model_generate_routes_block_beams_and_refuses_what_it_cannot_do():
         model.generate([[1]], max_new_tokens=8, block_beams=2, num_return_sequences=2)
     with pytest.raises(UsageError, match="block_beams must be an integer >= 1"):
         model.generate([[1]], max_new_tokens=8, block_beams=0)
+
+
+def test_beams_whose_first_block_holds_the_whole_prompt():
+    # the first block's prompt tail leaves an empty cache; selecting and repeating its rows must still line up (a
+    # DynamicCache leaves the batch of an empty layer alone), and the window slides past the training context
+    model = tiny_model(16, max_seq_len=64)
+    out = model.generate([[1, 2, 3, 4, 5, 6, 7]], max_new_tokens=64, block_beams=4, beam_width=2,
+                         generator=torch.Generator().manual_seed(0), eos_token_id=None)
+    assert out.lengths.tolist() == [64]

@@ -108,12 +108,20 @@ def _search_one(model, index, prompt, config, sampler, denoise_block, generator,
         st.cols = torch.cat([st.cols, torch.full((len(st.cols), l), pad_id, device=device)], dim=1)
 
 
+def _drop_empty_cache(st: _State) -> None:
+    """An empty cache (nothing finished yet) is dropped: ``DynamicCache`` leaves the batch of an empty layer alone on
+    ``batch_repeat_interleave`` / ``batch_select_indices``, and the next forward makes a fresh one anyway."""
+    if st.cache is not None and st.cache.get_seq_length() == 0:
+        st.cache = None
+
+
 def _repeat(st: _State, n: int) -> None:
     """Every row (and its cache) ``n`` times, in place: row ``j`` becomes rows ``j n .. j n + n - 1``."""
     if n == 1:
         return
     idx = torch.arange(st.cols.shape[0], device=st.cols.device).repeat_interleave(n)
     st.cols, st.first_valid, st.gen_start = st.cols[idx], st.first_valid[idx], st.gen_start[idx]
+    _drop_empty_cache(st)
     if st.cache is not None:
         st.cache.batch_repeat_interleave(n)
     if st.last_hidden is not None:
@@ -125,6 +133,7 @@ def _repeat(st: _State, n: int) -> None:
 def _select(st: _State, idx: torch.Tensor) -> None:
     """Keep rows ``idx`` (and their cache rows), in that order."""
     st.cols, st.first_valid, st.gen_start = st.cols[idx], st.first_valid[idx], st.gen_start[idx]
+    _drop_empty_cache(st)
     if st.cache is not None:
         st.cache.batch_select_indices(idx)
     if st.last_hidden is not None:
