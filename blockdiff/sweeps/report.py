@@ -68,7 +68,7 @@ def _objective(s: dict) -> str:
 def sampler_label(record: dict) -> str:
     """``threshold tau=0.9``, ``fixed 2/step``, ``first_hitting``: the sampler and the knob that sets its NFE."""
     name = record["sampler"]
-    beams = record.get("block_beams", 1) > 1 or record.get("beam_width", 1) > 1
+    beams = "block_beams" in record  # a beam setting, 1x1 (plain sampling through the beam loop) included
     tail = f", beams {record.get('block_beams', 1)}x{record.get('beam_width', 1)}" if beams else ""
     if name == "threshold":
         return f"threshold tau={record.get('tau', 0.9):g}{tail}"
