@@ -15,10 +15,13 @@ loads unless the environment already sets it; the output says which):
     ``--base``);
   - ``spec greedy/sampled (fused)``: ``speculative_generate(model, None)`` — one forward verifies with the frozen base
     and drafts with the gated adapter; when the model has a gated adapter and a causal clean stream;
+  - ``... (fused, every length)``: the same with ``FusedBlockDiffusion(model, every_length=True)``, a mask block for
+    every acceptance length in each forward (so a step after a rejection still checks drafts);
   - ``native threshold 0.9``: ``model.generate(sampler="threshold", tau=0.9)``, the model on its own.
 * **Round-robin**: every round runs every row on every prompt, the row order rotating each round (one untimed
   short warm-up call per row first). **tok/s** = a round's new tokens / its wall time, median over rounds;
-  **x HF greedy** = median over rounds of the same-round ratio.
+  **x HF same T** = median over rounds of the same-round ratio to the HF ``generate()`` row of the same temperature.
+  ``--skip KIND`` leaves a kind of row out (e.g. ``spec2`` on a large model: two full forwards per step).
 * **tok/fwd** = new tokens / forwards of the verifier (speculative: accepted + 1 per step; HF greedy = 1);
   **forwards** = every network forward per prompt (both models for two-model; counted by a hook for HF rows);
   **exact** = share of (prompt, round) samples whose continuation equals HF greedy's token for token;
@@ -40,6 +43,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle 
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -52,10 +56,11 @@ from _report import cpu_model, print_report, write_report  # noqa: E402  experim
 from rich.console import Console  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from blockdiff.data.distilled import distilled_dir, is_distilled_source, read_settings  # noqa: E402
 from blockdiff.evaluation.heldout import held_out_split  # noqa: E402
 from blockdiff.evaluation.scoring import causal_lm_logits, continuation_nll, unigram_entropy  # noqa: E402
 from blockdiff.modeling.io import load_model_dir  # noqa: E402
-from blockdiff.sampling.speculative import speculative_generate, supports_fused  # noqa: E402
+from blockdiff.sampling.speculative import FusedBlockDiffusion, speculative_generate, supports_fused  # noqa: E402
 
 WARMUP_TOKENS = 16
 
@@ -63,7 +68,7 @@ WARMUP_TOKENS = 16
 @dataclass
 class Row:
     name: str
-    kind: str  # hf | lookup | spec2 | fused | native
+    kind: str  # hf | lookup | spec2 | fused | fused_all | native
     temperature: float = 0.0
     times: list[float] = field(default_factory=list)  # seconds per round (all prompts)
     tokens: list[int] = field(default_factory=list)  # new tokens per round
@@ -102,14 +107,20 @@ def load(args):
 
 
 def heldout_prompts(cfg, tokenizer, count: int, length: int) -> list[list[int]]:
-    val = held_out_split(cfg.data, tokenizer).corpus.val
+    """``count`` prompts from the held-out tail of the model's corpus; for a model trained on a distilled set, of the
+    corpus the set's prompts came from (its training split: the tail is neither a distilled prompt nor the teacher's
+    text)."""
+    data = cfg.data
+    if is_distilled_source(data.source):
+        data = dataclasses.replace(data, **read_settings(distilled_dir(data.source)).corpus)
+    val = held_out_split(data, tokenizer).corpus.val
     if len(val) == 0:
         raise SystemExit("the held-out split is empty (data.val_fraction = 0?)")
     picks = sorted({round(i * (len(val) - 1) / max(1, count - 1)) for i in range(count)})
     return [val[i]["input_ids"][:length].tolist() for i in picks]
 
 
-def rows_for(model, has_base: bool, temperature: float) -> list[Row]:
+def rows_for(model, has_base: bool, temperature: float, skip: set[str]) -> list[Row]:
     rows = [Row("HF greedy", "hf"), Row(f"HF sampled T={temperature}", "hf", temperature),
             Row("HF prompt lookup", "lookup")]
     if has_base:
@@ -117,9 +128,11 @@ def rows_for(model, has_base: bool, temperature: float) -> list[Row]:
                                                                temperature)]
     if supports_fused(model):
         rows += [Row("spec greedy (fused)", "fused"),
-                 Row(f"spec sampled T={temperature} (fused)", "fused", temperature)]
+                 Row(f"spec sampled T={temperature} (fused)", "fused", temperature),
+                 Row("spec greedy (fused, every length)", "fused_all"),
+                 Row(f"spec sampled T={temperature} (fused, every length)", "fused_all", temperature)]
     rows.append(Row("native threshold 0.9", "native"))
-    return rows
+    return [row for row in rows if row.kind not in skip]
 
 
 def run_one(row: Row, model, base, counter, prompt, n, eos, pad, seed, lookup):
@@ -146,6 +159,8 @@ def run_one(row: Row, model, base, counter, prompt, n, eos, pad, seed, lookup):
         seconds = time.perf_counter() - start
         return seconds, out.new_tokens(0), out.nfe, out.nfe, []
     verifier, drafter = (base, model) if row.kind == "spec2" else (model, None)
+    if row.kind == "fused_all":
+        verifier = FusedBlockDiffusion(model, every_length=True)
     start = time.perf_counter()
     out = speculative_generate(verifier, drafter, prompt, max_new_tokens=n, temperature=row.temperature,
                                eos_token_id=eos, generator=generator)
@@ -156,17 +171,19 @@ def run_one(row: Row, model, base, counter, prompt, n, eos, pad, seed, lookup):
 def summarise(rows: list[Row], judge) -> list[dict]:
     ref = rows[0]
     greedy = {i: new for i, _, new in ref.samples}
+    hf = {row.temperature: row for row in rows if row.kind == "hf"}  # each row is compared with HF at its temperature
     scorer = causal_lm_logits(judge)
     context = getattr(judge.config, "max_position_embeddings", None)
     out = []
     for row in rows:
         tps = [k / t for k, t in zip(row.tokens, row.times)]
-        ref_tps = [k / t for k, t in zip(ref.tokens, ref.times)]
+        same = hf.get(row.temperature, ref)
+        ref_tps = [k / t for k, t in zip(same.tokens, same.times)]
         nll = [continuation_nll(scorer, p, c, context=context) for _, p, c in row.samples]
         new = sum(len(c) for _, _, c in row.samples)
         out.append(dict(
             name=row.name, kind=row.kind, temperature=row.temperature,
-            tokens_per_s=statistics.median(tps), x_hf_greedy=statistics.median(a / b for a, b in zip(tps, ref_tps)),
+            tokens_per_s=statistics.median(tps), x_hf=statistics.median(a / b for a, b in zip(tps, ref_tps)),
             tokens_per_forward=new / max(1, sum(row.verifier_forwards)),
             forwards_per_sample=statistics.mean(row.forwards),
             exact_match=statistics.mean(float(c == greedy[i]) for i, _, c in row.samples),
@@ -190,7 +207,7 @@ def run(args, console: Console) -> dict:
             "positions: speculative decoding stops there while HF generate() runs on; shorten them"
         )
     prompts = heldout_prompts(cfg, tok, args.num_prompts, args.prompt_tokens)
-    rows = rows_for(model, has_base, args.temperature)
+    rows = rows_for(model, has_base, args.temperature, set(args.skip or []))
     counter = CountForwards(base)
     eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with torch.inference_mode():
@@ -215,7 +232,7 @@ def run(args, console: Console) -> dict:
     notes = [
         f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} "
         f"({'set by this script before torch loaded' if _OMP_GIVEN is None else 'from the environment'})",
-        f"prompts: {len(prompts)} held-out windows of {cfg.data.source} (first {args.prompt_tokens} tokens each); "
+        f"prompts: {len(prompts)} held-out windows of the corpus (first {args.prompt_tokens} tokens each); "
         f"up to {args.new_tokens} new tokens, EOS stops; batch 1, fp32, {args.rounds} rounds",
         f"verifier / judge: {base_name}; sampled rows: temperature {args.temperature}, no top-k / top-p",
     ]
@@ -229,12 +246,12 @@ def run(args, console: Console) -> dict:
     )
 
 
-COLUMNS = ["row", "tok/s", "x HF greedy", "tok/fwd", "forwards", "exact", "accept hist", "judge NLL", "entropy"]
+COLUMNS = ["row", "tok/s", "x HF same T", "tok/fwd", "forwards", "exact", "accept hist", "judge NLL", "entropy"]
 
 
 def table_rows(report: dict) -> list[list[str]]:
     return [
-        [r["name"], f"{r['tokens_per_s']:.1f}", f"{r['x_hf_greedy']:.2f}", f"{r['tokens_per_forward']:.2f}",
+        [r["name"], f"{r['tokens_per_s']:.1f}", f"{r['x_hf']:.2f}", f"{r['tokens_per_forward']:.2f}",
          f"{r['forwards_per_sample']:.1f}", f"{r['exact_match']:.0%}",
          " ".join(map(str, r["acceptance_histogram"])) or "-", f"{r['judge_nll']:.3f}", f"{r['entropy_bits']:.2f}"]
         for r in report["results"]
@@ -251,7 +268,8 @@ def header(report: dict) -> str:
 
 
 FOOTER = (
-    "tok/s: new tokens / wall time per round (median); x HF greedy: median of same-round ratios. tok/fwd: new tokens "
+    "tok/s: new tokens / wall time per round (median); x HF same T: median of same-round ratios to HF generate() at "
+    "the row's temperature (greedy rows: HF greedy; sampled rows: HF sampled). tok/fwd: new tokens "
     "per verifier forward (accepted + 1); forwards: all network forwards per sample; exact: continuation == HF "
     "greedy's; accept hist: steps keeping 0, 1, ... drafts; judge NLL: nats/token under the base decoder; entropy: "
     "unigram bits."
@@ -270,6 +288,8 @@ def main() -> None:
     parser.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens of the HF prompt-lookup row")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip", action="append", choices=["lookup", "spec2", "fused", "fused_all", "native"],
+                        help="leave out the rows of this kind (repeatable)")
     parser.add_argument("--note", help="a line added to the report (e.g. 'untrained adapter: speed means nothing')")
     parser.add_argument("--out-dir", type=Path, default=Path("experiments/results/bench_speculative"))
     args = parser.parse_args()

@@ -168,6 +168,60 @@ def test_cache_equals_a_fresh_base_prefill_after_every_step(family, temperature)
     assert len(set(accepted)) > 1, "only one acceptance length: the test saw no accept/reject mixture"
 
 
+# -- every_length: a mask block for each acceptance length (TiDAR) --------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("prompt_name", list(PROMPTS))
+def test_every_length_greedy_equals_the_base_and_never_checks_nothing(family, prompt_name):
+    model, base = fused_model(family)
+    prompt, new = PROMPTS[prompt_name], 40
+    steps = []
+    out = speculative_generate(FusedBlockDiffusion(model, every_length=True), None, prompt, max_new_tokens=new,
+                               observer=steps.append)
+    assert out.sequences[0].tolist() == hf_greedy(base, prompt, new)
+    assert out.verifier_forwards == out.nfe == sum(out.acceptance_histogram)
+    assert any(s.accepted < len(s.drafts) for s in steps), "no rejection: the test would prove little"
+    # after the first step every step checks drafts, rejection or not (only the last may have no room for any)
+    assert all(len(s.drafts) > 0 for s in steps[1:-1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_length_block_a_is_the_single_block_after_a_drafts(family):
+    """Block ``a`` of an every-length forward equals the one mask block a plain fused forward puts after the first
+    ``a`` drafts: same keys seen, same positions, so the same draft logits (and the same verifier logits)."""
+    model, _ = fused_model(family)
+    prompt = PROMPTS["mid_block"]
+    sampling = Sampling(64)
+    for k in (1, 3):
+        drafts = torch.tensor([5, 9, 2][:k])
+        every = FusedBlockDiffusion(model, every_length=True)
+        every.propose(prompt, 16, sampling)
+        logits = every.score(prompt, drafts)
+        for a in range(k + 1):
+            plain = FusedBlockDiffusion(model)
+            plain.propose(prompt, 16, sampling)
+            plain_logits = plain.score(prompt, drafts[:a])
+            torch.testing.assert_close(logits[: a + 1], plain_logits, rtol=0, atol=1e-12)
+            torch.testing.assert_close(model.logits(every._blocks[a][None])[0], plain.pending, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_every_length_cache_equals_a_fresh_base_prefill_and_drafts_follow_the_kept_ones(temperature):
+    model, base, prompt, _ = find_kept_drafts("llama")
+    fused = FusedBlockDiffusion(model, every_length=True)
+    accepted, drafts_ready = [], []
+
+    def check(step):
+        accepted.append(step.accepted)
+        fresh = base(torch.tensor([step.committed[:-1]]), use_cache=True).past_key_values
+        assert_same_cache(fused.cache, fresh)
+        drafts_ready.append(fused.pending is not None)
+
+    speculative_generate(fused, None, prompt, max_new_tokens=40, temperature=temperature,
+                         generator=torch.Generator().manual_seed(0), observer=check)
+    assert len(set(accepted)) > 1 and min(accepted) == 0
+    assert all(drafts_ready[:-3]), "every step but the last few (no room for drafts) leaves drafts, rejected or not"
+
+
 # -- sampling: the base's distribution -------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("settings,tokens", [

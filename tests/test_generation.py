@@ -264,6 +264,27 @@ def test_max_new_tokens_is_never_exceeded_and_eos_cuts(block_length, max_new_tok
     assert not (out.sequences == MASK_ID).any() and not (free.sequences == MASK_ID).any()
 
 
+def test_a_cancelled_sample_leaves_the_batch_after_its_current_block_and_the_others_go_on():
+    model = sharp_model(4)
+    prompts = [random_tokens(1, 4, seed=s)[0].tolist() for s in range(3)]
+    asked = []
+
+    def cancelled(i: int) -> bool:
+        asked.append(i)
+        return i == 1
+
+    def run(**extra) -> GenerationOutput:  # one generator per sample: its tokens do not depend on the batch
+        generators = [torch.Generator().manual_seed(s) for s in range(3)]
+        return model.generate(prompts, generator=generators, max_new_tokens=16, temperature=1.0, eos_token_id=None,
+                              pad_token_id=PAD, **extra)
+
+    full, out = run(), run(cancelled=cancelled)
+    assert out.stop_reasons == ["max_new_tokens", "cancelled", "max_new_tokens"]
+    assert out.lengths.tolist() == [16, 4, 16]  # sample 1 kept its first block only
+    assert out.new_tokens(1) == full.new_tokens(1)[:4] and out.new_tokens(0) == full.new_tokens(0)
+    assert asked.count(1) == 1  # never asked again once it left
+
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("block_length", [1, 4, 8])
 def test_no_mask_token_in_any_output(sampler, block_length):

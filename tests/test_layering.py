@@ -1,7 +1,7 @@
 """The layers stay layers: imports only point down, and the light layers never pull in Lightning or ``datasets``.
 
 Order (docs/design.md, "Layers"), lowest first: the leaves ``errors``/``files``/``tables``/``config``, then ``core``
-< ``sampling`` < ``modeling`` < ``data`` < ``evaluation`` and ``training`` (siblings: neither imports the other)
+< ``sampling`` < ``modeling`` < ``data`` < ``evaluation``, ``training`` and ``serving`` (siblings: none imports another)
 < ``sweeps`` < the package root (the public API) < ``cli``.
 """
 
@@ -23,7 +23,8 @@ HEAVY = ("lightning", "pytorch_lightning", "datasets")  # training / corpus stac
 
 LAYER = {
     "errors": 0, "files": 0, "tables": 0, "config": 0,  # leaves: they may import each other
-    "core": 1, "sampling": 2, "modeling": 3, "data": 4, "evaluation": 5, "training": 5, "sweeps": 6,
+    "core": 1, "sampling": 2, "modeling": 3, "data": 4, "evaluation": 5, "training": 5, "serving": 5,
+    "sweeps": 6,
     "__init__": 7,  # ``from blockdiff import X`` for a name that is not a submodule: the public API
     "cli": 8,
 }

@@ -119,7 +119,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(straight, corpus, tmp_
 def test_killed_while_exporting_resume_finishes_the_run(straight, corpus, tmp_path, monkeypatch):
     run = tmp_path / "run"
     with monkeypatch.context() as mp:
-        mp.setattr("blockdiff.training.train.export_model", lambda *args: kill(None, None))
+        mp.setattr("blockdiff.training.train.export_model", lambda *args, **kwargs: kill(None, None))
         with pytest.raises(Killed):
             train(config(corpus, run), progress=False)
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == N_STEPS

@@ -14,6 +14,7 @@ with near-uniform logits every test would pass for a wrong sampler too.
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -91,6 +92,12 @@ class OracleDrafter:
 
     def commit(self, committed, accepted):
         pass
+
+
+def base_model(directory):
+    from blockdiff.modeling.pretrained import load_decoder
+
+    return load_decoder(str(directory), what="--base")[0].eval()
 
 
 def hf_greedy(verifier, prompt, max_new_tokens, eos=None) -> list[int]:
@@ -371,19 +378,33 @@ def test_cli_speculative(tmp_path, capsys):
     model_dir = write_tiny_model_dir(tmp_path)  # trained from scratch: no base recorded
     assert main(["sample", str(model_dir), "--speculative", "--prompt", "The"]) == 2
     assert "--base NAME" in capsys.readouterr().err
-    assert main(["sample", str(model_dir), "--speculative", "--trace", str(tmp_path / "t.jsonl")]) == 2
-    assert "--trace does not apply to --speculative" in capsys.readouterr().err
+    assert main(["sample", str(model_dir), "--speculative", "--sampler", "threshold"]) == 2
+    assert "--sampler does not apply to --speculative" in capsys.readouterr().err
     assert main(["sample", str(model_dir), "--base", "x"]) == 2
     assert "add --speculative" in capsys.readouterr().err
     loaded = load_model_dir(model_dir)  # a base: the model's own decoder saved as a plain transformers model
     base = tmp_path / "base"
     loaded.model.backbone.save_pretrained(base)
     loaded.tokenizer.save_pretrained(base)
+    trace = tmp_path / "trace.jsonl"
     rc = main(["sample", str(model_dir), "--speculative", "--base", str(base), "--prompt", "The", "--prompt", "A cat",
-               "--max-new-tokens", "9", "--temperature", "0"])
+               "--max-new-tokens", "9", "--temperature", "0", "--trace", str(trace), "--show-denoising"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "sample 1" in out and "new tokens per verifier forward" in out
+    # the trace: one finished block per verification step, per prompt; its tokens are the continuation
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert {e["samples"][0] for e in events} == {0, 1} and all(e["finished"] and e["forward"] for e in events)
+    from blockdiff.sampling import encode_prompts
+
+    for i, ids in enumerate(encode_prompts(loaded.tokenizer, ["The", "A cat"])):
+        mine = [e for e in events if e["samples"] == [i]]
+        assert [e["block"] for e in mine] == list(range(len(mine)))
+        new = [t for e in mine for t in e["tokens"][0]]
+        assert new == hf_greedy(base_model(base), ids, 9)[len(ids) :]
+        assert all(0 < c <= 1 for e in mine for c in e["confidence"][0])
+        starts = [e["block_start"][0] for e in mine]
+        assert starts == [len(ids) + sum(len(e["tokens"][0]) for e in mine[:j]) for j in range(len(mine))]
 
 
 # -- a gated-adapter model as the two-model drafter: the adapter drafts, the clean stream is token-causal ---------

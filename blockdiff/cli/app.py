@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
 
-from blockdiff.cli import config, demo, distill, evaluate, export, finetune, sample, sweep, train
+from blockdiff.cli import config, demo, distill, evaluate, export, finetune, sample, serve, sweep, train
 from blockdiff.config import SEED_MAX
 from blockdiff.errors import UsageError, UserError
 
@@ -46,6 +46,7 @@ COMMANDS: dict[str, Verb] = {
         "demo": demo,
         "sweep": sweep,
         "distill": distill,
+        "serve": serve,
     }.items()
 }
 

@@ -13,6 +13,11 @@ def run(args) -> None:
 
     out = export_checkpoint(args.checkpoint, args.out_dir, args.run_config, overwrite=args.overwrite)
     console.print(f"model written to [bold]{escape(str(out))}[/] (load with BlockDiffusionLM.from_pretrained)")
+    if args.push_to_hub:
+        from blockdiff.modeling.hub import push_to_hub
+
+        url = push_to_hub(out, args.push_to_hub, private=args.private)
+        console.print(f"pushed to [bold]{escape(url)}[/]")
 
 
 def add_arguments(p):
@@ -24,3 +29,5 @@ def add_arguments(p):
         action="store_true",
         help="replace OUT_DIR if it holds a previous blockdiff model export (anything else is never deleted)",
     )
+    p.add_argument("--push-to-hub", metavar="OWNER/NAME", help="then upload OUT_DIR to this hub repository (online)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from blockdiff.cli.render import console
@@ -60,26 +61,31 @@ def _apply_settings(args, model) -> None:
 
 
 def _generate(args, loaded, prompts: list[str]):
-    """Sample every prompt in one batch, feeding the trace file and the live view; on Ctrl-C print the finished
-    blocks and keep the trace's complete lines; on any other failure leave no trace file."""
-    import contextlib
-
+    """Sample every prompt in one batch, feeding the trace file and the live view (``_watching``)."""
     import torch
 
     from blockdiff.sampling import encode_prompts, sample_texts
-    from blockdiff.sampling.watch import FinishedBlocks, LiveView, TraceWriter, fan_out
 
     ids = encode_prompts(loaded.tokenizer, prompts)
+    device = loaded.model.device  # sample i: seed + i, whatever else is in the batch
+    generators = [torch.Generator(device=device).manual_seed(args.seed + i) for i in range(len(prompts))]
+    with _watching(args, loaded, ids, prompts) as observer:
+        return sample_texts(loaded.model, loaded.tokenizer, prompts, generators, observer=observer)
+
+
+@contextlib.contextmanager
+def _watching(args, loaded, ids: list[list[int]], prompts: list[str]):
+    """The observer of every step (``StepEvent``): the ``--trace`` file, the ``--show-denoising`` live view and the
+    finished blocks. On Ctrl-C print the finished blocks and keep the trace's complete lines; on any other failure
+    leave no trace file."""
+    from blockdiff.sampling.watch import FinishedBlocks, LiveView, TraceWriter, fan_out
+
     finished = FinishedBlocks([len(p) for p in ids])
     trace = TraceWriter(args.trace) if args.trace else None
     live = LiveView(loaded.tokenizer, loaded.model.mask_token_id, console, prompts=ids) if args.show_denoising else None
-    device = loaded.model.device  # sample i: seed + i, whatever else is in the batch
-    generators = [torch.Generator(device=device).manual_seed(args.seed + i) for i in range(len(prompts))]
     try:
         with live or contextlib.nullcontext():
-            texts, out = sample_texts(
-                loaded.model, loaded.tokenizer, prompts, generators, observer=fan_out(finished, trace, live)
-            )
+            yield fan_out(finished, trace, live)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted — finished blocks so far:[/]")
         for i, prompt in enumerate(prompts):
@@ -93,7 +99,6 @@ def _generate(args, loaded, prompts: list[str]):
         raise
     if trace is not None:
         trace.close()
-    return texts, out
 
 
 def _print_samples(prompts: list[str], texts: list[str], out) -> None:
@@ -116,13 +121,12 @@ def _check_speculative_flags(args) -> None:
     """Refuse the flags that mean nothing when the verifier chooses every token (before any loading)."""
     given = {"--sampler": args.sampler, "--steps-per-block": args.steps_per_block, "--window": args.window,
              "--block-beams": args.block_beams, "--beam-width": args.beam_width,
-             "--no-cache": args.no_cache or None, "--show-denoising": args.show_denoising or None,
-             "--trace": args.trace, **{f"--{n.replace('_', '-')}": getattr(args, n) for n in knobs()}}
+             "--no-cache": args.no_cache or None, **{f"--{n.replace('_', '-')}": getattr(args, n) for n in knobs()}}
     wrong = [flag for flag, value in given.items() if value is not None]
     if wrong:
         raise UsageError(
             f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to --speculative: the verifier "
-            "chooses every token (the trace and live view are not wired for speculative decoding yet)"
+            "chooses every token"
         )
 
 
@@ -153,7 +157,7 @@ def _speculate(args, loaded, prompts: list[str]) -> None:
     import torch
 
     from blockdiff.sampling import encode_prompts
-    from blockdiff.sampling.speculative import FusedBlockDiffusion, speculative_generate, supports_fused
+    from blockdiff.sampling.speculative import FusedBlockDiffusion, speculative_generate, step_event, supports_fused
 
     if supports_fused(loaded.model) and args.base is None:
         pair, drafter, who = FusedBlockDiffusion(loaded.model), None, "fused: the model's own frozen base verifies"
@@ -161,26 +165,33 @@ def _speculate(args, loaded, prompts: list[str]) -> None:
         pair, drafter, name = _two_models(args, loaded)
         who = f"{name} verifies"
     config = loaded.model.generation_config
-    for i, ids in enumerate(encode_prompts(loaded.tokenizer, prompts)):
-        generator = torch.Generator(device=loaded.model.device).manual_seed(args.seed + i)
-        out = speculative_generate(
-            pair, drafter, ids, max_new_tokens=config.max_new_tokens, temperature=config.temperature or 0.0,
-            do_sample=config.do_sample, top_k=config.top_k, top_p=config.top_p,
-            eos_token_id=loaded.tokenizer.eos_token_id, generator=generator,
-        )
-        text = loaded.tokenizer.decode(out.new_tokens(0), skip_special_tokens=True)
-        reasons = {"eos": "EOS", "max_new_tokens": "max_new_tokens", "max_length": "the verifier's context"}
-        console.rule(f"sample {i}: {int(out.lengths[0])} tokens, stopped at {reasons[out.stop_reasons[0]]}")
-        console.print(prompts[i] + text, markup=False, highlight=False)
-        forwards = (
-            f"{out.verifier_forwards} forwards (1 forward per step: verify + draft)" if drafter is None
-            else f"{out.verifier_forwards} verifier + {out.drafter_forwards} drafter forwards"
-        )
-        console.print(
-            f"speculative ({who}): {forwards}, {out.tokens_per_verifier_forward:.2f} new tokens per verifier "
-            f"forward, {out.acceptance_rate:.0%} of drafts kept; drafts kept per step: {out.acceptance_histogram}",
-            highlight=False,
-        )
+    ids = encode_prompts(loaded.tokenizer, prompts)
+    with _watching(args, loaded, ids, prompts) as watch:
+        for i, prompt_ids in enumerate(ids):
+            generator = torch.Generator(device=loaded.model.device).manual_seed(args.seed + i)
+            observer = None if watch is None else (lambda step, i=i: watch(step_event(step, sample=i)))
+            out = speculative_generate(
+                pair, drafter, prompt_ids, max_new_tokens=config.max_new_tokens, temperature=config.temperature or 0.0,
+                do_sample=config.do_sample, top_k=config.top_k, top_p=config.top_p,
+                eos_token_id=loaded.tokenizer.eos_token_id, generator=generator, observer=observer,
+            )
+            _print_speculative(prompts[i], i, loaded.tokenizer.decode(out.new_tokens(0), skip_special_tokens=True),
+                               out, who, fused=drafter is None)
+
+
+def _print_speculative(prompt: str, i: int, text: str, out, who: str, fused: bool) -> None:
+    reasons = {"eos": "EOS", "max_new_tokens": "max_new_tokens", "max_length": "the verifier's context"}
+    console.rule(f"sample {i}: {int(out.lengths[0])} tokens, stopped at {reasons[out.stop_reasons[0]]}")
+    console.print(prompt + text, markup=False, highlight=False)
+    forwards = (
+        f"{out.verifier_forwards} forwards (1 forward per step: verify + draft)" if fused
+        else f"{out.verifier_forwards} verifier + {out.drafter_forwards} drafter forwards"
+    )
+    console.print(
+        f"speculative ({who}): {forwards}, {out.tokens_per_verifier_forward:.2f} new tokens per verifier "
+        f"forward, {out.acceptance_rate:.0%} of drafts kept; drafts kept per step: {out.acceptance_histogram}",
+        highlight=False,
+    )
 
 
 def _two_models(args, loaded):

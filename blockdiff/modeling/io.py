@@ -23,6 +23,7 @@ from blockdiff.config import Config, load_config, to_yaml
 from blockdiff.errors import MissingFileError, StorageError, UsageError
 from blockdiff.files import write_failure_reason
 from blockdiff.modeling.model import BlockDiffusionLM
+from blockdiff.modeling.model_card import write_model_card
 from blockdiff.modeling.model_files import read_json_file
 from blockdiff.modeling.rundir import TRAIN_CONFIG, check_replaceable, model_dir_of, replace_dir, staging_dir
 
@@ -60,7 +61,8 @@ def read_train_config(model_dir: str | Path, overrides: list[str] | tuple[str, .
 
 
 def load_model_dir(path: str | Path, overrides: list[str] = (), device: str | None = None) -> LoadedModel:
-    """Load model and tokenizer from a model or run directory; checks they agree.
+    """Load model and tokenizer from a model or run directory (or a hub id: ``hub.local_model_dir``); checks they
+    agree.
 
     ``overrides`` are ``key=value`` changes of the training config (e.g. ``data.source=other.txt``); with overrides
     the config is read and checked here, otherwise on first use of ``LoadedModel.config``. Of the ``model.*`` keys
@@ -68,7 +70,9 @@ def load_model_dir(path: str | Path, overrides: list[str] = (), device: str | No
     block length (as ``--block-length``); any other ``model.*`` key is refused.
     ``device``: ``cpu`` (default), ``cuda``, ``mps`` or ``auto``.
     """
-    path = model_dir_of(path)
+    from blockdiff.modeling.hub import local_model_dir
+
+    path = model_dir_of(local_model_dir(path))
     if not path.exists():
         raise MissingFileError(f"{path} does not exist; pass a run directory or its model/ folder")
     keys = [o.split("=", 1)[0].strip().lstrip("+~") for o in overrides]
@@ -111,10 +115,15 @@ def _load_tokenizer(path: Path):
         ) from None
 
 
-def export_model(model: BlockDiffusionLM, tokenizer, cfg: Config, model_dir: Path, overwrite: bool = True) -> None:
-    """Write weights, tokenizer and the training config to ``model_dir``: into a staging folder next to it, which
-    replaces ``model_dir`` only when complete. An existing ``model_dir`` is replaced only if it is a blockdiff model
-    export (and ``overwrite``); a failed write (disk full) leaves ``model_dir`` as it was and no staging folder."""
+def export_model(
+    model: BlockDiffusionLM, tokenizer, cfg: Config, model_dir: Path, overwrite: bool = True,
+    metrics: dict | None = None,
+) -> None:
+    """Write weights, tokenizer, the training config and the model card (``README.md``, with the held-out
+    ``metrics`` when given: ``val/nll``, ``val/ppl``, ``val/bpb``, ``step``) to ``model_dir``: into a staging folder
+    next to it, which replaces ``model_dir`` only when complete. An existing ``model_dir`` is replaced only if it is
+    a blockdiff model export (and ``overwrite``); a failed write (disk full) leaves ``model_dir`` as it was and no
+    staging folder."""
     from blockdiff.modeling.pretrained import merge_lora
 
     model_dir = Path(model_dir)
@@ -126,6 +135,7 @@ def export_model(model: BlockDiffusionLM, tokenizer, cfg: Config, model_dir: Pat
         export.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / TRAIN_CONFIG).write_text(to_yaml(cfg))
+        write_model_card(tmp, export, cfg, metrics, _card_name(model_dir))
         replace_dir(tmp, model_dir, overwrite)
     except Exception as err:
         reason = write_failure_reason(err)
@@ -138,3 +148,9 @@ def export_model(model: BlockDiffusionLM, tokenizer, cfg: Config, model_dir: Pat
         ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _card_name(model_dir: Path) -> str:
+    """What the model card's snippets call the folder: a run's ``model/`` by the run's name."""
+    model_dir = Path(model_dir).resolve()
+    return model_dir.parent.name if model_dir.name == "model" else model_dir.name

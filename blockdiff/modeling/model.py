@@ -294,6 +294,7 @@ class BlockDiffusionLM(TrainingForward, nn.Module):
         streamer=None,
         observer=None,
         tokenizer=None,
+        cancelled=None,
         **overrides,
     ):
         """Write up to ``max_new_tokens`` after each prompt, block by block (``sampling/generation.py``).
@@ -308,14 +309,15 @@ class BlockDiffusionLM(TrainingForward, nn.Module):
         ``stop_strings`` (needs ``tokenizer``; a sample stops after the token that completes one). Any other
         transformers setting (``num_beams``, ``repetition_penalty``, ...) is refused by name.
         ``generator``: one for the batch, or one per returned sequence so each sample is independent of its
-        batch. Returns a ``GenerationOutput``.
+        batch. ``cancelled(i)``, asked after every block, ends sample ``i`` there (a server's client went away).
+        Returns a ``GenerationOutput``.
         """
         from blockdiff.sampling.generation import generate
         from blockdiff.sampling.inputs import prompt_lists, with_overrides
 
         config = with_overrides(generation_config or self.generation_config, overrides)
         prompts = prompt_lists(input_ids, attention_mask, config)
-        return generate(self, prompts, config, generator, streamer, observer, tokenizer)
+        return generate(self, prompts, config, generator, streamer, observer, tokenizer, cancelled)
 
     # -- persistence ------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
@@ -342,13 +344,16 @@ class BlockDiffusionLM(TrainingForward, nn.Module):
         **hf_kwargs,
     ) -> "BlockDiffusionLM":
         """Load a directory written by ``save_pretrained`` (or by an older blockdiff: ``config.json`` of the decoder's
-        own type); never executes code from the directory. Every file is checked first, and an error names it.
+        own type), or a hub id (``owner/name``: downloaded once, then read from the cache; offline a clear error at
+        once); never executes code from the directory. Every file is checked first, and an error names it.
 
         ``device``: ``cpu``, ``cuda``, ``mps`` or ``auto`` (``resolve_device``). ``config`` and ``hf_kwargs`` are
         what ``AutoModelForCausalLM.from_pretrained`` passes on (after ``import blockdiff``); ``hf_kwargs`` such as
         ``dtype=torch.bfloat16`` go to the decoder's ``from_pretrained``.
         """
-        directory = Path(directory)
+        from blockdiff.modeling.hub import local_model_dir
+
+        directory = local_model_dir(directory)
         spec, backbone = read_model_dir(directory, config, attn_implementation, **hf_kwargs)
         model = cls(backbone, spec)
         if model.adapter is not None:

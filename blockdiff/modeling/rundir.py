@@ -7,7 +7,8 @@ A run directory (``trainer.out_dir``) holds exactly::
     checkpoints/last.ckpt       the newest checkpoint (checkpoints/prev.ckpt: the one before it)
     logs/metrics.csv            the CSV log
     tokenizer/                  the run's tokenizer
-    model/                      the exported model (safetensors + blockdiff.json + tokenizer + train_config.yaml)
+    model/                      the exported model (safetensors + blockdiff.json + tokenizer + train_config.yaml
+                                + README.md, the model card)
 
 Every other module names these paths through ``RunDir`` (or the constants below), never as literals.
 
@@ -28,7 +29,7 @@ from blockdiff.errors import StorageError, WouldOverwriteError
 
 __all__ = [
     "CONFIG", "CHECKPOINTS", "LOGS", "METRICS", "MODEL", "TOKENIZER", "LAST", "PREV", "SPEC_FILE", "TRAIN_CONFIG",
-    "RunDir", "model_dir_of",
+    "MODEL_CARD", "RunDir", "model_dir_of",
     "is_model_dir", "is_run_dir", "check_new_run_dir", "prepare_run_dir", "check_replaceable", "staging_dir",
     "replace_dir",
 ]
@@ -38,6 +39,7 @@ METRICS = "metrics.csv"  # under LOGS: the CSV log (Lightning's CSVLogger names 
 LAST, PREV = "last.ckpt", "prev.ckpt"  # under CHECKPOINTS: the newest checkpoint and the one it replaced
 SPEC_FILE = "blockdiff.json"  # the file that marks a blockdiff model export (model.py writes it)
 TRAIN_CONFIG = "train_config.yaml"  # in a model export: the config it was trained with
+MODEL_CARD = "README.md"  # in a model export: the model card (modeling/model_card.py)
 
 # What a model export (or a tokenizer folder) is made of: flat files of these kinds, nothing else.
 _MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".yaml", ".jinja", ".tiktoken")
@@ -102,7 +104,10 @@ def model_dir_of(path: str | Path) -> Path:
 
 def _foreign_files(directory: Path) -> list[str]:
     """Entries of a would-be model/tokenizer folder that such a folder never holds (subfolders, other files)."""
-    return sorted(p.name for p in directory.iterdir() if not (p.is_file() and p.name.endswith(_MODEL_FILE_SUFFIXES)))
+    return sorted(
+        p.name for p in directory.iterdir()
+        if not (p.is_file() and (p.name.endswith(_MODEL_FILE_SUFFIXES) or p.name == MODEL_CARD))
+    )
 
 
 def is_model_dir(directory: str | Path) -> bool:

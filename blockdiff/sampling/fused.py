@@ -25,6 +25,13 @@ masks (it commits the base's next token and drafts again). So a step commits ``a
 forward of ``1 + k + j`` tokens (``j = block_length`` masks; none in a last step, fewer at the end of the
 decoder's positions).
 
+``every_length=True`` (TiDAR's drafting for every acceptance length): the forward holds ``k + 1`` mask blocks, block
+``i`` right after ``committed + d[:i]`` (positions ``n+i .. n+i+j-1``; it sees the committed tokens, the first ``i``
+drafts and itself). Whatever the verifier keeps, ``a`` drafts, block ``a`` was drafted under exactly the committed
+tokens, so the next step always has drafts to check: no step after a rejection checks nothing. The price is
+``(k + 1) j`` masks per forward instead of ``j``; whether it pays depends on the forward's cost curve
+(docs/benchmarks.md).
+
 ``FusedBlockDiffusion`` implements the step interface of ``speculative.py`` (``propose`` / ``score`` / ``commit``),
 so the acceptance code is the same ``speculative_verify.accept_greedy`` / ``accept_sampled`` as for two models, and
 the output is token for token (greedy) or in distribution (sampling) ``model.backbone.generate``'s: the base
@@ -65,9 +72,10 @@ class FusedBlockDiffusion:
     """A ``BlockDiffusionLM`` that verifies with its own base decoder (gate off) and drafts with its adapter (gate
     on) in the same forward (module docstring). Invariant between steps: ``cache`` holds the base's keys and values
     of ``committed[:-1]`` exactly, and ``pending`` holds the mask rows' logits for the drafts after the last
-    committed token, or ``None`` when the last step rejected a draft."""
+    committed token, or ``None`` when no mask block was drafted after them (a rejection without ``every_length``, or
+    no room left)."""
 
-    def __init__(self, model, masks: int | None = None):
+    def __init__(self, model, masks: int | None = None, every_length: bool = False):
         if not supports_fused(model):
             spec = model.spec
             raise UsageError(
@@ -90,6 +98,7 @@ class FusedBlockDiffusion:
             )
         self.model = model
         self.masks = masks
+        self.every_length = every_length
         self.reset()
 
     # -- what the loop reads -------------------------------------------------------------------------
@@ -109,6 +118,7 @@ class FusedBlockDiffusion:
     def reset(self) -> None:
         self.cache = self.model.new_cache()
         self.pending: torch.Tensor | None = None  # (j - 1, v) mask-row logits of the drafts after the committed ones
+        self._blocks: dict[int, torch.Tensor] = {}  # drafts kept -> that mask block's draft rows (j - 1, d)
         self.verifier_forwards = 0
         self.processed = 0  # input tokens over all forwards
         self.max_cache = 0
@@ -130,22 +140,19 @@ class FusedBlockDiffusion:
         """Logits ``(k + 1, v)``: row ``i`` is the base decoder's prediction after ``committed + drafts[:i]``. The same
         forward drafts what follows ``committed + drafts`` (kept in ``pending`` until ``commit``)."""
         model = self.model
-        device = model.device
         k = len(drafts)
         start = self.cache.get_seq_length()  # == len(committed) - 1 after a commit, 0 at first
-        # masks: none when no later step could check a draft (the next one has room for at most the base's token);
-        # else a whole block, cut only where it would pass the decoder's positions. Never cut to the room left
-        # under max_new_tokens: the drafts would then depend on it (the masks see each other).
-        end = len(committed) + k  # the first mask's position
-        fits = self.model.max_positions - end if self.model.max_positions else self.masks
-        j = min(self.masks, fits) if self._next_limit - k - 1 >= 1 and fits >= 2 else 0
+        # mask blocks: one after all k drafts (every_length: one after each a = 0 .. k drafts), but only for the
+        # acceptance lengths after which the next step has room to check a draft; each a whole block, cut only where
+        # it would pass the decoder's positions. Never cut to the room left under max_new_tokens: the drafts would
+        # then depend on it (the masks see each other).
+        useful = [a for a in (range(k + 1) if self.every_length else [k]) if self._next_limit - a - 1 >= 1]
+        n = len(committed)
+        fits = self.model.max_positions - n - max(useful, default=0) if self.model.max_positions else self.masks
+        j = min(self.masks, fits) if useful and fits >= 2 else 0
+        follows = useful if j else []
         clean = committed[start:] + drafts.tolist()
-        ids = torch.tensor(clean + [model.mask_token_id] * j, dtype=torch.long, device=device)  # (q,)
-        columns = torch.arange(start, start + len(ids), device=device)  # (q,) no padding: position = index
-        keys = torch.arange(0, start + len(ids), device=device)  # (s,)
-        noisy_from = start + len(clean)  # == len(committed) + k: the first mask
-        mask = model.sampling_mask(columns, keys, torch.zeros(1, dtype=torch.long, device=device), noisy_from)
-        gate = (columns >= noisy_from).to(model.backbone.dtype)[None]  # (1, q): 1 on the mask rows
+        ids, columns, mask, gate = self._forward_inputs(clean, start, n, follows, j)
         hidden, self.cache = model.hidden_states(
             ids[None], columns[None], mask, past_key_values=self.cache, use_cache=True, gate=gate, fast_gqa=True,
         )  # (1, q, d)
@@ -156,18 +163,45 @@ class FusedBlockDiffusion:
         rows = len(clean) - k - 1  # the clean row of committed[-1]
         head = model.backbone.get_output_embeddings()
         logits = head(hidden[0, rows : len(clean)]).float()  # (k + 1, v) the base's own head, no SUBS
-        if j:  # mask row i predicts token n + k + 1 + i under the logit shift (row i + 1 without it)
-            draft_rows = hidden[:, len(clean) : len(clean) + j - 1] if model.spec.logit_shift else hidden[
-                :, len(clean) + 1 : len(clean) + j
-            ]
-            self.pending = model.logits(draft_rows)[0]  # (j - 1, v) SUBS: a draft is never the mask token
-        else:
-            self.pending = None
+        # mask row r of a block predicts the block's token r + 1 under the logit shift (its own token r without it);
+        # the block's token 0 is the verifier's (the clean row before it)
+        first = 0 if model.spec.logit_shift else 1
+        rows_of = hidden[0, len(clean) :].unflatten(0, (len(follows), j))[:, first : first + j - 1]  # (blocks, j-1, d)
+        self._blocks = dict(zip(follows, rows_of))
+        self.pending = self._drafts_after(k)  # until commit: the drafts that assume every draft is kept
         return logits
+
+    def _forward_inputs(self, clean: list[int], start: int, n: int, follows: list[int], j: int):
+        """``(ids (q,), columns (q,), mask, gate (1, q))`` of one fused forward: the clean rows ``clean`` (columns
+        ``start ..``, token-causal), then one block of ``j`` masks per entry ``a`` of ``follows``, at columns
+        ``n + a ..``: it sees the cache, the clean rows before column ``n + a`` (the committed tokens and the first
+        ``a`` drafts) and itself."""
+        model, device = self.model, self.model.device
+        c = len(clean)
+        blocks = len(follows)
+        follows = torch.tensor(follows, dtype=torch.long, device=device)  # (blocks,)
+        block_of = torch.arange(blocks, device=device).repeat_interleave(j)  # (m,) m = blocks j
+        ids = torch.tensor(clean + [model.mask_token_id] * len(block_of), dtype=torch.long, device=device)  # (q,)
+        mask_cols = n + follows[block_of] + torch.arange(j, device=device).repeat(blocks)  # (m,) blocks overlap
+        columns = torch.cat([torch.arange(start, start + c, device=device), mask_cols])  # (q,)
+        group = torch.cat([torch.full((c,), -1, device=device), block_of])  # (q,) -1: a clean row
+        last_seen = torch.cat([columns[:c], n + follows[block_of] - 1])  # (q,) the last clean column each row sees
+        clean_key = (group == -1)[None, :] & (columns[None, :] <= last_seen[:, None])  # (q, q)
+        same_block = (group >= 0)[None, :] & (group[None, :] == group[:, None])  # (q, q)
+        cached = torch.ones(len(ids), start, dtype=torch.bool, device=device)  # (q, start) everyone sees the cache
+        allowed = torch.cat([cached, clean_key | same_block], dim=1)  # (q, s)
+        gate = (group >= 0).to(model.backbone.dtype)[None]  # (1, q): 1 on the mask rows
+        return ids, columns, model.format_mask(allowed[None, None]), gate
 
     def commit(self, committed: list[int], accepted: int) -> None:
         """The step is final: crop the cache to ``committed[:-1]`` (the mask rows and rejected drafts leave it) and
-        keep the next drafts only if every checked draft survived (they assumed it)."""
+        keep the drafts of the mask block made after exactly the ``accepted`` kept drafts (none after a rejection
+        unless ``every_length``)."""
         crop_to(self.cache, len(committed) - 1)
-        if accepted < self._checked:
-            self.pending = None
+        self.pending = self.pending if accepted == self._checked else self._drafts_after(accepted)
+        self._blocks = {}
+
+    def _drafts_after(self, accepted: int) -> torch.Tensor | None:
+        """``(j - 1, v)`` logits of the mask block drafted after ``accepted`` drafts (``None``: there is none)."""
+        rows = self._blocks.get(accepted)
+        return None if rows is None else self.model.logits(rows[None])[0]  # SUBS: a draft is never the mask token

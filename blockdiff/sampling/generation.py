@@ -70,12 +70,15 @@ def generate(
     streamer=None,
     observer: Callable[[StepEvent], None] | None = None,
     tokenizer=None,
+    cancelled: Callable[[int], bool] | None = None,
 ) -> GenerationOutput:
     """Continue each prompt (a list of token ids, at least one) by up to ``config.max_new_tokens`` tokens.
 
     ``num_return_sequences`` rows per prompt (prompt 0's first). ``generator``: one ``torch.Generator`` for the
     batch, or one per returned sequence (then each sample's output is the same whatever else is in the batch).
-    ``tokenizer`` is needed only for ``stop_strings``.
+    ``tokenizer`` is needed only for ``stop_strings``. ``cancelled(i)`` is asked after every block for each sample
+    still going (``i`` its row in the output): ``True`` ends it there, with the tokens it has (stop reason
+    ``"cancelled"``), e.g. when the client of a server request went away.
     """
     schedule = make_schedule(model.spec.schedule)  # DDPM follows the trained alpha(t)
     config.check(model.block_length, schedule)
@@ -114,7 +117,7 @@ def generate(
         st.masks.clear()  # new columns, perhaps fewer samples: the block's forwards build their masks afresh
         tokens = _denoise_block(model, st, start, config, sampler, generator, observer, eos_ids)  # (b, l)
         st.cols[torch.tensor(st.active, device=device), start:] = tokens
-        keep = _finish_samples(st, start, l, config.max_new_tokens, eos_ids, stops, tokenizer)
+        keep = _finish_samples(st, start, l, config.max_new_tokens, eos_ids, stops, tokenizer, cancelled)
         if streamer is not None:
             _stream_block(streamer, st, start, l)
         if len(keep) < len(st.active):
@@ -265,10 +268,11 @@ def _choose(logits, state: BlockState, temperature: float, config, generator, ne
 
 
 def _finish_samples(
-    st: _State, start: int, l: int, max_new_tokens: int, eos_ids: set[int], stops: list[str], tokenizer
+    st: _State, start: int, l: int, max_new_tokens: int, eos_ids: set[int], stops: list[str], tokenizer,
+    cancelled: Callable[[int], bool] | None = None,
 ) -> list[int]:
-    """Record the final length of every sample whose new block holds EOS or completes a stop string, or that reached
-    ``max_new_tokens``; returns the rows of the samples that go on."""
+    """Record the final length of every sample whose new block holds EOS or completes a stop string, that reached
+    ``max_new_tokens`` or that was ``cancelled``; returns the rows of the samples that go on."""
     keep = []
     for row, i in enumerate(st.active):
         gen_start = int(st.gen_start[i])
@@ -282,6 +286,8 @@ def _finish_samples(
             length, reason = cut, "stop_string"
         if length is None and written >= max_new_tokens:
             length, reason = written, "max_new_tokens"
+        if length is None and cancelled is not None and cancelled(i):
+            length, reason = max(written, 0), "cancelled"
         if length is None:
             keep.append(row)
         else:

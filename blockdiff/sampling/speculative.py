@@ -40,12 +40,12 @@ import torch
 
 from blockdiff.errors import UsageError
 from blockdiff.sampling.fused import FusedBlockDiffusion, supports_fused
-from blockdiff.sampling.outputs import GenerationOutput
+from blockdiff.sampling.outputs import GenerationOutput, StepEvent
 from blockdiff.sampling.speculative_drafters import BlockDrafter, Draft, Drafter
 from blockdiff.sampling.speculative_verify import CausalLMVerifier, Sampling, accept_greedy, accept_sampled
 
 __all__ = [
-    "speculative_generate", "SpeculativeOutput", "SpeculativeStep", "check_verifier", "Drafter", "Draft",
+    "speculative_generate", "SpeculativeOutput", "SpeculativeStep", "step_event", "check_verifier", "Drafter", "Draft",
     "BlockDrafter", "CausalLMVerifier", "Sampling", "Speculator", "TwoModels", "FusedBlockDiffusion", "supports_fused",
 ]
 
@@ -82,6 +82,19 @@ class SpeculativeStep:
     accepted: int  # how many of them were kept
     new_tokens: list[int]  # what the step committed (kept drafts + the verifier's token, cut at EOS / the limit)
     committed: list[int]  # every committed token so far (prompt included)
+    confidence: list[float] = field(default_factory=list)  # the verifier's probability of each new token
+
+
+def step_event(step: SpeculativeStep, sample: int = 0) -> StepEvent:
+    """One verification step as the block loop's ``StepEvent`` (for ``--trace`` and the live view): the tokens the
+    step committed form one finished block, all revealed at once by one forward, with the verifier's probabilities
+    as their confidences."""
+    start = len(step.committed) - len(step.new_tokens)
+    return StepEvent(
+        block=step.step, step=0, samples=[sample], block_start=[start], tokens=[list(step.new_tokens)],
+        revealed=[list(range(start, len(step.committed)))], remasked=[[]], confidence=[list(step.confidence)],
+        forward=True, finished=True,
+    )
 
 
 @runtime_checkable
@@ -196,10 +209,11 @@ def speculative_generate(
         draft = pair.propose(committed, room - 1, sampling, generator)
         tokens = draft.tokens.long()  # (k,) k <= room - 1: never more than can be kept
         logits = pair.score(committed, tokens)  # (k + 1, v)
+        p = sampling.fit(logits) if sampling.greedy else sampling.probs(logits)  # (k + 1, v) logits | probabilities
         if sampling.greedy:
-            accepted, extra = accept_greedy(sampling.fit(logits), tokens)
+            accepted, extra = accept_greedy(p, tokens)
         else:
-            accepted, extra = accept_sampled(sampling.probs(logits), draft.probs, tokens, generator)
+            accepted, extra = accept_sampled(p, draft.probs, tokens, generator)
         step = tokens[:accepted].tolist() + [extra]
         step, reason = _cut(step, eos, room, max_new_tokens - new)
         committed += step
@@ -210,7 +224,9 @@ def speculative_generate(
         if streamer is not None:
             streamer.put(torch.tensor([step]))
         if observer is not None:
-            observer(SpeculativeStep(sum(hist) - 1, tokens.tolist(), accepted, step, list(committed)))
+            probs = p.softmax(-1) if sampling.greedy else p
+            confidence = [float(probs[i, t]) for i, t in enumerate(step)]
+            observer(SpeculativeStep(sum(hist) - 1, tokens.tolist(), accepted, step, list(committed), confidence))
     if streamer is not None:
         streamer.end()
     return _output(prompt, committed, reason, pair, hist, drafted)

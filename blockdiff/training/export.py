@@ -13,6 +13,7 @@ from blockdiff.config import load_config, path_problem
 from blockdiff.data.corpus import load_documents
 from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.modeling.io import export_model
+from blockdiff.modeling.model_card import held_out_metrics
 from blockdiff.modeling.rundir import RunDir, check_replaceable
 from blockdiff.modeling.tokenizer import load_tokenizer
 from blockdiff.training.builders import build_model
@@ -60,5 +61,5 @@ def export_checkpoint(
             f"checkpoint {checkpoint} does not match the network of {config_path}: "
             f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
         )
-    export_model(model, tokenizer, cfg, out_dir, overwrite)
+    export_model(model, tokenizer, cfg, out_dir, overwrite, metrics=held_out_metrics(run.root))
     return out_dir

@@ -87,7 +87,7 @@ def train(
     stopped_by = _stopped_by(cfg, run, run_dir, is_zero)
     metrics = _final_metrics(run, module, datamodule)
     if run.trainer.is_global_zero:
-        export_model(model, tokenizer, cfg, run_dir.model)
+        export_model(model, tokenizer, cfg, run_dir.model, metrics={**metrics, "step": run.trainer.global_step})
     return TrainResult(
         run_dir=run_dir.root,
         model_dir=run_dir.model,

@@ -1,0 +1,55 @@
+"""``blockdiff serve``: an OpenAI-compatible HTTP server for a blockdiff model (``pip install 'blockdiff[serve]'``).
+
+* ``protocol.py`` — request bodies checked into ``GenerationRequest``s, OpenAI-shaped errors and responses;
+* ``engine.py`` — the queue and the worker thread that batches jobs with equal settings through ``generate``;
+* ``deltas.py`` — streamed text, one finished block at a time, never a character the final text drops;
+* ``app.py`` — the FastAPI routes.
+
+``serve(path, ...)`` loads a run or model directory and runs it under uvicorn until interrupted. Docs:
+docs/serving.md. No Lightning, no ``datasets``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from blockdiff.errors import MissingPackageError
+
+__all__ = ["build_engine", "serve"]
+
+
+def _check_packages() -> None:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingPackageError(f"blockdiff serve needs {' and '.join(missing)}: pip install 'blockdiff[serve]'")
+
+
+def build_engine(path: str | Path, name: str | None = None, device: str | None = None, **options):
+    """An ``Engine`` (not started) over the model in ``path``, served under ``name`` (default: the folder name)."""
+    from blockdiff.modeling.io import load_model_dir
+    from blockdiff.modeling.rundir import model_dir_of
+    from blockdiff.serving.engine import Engine
+
+    loaded = load_model_dir(path, device=device)
+    if name is None:
+        folder = model_dir_of(path).resolve()
+        name = folder.parent.name if folder.name == "model" else folder.name
+    return Engine(loaded, name, **options)
+
+
+def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
+          device: str | None = None, log_level: str = "info", **options) -> None:
+    """Serve the model in ``path`` on ``host:port`` until interrupted (``options``: ``Engine``'s batching knobs)."""
+    _check_packages()
+    import uvicorn
+
+    from blockdiff.serving.app import create_app
+
+    engine = build_engine(path, name, device, **options)
+    engine.start()
+    try:
+        uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level)
+    finally:
+        engine.stop()

@@ -1,0 +1,144 @@
+"""The HTTP side of ``blockdiff serve``: a FastAPI app with OpenAI's routes over one ``Engine``.
+
+``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions``. A streamed response
+(``"stream": true``) is server-sent events, **one finished block per event** (its text for one choice, possibly empty
+while a partial character or a possible stop string is held back), then a last event per choice with its
+``finish_reason``, the usage event when ``stream_options.include_usage`` asks for it, and ``data: [DONE]``.
+A client that goes away cancels its jobs: they leave their batch after the current block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from blockdiff.serving.deltas import TextDeltas
+from blockdiff.serving.engine import Engine, Finished, Job
+from blockdiff.serving.protocol import APIError, chunk_body, completion_body, parse_request, usage_body
+
+__all__ = ["create_app"]
+
+POLL = 0.25  # seconds between checks that the client is still there
+FINISH = {"eos": "stop", "stop_string": "stop", "max_new_tokens": "length", "cancelled": "stop"}
+
+
+def create_app(engine: Engine) -> FastAPI:
+    app = FastAPI(title="blockdiff", description="OpenAI-compatible block-diffusion LM server")
+    started = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": engine.name, **engine.stats()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": started,
+                                            "owned_by": "blockdiff"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _generate(engine, request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _generate(engine, request, chat=True)
+
+    return app
+
+
+async def _generate(engine: Engine, request: Request, chat: bool):
+    try:
+        body = json.loads(await request.body() or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise APIError(400, f"the request body is not valid JSON: {err}") from None
+    req = parse_request(body, chat, engine.name)
+    queue: asyncio.Queue = asyncio.Queue()
+    jobs = engine.prepare(req, queue, asyncio.get_running_loop())
+    engine.submit(jobs)
+    deltas = [_deltas(engine, req, job) for job in jobs]
+    if req.stream:
+        return StreamingResponse(_events(engine, request, req, jobs, queue, deltas), media_type="text/event-stream")
+    finished = await _collect(request, jobs, queue)
+    if finished is None:  # the client left; nobody reads this
+        return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
+    texts = [d.text(f.tokens) for d, f in zip(deltas, finished)]
+    usage = _usage(jobs, finished)
+    return JSONResponse(completion_body(req, engine.name, texts, [FINISH[f.reason] for f in finished], usage))
+
+
+def _deltas(engine: Engine, req, job: Job) -> TextDeltas:
+    eos = job.settings.get("eos_token_id")
+    return TextDeltas(engine.tokenizer, job.settings["max_new_tokens"], req.stop, {eos} if eos is not None else set(),
+                      job.model.mask_token_id)
+
+
+def _usage(jobs: list[Job], finished: list[Finished]) -> dict:
+    return usage_body(sum(len(j.ids) for j in jobs), sum(len(f.tokens) for f in finished), sum(f.nfe for f in finished))
+
+
+async def _next(request: Request, queue: asyncio.Queue):
+    """The next event, or ``None`` once the client has disconnected."""
+    while True:
+        try:
+            return await asyncio.wait_for(queue.get(), POLL)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                return None
+
+
+async def _collect(request: Request, jobs: list[Job], queue: asyncio.Queue) -> list[Finished] | None:
+    done: dict[int, Finished] = {}
+    try:
+        while len(done) < len(jobs):
+            event = await _next(request, queue)
+            if event is None:
+                return None
+            index, kind, payload = event
+            if kind == "error":
+                raise payload
+            if kind == "done":
+                done[index] = payload
+        return [done[i] for i in range(len(jobs))]
+    finally:
+        Engine.cancel(jobs)  # no-op for finished jobs; stops the others (client gone, or an error)
+
+
+def _sse(body) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+async def _events(engine: Engine, request: Request, req, jobs: list[Job], queue: asyncio.Queue, deltas):
+    finished: dict[int, Finished] = {}
+    first = [True] * len(jobs)
+    try:
+        while len(finished) < len(jobs):
+            event = await _next(request, queue)
+            if event is None:
+                return
+            index, kind, payload = event
+            if kind == "error":
+                yield _sse(payload.body())
+                return
+            if kind == "block":
+                text = deltas[index].block(payload)
+                yield _sse(chunk_body(req, engine.name, index, text, role=req.chat and first[index]))
+            else:
+                finished[index] = payload
+                text = deltas[index].finish(payload.tokens)
+                yield _sse(chunk_body(req, engine.name, index, text, FINISH[payload.reason],
+                                      role=req.chat and first[index]))
+            first[index] = False
+        if req.include_usage:
+            yield _sse(chunk_body(req, engine.name, 0, "", usage=_usage(jobs, [finished[i] for i in
+                                                                                range(len(jobs))])))
+        yield "data: [DONE]\n\n"
+    finally:
+        Engine.cancel(jobs)

@@ -1,0 +1,266 @@
+"""The request queue of ``blockdiff serve``: checked requests become jobs, jobs with equal settings are batched.
+
+One worker thread owns the network. It takes the oldest waiting job, waits ``batch_window`` seconds for more jobs
+with *the same settings* (sampler, its knobs, temperature, ``max_new_tokens``, stop strings, block length, ...: a
+batch never mixes them), up to ``max_batch_size``, and runs them through ``BlockDiffusionLM.generate`` as one ragged
+batch, each with its own seeded generator (so a job's text does not depend on its batch). Jobs of other settings wait
+for a later batch, oldest first.
+
+Each job reports to its request's ``asyncio`` queue, from the worker thread: ``("block", tokens)`` when one of its
+blocks is final (the generation observer's block-is-final event), then ``("done", Finished)`` or ``("error",
+APIError)``. A job whose client went away is ``cancel``-ed: it leaves its batch after the current block
+(``generate(..., cancelled=...)``), and a waiting one never runs.
+
+Everything a request can get wrong is checked in ``prepare``, on the caller's thread, before it is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from blockdiff.core.noise import make_schedule
+from blockdiff.errors import UsageError
+from blockdiff.sampling.inputs import with_overrides
+from blockdiff.sampling.text import encode_prompts
+from blockdiff.serving.protocol import APIError, GenerationRequest
+
+__all__ = ["Engine", "Job", "Finished"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Finished:
+    tokens: list[int]  # the choice's new tokens (EOS / the stop string's tokens included)
+    reason: str  # generation's stop reason: eos, stop_string, max_new_tokens or cancelled
+    nfe: int  # forwards that denoised it
+
+
+@dataclass(eq=False)  # identity: two jobs are never "equal"
+class Job:
+    index: int  # the choice it fills
+    ids: list[int]  # prompt token ids
+    model: object  # the network at the request's block length
+    settings: dict  # generation overrides, shared by every job of its batch
+    key: str  # equal keys = equal settings = may share a batch
+    seed: int
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    stream: bool = False
+    arrived: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def post(self, kind: str, payload) -> None:
+        """Hand an event to the request's queue (thread-safe; dropped once the event loop is gone)."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, kind, payload))
+        except RuntimeError:  # the loop closed: nobody is listening any more
+            pass
+
+
+class Engine:
+    """Owns the model, the queue and the worker thread (module docstring)."""
+
+    def __init__(self, loaded, name: str, batch_window: float = 0.01, max_batch_size: int = 8,
+                 max_tokens_limit: int = 2048):
+        if batch_window < 0 or max_batch_size < 1 or max_tokens_limit < 1:
+            raise UsageError("the batching window must be >= 0 s, the batch size and the max_tokens limit >= 1")
+        self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, name
+        self.batch_window, self.max_batch_size, self.max_tokens_limit = batch_window, max_batch_size, max_tokens_limit
+        self.schedule = make_schedule(self.model.spec.schedule)
+        self._models = {self.model.block_length: self.model}
+        self._pending: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="blockdiff-serve", daemon=True)
+        self.running = 0  # jobs in the batch being generated
+        self.completed = 0
+        self.cancelled = 0  # jobs that ended because their client went away
+        self.batches = 0
+        self.largest_batch = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            for job in self._pending:
+                job.post("error", APIError(503, "the server is shutting down", code="shutting_down",
+                                           kind="server_error"))
+            self._pending.clear()
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"queued": len(self._pending), "running": self.running, "completed": self.completed,
+                    "cancelled": self.cancelled, "batches": self.batches, "largest_batch": self.largest_batch}
+
+    # -- requests -> jobs ------------------------------------------------------------------------------------
+    def prepare(self, request: GenerationRequest, queue: asyncio.Queue, loop) -> list[Job]:
+        """The request's jobs, one per choice, or ``APIError`` for anything that would make generation fail."""
+        model = self._model_at(request.block_length)
+        max_tokens = request.max_tokens or self.model.generation_config.max_new_tokens
+        if max_tokens > self.max_tokens_limit:
+            raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {self.max_tokens_limit}",
+                           "max_tokens", "max_tokens_over_limit")
+        settings = {**request.settings, "max_new_tokens": max_tokens, "eos_token_id": self.tokenizer.eos_token_id,
+                    "pad_token_id": self.tokenizer.pad_token_id}
+        if request.stop:
+            settings["stop_strings"] = request.stop
+        config = self._checked_config(model, settings)
+        prompts = self._encode(request)
+        window = self._window(model, config)
+        for i, ids in enumerate(prompts):
+            if window is not None and len(ids) + model.block_length > window:
+                raise APIError(
+                    400, f"the prompt{f' {i}' if len(prompts) > 1 else ''} has {len(ids)} tokens, but this model's "
+                    f"window of {window} tokens must hold it and one block of {model.block_length}: shorten it to at "
+                    f"most {window - model.block_length} tokens", "messages" if request.chat else "prompt",
+                    "context_length_exceeded",
+                )
+        key = repr((model.block_length, sorted(settings.items(), key=lambda kv: kv[0])))
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+        return [Job(i, ids, model, settings, key, seed + i, queue, loop, request.stream) for i, ids in
+                enumerate(prompts)]
+
+    def _model_at(self, block_length: int | None):
+        block_length = block_length or self.model.block_length
+        if block_length not in self._models:
+            try:
+                self._models[block_length] = self.model.with_block_length(block_length).eval()
+            except UsageError as err:
+                raise APIError(400, f"block_length: {err}", "block_length", "invalid_value") from None
+        return self._models[block_length]
+
+    def _checked_config(self, model, settings: dict):
+        try:
+            config = with_overrides(model.generation_config, settings)
+            config.check(model.block_length, self.schedule)
+        except UsageError as err:
+            raise APIError(400, str(err), None, "invalid_value") from None
+        except (TypeError, ValueError) as err:
+            raise APIError(400, f"bad generation setting: {err}", None, "invalid_value") from None
+        return config
+
+    @staticmethod
+    def _window(model, config) -> int | None:
+        l = model.block_length
+        window = config.window or (model.spec.max_seq_len // l * l if model.spec.max_seq_len else None)
+        return None if window is None else max(window, 2 * l)
+
+    def _encode(self, request: GenerationRequest) -> list[list[int]]:
+        tok = self.tokenizer
+        try:
+            if not request.chat:
+                return encode_prompts(tok, request.prompts)
+            if getattr(tok, "chat_template", None):
+                text = tok.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                return [ids if ids else encode_prompts(tok, [""])[0]]
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in request.messages) + "assistant:"
+            return encode_prompts(tok, [text])
+        except UsageError as err:
+            raise APIError(400, str(err), "prompt", "invalid_value") from None
+        except Exception as err:  # noqa: BLE001 - a chat template that refuses the conversation (roles, order)
+            raise APIError(400, f"the chat template refused these messages: {err}", "messages") from None
+
+    def submit(self, jobs: list[Job]) -> None:
+        with self._cond:
+            if self._stopping:
+                raise APIError(503, "the server is shutting down", code="shutting_down", kind="server_error")
+            self._pending.extend(jobs)
+            self._cond.notify_all()
+
+    @staticmethod
+    def cancel(jobs: list[Job]) -> None:
+        for job in jobs:
+            job.cancelled.set()
+
+    # -- the worker ------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            cancelled = 0
+            try:
+                cancelled = self._run(batch)
+            finally:
+                with self._cond:
+                    self.running -= len(batch)
+                    self.completed += len(batch)
+                    self.cancelled += cancelled
+                    self.batches += 1
+                    self.largest_batch = max(self.largest_batch, len(batch))
+
+    def _next_batch(self) -> list[Job] | None:
+        """The oldest job and every waiting job with its settings (up to the batch size), after the window."""
+        with self._cond:
+            while not self._pending and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            first = self._pending[0]
+            deadline = first.arrived + self.batch_window
+            while (now := time.monotonic()) < deadline and self._count(first.key) < self.max_batch_size:
+                self._cond.wait(timeout=deadline - now)
+            batch = [j for j in self._pending if j.key == first.key][: self.max_batch_size]
+            for job in batch:
+                self._pending.remove(job)
+            self.running += len(batch)
+            return batch
+
+    def _count(self, key: str) -> int:
+        return sum(j.key == key for j in self._pending)
+
+    def _run(self, batch: list[Job]) -> int:
+        """Generate one batch and answer its jobs; returns how many ended cancelled."""
+        live = [j for j in batch if not j.cancelled.is_set()]
+        for job in batch:
+            if job.cancelled.is_set():
+                job.post("done", Finished([], "cancelled", 0))
+        if not live:
+            return len(batch)
+        first = live[0]
+        device = first.model.device
+        generators = [torch.Generator(device=device).manual_seed(j.seed) for j in live]
+
+        def observer(event) -> None:
+            if not event.finished:
+                return
+            for i, start, row in zip(event.samples, event.block_start, event.tokens):
+                job = live[i]
+                if job.stream:
+                    job.post("block", [t for j, t in enumerate(row) if start + j >= len(job.ids)])
+
+        try:
+            out = first.model.generate(
+                [j.ids for j in live], generation_config=copy.deepcopy(first.model.generation_config),
+                generator=generators, observer=observer, tokenizer=self.tokenizer,
+                cancelled=lambda i: live[i].cancelled.is_set(), **first.settings,
+            )
+        except UsageError as err:
+            for job in live:
+                job.post("error", APIError(400, str(err), None, "invalid_value"))
+            return len(batch) - len(live)
+        except Exception as err:  # noqa: BLE001 - a bug must answer the request (500), not hang it
+            log.exception("generation failed")
+            for job in live:
+                job.post("error", APIError(500, f"generation failed: {type(err).__name__}: {err}", None,
+                                           "internal_error", "server_error"))
+            return len(batch) - len(live)
+        for i, job in enumerate(live):
+            job.post("done", Finished(out.new_tokens(i), out.stop_reasons[i], int(out.sample_nfe[i])))
+        return len(batch) - len(live) + sum(r == "cancelled" for r in out.stop_reasons)
