@@ -37,6 +37,9 @@ __all__ = ["run_sweep", "run_one", "changed_runs"]
 DEFAULT_PROMPTS = ["ROMEO.\n", "JULIET.\n", "HAMLET.\n", "KING LEAR.\n"]
 
 
+ERROR_FILE = "error.txt"  # written into a run directory when its run failed; removed when it is tried again
+
+
 def _selected(sweep: Sweep, only: list[str] | None) -> list[Run]:
     todo = [r for r in sweep.runs if only is None or r.name in only]
     if only:
@@ -90,13 +93,14 @@ def run_sweep(
         failed = []
         for i, run in enumerate(todo):
             log(f"[{i + 1}/{len(todo)}] {run.name}")
+            (run.run_dir / ERROR_FILE).unlink(missing_ok=True)  # a failed run's note: it is tried again
             try:
                 run_one(sweep, run)
             except Exception:  # noqa: BLE001 - one failed run must not stop the sweep
                 failed.append(run.name)
                 run.run_dir.mkdir(parents=True, exist_ok=True)
-                (run.run_dir / "error.txt").write_text(traceback.format_exc())
-                log(f"FAILED {run.name}: see {run.run_dir / 'error.txt'}")
+                (run.run_dir / ERROR_FILE).write_text(traceback.format_exc())
+                log(f"FAILED {run.name}: see {run.run_dir / ERROR_FILE}")
         return failed
     return _run_subprocesses(sweep, todo, parallel, log)
 
