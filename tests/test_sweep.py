@@ -149,6 +149,23 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
     assert main(["sweep", "--report", str(tmp_path / "out")]) == 0
 
 
+def test_failed_run_is_run_again(tmp_path):
+    # a run that failed left error.txt next to its partial files; relaunching the sweep must train it again (the
+    # trainer refuses a directory holding a file that is not part of a run, so the note is removed first)
+    from blockdiff.modeling.rundir import check_new_run_dir
+
+    path = write_sweep(tmp_path, {"model.block_length": [4]})
+    sweep = load_sweep(path)
+    run_dir = tmp_path / "out" / "block_length-4"
+    run_dir.mkdir(parents=True)
+    (run_dir / "error.txt").write_text("Traceback: the machine went away")
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sweep_mod, "run_one", lambda s, r: (check_new_run_dir(r.run_dir, True), calls.append(r.name)))
+        assert run_sweep(sweep, log=lambda m: None) == []
+    assert calls == ["block_length-4"] and not (run_dir / "error.txt").exists()
+
+
 def test_unfinished_run_is_run_again(tmp_path):
     path = write_sweep(tmp_path, {"model.block_length": [4]})
     sweep = load_sweep(path)

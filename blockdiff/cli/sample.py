@@ -45,8 +45,13 @@ def _apply_settings(args, model) -> None:
         "top_k": args.top_k,
         "top_p": args.top_p,
         "window": args.window,
+        "block_beams": args.block_beams,
+        "beam_width": args.beam_width,
     }
     settings = {k: v for k, v in settings.items() if v is not None}
+    if (args.block_beams or 1) * (args.beam_width or 1) > 1 and (args.trace or args.show_denoising):
+        raise UsageError("--trace and --show-denoising follow one sample's denoising steps; they do not apply to "
+                         "block beam search (--block-beams / --beam-width > 1)")
     if args.no_cache:
         settings["use_cache"] = False
     config = model.generation_config
@@ -138,6 +143,7 @@ def _print_samples(prompts: list[str], texts: list[str], out) -> None:
 def _check_speculative_flags(args) -> None:
     """Refuse the flags that mean nothing when the verifier chooses every token (before any loading)."""
     given = {"--sampler": args.sampler, "--steps-per-block": args.steps_per_block, "--window": args.window,
+             "--block-beams": args.block_beams, "--beam-width": args.beam_width,
              "--no-cache": args.no_cache or None, **{f"--{n.replace('_', '-')}": getattr(args, n) for n in knobs()}}
     wrong = [flag for flag, value in given.items() if value is not None]
     if wrong:
@@ -269,6 +275,8 @@ def add_arguments(p):
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--window", type=int, help="sliding-window size in tokens (default: the training context)")
+    p.add_argument("--block-beams", type=int, help="block beam search: candidate blocks per beam at every block")
+    p.add_argument("--beam-width", type=int, help="block beam search: beams kept after each block (default 1)")
     p.add_argument(
         "--block-length", type=int, help="generate with this block length instead of the model's (mixture models)"
     )

@@ -28,6 +28,13 @@ class Schedule(str, enum.Enum):
     cosine = "cosine"
 
 
+class NoiseKind(str, enum.Enum):
+    """The forward process inside a block: mask tokens (absorbing) or random tokens (uniform, core/uniform.py)."""
+
+    absorbing = "absorbing"
+    uniform = "uniform"
+
+
 class ClipSearch(str, enum.Enum):
     off = "off"
     log = "log"
@@ -155,6 +162,10 @@ class ModelConfig:
 
 @dataclass
 class NoiseConfig:
+    kind: NoiseKind = NoiseKind.absorbing
+    """Noise inside a block: absorbing (a noised token becomes the mask token; SUBS, only masked positions are scored)
+    or uniform (it becomes a uniformly random token; every position is scored with the uniform-state NELBO, and the
+    sampler may re-write any position of the current block). See docs/design.md §3.1."""
     schedule: Schedule = Schedule.loglinear
     """alpha(t): loglinear (1 - t) or cosine."""
     beta: float = 0.0
@@ -378,6 +389,11 @@ class Config:
             raise ConfigError(
                 "model.block_length_mixture and curriculum.block_length_fraction both set the training block "
                 "length; use one"
+            )
+        if NoiseKind(self.noise.kind) is NoiseKind.uniform and Adapter(self.model.adapter) is not Adapter.none:
+            raise ConfigError(
+                "noise.kind=uniform cannot train model.adapter=gated_lora (the drafting adapter and the speculative "
+                "samplers are built on mask-token drafts); use noise.kind=absorbing or model.adapter=none"
             )
 
     @property

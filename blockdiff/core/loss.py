@@ -15,6 +15,10 @@ Under the logit shift position 0 is the conditioning token: never scored, so nev
 
 ``mixture_loss`` trains one network on several block lengths at once (each sequence draws its own).
 
+Under uniform (random-token) noise (``model.spec.noise_kind == "uniform"``, ``uniform.py``) every position is
+scored and the per-token term is the uniform-state NELBO (docs/design.md §3.1) instead of the weighted
+cross-entropy; the reductions, the per-token normalisation and the mixture are the same.
+
 This module composes the pure pieces (``noise.py``) with a network call; it holds no state.
 
 Shape legend: ``b`` batch, ``n`` tokens, ``k`` blocks, ``m`` masked positions, ``v`` vocab.
@@ -30,8 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from blockdiff.core.noise import add_noise, sample_t
+from blockdiff.core.uniform import add_uniform_noise, uniform_token_nelbo
 
-__all__ = ["LossOutput", "nelbo", "block_diffusion_loss", "draw_block_lengths", "mixture_loss", "bits_per_byte"]
+__all__ = [
+    "LossOutput", "nelbo", "weighted_sum", "block_diffusion_loss", "draw_block_lengths", "mixture_loss",
+    "bits_per_byte",
+]
 
 
 @dataclass
@@ -61,6 +69,16 @@ def nelbo(
     sel = masked & valid  # (b, n)
     rows = logits[sel] if logits.dim() == 3 else logits  # (m, v)
     nll = F.cross_entropy(rows.float(), x0[sel], reduction="none")  # (m,)
+    return weighted_sum(nll, x0, sel, weight, valid, block_length, by_position)
+
+
+def weighted_sum(
+    nll: torch.Tensor, x0: torch.Tensor, sel: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor,
+    block_length: int | None = None, by_position: bool = False,
+) -> LossOutput:
+    """``LossOutput`` from per-row terms ``nll`` (m,) at the scored positions ``sel`` (b, n): the ``weight``-ed sum
+    per valid token (and ``per_block`` with ``block_length``, or ``per_position`` / ``position_tokens`` with
+    ``by_position``, as ``nelbo`` says). Shared by both noise kinds."""
     nll_sum = (weight[sel] * nll).sum()
     num_tokens = valid.sum()
     out = LossOutput(
@@ -125,13 +143,24 @@ def block_diffusion_loss(
     if t is None:
         t = sample_t((b, n // block_length), *t_range, antithetic=antithetic, generator=generator, device=x0.device)
     unscored = model.num_unpredictable
-    noised = add_noise(x0, t, schedule, block_length, model.mask_token_id, generator=generator, clean_prefix=unscored)
+    uniform = getattr(model.spec, "noise_kind", "absorbing") == "uniform"
+    if uniform:
+        noised = add_uniform_noise(
+            x0, t, schedule, block_length, model.vocab_size, model.mask_token_id, generator, clean_prefix=unscored
+        )
+    else:
+        noised = add_noise(x0, t, schedule, block_length, model.mask_token_id, generator, clean_prefix=unscored)
     valid = torch.ones_like(x0, dtype=torch.bool)  # (b, n)
     valid[:, :unscored] = False
     hidden = model.training_hidden(noised.xt, x0, block_length, bidirectional, generator)  # (b, n, d)
-    logits = model.logits(hidden[noised.masked & valid])  # (m, v)
+    sel = noised.masked & valid  # (b, n)
+    logits = model.logits(hidden[sel])  # (m, v)
     per = block_length if reduction != "token" else None
-    return nelbo(logits, x0, noised.masked, noised.weight, valid, per, by_position=reduction == "position")
+    by_position = reduction == "position"
+    if not uniform:
+        return nelbo(logits, x0, noised.masked, noised.weight, valid, per, by_position)
+    terms = uniform_token_nelbo(logits, x0[sel], noised.xt[sel], noised.alpha[sel], model.mask_token_id)  # (m,)
+    return weighted_sum(terms, x0, sel, noised.weight, valid, per, by_position)
 
 
 def draw_block_lengths(mixture: dict[int, float], batch_size: int, generator=None, device=None) -> torch.Tensor:

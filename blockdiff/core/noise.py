@@ -1,4 +1,5 @@
-"""Noise schedules and the absorbing-state forward process (docs/design.md §2). Pure, no hidden state.
+"""Noise schedules and the absorbing-state forward process (docs/design.md §2; uniform noise: ``uniform.py``).
+Pure, no hidden state.
 
 ``alpha(t)`` is the probability that a token is still clean at time ``t`` (``alpha(0) = 1``,
 ``alpha(1) = 0``). The NELBO weight of a masked token at time ``t`` is ``-alpha'(t) / (1 - alpha(t))``
@@ -33,6 +34,10 @@ class LogLinearSchedule:
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
         return 1.0 - t
 
+    def alpha_rate(self, t: torch.Tensor) -> torch.Tensor:
+        """``-alpha'(t)`` (the uniform-noise weight is built from it, ``uniform.py``)."""
+        return torch.ones_like(t)
+
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
         """``-alpha'(t) / (1 - alpha(t))``."""
         return 1.0 / t
@@ -45,6 +50,10 @@ class CosineSchedule:
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
         return torch.cos(0.5 * math.pi * t).clamp(min=0.0)
+
+    def alpha_rate(self, t: torch.Tensor) -> torch.Tensor:
+        """``-alpha'(t) = (pi/2) sin(pi t/2)``."""
+        return 0.5 * math.pi * torch.sin(0.5 * math.pi * t)
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
         half = 0.5 * math.pi * t
@@ -94,6 +103,7 @@ class NoisedBatch:
     masked: torch.Tensor  # (b, n) bool, True where the token was replaced by the mask
     t: torch.Tensor  # (b, k) time of each block
     weight: torch.Tensor  # (b, n) NELBO weight of each token's block, -alpha'(t)/(1-alpha(t))
+    alpha: torch.Tensor | None = None  # (b, n) alpha(t) per token (uniform noise only: its loss needs it)
 
 
 def add_noise(

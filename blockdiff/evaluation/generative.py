@@ -10,7 +10,7 @@ sweep runner (``sweeps/runner.py``) both use it; scoring is ``scoring.py``'s (do
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -27,6 +27,8 @@ class Generations:
     tokens: list[list[int]]  # the new tokens of each continuation
     nfes: list[int]  # network forwards each continuation cost
     seconds: float  # wall time of the whole loop
+    rewrites: list[int] = field(default_factory=list)  # per continuation: written tokens later replaced (uniform noise)
+    row_forwards: list[int] = field(default_factory=list)  # per continuation: forwards x rows (beam search: compute)
 
     @property
     def produced(self) -> int:
@@ -49,9 +51,15 @@ def sample_each(model, tokenizer, prompts: list[str], seed: int = 0, **settings)
     ``settings`` are generation overrides (``max_new_tokens``, ``sampler``, ``tau``, ...)."""
     from blockdiff.sampling import sample_texts
 
+    rewrites, row_forwards = [], []
+
     def one(i: int, prompt: str) -> tuple[str, list[int], int]:
         generator = torch.Generator(device=model.device).manual_seed(seed + i)
         (text,), out = sample_texts(model, tokenizer, [prompt], generator, **settings)
+        rewrites.append(out.rewrites)
+        row_forwards.append(int(out.sample_nfe[0]) if out.sample_nfe is not None else out.nfe)
         return text, out.new_tokens(0), out.nfe
 
-    return generate_each(prompts, one)
+    gens = generate_each(prompts, one)
+    gens.rewrites, gens.row_forwards = rewrites, row_forwards
+    return gens

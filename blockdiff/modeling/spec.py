@@ -1,8 +1,9 @@
 """``BlockDiffusionSpec``: what turns a decoder into a block diffuser (mask token, block length, logit shift,
-training context, noise schedule, clean-stream attention, drafting adapter), stored next to the weights as
+training context, noise schedule and kind, clean-stream attention, drafting adapter), stored next to the weights as
 ``blockdiff.json`` and checked on read.
 
-The keys added after the first release (``clean_attention``, ``adapter``, ``adapter_rank``, ``adapter_alpha``) are
+The keys added after the first release (``clean_attention``, ``adapter``, ``adapter_rank``, ``adapter_alpha``,
+``noise_kind``) are
 written only when they differ from their defaults, so a model that does not use them reads with an older blockdiff;
 a file without them takes the defaults (today's behaviour)."""
 
@@ -17,11 +18,15 @@ from blockdiff.core.noise import make_schedule
 from blockdiff.errors import UsageError, require_divides
 from blockdiff.modeling.model_files import read_json_file
 
-__all__ = ["BlockDiffusionSpec", "CLEAN_ATTENTION_CHOICES", "ADAPTER_CHOICES"]
+__all__ = ["BlockDiffusionSpec", "CLEAN_ATTENTION_CHOICES", "ADAPTER_CHOICES", "NOISE_KIND_CHOICES"]
 
 CLEAN_ATTENTION_CHOICES = ("block_causal", "causal")
+NOISE_KIND_CHOICES = ("absorbing", "uniform")
 ADAPTER_CHOICES = ("none", "gated_lora")
-_OPTIONAL_DEFAULTS = {"clean_attention": "block_causal", "adapter": "none", "adapter_rank": None, "adapter_alpha": None}
+_OPTIONAL_DEFAULTS = {
+    "clean_attention": "block_causal", "adapter": "none", "adapter_rank": None, "adapter_alpha": None,
+    "noise_kind": "absorbing",
+}
 
 
 def _is_int(value) -> bool:
@@ -44,6 +49,7 @@ class BlockDiffusionSpec:
     adapter: str = "none"  # none, or gated_lora: a LoRA only noisy rows use (modeling/adapter.py, adapter.safetensors)
     adapter_rank: int | None = None  # gated_lora: rank r
     adapter_alpha: float | None = None  # gated_lora: the delta is scaled by adapter_alpha / adapter_rank
+    noise_kind: str = "absorbing"  # absorbing (mask) or uniform (random-token) noise inside a block (core/uniform.py)
 
     def __post_init__(self):
         if not _is_int(self.mask_token_id) or self.mask_token_id < 0:
@@ -65,6 +71,8 @@ class BlockDiffusionSpec:
             raise UsageError(
                 f"clean_attention must be one of {list(CLEAN_ATTENTION_CHOICES)}, got {self.clean_attention!r}"
             )
+        if self.noise_kind not in NOISE_KIND_CHOICES:
+            raise UsageError(f"noise_kind must be one of {list(NOISE_KIND_CHOICES)}, got {self.noise_kind!r}")
         if self.adapter not in ADAPTER_CHOICES:
             raise UsageError(f"adapter must be one of {list(ADAPTER_CHOICES)}, got {self.adapter!r}")
         if self.adapter == "gated_lora":

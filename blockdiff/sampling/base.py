@@ -11,6 +11,10 @@ sample`` flags and sweep keys through ``registry.py``), ``__post_init__`` holds 
 ``from_config`` builds it from a generation config. One is built per ``generate`` call and serves every block,
 so ``step`` must keep no state between calls.
 
+Under uniform (random-token) noise (``spec.noise_kind == "uniform"``) there is no mask to reveal: the block starts
+as random tokens and a sampler that sets ``rewrites`` implements ``rewrite`` instead of ``step``: at each step it
+may write *any* generated position of the block, including one it wrote before (``rewrite.py`` is that loop).
+
 Shape legend: ``b`` batch, ``l`` block length, ``v`` vocab.
 """
 
@@ -22,7 +26,10 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["BlockState", "StepResult", "Sampler", "Generators", "knob", "reveal", "top_confident", "uniform"]
+__all__ = [
+    "BlockState", "StepResult", "RewriteState", "RewriteResult", "Sampler", "Generators", "knob", "reveal",
+    "top_confident", "uniform",
+]
 
 # One generator for the whole batch, or one per sample (then a sample's random stream, and so its text,
 # does not depend on which other prompts share its batch).
@@ -47,6 +54,25 @@ class StepResult:
     remasked: torch.Tensor  # (b, l) bool: committed positions re-opened at this step
 
 
+@dataclass
+class RewriteState:
+    """The current block under uniform noise: every editable position holds a token (random until written)."""
+
+    tokens: torch.Tensor  # (b, l) current block
+    written: torch.Tensor  # (b, l) bool: positions the sampler has written (the rest still hold their noise)
+    editable: torch.Tensor  # (b, l) bool: positions the model generates (not the prompt, not past max_new_tokens)
+    step: int  # 0-based step within this block
+    num_steps: int  # the block's step budget (steps_per_block)
+    mask_token_id: int  # never a class of the uniform process (the posterior gives it no mass)
+
+
+@dataclass
+class RewriteResult:
+    tokens: torch.Tensor  # (b, l) the block after this step
+    written: torch.Tensor  # (b, l) bool: positions written so far (this step included)
+    done: torch.Tensor  # (b,) bool: the block of this sample is final
+
+
 def knob(default: Any, doc: str):
     """A sampler setting: a dataclass field with a default and a one-line ``doc`` (the help of its CLI flag)."""
     return dataclasses.field(default=default, metadata={"knob": doc})
@@ -58,6 +84,7 @@ class Sampler:
 
     name: ClassVar[str]
     needs_probs: ClassVar[bool] = False  # whether ``step`` reads ``probs`` (the block loop skips them otherwise)
+    rewrites: ClassVar[bool] = False  # implements ``rewrite``: usable with uniform-noise models
 
     @classmethod
     def from_config(cls, config, schedule=None) -> "Sampler":
@@ -76,6 +103,14 @@ class Sampler:
         """One step. ``tokens``/``confidence`` (b, l): a proposal for every position (from ``choose_tokens``);
         ``probs`` (b, l, v): the model's distribution there, for samplers that need more than the proposal (passed
         only to those that set ``needs_probs``; zero at unmasked positions)."""
+        raise NotImplementedError
+
+    def rewrite(
+        self, tokens: torch.Tensor, confidence: torch.Tensor, probs: torch.Tensor, state: RewriteState,
+        generator: Generators,
+    ) -> RewriteResult:
+        """One step under uniform noise (only samplers with ``rewrites``). ``tokens``/``confidence`` (b, l): a
+        proposal at every editable position; ``probs`` (b, l, v): the tempered, filtered distribution there."""
         raise NotImplementedError
 
 

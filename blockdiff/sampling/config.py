@@ -117,6 +117,9 @@ class BlockDiffusionGenerationConfig(GenerationConfig):
             raise UsageError(
                 f"window={self.window!r} must be a multiple of block_length={block_length} and at least two blocks"
             )
+        for key in ("block_beams", "beam_width", "beam_score_draws"):
+            if not _is_int(getattr(self, key)) or getattr(self, key) < 1:
+                raise UsageError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
         check_knobs(self, schedule)  # each sampler's own checks, on its knobs
 
     def unsupported_settings(self) -> list[str]:

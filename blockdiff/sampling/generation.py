@@ -55,9 +55,10 @@ from blockdiff.sampling.grid import (
 )
 from blockdiff.sampling.logits import choose_rows
 from blockdiff.sampling.outputs import GenerationOutput, StepEvent
-from blockdiff.sampling.registry import make_sampler
+from blockdiff.sampling.registry import make_sampler, sampler_class, sampler_names
+from blockdiff.sampling.rewrite import denoise_uniform_block
 
-__all__ = ["GenerationOutput", "StepEvent", "generate"]
+__all__ = ["GenerationOutput", "StepEvent", "generate", "beam_generate"]
 
 
 @torch.no_grad()
@@ -82,9 +83,17 @@ def generate(
     schedule = make_schedule(model.spec.schedule)  # DDPM follows the trained alpha(t)
     config.check(model.block_length, schedule)
     sampler = make_sampler(config, schedule)  # one sampler for every block of this call
+    if model.spec.noise_kind == "uniform" and not sampler.rewrites:
+        usable = [n for n in sampler_names() if sampler_class(n).rewrites]
+        raise UsageError(
+            f"sampler={config.sampler!r} reveals mask tokens, but this model was trained with uniform noise "
+            f"(noise.kind=uniform: no mask to reveal); use sampler= one of {usable}"
+        )
     copies = config.num_return_sequences or 1
     prompts = [p for p in prompts for _ in range(copies)]
     window, eos_ids, pad_id = _check_inputs(model, prompts, config, streamer)
+    if config.block_beams > 1 or config.beam_width > 1:
+        return _beams(model, prompts, config, sampler, generator, window, eos_ids, pad_id, streamer, copies)
     stops = config.stop_string_list() if config.stop_strings is not None else []
     if stops and tokenizer is None:
         raise UsageError("stop_strings needs the tokenizer to read the text: pass tokenizer=... (as in transformers)")
@@ -118,6 +127,37 @@ def generate(
     if streamer is not None:
         streamer.end()
     return _output(st, prompts, pad_id)
+
+
+def _beams(model, prompts, config, sampler, generator, window, eos_ids, pad_id, streamer, copies, scorer=None,
+           observer=None) -> GenerationOutput:
+    """Block beam search (``beams.py``) with this module's block denoiser; what it does not support is refused."""
+    from blockdiff.sampling.beams import beam_search
+
+    if streamer is not None or config.stop_strings is not None or copies > 1 or config.min_new_tokens:
+        raise UsageError(
+            "block beam search (block_beams > 1 or beam_width > 1) returns one sequence per prompt and supports no "
+            "streamer, stop_strings, num_return_sequences or min_new_tokens; remove them or set block_beams=1 "
+            "beam_width=1"
+        )
+    if isinstance(generator, list) and len(generator) != len(prompts):
+        raise UsageError(f"got {len(generator)} generators for {len(prompts)} prompts; pass one per prompt or one")
+    device = next(model.parameters()).device
+    if generator is None and config.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    return beam_search(model, prompts, config, sampler, _denoise_block, generator, window, eos_ids, pad_id, scorer,
+                       observer)
+
+
+def beam_generate(model, prompts: list[list[int]], config: BlockDiffusionGenerationConfig, generator=None,
+                  scorer=None, observer=None) -> GenerationOutput:
+    """Block beam search with an explicit ``scorer`` (AR next-token logits, e.g. ``scoring.causal_lm_logits(base)``)
+    and a ``BeamEvent`` ``observer``; ``model.generate(..., block_beams=N)`` is this without them."""
+    schedule = make_schedule(model.spec.schedule)
+    config.check(model.block_length, schedule)
+    sampler = make_sampler(config, schedule)
+    window, eos_ids, pad_id = _check_inputs(model, prompts, config, None)
+    return _beams(model, prompts, config, sampler, generator, window, eos_ids, pad_id, None, 1, scorer, observer)
 
 
 def _check_inputs(model, prompts, config, streamer) -> tuple[int | None, set[int], int]:
@@ -174,12 +214,16 @@ def _denoise_block(
     if config.min_new_tokens and len(eos_cols):
         no_eos = offset < config.min_new_tokens
     temperature = 0.0 if config.do_sample is False else (config.temperature or 0.0)  # do_sample=False: greedy
+    if isinstance(generator, list):  # per-sample generators of the samples still in the batch
+        generator = [generator[i] for i in st.active]
+    if model.spec.noise_kind == "uniform":  # random tokens, no mask: the sampler may rewrite any position
+        return denoise_uniform_block(
+            model, st, start, config, sampler, generator, observer, in_gen, after_prompt, no_eos, eos_cols, temperature
+        )
     tokens = st.cols[act, start:].masked_fill(after_prompt, mask_id)  # (b, l): prompt tail, then masks
     num_steps = config.steps_per_block or l
     state = BlockState(tokens, in_gen.clone(), in_gen, torch.ones(tokens.shape, device=device), 0, num_steps)
     hard_cap = num_steps + 2 * l  # samplers finish sooner; the cap guards bugs
-    if isinstance(generator, list):  # per-sample generators of the samples still in the batch
-        generator = [generator[i] for i in st.active]
     need_probs = sampler.needs_probs
     logits, changed = None, True
     while state.masked.any():
@@ -317,4 +361,5 @@ def _output(st: _State, prompts, pad_id: int) -> GenerationOutput:
         max_cache_length=st.max_cache,
         sample_nfe=st.sample_nfe.clone(),
         stop_reasons=reasons,
+        rewrites=st.rewrites,
     )

@@ -34,6 +34,7 @@ class _State:
     processed: int = 0
     max_cache: int = 0
     sample_nfe: torch.Tensor | None = None  # (B,) forwards that denoised each sample
+    rewrites: int = 0  # uniform noise: written tokens later replaced by another (``rewrite.py``)
     masks: dict = field(default_factory=dict)  # the attention masks of the current block's forwards, by shape
     final_length: dict[int, int] = field(default_factory=dict)  # new tokens kept, per finished sample
     stop_reason: dict[int, str] = field(default_factory=dict)

@@ -21,7 +21,7 @@ import torch
 
 from blockdiff.sampling.base import uniform
 
-__all__ = ["filter_logits", "choose_tokens", "choose_rows"]
+__all__ = ["filter_logits", "choose_tokens", "choose_rows", "inverse_cdf"]
 
 _NUCLEUS_WIDTHS = (256, 4096)  # candidates tried for the nucleus before sorting the whole vocabulary
 _CHUNK = 256  # tokens per chunk of the two-level inverse CDF
@@ -99,6 +99,9 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     ids = chunk[:, None] * _CHUNK + torch.arange(_CHUNK, device=weights.device)  # (r, C)
     inner = weights.gather(-1, ids.clamp(max=n - 1)).to(torch.float64).masked_fill(ids >= n, 0.0)  # (r, C)
     return chunk * _CHUNK + _search(inner.cumsum(-1), inner, x)
+
+
+inverse_cdf = _inverse_cdf  # the public name (the uniform-noise ancestral sampler draws from its posterior with it)
 
 
 def _search(cdf: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ class GenerationOutput:
     max_cache_length: int = 0  # largest KV cache (in tokens) held during generation
     sample_nfe: torch.Tensor | None = None  # (b,) forwards that denoised each sample (its cost alone)
     stop_reasons: list[str] | None = None  # per sample: "eos", "stop_string", "max_new_tokens" or "cancelled"
+    rewrites: int = 0  # uniform noise: tokens the sampler wrote and later replaced by another (0 under absorbing)
 
     def new_tokens(self, i: int) -> list[int]:
         """The generated tokens of sample ``i`` (prompt excluded)."""

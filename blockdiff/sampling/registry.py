@@ -47,6 +47,9 @@ GENERAL = {
     "window": None,  # sliding-window size in tokens (default: the training context); must be >= 2 blocks
     "use_cache": True,  # block KV cache over finished blocks (False recomputes the whole prefix)
     "reuse_predictions": True,  # skip the forward when no token of the block changed
+    "block_beams": 1,  # block beam search: candidate blocks drawn per kept beam at every block (beams.py)
+    "beam_width": 1,  # block beam search: beams kept after scoring each block (the k best)
+    "beam_score_draws": 2,  # block beam search without an AR scorer: noise draws of each candidate's block NELBO
     "seed": None,  # seed for a fresh generator when none is passed
 }
 _HEAD = ("sampler", "steps_per_block")

@@ -63,7 +63,7 @@ def quality_vs_nfe(samples: list[dict], path: Path) -> Path:
     for s in samples:
         if s["gen_nll"] is not None:
             key = (s["sampler"], s["variant"], s["block_length"], s["sample_block_length"])
-            points[key].append((s["nfe_per_token"], s["gen_nll"]))
+            points[key].append((s.get("row_forwards_per_token", s["nfe_per_token"]), s["gen_nll"]))
     by_sampler = defaultdict(list)
     for (sampler, var, l, sl), pts in points.items():
         nfe, _ = _mean_sd([p[0] for p in pts])
@@ -80,7 +80,7 @@ def quality_vs_nfe(samples: list[dict], path: Path) -> Path:
         ax.plot([p[0] for p in front], [p[1] for p in front], color=sc.get_facecolor()[0], linewidth=1)
         for nfe, nll, sl in pts:
             ax.annotate(f"{sl}", (nfe, nll), fontsize=6, xytext=(2, 2), textcoords="offset points")
-    ax.set_xlabel("network forwards per generated token (NFE/token)")
+    ax.set_xlabel("row forwards per generated token (NFE/token; beam search counts every candidate row)")
     ax.set_ylabel("sample NLL under the AR reference (nats/token)")
     ax.set_title("quality vs NFE (labels: sampling block length)", fontsize=9)
     ax.legend(fontsize=8)

@@ -49,8 +49,13 @@ def load_summaries(root: str | Path) -> list[dict]:
 
 
 def variant(run: dict) -> str:
-    """What was trained, ignoring block length and seed: the schedule / objective label of a run."""
-    s = run["settings"]
+    """What was trained, ignoring block length and seed: the schedule / objective label of a run (``uniform noise,
+    ...`` under ``noise.kind=uniform``; the context ``L=...`` is prefixed by ``_rows`` when runs differ in it)."""
+    label = _objective(run["settings"])
+    return "uniform noise, " + label if run["settings"].get("noise_kind", "absorbing") == "uniform" else label
+
+
+def _objective(s: dict) -> str:
     if s["block_length_mixture"]:
         return "mixture " + "/".join(f"{k}:{v:g}" for k, v in s["block_length_mixture"].items())
     if s["clip_search"] == "apply":
@@ -63,13 +68,15 @@ def variant(run: dict) -> str:
 def sampler_label(record: dict) -> str:
     """``threshold tau=0.9``, ``fixed 2/step``, ``first_hitting``: the sampler and the knob that sets its NFE."""
     name = record["sampler"]
+    beams = "block_beams" in record  # a beam setting, 1x1 (plain sampling through the beam loop) included
+    tail = f", beams {record.get('block_beams', 1)}x{record.get('beam_width', 1)}" if beams else ""
     if name == "threshold":
-        return f"threshold tau={record.get('tau', 0.9):g}"
+        return f"threshold tau={record.get('tau', 0.9):g}{tail}"
     if name == "fixed" and record.get("tokens_per_step"):
-        return f"fixed {record['tokens_per_step']}/step"
+        return f"fixed {record['tokens_per_step']}/step{tail}"
     if record.get("steps_per_block"):
-        return f"{name} {record['steps_per_block']} steps/block"
-    return name
+        return f"{name} {record['steps_per_block']} steps/block{tail}"
+    return name + tail
 
 
 def mean_sd(values: list[float]) -> tuple[float, float, int]:
@@ -108,9 +115,11 @@ def _native(run: dict) -> dict:
 
 def _rows(runs: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
     results, evals, samples = [], [], []
+    contexts = len({r["settings"]["max_seq_len"] for r in runs}) > 1
     for r in runs:
         s, native, clip = r["settings"], _native(r), r.get("clip") or {}
-        base = {"sweep": r["sweep"], "run": r["name"], "variant": variant(r), "block_length": s["block_length"],
+        label = f"L={s['max_seq_len']} {variant(r)}" if contexts else variant(r)
+        base = {"sweep": r["sweep"], "run": r["name"], "variant": label, "block_length": s["block_length"],
                 "seed": s["seed"], "max_seq_len": s["max_seq_len"]}
         full = next((v for b, o, v in clip.get("windows", []) if (b, o) == (0.0, 1.0)), None)
         results.append({**base, "steps": r["train"]["steps"], "tokens": r["train"]["tokens"],
@@ -124,6 +133,9 @@ def _rows(runs: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
             samples.append({**base, "sampler": sampler_label(smp), "tau": smp.get("tau"),
                             "tokens_per_step": smp.get("tokens_per_step"),
                             "sample_block_length": smp["block_length"], "nfe_per_token": smp["nfe_per_token"],
+                            "row_forwards_per_token": smp.get("row_forwards_per_token", smp["nfe_per_token"]),
+                            "rewrites_per_token": smp.get("rewrites_per_token", 0.0),
+                            "seconds_per_token": smp.get("seconds_per_token"),
                             "gen_nll": smp.get("gen_nll"), "entropy": smp["entropy"], "example": smp["example"]})
     return results, evals, samples
 
@@ -174,8 +186,9 @@ def report(root: str | Path, console=None, checks: Sequence[Check] = ()) -> list
                   _pm([r["bpb"] for r in rows])]
                  for (var, l, el), rows in group_rows(evals, ("variant", "block_length", "eval_block_length")).items()]
     sample_rows = [[var, l, smp, sl, len(rows),
-                    _pm([r["nfe_per_token"] for r in rows], 3), _pm([r["gen_nll"] for r in rows], 3),
-                    _pm([r["entropy"] for r in rows], 2)]
+                    _pm([r["nfe_per_token"] for r in rows], 3), _pm([r["row_forwards_per_token"] for r in rows], 2),
+                    _pm([r["gen_nll"] for r in rows], 3), _pm([r["entropy"] for r in rows], 2),
+                    _pm([r["rewrites_per_token"] for r in rows], 3)]
                    for (var, l, smp, sl), rows in group_rows(
                        samples, ("variant", "block_length", "sampler", "sample_block_length")).items()]
     lines = [check(results) for check in checks]
@@ -187,7 +200,8 @@ def report(root: str | Path, console=None, checks: Sequence[Check] = ()) -> list
     if sample_rows:
         md += ["", "## Sampling: NFE per token and quality (AR NLL of the samples under the reference run)", "",
                _md_table(["variant", "L' (train)", "sampler", "L' (sample)", "seeds", "NFE/token",
-                          "gen NLL (nats/tok)", "unigram entropy (bits)"], sample_rows)]
+                          "row forwards/token", "gen NLL (nats/tok)", "unigram entropy (bits)", "rewrites/token"],
+                         sample_rows)]
     plots = _plots(root, runs, results, evals, samples)
     if plots:
         md += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]

@@ -37,6 +37,9 @@ __all__ = ["run_sweep", "run_one", "changed_runs"]
 DEFAULT_PROMPTS = ["ROMEO.\n", "JULIET.\n", "HAMLET.\n", "KING LEAR.\n"]
 
 
+ERROR_FILE = "error.txt"  # written into a run directory when its run failed; removed when it is tried again
+
+
 def _selected(sweep: Sweep, only: list[str] | None) -> list[Run]:
     todo = [r for r in sweep.runs if only is None or r.name in only]
     if only:
@@ -90,13 +93,14 @@ def run_sweep(
         failed = []
         for i, run in enumerate(todo):
             log(f"[{i + 1}/{len(todo)}] {run.name}")
+            (run.run_dir / ERROR_FILE).unlink(missing_ok=True)  # a failed run's note: it is tried again
             try:
                 run_one(sweep, run)
             except Exception:  # noqa: BLE001 - one failed run must not stop the sweep
                 failed.append(run.name)
                 run.run_dir.mkdir(parents=True, exist_ok=True)
-                (run.run_dir / "error.txt").write_text(traceback.format_exc())
-                log(f"FAILED {run.name}: see {run.run_dir / 'error.txt'}")
+                (run.run_dir / ERROR_FILE).write_text(traceback.format_exc())
+                log(f"FAILED {run.name}: see {run.run_dir / ERROR_FILE}")
         return failed
     return _run_subprocesses(sweep, todo, parallel, log)
 
@@ -150,6 +154,7 @@ def run_one(sweep: Sweep, run: Run) -> dict:
             "block_length": cfg.model.block_length,
             "block_length_mixture": {str(k): v for k, v in cfg.model.block_length_mixture.items()},
             "schedule": getattr(cfg.noise.schedule, "value", cfg.noise.schedule),
+            "noise_kind": getattr(cfg.noise.kind, "value", cfg.noise.kind),
             "beta": cfg.noise.beta,
             "omega": cfg.noise.omega,
             "clip_search": getattr(cfg.noise.clip_search, "value", cfg.noise.clip_search),
@@ -261,6 +266,7 @@ def _sample(sweep: Sweep, loaded, setting: dict) -> dict:
     model = loaded.model.with_block_length(l)  # the same network, maybe generating with another block length
     prompts = sweep.sample.get("prompts", DEFAULT_PROMPTS)
     n_new = int(sweep.sample.get("max_new_tokens", 48))
+    start = time.perf_counter()
     gens = sample_each(  # one prompt at a time: a batch's NFE is that of its slowest row
         model,
         loaded.tokenizer,
@@ -271,6 +277,7 @@ def _sample(sweep: Sweep, loaded, setting: dict) -> dict:
         temperature=float(sweep.sample.get("temperature", 1.0)),
         **setting,
     )
+    seconds = time.perf_counter() - start
     nfe = sum(gens.nfes) / len(gens.nfes)
     record = {
         "sampler": setting.get("sampler", model.generation_config.sampler),
@@ -280,6 +287,9 @@ def _sample(sweep: Sweep, loaded, setting: dict) -> dict:
         "nfe": nfe,
         "new_tokens": n_new,
         "nfe_per_token": nfe / n_new,
+        "seconds_per_token": seconds / (n_new * len(prompts)),  # wall time: a record of this machine, not a metric
+        "rewrites_per_token": sum(gens.rewrites) / max(1, gens.produced),  # uniform noise: corrected tokens
+        "row_forwards_per_token": sum(gens.row_forwards) / max(1, gens.produced),  # compute (beams: x candidates)
         "entropy": sum(unigram_entropy(t, base=2) for t in gens.tokens) / len(gens.tokens),  # bits
         "example": prompts[0] + gens.texts[0],
     }
@@ -291,7 +301,7 @@ def _sample(sweep: Sweep, loaded, setting: dict) -> dict:
 def _score(ref, prompts: list[str], texts: list[str]) -> float:
     """Nats per token of the continuations under a block-length-1 reference model (exact AR NLL: every
     position masked, t = 1, so the NELBO is the causal cross-entropy), continuation positions only; text past
-    the reference's training context is cut off."""
+    the reference's training context is scored in sliding windows of that context (``continuation_nll``)."""
     from blockdiff.evaluation.scoring import block_diffusion_ar_logits, continuation_nll
     from blockdiff.sampling.text import encode_prompts
 
@@ -300,10 +310,10 @@ def _score(ref, prompts: list[str], texts: list[str]) -> float:
     nll, count = 0.0, 0
     for prompt, text in zip(prompts, texts):
         head = encode_prompts(ref.tokenizer, [prompt])[0]
-        ids = encode_prompts(ref.tokenizer, [prompt + text])[0][:limit]
+        ids = encode_prompts(ref.tokenizer, [prompt + text])[0]
         if len(ids) <= len(head):
             continue
-        total, n = continuation_nll(scorer, ids[: len(head)], ids[len(head) :], device=ref.model.device)
+        total, n = continuation_nll(scorer, ids[: len(head)], ids[len(head) :], context=limit, device=ref.model.device)
         nll += total
         count += n
     return nll / count if count else float("nan")

@@ -46,7 +46,10 @@ __all__ = ["Sweep", "Run", "load_sweep", "expand_grid", "run_name", "config_chan
            "SAMPLE_KEYS"]
 
 SUMMARY_FILE = "summary.json"
-SAMPLE_KEYS = WithKnobs("sampler", "steps_per_block", "temperature", "top_k", "top_p", "block_length")  # + knobs
+SAMPLE_KEYS = WithKnobs(  # + knobs
+    "sampler", "steps_per_block", "temperature", "top_k", "top_p", "block_length", "block_beams", "beam_width",
+    "beam_score_draws",
+)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from blockdiff.config import Adapter, CleanAttention, Config, ConfigError, Family, ModelConfig
+from blockdiff.config import Adapter, CleanAttention, Config, ConfigError, Family, ModelConfig, NoiseKind
 from blockdiff.modeling.io import load_model_dir
 from blockdiff.modeling.model import BlockDiffusionLM
 from blockdiff.modeling.model_files import read_json_file
@@ -60,6 +60,7 @@ def build_model(cfg: Config, docs, tokenizer=None, progress: bool = False) -> tu
         adapter=Adapter(cfg.model.adapter).value,
         adapter_rank=cfg.model.adapter_rank if gated else None,
         adapter_alpha=float(cfg.model.adapter_alpha) if gated else None,
+        noise_kind=NoiseKind(cfg.noise.kind).value,
     )
     if gated:  # the decoder is the frozen verifier: only the adapter (attached by BlockDiffusionLM) trains
         backbone.requires_grad_(False)

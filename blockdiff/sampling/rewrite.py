@@ -1,0 +1,113 @@
+"""The denoising loop of one block under uniform (random-token) noise (``spec.noise_kind == "uniform"``).
+
+```
+block = prompt tail + random tokens             # the uniform prior: no mask token anywhere
+repeat until the sampler says the block is final:
+    logits = net(block, past=cache)             # the same cached forward as under absorbing noise
+    block  = sampler.rewrite(proposal, probs)   # may write any generated position, a written one included
+```
+
+The cache is the one ``generation.py`` keeps (``grid._block_rows``): read-only while the block is denoised, written
+once it is final, so cached == uncached holds as under absorbing noise. ``reuse_predictions`` is valid here too
+(the network has no time input): a step that changed no token keeps the last logits.
+
+Counting: ``st.rewrites`` adds, per step, the positions that already held a token the sampler had written and now
+hold another one (a corrected token); ``GenerationOutput.rewrites`` reports the sum.
+
+Shape legend: ``b`` active batch, ``l`` block length, ``r`` editable positions, ``v`` vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from blockdiff.sampling.base import RewriteResult, RewriteState, Sampler, uniform
+from blockdiff.sampling.grid import _block_rows, _State
+from blockdiff.sampling.logits import choose_rows, filter_logits
+from blockdiff.sampling.outputs import StepEvent
+
+__all__ = ["denoise_uniform_block", "noise_tokens"]
+
+
+def noise_tokens(shape, vocab_size: int, mask_token_id: int, generator, device, rows=None) -> torch.Tensor:
+    """Tokens uniform over the ``vocab_size - 1`` non-mask ids, one ``U[0, 1)`` each (per-sample generators honoured,
+    as ``base.uniform``): ``shape`` long tensor."""
+    r = (uniform(shape, generator, device, rows=rows) * (vocab_size - 1)).long().clamp(max=vocab_size - 2)
+    return r + (r >= mask_token_id).long()
+
+
+def denoise_uniform_block(
+    model, st: _State, start: int, config, sampler: Sampler, generator, observer, in_gen: torch.Tensor,
+    after_prompt: torch.Tensor, no_eos: torch.Tensor | None, eos_cols: torch.Tensor, temperature: float,
+) -> torch.Tensor:
+    """Denoise the block at columns ``[start, start + l)`` of the active samples; returns its tokens (b, l).
+    ``in_gen`` (b, l): the positions to generate; ``after_prompt``: those that start as noise (``in_gen`` plus the
+    ones past ``max_new_tokens``, which stay noise)."""
+    l, device = model.block_length, st.cols.device
+    act = torch.tensor(st.active, device=device)
+    noise = noise_tokens(after_prompt.shape, model.vocab_size, model.mask_token_id, generator, device)  # (b, l)
+    tokens = torch.where(after_prompt, noise, st.cols[act, start:])  # (b, l)
+    num_steps = config.steps_per_block or l
+    state = RewriteState(tokens, torch.zeros_like(in_gen), in_gen, 0, num_steps, model.mask_token_id)
+    done = ~in_gen.any(-1)  # (b,)
+    hard_cap = num_steps + 2 * l  # samplers finish sooner; the cap guards bugs
+    logits, changed = None, True
+    while not bool(done.all()):
+        ran = logits is None or changed or not config.reuse_predictions
+        if ran:
+            st.cols[act, start:] = state.tokens
+            st.sample_nfe[act[~done].cpu()] += 1
+            rows = _block_rows(model, st, start, start + l, config.use_cache)  # (b, l, d)
+            logits = model.logits(rows[in_gen])  # (r, v)
+            if no_eos is not None:
+                logits[:, eos_cols] = logits[:, eos_cols].masked_fill(no_eos[in_gen][:, None], float("-inf"))
+        proposal, conf, probs = _choose_all(logits, in_gen, ~done, temperature, config, generator)
+        if state.step < hard_cap:
+            result = sampler.rewrite(proposal, conf, probs, state, generator)
+        else:  # write every unwritten position (only reached if a sampler fails to finish)
+            tokens = torch.where(state.written, state.tokens, proposal)
+            result = RewriteResult(tokens, in_gen.clone(), torch.ones_like(done))
+        new = torch.where(done[:, None], state.tokens, result.tokens)  # a final block never changes
+        rewritten = state.written & (new != state.tokens)  # (b, l)
+        st.rewrites += int(rewritten.sum())
+        changed = bool((new != state.tokens).any())
+        newly = result.written & ~state.written & ~done[:, None]
+        state = RewriteState(new, state.written | (result.written & ~done[:, None]), in_gen, state.step + 1,
+                             num_steps, model.mask_token_id)
+        done = done | result.done
+        if observer is not None:
+            observer(_event(st, start, state, newly, rewritten, ran, bool(done.all())))
+    return state.tokens
+
+
+def _choose_all(logits, in_gen, rows, temperature: float, config, generator):
+    """``(proposal (b, l), confidence (b, l), probs (b, l, v))`` at the editable positions: a token drawn from the
+    tempered, filtered distribution with the model's own confidence in it (as ``generation._choose``), and that
+    distribution itself (one-hot of the argmax when greedy) for samplers that draw from a posterior."""
+    u = None
+    if temperature != 0:
+        u = uniform(in_gen.shape, generator, in_gen.device, rows=rows)[in_gen]  # (r,)
+    tokens, confidence, _ = choose_rows(logits, u, temperature, config.top_k, config.top_p, need_probs=False)
+    if temperature == 0:
+        dist = torch.zeros_like(logits).scatter_(-1, tokens[:, None], 1.0)  # (r, v)
+    else:
+        dist = filter_logits(logits / temperature, config.top_k, config.top_p).softmax(-1)  # (r, v)
+    proposal = torch.zeros(in_gen.shape, dtype=torch.long, device=in_gen.device).masked_scatter(in_gen, tokens)
+    conf = torch.zeros(in_gen.shape, device=in_gen.device).masked_scatter(in_gen, confidence)
+    probs = dist.new_zeros((*in_gen.shape, dist.shape[-1]))  # (b, l, v)
+    probs[in_gen] = dist
+    return proposal, conf, probs
+
+
+def _event(st: _State, start: int, state: RewriteState, newly, rewritten, ran: bool, finished: bool) -> StepEvent:
+    """A ``StepEvent``: ``revealed`` the positions written for the first time, ``remasked`` the rewritten ones."""
+    offsets = [start - int(st.first_valid[i]) for i in st.active]
+
+    def positions(mask):
+        return [[off + j for j in torch.nonzero(row).flatten().tolist()] for row, off in zip(mask, offsets)]
+
+    return StepEvent(
+        block=start // state.tokens.shape[1], step=state.step, samples=list(st.active), block_start=offsets,
+        tokens=state.tokens.tolist(), revealed=positions(newly), remasked=positions(rewritten),
+        confidence=[[] for _ in offsets], forward=ran, finished=finished,
+    )
