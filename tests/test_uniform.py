@@ -295,3 +295,21 @@ def test_config_key_reaches_the_spec_and_the_adapter_is_refused(tmp_path):
         load_config([], ["noise.kind=uniform", "model.adapter=gated_lora", "model.clean_attention=causal"])
     with pytest.raises(UsageError, match="noise_kind"):
         BlockDiffusionSpec(MASK_ID, 4, noise_kind="gaussian")
+
+
+def test_uniform_loss_by_position_splits_the_same_estimate():
+    """``reduction="position"`` under uniform noise: the same noise as the plain loss, split by in-block position
+    (the parts add up to the loss; every position is scored)."""
+    n, l, b = 16, 4, 3
+    model = uniform_model(block_length=l, max_seq_len=n)
+    x0 = random_tokens(b, n)
+
+    def loss(**kw):
+        with torch.no_grad():
+            return block_diffusion_loss(model, x0, LogLinearSchedule(), (0.2, 1.0),
+                                        generator=torch.Generator().manual_seed(3), **kw)
+
+    plain, split = loss(), loss(reduction="position")
+    torch.testing.assert_close(split.loss, plain.loss)
+    torch.testing.assert_close(split.per_position.sum() / split.position_tokens.sum(), plain.loss)
+    assert split.position_tokens.tolist() == [b * n // l] * l
