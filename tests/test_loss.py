@@ -370,14 +370,8 @@ def test_logit_shift_never_noises_position_0(logit_shift):
 
 
 # -- h. the NELBO split by position inside the block (blockdiff plot) -------------------------------------------
-@pytest.mark.parametrize("logit_shift", [False, True])
-def test_nelbo_by_position_splits_the_same_estimate(logit_shift):
-    """``reduction="position"`` draws the same noise as the plain loss and splits its sum by in-block position: the
-    parts add up to the loss, each position's count is the predicted tokens there, and a hand loop over the
-    per-token terms gives each part."""
-    n, l, b = 16, 4, 3
-    model = tiny_model(block_length=l, logit_shift=logit_shift, max_seq_len=n)
-    x0 = random_tokens(b, n)
+def check_position_split(model, x0):
+    """The loss with ``reduction="position"`` (same seed as the plain one): same loss, parts adding up to it."""
     def loss(**kw):
         with torch.no_grad():
             return block_diffusion_loss(model, x0, LogLinearSchedule(), (0.2, 1.0),
@@ -386,6 +380,18 @@ def test_nelbo_by_position_splits_the_same_estimate(logit_shift):
     plain, split = loss(), loss(reduction="position")
     torch.testing.assert_close(split.loss, plain.loss)
     torch.testing.assert_close(split.per_position.sum() / split.position_tokens.sum(), plain.loss)
+    return split
+
+
+@pytest.mark.parametrize("logit_shift", [False, True])
+def test_nelbo_by_position_splits_the_same_estimate(logit_shift):
+    """``reduction="position"`` draws the same noise as the plain loss and splits its sum by in-block position: the
+    parts add up to the loss, each position's count is the predicted tokens there, and a hand loop over the
+    per-token terms gives each part."""
+    n, l, b = 16, 4, 3
+    model = tiny_model(block_length=l, logit_shift=logit_shift, max_seq_len=n)
+    x0 = random_tokens(b, n)
+    split = check_position_split(model, x0)
     expected_counts = [b * n // l - (b if logit_shift and j == 0 else 0) for j in range(l)]
     assert split.position_tokens.tolist() == expected_counts
     # by hand: per-token weighted NLL from a per-token reduction of the same logits
