@@ -42,9 +42,11 @@ class Shown:
 
 
 def run(args) -> None:
-    """Train a small block diffuser on the offline Shakespeare corpus for a few minutes (started from a short AR run,
-    next to an AR model trained as long), then print samples of both side by side, their forwards and held-out
-    bounds, and write a page that replays the block diffuser's sample.
+    """Train a small block diffuser from a short AR run on the offline Shakespeare corpus, next to the AR model.
+
+    A few minutes in all: the AR run, the block diffuser started from it, and the AR model trained as long; then
+    samples of both side by side, their forwards and held-out bounds, and a page that replays the block diffuser's
+    sample.
 
     Writes runs/demo (trainer.out_dir; the AR model in runs/demo-ar, the trace and page next to them); an earlier
     demo there is replaced only with --overwrite.
