@@ -234,6 +234,23 @@ def exact_joint(verifier, prompt, tokens: int, vocab: int, **settings) -> dict[t
     return joint
 
 
+def assert_sampled_joint(pair, prompt, joint, n, check_base=True, **settings) -> dict[tuple, int]:
+    """Run ``speculative_generate(*pair, prompt)`` with seeds 0..n-1 for as many tokens as ``joint``'s keys hold; the
+    runs stay inside the exact ``joint``'s support and their empirical joint within its L1 bound. The counts."""
+    tokens = len(next(iter(joint)))
+    support = {k for k, v in joint.items() if v > 0}
+    counts: dict[tuple, int] = {}
+    for seed in range(n):
+        out = speculative_generate(*pair, prompt, max_new_tokens=tokens, check_base=check_base,
+                                   generator=torch.Generator().manual_seed(seed), **settings)
+        key = tuple(out.new_tokens(0))
+        counts[key] = counts.get(key, 0) + 1
+    assert set(counts) <= support, "a token the verifier's top-k / top-p never allows"
+    l1 = sum(abs(counts.get(k, 0) / n - joint[k]) for k in support)
+    assert l1 < l1_bound(len(support), n), (l1, l1_bound(len(support), n))
+    return counts
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("settings,tokens", [
     (dict(temperature=1.0), 2),
@@ -249,16 +266,7 @@ def test_sampling_keeps_the_verifiers_distribution(settings, tokens):
     verifier = ar_model(vocab=vocab, seed=3, std=0.6, layers=1)
     drafter = BlockDrafter(random_drafter(vocab=vocab, seed=4, mask=vocab - 1, block_length=4, layers=1))
     joint = exact_joint(verifier, prompt, tokens, vocab, **settings)
-    support = {k for k, v in joint.items() if v > 0}
-    counts: dict[tuple, int] = {}
-    for seed in range(n):
-        out = speculative_generate(verifier, drafter, prompt, max_new_tokens=tokens, check_base=False,
-                                   generator=torch.Generator().manual_seed(seed), **settings)
-        key = tuple(out.new_tokens(0))
-        counts[key] = counts.get(key, 0) + 1
-    assert set(counts) <= support, "a token the verifier's top-k / top-p never allows"
-    l1 = sum(abs(counts.get(k, 0) / n - joint[k]) for k in support)
-    assert l1 < l1_bound(len(support), n), (l1, l1_bound(len(support), n))
+    counts = assert_sampled_joint((verifier, drafter), prompt, joint, n, check_base=False, **settings)
     p1 = hf_sampling_probs(verifier, [prompt], **settings)[0]  # (v,) the first token's exact marginal
     first = torch.zeros(vocab, dtype=torch.float64)
     for key, c in counts.items():
