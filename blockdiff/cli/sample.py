@@ -192,7 +192,7 @@ def _speculate(args, loaded, prompts: list[str]) -> None:
     config = loaded.model.generation_config
     ids = encode_prompts(loaded.tokenizer, prompts)
     header = _trace_header(loaded, ids, speculative="fused" if drafter is None else "two-model")
-    outs, ending = [], []
+    outs, texts, ending = [], [], []
     with _watching(args, loaded, ids, prompts, header, ending) as watch:
         for i, prompt_ids in enumerate(ids):
             generator = torch.Generator(device=loaded.model.device).manual_seed(args.seed + i)
@@ -204,9 +204,8 @@ def _speculate(args, loaded, prompts: list[str]) -> None:
             )
             events.close()
             outs.append(out)
-            _print_speculative(prompts[i], i, loaded.tokenizer.decode(out.new_tokens(0), skip_special_tokens=True),
-                               out, who, fused=drafter is None)
-        texts = [loaded.tokenizer.decode(o.new_tokens(0), skip_special_tokens=True) for o in outs]
+            texts.append(loaded.tokenizer.decode(out.new_tokens(0), skip_special_tokens=True))
+            _print_speculative(prompts[i], i, texts[-1], out, who, fused=drafter is None)
         stacked = GenerationOutput.stack(outs, loaded.tokenizer.pad_token_id or 0)
         ending.append(lambda seen: trace_end(stacked, texts, loaded.tokenizer, seen | {t for p in ids for t in p}))
 

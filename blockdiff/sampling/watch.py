@@ -240,7 +240,7 @@ class SpeculativeEvents:
         self.steps: dict[int, int] = {}  # block -> events so far
 
     def __call__(self, step) -> None:
-        first, self.committed = len(self.committed), list(step.committed)
+        first, self.committed = len(self.committed), step.committed  # a fresh list per step
         end, l = len(self.committed), self.l
         for g in range(first // l, (end - 1) // l + 1):
             lo, hi = max(first, g * l), min(end, (g + 1) * l)
