@@ -8,8 +8,8 @@ the base's one-token cached step:
 * ``fused body, gate off``: ``model.hidden_states`` on the fused step's input (4 clean rows + one block of masks,
   its 4-D mask), the adapter off: the decoder with blockdiff's mask, no head;
 * ``fused body, gate on``: the same with the adapter on the mask rows;
-* ``fused step``: ``FusedBlockDiffusion.score`` (body + the head on the clean rows and on the draft rows), and the
-  same with ``every_length=True`` (k + 1 mask blocks).
+* ``fused step``: ``FusedBlockDiffusion.score`` + ``commit`` of a step that keeps no draft (body + the head on the
+  clean rows and on the next draft rows), and the same with ``every_length=True`` (k + 1 mask blocks).
 
 ``OMP_WAIT_POLICY=PASSIVE`` is set before torch loads unless given::
 
@@ -66,11 +66,9 @@ def main() -> None:
         fused.cache.crop(-len(ids))
         return out
 
-    def step(every):
+    def step(every):  # score + commit of a step that keeps no draft (every_length: block 0's drafts are projected)
         fused.every_length, fused._next_limit = every, 64
-        out = timed(lambda: fused.score(committed, drafts))
-        fused.commit(committed, 0)
-        return out
+        return timed(lambda: (fused.score(committed, drafts), fused.commit(committed, 0)))
 
     rows = {"HF step, 1 token": lambda: hf(1), "HF step, 8 tokens": lambda: hf(8), "HF step, 20 tokens": lambda: hf(20),
             f"fused body, gate off ({k + 1} clean + {j} masks)": lambda: body(False),

@@ -168,7 +168,9 @@ class FusedBlockDiffusion:
         first = 0 if model.spec.logit_shift else 1
         rows_of = hidden[0, len(clean) :].unflatten(0, (len(follows), j))[:, first : first + j - 1]  # (blocks, j-1, d)
         self._blocks = dict(zip(follows, rows_of))
-        self.pending = self._drafts_after(k)  # until commit: the drafts that assume every draft is kept
+        # until commit: the drafts that assume every draft is kept (every_length: none yet; commit projects only
+        # the block that follows what was kept, one head call per step)
+        self.pending = None if self.every_length else self._drafts_after(k)
         return logits
 
     def _forward_inputs(self, clean: list[int], start: int, n: int, follows: list[int], j: int):
@@ -198,7 +200,8 @@ class FusedBlockDiffusion:
         keep the drafts of the mask block made after exactly the ``accepted`` kept drafts (none after a rejection
         unless ``every_length``)."""
         crop_to(self.cache, len(committed) - 1)
-        self.pending = self.pending if accepted == self._checked else self._drafts_after(accepted)
+        if self.every_length or accepted != self._checked:
+            self.pending = self._drafts_after(accepted)
         self._blocks = {}
 
     def _drafts_after(self, accepted: int) -> torch.Tensor | None:
