@@ -126,3 +126,40 @@ def test_weights_that_are_not_fp32_are_refused_with_what_to_do():
 def test_min_rows_below_one_is_refused():
     with pytest.raises(UsageError, match="min_rows=0"):
         pack_linears(nn.Linear(4, 4), min_rows=0)
+
+
+def test_a_loaded_model_runs_packed_on_cpu_by_default_and_not_when_asked(tmp_path):
+    from blockdiff.modeling.io import load_model_dir
+    from tests.conftest import write_tiny_model_dir
+
+    model_dir = write_tiny_model_dir(tmp_path)
+    assert is_packed(load_model_dir(model_dir).model)
+    assert not is_packed(load_model_dir(model_dir, lean=False).model)
+    assert not is_packed(load_model_dir(model_dir, overrides=["model.block_length=2"], lean=False).model)
+    assert is_packed(load_model_dir(model_dir, overrides=["model.block_length=2"]).model)
+
+
+def test_a_model_loaded_to_be_trained_is_not_packed(tmp_path):
+    """``model.init_from`` loads a model directory to train it: the packed copies would only cost memory."""
+    from blockdiff.config import load_config
+    from blockdiff.training.builders import _tokenizer_and_backbone
+    from tests.conftest import write_tiny_model_dir
+
+    model_dir = write_tiny_model_dir(tmp_path)
+    cfg = load_config([], [f"model.init_from={model_dir}", "data.tokenizer=bytes", "data.max_seq_len=32"])
+    _, backbone, _ = _tokenizer_and_backbone(cfg, docs=None)
+    assert not is_packed(backbone)
+
+
+def test_a_packed_model_deep_copies_and_pickles_and_the_copy_runs_packed():
+    import copy
+    import pickle
+
+    model = tiny_model()
+    pack_linears(model)
+    ids = random_tokens(1, 6)
+    with torch.no_grad():
+        want = model.backbone(ids).logits
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert is_packed(clone)
+            torch.testing.assert_close(clone.backbone(ids).logits, want, rtol=0, atol=0)

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 from blockdiff.config import Config, load_config, to_yaml
 from blockdiff.errors import MissingFileError, StorageError, UsageError
 from blockdiff.files import write_failure_reason
+from blockdiff.modeling.lean import pack_linears, use_lean
 from blockdiff.modeling.model import BlockDiffusionLM
 from blockdiff.modeling.model_card import write_model_card
 from blockdiff.modeling.model_files import read_json_file
@@ -60,7 +61,9 @@ def read_train_config(model_dir: str | Path, overrides: list[str] | tuple[str, .
     return load_config([config_path] if config_path.is_file() else [], list(overrides))
 
 
-def load_model_dir(path: str | Path, overrides: list[str] = (), device: str | None = None) -> LoadedModel:
+def load_model_dir(
+    path: str | Path, overrides: list[str] = (), device: str | None = None, lean: bool | None = None
+) -> LoadedModel:
     """Load model and tokenizer from a model or run directory (or a hub id: ``hub.local_model_dir``); checks they
     agree.
 
@@ -68,7 +71,8 @@ def load_model_dir(path: str | Path, overrides: list[str] = (), device: str | No
     the config is read and checked here, otherwise on first use of ``LoadedModel.config``. Of the ``model.*`` keys
     only ``model.block_length`` can change for a trained network: the model then evaluates and generates at that
     block length (as ``--block-length``); any other ``model.*`` key is refused.
-    ``device``: ``cpu`` (default), ``cuda``, ``mps`` or ``auto``.
+    ``device``: ``cpu`` (default), ``cuda``, ``mps`` or ``auto``. ``lean``: run inference on oneDNN-packed weights
+    (``lean.py``; ``None``: whenever that can pay, i.e. fp32 on CPU; ``False`` for a model that will be trained).
     """
     from blockdiff.modeling.hub import local_model_dir
 
@@ -98,6 +102,8 @@ def load_model_dir(path: str | Path, overrides: list[str] = (), device: str | No
         cfg = loaded.config  # bad overrides fail here, before any work
         if "model.block_length" in keys:
             loaded.model = model.with_block_length(cfg.model.block_length).eval()
+    if use_lean(loaded.model, lean):
+        pack_linears(loaded.model)
     return loaded
 
 

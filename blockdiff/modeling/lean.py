@@ -35,7 +35,7 @@ from blockdiff.errors import UsageError
 
 __all__ = [
     "PackedConv1D", "PackedLinear", "PackReport", "WARM_ROWS", "is_packed", "lean_available", "pack_linears",
-    "unpack_linears",
+    "unpack_linears", "use_lean",
 ]
 
 WARM_ROWS = tuple(range(1, 18))  # the row counts a verify/block step of up to 17 query tokens uses
@@ -70,6 +70,14 @@ class _Packed:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return False
         return x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() >= self.min_rows * x.shape[-1] > 0
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the packed copy behind (oneDNN tensors have no storage to copy); it is rebuilt on
+        first use."""
+        state = dict(super().__getstate__())
+        state.pop("_packed", None)
+        state["_packed_version"] = -1
+        return state
 
     def _pack(self) -> None:
         with torch.no_grad():
@@ -108,6 +116,16 @@ class PackReport:
 
     def __str__(self) -> str:
         return f"{self.layers} linear layers ({self.parameters / 1e6:.1f}M parameters) packed for oneDNN"
+
+
+def use_lean(module: nn.Module, lean: bool | None) -> bool:
+    """Whether inference on ``module`` should run packed: ``lean=None`` (the default everywhere) means yes exactly
+    when it can pay (fp32 weights on CPU, a torch with oneDNN); ``True`` insists (``pack_linears`` then refuses
+    what it cannot pack); ``False`` never."""
+    if lean is not None:
+        return lean
+    weight = next((p for p in module.parameters() if p.dim() >= 2), None)
+    return lean_available() and weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
 def pack_linears(module: nn.Module, min_rows: int = 2, warm_rows: tuple[int, ...] = WARM_ROWS) -> PackReport:
