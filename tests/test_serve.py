@@ -424,7 +424,13 @@ def limited(tmp_path):
     from fastapi.testclient import TestClient
 
     engine = build_engine(write_tiny_model_dir(tmp_path), NAME, max_prompts=3, max_queue=4)
-    with TestClient(create_app(engine, max_body_bytes=2000)) as http:
+    app = create_app(engine, max_body_bytes=2000)
+
+    @app.get("/typed")
+    async def typed(n: int):  # a route FastAPI validates itself (the API's routes read their bodies as JSON)
+        return n
+
+    with TestClient(app) as http:
         yield http, engine
 
 
@@ -452,3 +458,4 @@ def test_errors_fastapi_raises_itself_are_openai_shaped(limited):
     _error(http.get("/v1/completions"), 405, "method_not_allowed")
     _error(http.post("/v1/nothing", json={}), 404, "not_found")
     _error(http.get("/nothing"), 404, "not_found")
+    _error(http.get("/typed", params={"n": "x"}), 422, "invalid_value", "n")

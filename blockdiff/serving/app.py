@@ -54,8 +54,8 @@ def create_app(engine: Engine, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     async def _validation_error(request: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {}
         param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-        return JSONResponse(APIError(400, f"invalid request: {first.get('msg', err)}", param, "invalid_value").body(),
-                            status_code=400)
+        return JSONResponse(APIError(422, f"invalid request: {first.get('msg', err)}", param, "invalid_value").body(),
+                            status_code=422)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, err: Exception):  # a bug answers in the API's shape, never a bare 500 page
