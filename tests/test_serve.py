@@ -311,11 +311,16 @@ def test_the_serve_verb_starts_a_server_that_answers_and_stops_on_interrupt(tmp_
     assert proc.returncode in (0, 130)
 
 
-def test_serve_flag_errors_exit_2():
+def test_serve_flag_errors_exit_2(capsys):
     from blockdiff.cli import main
 
     assert main(["serve", "nowhere", "--port", "70000"]) == 2
     assert main(["serve", "does/not/exist"]) == 2
+    for flag in ("--max-prompts", "--max-queue", "--max-body-bytes"):
+        capsys.readouterr()
+        assert main(["serve", "nowhere", flag, "0"]) == 2 and flag in capsys.readouterr().err
+    assert main(["serve", "nowhere", "--max-prompts", "9", "--max-queue", "8"]) == 2
+    assert "could never be queued" in capsys.readouterr().err
 
 
 def test_random_bodies_never_get_a_5xx(server):
@@ -459,3 +464,12 @@ def test_errors_fastapi_raises_itself_are_openai_shaped(limited):
     _error(http.post("/v1/nothing", json={}), 404, "not_found")
     _error(http.get("/nothing"), 404, "not_found")
     _error(http.get("/typed", params={"n": "x"}), 422, "invalid_value", "n")
+
+
+@pytest.mark.parametrize("body", [b"[" * 100000 + b"]" * 100000, b'{"seed": ' + b"9" * 5000 + b"}"])
+def test_json_that_python_cannot_parse_is_a_400(server, body):
+    """Nesting deeper than the parser's recursion limit, an integer of more digits than Python converts (20efa4f:
+    500s)."""
+    url, _ = server
+    r = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert "not valid JSON" in _error(r, 400)["message"]

@@ -15,6 +15,9 @@ def run(args) -> None:
                                        args.max_body_bytes) < 1:
         raise UsageError("--batch-window-ms must be >= 0; --max-batch-size, --max-tokens-limit, --max-prompts, "
                          "--max-queue and --max-body-bytes >= 1")
+    if args.max_prompts > args.max_queue:
+        raise UsageError(f"--max-prompts {args.max_prompts} is over --max-queue {args.max_queue}: a request that long "
+                         "could never be queued; raise --max-queue or lower --max-prompts")
     serve(args.path, args.host, args.port, args.model_name, args.device, args.log_level, args.max_body_bytes,
           batch_window=args.batch_window_ms / 1000, max_batch_size=args.max_batch_size,
           max_tokens_limit=args.max_tokens_limit, max_prompts=args.max_prompts, max_queue=args.max_queue)

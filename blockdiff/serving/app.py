@@ -102,8 +102,8 @@ async def _body(request: Request) -> bytes:
 async def _generate(engine: Engine, request: Request, chat: bool):
     try:
         body = json.loads(await _body(request) or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise APIError(400, f"the request body is not valid JSON: {err}") from None
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, an integer of > 4300 digits, deep nesting
+        raise APIError(400, f"the request body is not valid JSON: {type(err).__name__}: {str(err)[:200]}") from None
     req = parse_request(body, chat, engine.name)
     queue: asyncio.Queue = asyncio.Queue()
     jobs = engine.prepare(req, queue, asyncio.get_running_loop())

@@ -85,6 +85,9 @@ class Engine:
         if batch_window < 0 or min(max_batch_size, max_tokens_limit, max_prompts, max_queue) < 1:
             raise UsageError("the batching window must be >= 0 s; the batch size, the max_tokens limit, the prompts "
                              "per request and the queue bound >= 1")
+        if max_prompts > max_queue:
+            raise UsageError(f"--max-prompts {max_prompts} is over --max-queue {max_queue}: a request that long could "
+                             "never be queued; raise --max-queue or lower --max-prompts")
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, name
         self.batch_window, self.max_batch_size, self.max_tokens_limit = batch_window, max_batch_size, max_tokens_limit
         self.max_prompts, self.max_queue = max_prompts, max_queue
