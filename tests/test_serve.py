@@ -144,6 +144,7 @@ BAD = [
     ({"model": NAME, "prompt": "x", "sampler": "nope"}, 400, "invalid_value"),
     ({"model": NAME, "prompt": "x", "block_length": 5}, 400, "invalid_value"),
     ({"model": NAME, "prompt": "x", "steps_per_block": 0}, 400, "invalid_value"),
+    ({"model": NAME, "prompt": "x", "steps_per_block": 513, "sampler": "ddpm"}, 400, "invalid_value"),  # > the limit
     ({"model": NAME, "prompt": "x", "temperature": -1}, 400, "invalid_value"),
     ({"model": NAME, "prompt": "x", "n": 2}, 400, "unsupported_parameter"),
     ({"model": NAME, "prompt": "x", "logprobs": 3}, 400, "unsupported_parameter"),

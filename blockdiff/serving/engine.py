@@ -137,6 +137,10 @@ class Engine:
         if max_tokens > self.max_tokens_limit:
             raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {self.max_tokens_limit}",
                            "max_tokens", "max_tokens_over_limit")
+        steps = request.settings.get("steps_per_block")
+        if steps is not None and steps > self.max_tokens_limit:  # a step budget is work, as tokens are (ddpm runs it)
+            raise APIError(400, f"steps_per_block={steps} is over this server's limit of {self.max_tokens_limit} "
+                           "(--max-tokens-limit)", "steps_per_block", "invalid_value")
         settings = {**request.settings, "max_new_tokens": max_tokens, "eos_token_id": self.tokenizer.eos_token_id,
                     "pad_token_id": self.tokenizer.pad_token_id}
         if request.stop:
