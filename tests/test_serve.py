@@ -144,6 +144,7 @@ BAD = [
     ({"model": NAME, "prompt": "x", "sampler": "nope"}, 400, "invalid_value"),
     ({"model": NAME, "prompt": "x", "block_length": 5}, 400, "invalid_value"),
     ({"model": NAME, "prompt": "x", "steps_per_block": 0}, 400, "invalid_value"),
+    ({"model": NAME, "prompt": "x", "steps_per_block": 513, "sampler": "ddpm"}, 400, "invalid_value"),  # > the limit
     ({"model": NAME, "prompt": "x", "temperature": -1}, 400, "invalid_value"),
     ({"model": NAME, "prompt": "x", "n": 2}, 400, "unsupported_parameter"),
     ({"model": NAME, "prompt": "x", "logprobs": 3}, 400, "unsupported_parameter"),
@@ -311,11 +312,16 @@ def test_the_serve_verb_starts_a_server_that_answers_and_stops_on_interrupt(tmp_
     assert proc.returncode in (0, 130)
 
 
-def test_serve_flag_errors_exit_2():
+def test_serve_flag_errors_exit_2(capsys):
     from blockdiff.cli import main
 
     assert main(["serve", "nowhere", "--port", "70000"]) == 2
     assert main(["serve", "does/not/exist"]) == 2
+    for flag in ("--max-prompts", "--max-queue", "--max-body-bytes"):
+        capsys.readouterr()
+        assert main(["serve", "nowhere", flag, "0"]) == 2 and flag in capsys.readouterr().err
+    assert main(["serve", "nowhere", "--max-prompts", "9", "--max-queue", "8"]) == 2
+    assert "could never be queued" in capsys.readouterr().err
 
 
 def test_random_bodies_never_get_a_5xx(server):
@@ -338,3 +344,133 @@ def test_random_bodies_never_get_a_5xx(server):
             assert r.status_code < 500, (body, r.text)
             if r.status_code >= 400:
                 assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def _error(r, status: int, code: str | None = None, param: str | None = None) -> dict:
+    """The OpenAI-shaped error of ``r``, checked: its status, its code and the param it names."""
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["code"] == code and error["param"] == param, error
+    return error
+
+
+@pytest.mark.parametrize("value", [99999999999999999999999, 2**63, -(2**63) - 1])
+def test_every_integer_field_and_sampler_knob_is_bounded_before_generation(server, value):
+    """Each integer of the API and each integer knob of the sampler registry (read from it: a knob added later is
+    covered) gets a 400 ``invalid_value`` naming it, never a 500 (20efa4f: ``tokens_per_step`` 1e23 was a 500
+    ``OverflowError`` from generation)."""
+    from blockdiff.sampling.registry import knobs
+
+    url, _ = server
+    owners = {k.name: k.sampler for k in knobs().values() if k.type is int}
+    assert {"tokens_per_step", "max_remask"} <= set(owners)
+    fields = {**owners, "top_k": None, "steps_per_block": None, "block_length": None, "seed": None}
+    with httpx.Client(timeout=30) as http:
+        for name, sampler in fields.items():
+            body = {"model": NAME, "prompt": "x", "max_tokens": 4, name: value, **({"sampler": sampler} if sampler
+                                                                                  else {})}
+            _error(http.post(url + "/v1/completions", json=body), 400, "invalid_value", name)
+
+
+@pytest.mark.parametrize("field,value,sampler", [
+    ("tau", 3.0, None), ("tau", 0, None), ("steps_per_block", 0, None), ("sampler", "nope", None),
+    ("temperature", -1, None), ("temperature", 1e-9, None), ("top_p", 2.0, None), ("top_k", -1, None),
+    ("block_length", 5, None), ("tokens_per_step", 0, "fixed"), ("max_remask", 0, "remask"),
+    ("remask_threshold", 7.0, "remask"), ("entropy_bound", -1.0, "entropy_bound"), ("stop", ["a"] * 5, None),
+])
+def test_invalid_value_errors_name_their_param(server, field, value, sampler):
+    url, _ = server
+    body = {"model": NAME, "prompt": "x", "max_tokens": 4, field: value, **({"sampler": sampler} if sampler else {})}
+    error = httpx.post(url + "/v1/completions", json=body, timeout=30).json()["error"]
+    assert error["param"] == field, error
+
+
+def test_chat_roles_are_checked_and_completions_never_mention_a_chat_template(server):
+    url, _ = server
+    r = httpx.post(url + "/v1/chat/completions", json={"model": NAME, "messages": [{"role": "hacker", "content": "x"}]})
+    assert "hacker" in _error(r, 400, "invalid_value", "messages[0].role")["message"]
+    body = b'{"model": "%s", "prompt": "a \\ud800 b", "max_tokens": 4}' % NAME.encode()  # a lone surrogate
+    r = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert "template" not in _error(r, 400, "invalid_value", "prompt")["message"]
+
+
+def test_the_seed_bound_is_the_clis_and_a_requests_prompt_seeds_wrap_around(server):
+    from blockdiff.config import SEED_MAX
+
+    url, engine = server
+    assert SEED_MAX == 2**32 - 1  # what torch and numpy take as a seed on every platform
+    body = {"model": NAME, "prompt": ["The", "A"], "max_tokens": 6, "temperature": 1.0, "seed": SEED_MAX}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    texts = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+    assert texts == [_offline(engine, "The", SEED_MAX, 6, temperature=1.0),
+                     _offline(engine, "A", 0, 6, temperature=1.0)]  # prompt 1: (SEED_MAX + 1) mod 2**32
+    _error(httpx.post(url + "/v1/completions", json={**body, "seed": SEED_MAX + 1}), 400, "invalid_value", "seed")
+
+
+def test_health_counts_cancelled_requests_apart_from_completed(server):
+    url, engine = server
+    before = engine.stats()
+    body = {"model": NAME, "prompt": "x", "max_tokens": 512, "stream": True, "temperature": 1.0,
+            "sampler": "first_hitting"}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", url + "/v1/completions", json=body) as r:
+            next(line for line in r.iter_lines() if line.startswith("data: "))  # one block in, the client leaves
+    deadline = time.monotonic() + 20
+    while (after := httpx.get(url + "/health").json())["cancelled"] == before["cancelled"] or after["running"]:
+        assert time.monotonic() < deadline, after
+        time.sleep(0.05)
+    assert after["cancelled"] == before["cancelled"] + 1 and after["completed"] == before["completed"]
+
+
+@pytest.fixture
+def limited(tmp_path):
+    """A TestClient over an engine whose worker never runs: limits of 3 prompts, 4 queued jobs and 2,000 bytes."""
+    from fastapi.testclient import TestClient
+
+    engine = build_engine(write_tiny_model_dir(tmp_path), NAME, max_prompts=3, max_queue=4)
+    app = create_app(engine, max_body_bytes=2000)
+
+    @app.get("/typed")
+    async def typed(n: int):  # a route FastAPI validates itself (the API's routes read their bodies as JSON)
+        return n
+
+    with TestClient(app) as http:
+        yield http, engine
+
+
+def test_limits_on_body_size_prompts_per_request_and_the_queue_answer_openai_shaped_4xx(limited):
+    from blockdiff.serving.protocol import parse_request
+
+    http, engine = limited
+    _error(http.post("/v1/completions", json={"model": NAME, "prompt": "x" * 3000}), 413, "request_too_large")
+    chunked = http.post("/v1/completions", content=iter([b'{"prompt": "', b"x" * 1500, b"x" * 1500, b'"}']),
+                        headers={"content-type": "application/json"})  # no content-length: counted while read
+    _error(chunked, 413, "request_too_large")
+    r = http.post("/v1/completions", json={"model": NAME, "prompt": ["a", "b", "c", "d"], "max_tokens": 4})
+    assert "at most 3" in _error(r, 400, "too_many_prompts", "prompt")["message"]
+    loop = asyncio.new_event_loop()
+    loop.close()  # nobody listens to the jobs that fill the queue
+    request = parse_request({"model": NAME, "prompt": ["a", "b", "c"], "max_tokens": 4}, False, NAME)
+    engine.submit(engine.prepare(request, asyncio.Queue(), loop))
+    r = http.post("/v1/completions", json={"model": NAME, "prompt": ["a", "b"], "max_tokens": 4})
+    assert _error(r, 429, "queue_full")["type"] == "rate_limit_error"
+    assert http.get("/health").json()["refused"] == 2 and engine.stats()["queued"] == 3
+
+
+def test_errors_fastapi_raises_itself_are_openai_shaped(limited):
+    http, _ = limited
+    _error(http.get("/v1/completions"), 405, "method_not_allowed")
+    _error(http.post("/v1/nothing", json={}), 404, "not_found")
+    _error(http.get("/nothing"), 404, "not_found")
+    _error(http.get("/typed", params={"n": "x"}), 422, "invalid_value", "n")
+
+
+@pytest.mark.parametrize("body", [b"[" * 100000 + b"]" * 100000, b'{"seed": ' + b"9" * 5000 + b"}"])
+def test_json_that_python_cannot_parse_is_a_400(server, body):
+    """Nesting deeper than the parser's recursion limit, an integer of more digits than Python converts (20efa4f:
+    500s)."""
+    url, _ = server
+    r = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert "not valid JSON" in _error(r, 400)["message"]

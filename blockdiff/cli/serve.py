@@ -11,11 +11,16 @@ def run(args) -> None:
 
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in [0, 65536), got {args.port}")
-    if args.batch_window_ms < 0 or args.max_batch_size < 1 or args.max_tokens_limit < 1:
-        raise UsageError("--batch-window-ms must be >= 0; --max-batch-size and --max-tokens-limit >= 1")
-    serve(args.path, args.host, args.port, args.model_name, args.device, args.log_level,
+    if args.batch_window_ms < 0 or min(args.max_batch_size, args.max_tokens_limit, args.max_prompts, args.max_queue,
+                                       args.max_body_bytes) < 1:
+        raise UsageError("--batch-window-ms must be >= 0; --max-batch-size, --max-tokens-limit, --max-prompts, "
+                         "--max-queue and --max-body-bytes >= 1")
+    if args.max_prompts > args.max_queue:
+        raise UsageError(f"--max-prompts {args.max_prompts} is over --max-queue {args.max_queue}: a request that long "
+                         "could never be queued; raise --max-queue or lower --max-prompts")
+    serve(args.path, args.host, args.port, args.model_name, args.device, args.log_level, args.max_body_bytes,
           batch_window=args.batch_window_ms / 1000, max_batch_size=args.max_batch_size,
-          max_tokens_limit=args.max_tokens_limit)
+          max_tokens_limit=args.max_tokens_limit, max_prompts=args.max_prompts, max_queue=args.max_queue)
 
 
 def add_arguments(p):
@@ -27,5 +32,9 @@ def add_arguments(p):
                    help="how long the oldest request waits for others with the same settings to batch with (ms)")
     p.add_argument("--max-batch-size", type=int, default=8, help="most requests generated in one batch")
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-prompts", type=int, default=64, help="most prompts in one request (400 past it)")
+    p.add_argument("--max-queue", type=int, default=1024,
+                   help="most prompts waiting to be generated; a request that would pass it gets a 429")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body in bytes (413 past it)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -122,7 +122,9 @@ def _slide(model, st: _State, window: int) -> None:
 def _drop_finished(st: _State, keep_rows: list[int]) -> None:
     idx = torch.tensor(keep_rows, dtype=torch.long, device=st.cols.device)
     st.active = [st.active[r] for r in keep_rows]
-    if st.cache is not None:
+    if st.cache is not None and st.cache.get_seq_length() == 0:
+        st.cache = None  # an empty cache (no finished column yet) would keep every row: transformers skips it
+    elif st.cache is not None:
         st.cache.batch_select_indices(idx)
     if st.last_hidden is not None:
         st.last_hidden = st.last_hidden[idx]

@@ -40,16 +40,17 @@ def build_engine(path: str | Path, name: str | None = None, device: str | None =
 
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
-          device: str | None = None, log_level: str = "info", **options) -> None:
-    """Serve the model in ``path`` on ``host:port`` until interrupted (``options``: ``Engine``'s batching knobs)."""
+          device: str | None = None, log_level: str = "info", max_body_bytes: int | None = None, **options) -> None:
+    """Serve the model in ``path`` on ``host:port`` until interrupted (``options``: ``Engine``'s batching knobs and
+    limits; ``max_body_bytes``: the request body limit, default ``app.MAX_BODY_BYTES``)."""
     _check_packages()
     import uvicorn
 
-    from blockdiff.serving.app import create_app
+    from blockdiff.serving.app import MAX_BODY_BYTES, create_app
 
     engine = build_engine(path, name, device, **options)
     engine.start()
     try:
-        uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_app(engine, max_body_bytes or MAX_BODY_BYTES), host=host, port=port, log_level=log_level)
     finally:
         engine.stop()

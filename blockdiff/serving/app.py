@@ -5,6 +5,10 @@
 while a partial character or a possible stop string is held back), then a last event per choice with its
 ``finish_reason``, the usage event when ``stream_options.include_usage`` asks for it, and ``data: [DONE]``.
 A client that goes away cancels its jobs: they leave their batch after the current block.
+
+Every error is OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``), also those FastAPI raises itself
+(404 unknown route, 405 wrong method, 422 validation) and a bug's 500. A body over ``max_body_bytes`` is refused
+(413) before it is read in full.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import json
 import time
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from blockdiff.serving.deltas import TextDeltas
 from blockdiff.serving.engine import Engine, Finished, Job
@@ -24,15 +30,37 @@ __all__ = ["create_app"]
 
 POLL = 0.25  # seconds between checks that the client is still there
 FINISH = {"eos": "stop", "stop_string": "stop", "max_new_tokens": "length", "cancelled": "stop"}
+MAX_BODY_BYTES = 1 << 20  # default request body limit (1 MiB: 64 prompts of 16 KB each)
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
-def create_app(engine: Engine) -> FastAPI:
+def create_app(engine: Engine, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The app over ``engine``; request bodies over ``max_body_bytes`` get a 413."""
     app = FastAPI(title="blockdiff", description="OpenAI-compatible block-diffusion LM server")
+    app.state.max_body_bytes = max_body_bytes
     started = int(time.time())
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
         return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, err: HTTPException):
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        return JSONResponse(APIError(err.status_code, message, None, HTTP_CODES.get(err.status_code)).body(),
+                            status_code=err.status_code, headers=getattr(err, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return JSONResponse(APIError(422, f"invalid request: {first.get('msg', err)}", param, "invalid_value").body(),
+                            status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, err: Exception):  # a bug answers in the API's shape, never a bare 500 page
+        return JSONResponse(APIError(500, f"internal error: {type(err).__name__}", None, "internal_error",
+                                     "server_error").body(), status_code=500)
 
     @app.get("/health")
     async def health():
@@ -54,11 +82,28 @@ def create_app(engine: Engine) -> FastAPI:
     return app
 
 
+async def _body(request: Request) -> bytes:
+    """The request body, read no further than the app's ``max_body_bytes`` (413 past it)."""
+    limit = request.app.state.max_body_bytes
+    too_large = APIError(413, f"the request body is over this server's limit of {limit} bytes (--max-body-bytes): "
+                         "send fewer or shorter prompts per request", None, "request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _generate(engine: Engine, request: Request, chat: bool):
     try:
-        body = json.loads(await request.body() or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise APIError(400, f"the request body is not valid JSON: {err}") from None
+        body = json.loads(await _body(request) or b"null")
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, an integer of > 4300 digits, deep nesting
+        raise APIError(400, f"the request body is not valid JSON: {type(err).__name__}: {str(err)[:200]}") from None
     req = parse_request(body, chat, engine.name)
     queue: asyncio.Queue = asyncio.Queue()
     jobs = engine.prepare(req, queue, asyncio.get_running_loop())

@@ -3,8 +3,15 @@
 One worker thread owns the network. It takes the oldest waiting job, waits ``batch_window`` seconds for more jobs
 with *the same settings* (sampler, its knobs, temperature, ``max_new_tokens``, stop strings, block length, ...: a
 batch never mixes them), up to ``max_batch_size``, and runs them through ``BlockDiffusionLM.generate`` as one ragged
-batch, each with its own seeded generator (so a job's text does not depend on its batch). Jobs of other settings wait
-for a later batch, oldest first.
+batch, each with its own seeded generator. Jobs of other settings wait for a later batch, oldest first.
+
+A job's text does not depend on its batch, up to floating-point rounding (docs/serving.md, "Batching"): its random
+stream is its own generator's, and a job whose generation could reach the sliding window only shares a batch with
+prompts of its number of whole blocks (``_key``), so the batch's columns, and where the window slides, are the ones
+it has alone (left padding would make it slide earlier).
+
+Limits (each a 4xx before anything runs): ``max_tokens_limit`` new tokens per choice, ``max_prompts`` choices per
+request, ``max_queue`` jobs waiting (429 once full).
 
 Each job reports to its request's ``asyncio`` queue, from the worker thread: ``("block", tokens)`` when one of its
 blocks is final (the generation observer's block-is-final event), then ``("done", Finished)`` or ``("error",
@@ -27,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from blockdiff.config import SEED_MAX
 from blockdiff.core.noise import make_schedule
 from blockdiff.errors import UsageError
 from blockdiff.sampling.inputs import with_overrides
@@ -34,6 +42,8 @@ from blockdiff.sampling.text import encode_prompts
 from blockdiff.serving.protocol import APIError, GenerationRequest
 
 __all__ = ["Engine", "Job", "Finished"]
+
+PARAMS = {"max_new_tokens": "max_tokens", "stop_strings": "stop"}  # generation setting -> its request field
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +81,16 @@ class Engine:
     """Owns the model, the queue and the worker thread (module docstring)."""
 
     def __init__(self, loaded, name: str, batch_window: float = 0.01, max_batch_size: int = 8,
-                 max_tokens_limit: int = 2048):
-        if batch_window < 0 or max_batch_size < 1 or max_tokens_limit < 1:
-            raise UsageError("the batching window must be >= 0 s, the batch size and the max_tokens limit >= 1")
+                 max_tokens_limit: int = 2048, max_prompts: int = 64, max_queue: int = 1024):
+        if batch_window < 0 or min(max_batch_size, max_tokens_limit, max_prompts, max_queue) < 1:
+            raise UsageError("the batching window must be >= 0 s; the batch size, the max_tokens limit, the prompts "
+                             "per request and the queue bound >= 1")
+        if max_prompts > max_queue:
+            raise UsageError(f"--max-prompts {max_prompts} is over --max-queue {max_queue}: a request that long could "
+                             "never be queued; raise --max-queue or lower --max-prompts")
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, name
         self.batch_window, self.max_batch_size, self.max_tokens_limit = batch_window, max_batch_size, max_tokens_limit
+        self.max_prompts, self.max_queue = max_prompts, max_queue
         self.schedule = make_schedule(self.model.spec.schedule)
         self._models = {self.model.block_length: self.model}
         self._pending: deque[Job] = deque()
@@ -83,8 +98,9 @@ class Engine:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="blockdiff-serve", daemon=True)
         self.running = 0  # jobs in the batch being generated
-        self.completed = 0
-        self.cancelled = 0  # jobs that ended because their client went away
+        self.completed = 0  # jobs that ran to their end (EOS, stop string, max_tokens) or failed
+        self.cancelled = 0  # jobs that ended because their client went away (not counted in completed)
+        self.refused = 0  # jobs turned away because the queue was full (429)
         self.batches = 0
         self.largest_batch = 0
 
@@ -105,16 +121,26 @@ class Engine:
     def stats(self) -> dict:
         with self._cond:
             return {"queued": len(self._pending), "running": self.running, "completed": self.completed,
-                    "cancelled": self.cancelled, "batches": self.batches, "largest_batch": self.largest_batch}
+                    "cancelled": self.cancelled, "refused": self.refused, "batches": self.batches,
+                    "largest_batch": self.largest_batch}
 
     # -- requests -> jobs ------------------------------------------------------------------------------------
     def prepare(self, request: GenerationRequest, queue: asyncio.Queue, loop) -> list[Job]:
         """The request's jobs, one per choice, or ``APIError`` for anything that would make generation fail."""
+        count = len(request.prompts) if request.prompts is not None else 1
+        if count > self.max_prompts:
+            raise APIError(400, f"the prompt list has {count} prompts; this server takes at most "
+                           f"{self.max_prompts} per request: send them in several requests", "prompt",
+                           "too_many_prompts")
         model = self._model_at(request.block_length)
         max_tokens = request.max_tokens or self.model.generation_config.max_new_tokens
         if max_tokens > self.max_tokens_limit:
             raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {self.max_tokens_limit}",
                            "max_tokens", "max_tokens_over_limit")
+        steps = request.settings.get("steps_per_block")
+        if steps is not None and steps > self.max_tokens_limit:  # a step budget is work, as tokens are (ddpm runs it)
+            raise APIError(400, f"steps_per_block={steps} is over this server's limit of {self.max_tokens_limit} "
+                           "(--max-tokens-limit)", "steps_per_block", "invalid_value")
         settings = {**request.settings, "max_new_tokens": max_tokens, "eos_token_id": self.tokenizer.eos_token_id,
                     "pad_token_id": self.tokenizer.pad_token_id}
         if request.stop:
@@ -131,9 +157,21 @@ class Engine:
                     "context_length_exceeded",
                 )
         key = repr((model.block_length, sorted(settings.items(), key=lambda kv: kv[0])))
-        seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-        return [Job(i, ids, model, settings, key, seed + i, queue, loop, request.stream) for i, ids in
-                enumerate(prompts)]
+        seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX + 1)
+        return [Job(i, ids, model, settings, self._key(key, ids, model.block_length, max_tokens, window),
+                    (seed + i) % (SEED_MAX + 1), queue, loop, request.stream) for i, ids in enumerate(prompts)]
+
+    @staticmethod
+    def _key(key: str, ids: list[int], l: int, max_tokens: int, window: int | None) -> str:
+        """The batching key of a prompt: its settings' key, with its number of whole blocks when a batch could
+        reach the sliding window. A batch of prompts with ``b`` whole blocks at most ends by column ``b l`` plus the
+        blocks ``max_tokens`` may take (``ceil((l - 1 + max_tokens) / l)``, the most any prompt tail needs); when that
+        fits the window, no batch of such prompts slides and left padding changes nothing but masked columns.
+        Otherwise the prompt batches only with prompts of its block count: the layout it has alone."""
+        blocks = len(ids) // l
+        if window is None or (blocks + -(-(l - 1 + max_tokens) // l)) * l <= window:
+            return key
+        return f"{key} blocks={blocks}"
 
     def _model_at(self, block_length: int | None):
         block_length = block_length or self.model.block_length
@@ -145,14 +183,25 @@ class Engine:
         return self._models[block_length]
 
     def _checked_config(self, model, settings: dict):
+        """The generation config of ``settings``, checked by every sampler; a refusal is a 400 naming its field."""
         try:
             config = with_overrides(model.generation_config, settings)
             config.check(model.block_length, self.schedule)
-        except UsageError as err:
-            raise APIError(400, str(err), None, "invalid_value") from None
-        except (TypeError, ValueError) as err:
-            raise APIError(400, f"bad generation setting: {err}", None, "invalid_value") from None
+        except (TypeError, ValueError) as err:  # UsageError is a ValueError
+            message = str(err) if isinstance(err, UsageError) else f"bad generation setting: {err}"
+            raise APIError(400, message, self._culprit(model, settings, message), "invalid_value") from None
         return config
+
+    def _culprit(self, model, settings: dict, message: str) -> str | None:
+        """The request field a refused config is about: the first setting refused on its own, else the one the
+        message opens with."""
+        for name, value in settings.items():
+            try:
+                with_overrides(model.generation_config, {name: value}).check(model.block_length, self.schedule)
+            except (TypeError, ValueError):
+                return PARAMS.get(name, name)
+        words = message.replace("=", " ").split()
+        return next((PARAMS.get(w, w) for w in words[:1] if w in settings), "sampler")
 
     @staticmethod
     def _window(model, config) -> int | None:
@@ -162,9 +211,12 @@ class Engine:
 
     def _encode(self, request: GenerationRequest) -> list[list[int]]:
         tok = self.tokenizer
-        try:
-            if not request.chat:
+        if not request.chat:
+            try:
                 return encode_prompts(tok, request.prompts)
+            except Exception as err:  # noqa: BLE001 - a tokenizer that refuses the text
+                raise APIError(400, f"the prompt could not be tokenized: {err}", "prompt", "invalid_value") from None
+        try:
             if getattr(tok, "chat_template", None):
                 text = tok.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
                 ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -172,14 +224,19 @@ class Engine:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in request.messages) + "assistant:"
             return encode_prompts(tok, [text])
         except UsageError as err:
-            raise APIError(400, str(err), "prompt", "invalid_value") from None
+            raise APIError(400, str(err), "messages", "invalid_value") from None
         except Exception as err:  # noqa: BLE001 - a chat template that refuses the conversation (roles, order)
             raise APIError(400, f"the chat template refused these messages: {err}", "messages") from None
 
     def submit(self, jobs: list[Job]) -> None:
+        """Queue the request's jobs, or refuse them all (429 ``queue_full``) when they would pass ``max_queue``."""
         with self._cond:
             if self._stopping:
                 raise APIError(503, "the server is shutting down", code="shutting_down", kind="server_error")
+            if len(self._pending) + len(jobs) > self.max_queue:
+                self.refused += len(jobs)
+                raise APIError(429, f"the server's queue is full ({len(self._pending)} waiting, at most "
+                               f"{self.max_queue}): retry later", None, "queue_full", "rate_limit_error")
             self._pending.extend(jobs)
             self._cond.notify_all()
 
@@ -200,7 +257,7 @@ class Engine:
             finally:
                 with self._cond:
                     self.running -= len(batch)
-                    self.completed += len(batch)
+                    self.completed += len(batch) - cancelled
                     self.cancelled += cancelled
                     self.batches += 1
                     self.largest_batch = max(self.largest_batch, len(batch))

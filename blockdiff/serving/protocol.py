@@ -6,6 +6,10 @@ block generation does not implement are refused by name when set to anything but
 ``logprobs``, ``echo``, ``best_of``, penalties, ``logit_bias``, ``suffix``, ``tools``); unknown fields are ignored,
 as OpenAI clients send many. The block-diffusion settings ride along as extra body fields: ``sampler``, ``tau``,
 ``block_length``, ``steps_per_block``, ``top_k`` and every registered sampler's knob.
+
+Every number is bounded here, before generation sees it: integers to ``[-INT_LIMIT, INT_LIMIT]`` (each sampler knob
+by the type its registry field declares, so a sampler registered later is bounded too; far below where torch's int64
+overflows), reals finite; what a sampler or the generation config then refuses is a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ UNSUPPORTED = {  # OpenAI field -> the values that mean "off"
     "response_format": (None, {"type": "text"}),
 }
 MAX_STOPS = 4  # as OpenAI
+INT_LIMIT = 2**31 - 1  # the largest integer any count or knob of a request may be (token counts, steps, top_k)
+ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's chat roles
 
 
 class APIError(Exception):
@@ -64,7 +70,7 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> API
     return APIError(400, message, param, code)
 
 
-def _int(body: dict, name: str, low: int | None = None, high: int | None = None) -> int | None:
+def _int(body: dict, name: str, low: int | None = -INT_LIMIT, high: int | None = INT_LIMIT) -> int | None:
     value = body.get(name)
     if value is None:
         return None
@@ -120,6 +126,9 @@ def _messages(body: dict) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise _bad(f"messages[{i}] must be an object with a string role and a string content", f"messages[{i}]")
+        if m["role"] not in ROLES:
+            raise _bad(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m['role']!r}",
+                       f"messages[{i}].role", "invalid_value")
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
@@ -153,8 +162,8 @@ def parse_request(body, chat: bool, served_model: str) -> GenerationRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise _bad("stream_options must be an object", "stream_options", "invalid_type")
-    max_tokens = _int(body, "max_completion_tokens", 1) if chat and "max_completion_tokens" in body else None
-    max_tokens = max_tokens or _int(body, "max_tokens", 1)
+    max_tokens = _int(body, "max_completion_tokens", 1, None) if chat and "max_completion_tokens" in body else None
+    max_tokens = max_tokens or _int(body, "max_tokens", 1, None)  # over the server's limit: max_tokens_over_limit
     settings = {
         "temperature": _number(body, "temperature"), "top_p": _number(body, "top_p"), "top_k": _int(body, "top_k"),
         "sampler": _knob(body, "sampler", str), "steps_per_block": _int(body, "steps_per_block"),
@@ -168,7 +177,7 @@ def parse_request(body, chat: bool, served_model: str) -> GenerationRequest:
         include_usage=bool(options.get("include_usage", False)),
         max_tokens=max_tokens,
         stop=_stop(body),
-        seed=_int(body, "seed", 0, SEED_MAX - 1024),  # prompt i of a request is seeded seed + i
+        seed=_int(body, "seed", 0, SEED_MAX),  # prompt i of a request is seeded (seed + i) mod (SEED_MAX + 1)
         settings={k: v for k, v in settings.items() if v is not None},
         block_length=_int(body, "block_length", 1),
     )
