@@ -8,7 +8,8 @@ A run directory (``trainer.out_dir``) holds exactly::
     logs/metrics.csv            the CSV log
     tokenizer/                  the run's tokenizer
     model/                      the exported model (safetensors + blockdiff.json + tokenizer + train_config.yaml
-                                + README.md, the model card)
+                                + README.md, the model card + export.json, the list of its files)
+    plots/                      `blockdiff plot`'s figures (PNGs), when it was run
 
 Every other module names these paths through ``RunDir`` (or the constants below), never as literals.
 
@@ -28,13 +29,14 @@ from pathlib import Path
 from blockdiff.errors import StorageError, WouldOverwriteError
 
 __all__ = [
-    "CONFIG", "CHECKPOINTS", "LOGS", "METRICS", "MODEL", "TOKENIZER", "LAST", "PREV", "SPEC_FILE", "TRAIN_CONFIG",
+    "CONFIG", "CHECKPOINTS", "LOGS", "METRICS", "MODEL", "TOKENIZER", "PLOTS", "LAST", "PREV", "SPEC_FILE", "TRAIN_CONFIG",
     "MODEL_CARD", "RunDir", "model_dir_of",
     "is_model_dir", "is_run_dir", "check_new_run_dir", "prepare_run_dir", "check_replaceable", "staging_dir",
     "replace_dir",
 ]
 
 CONFIG, CHECKPOINTS, LOGS, MODEL, TOKENIZER = "config.yaml", "checkpoints", "logs", "model", "tokenizer"  # in a run
+PLOTS = "plots"  # in a run: `blockdiff plot`'s PNGs
 METRICS = "metrics.csv"  # under LOGS: the CSV log (Lightning's CSVLogger names it)
 LAST, PREV = "last.ckpt", "prev.ckpt"  # under CHECKPOINTS: the newest checkpoint and the one it replaced
 SPEC_FILE = "blockdiff.json"  # the file that marks a blockdiff model export (model.py writes it)
@@ -43,7 +45,7 @@ MODEL_CARD = "README.md"  # in a model export: the model card (modeling/model_ca
 
 # What a model export (or a tokenizer folder) is made of: flat files of these kinds, nothing else.
 _MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".yaml", ".jinja", ".tiktoken")
-_RUN_ENTRIES = {CONFIG, CHECKPOINTS, LOGS, MODEL, TOKENIZER}
+_RUN_ENTRIES = {CONFIG, CHECKPOINTS, LOGS, MODEL, TOKENIZER, PLOTS}
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,10 @@ class RunDir:
     def model(self) -> Path:
         return self.root / MODEL
 
+    @property
+    def plots(self) -> Path:
+        return self.root / PLOTS
+
 
 def model_dir_of(path: str | Path) -> Path:
     """The model export a path names: a model directory itself, or a run directory's ``model/``."""
@@ -129,6 +135,12 @@ def _run_dir_problem(directory: Path) -> str | None:
         other = sorted(p.name for p in checkpoints.iterdir() if not (p.is_file() and ".ckpt" in p.name))
         if other:
             return f"{CHECKPOINTS}/ also holds {', '.join(other[:5])}"
+    plots = directory / PLOTS
+    if plots.exists():
+        other = sorted(p.name for p in plots.iterdir() if not (p.is_file() and p.suffix == ".png")) \
+            if plots.is_dir() else [PLOTS]
+        if other:
+            return f"{PLOTS}/ also holds {', '.join(other[:5])}"
     for sub in (MODEL, TOKENIZER):
         if (directory / sub).is_dir() and _foreign_files(directory / sub):
             return f"{sub}/ also holds {', '.join(_foreign_files(directory / sub)[:5])}"
