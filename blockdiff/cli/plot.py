@@ -10,9 +10,9 @@ from blockdiff.errors import MissingFileError, UsageError
 
 
 def run(args) -> None:
-    """Plot runs and traces as PNGs (into the first run's plots/ unless -o; existing files only with --overwrite): the loss and validation curves of every run on one figure, each run's held-out
+    """Plot runs and traces as PNGs: the loss and validation curves of every run on one figure, each run's held-out
     NELBO per position inside a block, and for each trace (a .jsonl from `sample --trace`) the number of tokens each
-    network forward revealed."""
+    network forward revealed. The PNGs go to the first run's plots/ unless -o; existing files only with --overwrite."""
     from blockdiff.modeling.rundir import RunDir, model_dir_of
 
     if args.nelbo_batches < 0:
@@ -103,7 +103,7 @@ def _nelbo_by_position(run: Path, args) -> list[float]:
 def add_arguments(p):
     p.add_argument("paths", nargs="+", help="run directories and/or trace files (blockdiff sample --trace)")
     p.add_argument("-o", "--out-dir",
-                   help="where the PNGs go (default: the first run's plots/ folder; for traces alone, the trace's folder)")
+                   help="where the PNGs go (default: the first run's plots/; for traces alone, the trace's folder)")
     p.add_argument("--overwrite", action="store_true", help="replace PNGs that already exist (else they are refused)")
     p.add_argument("--nelbo-batches", type=int, default=8,
                    help="held-out batches for the NELBO per block position (default 8; 0 skips it)")

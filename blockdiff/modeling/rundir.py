@@ -29,7 +29,8 @@ from pathlib import Path
 from blockdiff.errors import StorageError, WouldOverwriteError
 
 __all__ = [
-    "CONFIG", "CHECKPOINTS", "LOGS", "METRICS", "MODEL", "TOKENIZER", "PLOTS", "LAST", "PREV", "SPEC_FILE", "TRAIN_CONFIG",
+    "CONFIG", "CHECKPOINTS", "LOGS", "METRICS", "MODEL", "TOKENIZER", "PLOTS",
+    "LAST", "PREV", "SPEC_FILE", "TRAIN_CONFIG",
     "MODEL_CARD", "RunDir", "model_dir_of",
     "is_model_dir", "is_run_dir", "check_new_run_dir", "prepare_run_dir", "check_replaceable", "staging_dir",
     "replace_dir",

@@ -217,7 +217,7 @@ _MAX_ID = 1 << 31  # token ids and positions are below this (no vocabulary or co
 
 
 def _is_id(value) -> bool:
-    """A token id or a position: a JSON integer in ``[0, 2**31)`` (not ``1e30``, ``-5``, ``"x"``, ``null``, ``true``)."""
+    """A token id or a position: a JSON integer in ``[0, 2**31)`` (not ``1e30``, ``-5``, ``"x"``, ``null``)."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_ID
 
 
