@@ -421,3 +421,19 @@ def test_view_and_plot_refuse_a_damaged_trace_in_one_line(tmp_path, capsys, cont
     assert main(["plot", str(path), "-o", str(tmp_path / "plots")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_output_follows_the_umask(trace_path, model_dir, tmp_path):
+    """issue 20: pages, ``eval --json`` files and run configs (``files.write_text_atomic``, through ``mkstemp``) were
+    0600 whatever the umask, while everything else followed it."""
+    from blockdiff.files import write_text_atomic
+
+    old = os.umask(0o027)
+    try:
+        assert main(["view", str(trace_path), "-o", str(tmp_path / "p.html"), "--gif", str(tmp_path / "t.gif")]) == 0
+        assert main(["eval", str(model_dir), "--max-batches", "1", "--json", str(tmp_path / "e.json")]) == 0
+        write_text_atomic(tmp_path / "config.yaml", "a: 1\n")  # how train writes the run's config.yaml
+    finally:
+        os.umask(old)
+    for name in ("p.html", "t.gif", "e.json", "config.yaml"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
