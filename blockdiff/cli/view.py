@@ -29,6 +29,11 @@ def run(args) -> None:
         from blockdiff.cli.plot import require_plots
 
         require_plots("--gif" if args.gif else "--mp4")
+    if args.mp4:
+        import shutil
+
+        if shutil.which("ffmpeg") is None:  # before the page is written
+            raise UsageError("--mp4 needs ffmpeg on PATH (e.g. `apt-get install ffmpeg`); --gif works without it")
     trace = read_trace(args.trace)
     if args.sample is not None and not 0 <= args.sample < len(trace.samples):
         raise UsageError(f"--sample {args.sample} is out of range: the trace holds {len(trace.samples)} samples")

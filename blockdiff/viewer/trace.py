@@ -209,7 +209,9 @@ def read_trace(path: str | Path) -> Trace:
     if not events:
         raise UsageError(f"{path} holds no denoising steps (a header but no step lines); sample again with --trace")
     for number, event in events:
-        _check_event(event, len(header["prompts"]), f"{path}:{number}")
+        _check_event(event, len(header["prompts"]), header["block_length"], f"{path}:{number}")
+    if end is not None:
+        _check_end(end, len(header["prompts"]), f"{path} (its end record)")
     return _assemble(path, header, [e for _, e in events], end)
 
 
@@ -225,6 +227,18 @@ def _id_list(value) -> bool:
     return isinstance(value, list) and all(_is_id(v) for v in value)
 
 
+def _check_end(end: dict, num_samples: int, where: str) -> None:
+    """The end record: the text of each token id, and one entry per sample of every per-sample list."""
+    pieces = end.get("pieces")
+    if not isinstance(pieces, dict) or not all(isinstance(v, str) and k.isdigit() for k, v in pieces.items()):
+        raise UsageError(f"{where}: pieces must map token ids to their text; the trace is damaged")
+    for key in ("new_tokens", "texts", "segments", "prompt_segments", "stop_reasons"):
+        if not isinstance(end.get(key), list) or len(end[key]) != num_samples:
+            raise UsageError(f"{where}: {key} must hold one entry per sample ({num_samples}); the trace is damaged")
+    if not all(_id_list(t) for t in end["new_tokens"]) or not all(isinstance(t, str) for t in end["texts"]):
+        raise UsageError(f"{where}: new_tokens must be lists of token ids and texts strings; the trace is damaged")
+
+
 def _checked_header(record: dict, where: str) -> dict:
     """The header record, its prompts, block length and mask id checked."""
     prompts = record.get("prompts")
@@ -232,12 +246,15 @@ def _checked_header(record: dict, where: str) -> dict:
         raise UsageError(f"{where}: the header's prompts must be lists of token ids (integers >= 0)")
     if not _is_id(record.get("mask_token_id")) or not _is_id(record.get("block_length")) or not record["block_length"]:
         raise UsageError(f"{where}: the header needs an integer mask_token_id >= 0 and block_length >= 1")
+    if not isinstance(record.get("settings", {}), dict):
+        raise UsageError(f"{where}: the header's settings must be a JSON object")
     return record
 
 
-def _check_event(e: dict, num_samples: int, where: str) -> None:
-    """One step line: per row of ``samples`` (indices below ``num_samples``) its block start, the block's token ids,
-    the revealed positions (inside the block) with their confidences, and the re-opened positions."""
+def _check_event(e: dict, num_samples: int, block_length: int, where: str) -> None:
+    """One step line: per row of ``samples`` (indices below ``num_samples``) its block start, the block's
+    ``block_length`` token ids, the revealed positions (inside the block) with their confidences, and the re-opened
+    positions."""
     rows = e["samples"]
     if not isinstance(rows, list) or not all(_is_id(i) and i < num_samples for i in rows):
         raise UsageError(
@@ -252,6 +269,9 @@ def _check_event(e: dict, num_samples: int, where: str) -> None:
         raise UsageError(f"{where}: step must be an integer; the trace is damaged")
     for row in range(len(rows)):
         start, tokens = e["block_start"][row], e["tokens"][row]
+        if isinstance(tokens, list) and len(tokens) != block_length:
+            raise UsageError(f"{where}: a block holds {block_length} tokens (the header's block_length), this step "
+                             f"{len(tokens)}; the trace is damaged")
         if not _is_id(start) or not _id_list(tokens):
             raise UsageError(
                 f"{where}: token ids and positions must be integers >= 0 (got block_start {start!r}, tokens "
