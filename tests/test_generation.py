@@ -765,3 +765,23 @@ def test_the_head_runs_on_masked_rows_and_the_mask_is_built_once_per_block(monke
     rows.clear(), masks.clear()
     out = model.generate([[1, 2, 3, 4], [5, 6]], **settings)
     assert rows == [6, 4, 2, 1] + [8, 6, 4, 2] + [2, 1] and len(masks) <= 2 * 3 < out.nfe == 10
+
+
+def test_cli_sample_trace_never_replaces_an_existing_file_without_overwrite(run_dir, tmp_path, capsys):
+    """issue 20: ``--trace`` over an existing file (or the prompt file) is refused before any work."""
+    from blockdiff.cli import main
+
+    trace = tmp_path / "notes.jsonl"
+    trace.write_text("my notes\n")
+    base = ["sample", str(run_dir), "--prompt", "a", "--max-new-tokens", "4", "--trace"]
+    assert main([*base, str(trace)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err and trace.read_text() == "my notes\n"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a\n")
+    assert main(["sample", str(run_dir), "--prompt-file", str(prompts), "--trace", str(prompts), "--overwrite"]) == 2
+    assert "input" in capsys.readouterr().err and prompts.read_text() == "a\n"
+    assert main([*base, str(tmp_path / "missing" / "t.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "missing").exists()
+    assert main([*base, str(trace), "--overwrite"]) == 0
+    assert '"kind": "header"' in trace.read_text()

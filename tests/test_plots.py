@@ -66,3 +66,24 @@ def test_metrics_and_smoothing_helpers(tmp_path):
     assert read_metrics(tmp_path / "run", "val/nll") == [(19, 4.25)]
     assert read_metrics(tmp_path / "nothing", "train/loss") == []
     assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_plot_writes_into_the_run_and_never_over_an_existing_file(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["plot", str(run_dir), "--nelbo-batches", "0"]) == 0
+    curves = run_dir / "plots" / "curves.png"
+    assert curves.is_file() and not (tmp_path / "plots").exists()  # into the run, not the current directory
+    from blockdiff.modeling.rundir import is_run_dir
+
+    assert is_run_dir(run_dir)  # plots/ is part of a run's layout
+    before = curves.read_bytes()
+    assert main(["plot", str(run_dir), "--nelbo-batches", "0"]) == 2  # the same command again
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err and curves.read_bytes() == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "curves.png").write_text("my own figure")
+    assert main(["plot", str(run_dir), "-o", str(mine), "--nelbo-batches", "0"]) == 2
+    assert (mine / "curves.png").read_text() == "my own figure"
+    assert main(["plot", str(run_dir), "-o", str(mine), "--nelbo-batches", "0", "--overwrite"]) == 0
+    assert not_blank(mine / "curves.png") and sorted(p.name for p in mine.iterdir()) == ["curves.png"]  # no temp file

@@ -160,6 +160,28 @@ def test_the_last_step_is_checkpointed_and_a_run_can_be_extended(corpus, tmp_pat
     assert_same_weights(straight9, extended)
 
 
+def val_steps(run: Path) -> list[int]:
+    with open(run / "logs" / "metrics.csv", newline="") as f:
+        return [int(row["step"]) for row in csv.DictReader(f) if row.get("val/nll")]
+
+
+def test_resume_keeps_each_final_validation_row_once(corpus, tmp_path):
+    """issue 20: a resume kept only rows before its checkpoint's step, dropping the previous command's final
+    validation (logged at that step); a resume at max_steps logged the same validation a second time."""
+    run = tmp_path / "run"
+    once = ["trainer.val_every_n_steps=100", "trainer.checkpoint_every_n_steps=4"]
+    train(config(corpus, run, *once, "trainer.max_steps=3"), progress=False)
+    assert val_steps(run) == [3]
+    train(config(corpus, run, *once, "trainer.max_steps=5"), progress=False, resume=run)
+    assert val_steps(run) == [3, 5]  # the step-3 row of the first command is kept
+    train(config(corpus, run, *once, "trainer.max_steps=5"), progress=False, resume=run)
+    assert val_steps(run) == [3, 5]  # at max_steps: validated again, logged once
+    in_fit = tmp_path / "in_fit"  # the last validation ran inside fit (val_every_n_steps divides max_steps)
+    train(config(corpus, in_fit, "trainer.val_every_n_steps=3", "trainer.max_steps=3"), progress=False)
+    train(config(corpus, in_fit, "trainer.val_every_n_steps=3", "trainer.max_steps=3"), progress=False, resume=in_fit)
+    assert val_steps(in_fit) == [3]
+
+
 def test_resume_refuses_a_changed_model(straight, corpus, tmp_path):
     with pytest.raises(ConfigError, match="model"):
         train(config(corpus, straight, "model.block_length=8"), progress=False, resume=straight)

@@ -99,15 +99,65 @@ def test_export_to_a_parent_directory_is_refused(run, tmp_path, monkeypatch):
     assert (tmp_path / "a" / "notes.txt").read_text() == "keep me" and inner.is_dir()
 
 
-def test_export_over_a_previous_export_needs_overwrite_and_replaces_it_whole(run, tmp_path):
+def test_export_over_a_previous_export_needs_overwrite_and_replaces_its_own_files(run, tmp_path):
     out = tmp_path / "out"
     assert main(["export", str(run), str(out)]) == 0
     first = tree(out)
-    (out / "stale.json").write_text("{}")  # a file of the kind an export holds, left by an older export
     assert main(["export", str(run), str(out)]) == 2  # no --overwrite: refused
     assert main(["export", str(run), str(out), "--overwrite"]) == 0
-    assert tree(out) == first  # replaced as a whole: the stale file is gone, the weights are the same
+    assert tree(out) == first  # replaced: the same files, the same weights
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_export_overwrite_deletes_only_the_files_its_manifest_lists(run, tmp_path, capsys):
+    """issue 20: ``--overwrite`` deleted any file whose name ended like an export's (``.txt``, ``.json``, ``.yaml``)."""
+    import json
+
+    out = tmp_path / "e5"
+    assert main(["export", str(run), str(out)]) == 0
+    listed = json.loads((out / "export.json").read_text())["files"]
+    assert sorted(listed) == sorted(p.name for p in out.iterdir() if p.name != "export.json")
+    mine = {"mynotes.txt": "n\n", "eval_results.json": "{}\n", "sweep.yaml": "a: 1\n", "plot.png": "png"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    (out / "model.safetensors").write_bytes(b"stale")  # one of the export's own files, to be replaced
+    assert main(["export", str(run), str(out), "--overwrite"]) == 0
+    assert {name: (out / name).read_text() for name in mine} == mine  # the user's files stay
+    assert (out / "model.safetensors").stat().st_size > 1000 and load_model_dir(out).model is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e5"]  # no staging or .old folder left
+    (out / "export.json").write_text(json.dumps({"files": [f for f in listed if f != "README.md"]}))
+    (out / "README.md").write_text("my own readme")  # not the export's (by its manifest): never replaced
+    assert main(["export", str(run), str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "README.md" in err and (out / "README.md").read_text() == "my own readme"
+
+
+def test_export_overwrite_of_an_export_without_a_manifest(run, tmp_path, capsys):
+    out = tmp_path / "old"
+    assert main(["export", str(run), str(out)]) == 0
+    (out / "export.json").unlink()  # as exports were written before manifests
+    assert main(["export", str(run), str(out), "--overwrite"]) == 0  # only names an export writes: ours
+    (out / "export.json").unlink()
+    (out / "mynotes.txt").write_text("keep")
+    assert main(["export", str(run), str(out), "--overwrite"]) == 2  # cannot tell ours apart: refused
+    err = capsys.readouterr().err
+    assert "mynotes.txt" in err and "export.json" in err and (out / "mynotes.txt").read_text() == "keep"
+    assert (out / "model.safetensors").is_file()
+
+
+def test_export_overwrite_through_a_symbolic_link_keeps_the_link(run, tmp_path, capsys):
+    """issue 20: ``export RUN link --overwrite`` replaced the link by a directory and left the old model behind it."""
+    target, link = tmp_path / "mexp", tmp_path / "link2"
+    assert main(["export", str(run), str(target)]) == 0
+    (target / "model.safetensors").write_bytes(b"old")
+    link.symlink_to(target)
+    assert main(["export", str(run), str(link), "--overwrite"]) == 0
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert (target / "model.safetensors").stat().st_size > 1000  # the new model, where the link points
+    broken = tmp_path / "broken"
+    broken.symlink_to(tmp_path / "nowhere")
+    assert main(["export", str(run), str(broken)]) == 2
+    assert "symbolic link" in capsys.readouterr().err and broken.is_symlink() and not (tmp_path / "nowhere").exists()
 
 
 def test_train_overwrite_never_deletes_a_folder_of_the_users_files(corpus, tmp_path, capsys):

@@ -345,3 +345,95 @@ def test_page_of_a_4096_token_trace_scrubs_to_its_end(chromium, model_dir, tmp_p
     assert len(gen) == 4096
     assert "".join(s["text"] for s in gen) == trace.samples[0].text
     assert dom.by_id["step-counter"] == f"{len(trace.samples[0].steps)} / {len(trace.samples[0].steps)}"
+
+
+# -- issue 20: never overwrite the input or an existing file; damaged traces refused in one line ---------------------
+
+
+def test_view_never_overwrites_its_input_nor_an_existing_file(trace_path, tmp_path, capsys):
+    own = tmp_path / "t.html"  # a trace whose name ends in .html: its default page would be itself
+    shutil.copy(trace_path, own)
+    before = own.read_bytes()
+    assert main(["view", str(own)]) == 2
+    assert "input" in capsys.readouterr().err and own.read_bytes() == before
+    assert main(["view", str(own), "-o", str(own), "--overwrite"]) == 2  # not even with --overwrite
+    assert "input" in capsys.readouterr().err and own.read_bytes() == before
+    essay = tmp_path / "essay.txt"
+    essay.write_text("mine")
+    assert main(["view", str(trace_path), "-o", str(essay)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert essay.read_text() == "mine"
+    gif = tmp_path / "a.gif"
+    gif.write_bytes(b"not mine to replace")
+    page = tmp_path / "p.html"
+    assert main(["view", str(trace_path), "-o", str(page), "--gif", str(gif)]) == 2  # refused before the page
+    assert not page.exists() and gif.read_bytes() == b"not mine to replace"
+    assert main(["view", str(trace_path), "-o", str(essay), "--overwrite"]) == 0
+    assert "<html" in essay.read_text().lower()
+
+
+def test_view_checks_the_animation_name_and_folder_before_writing_anything(trace_path, tmp_path, capsys):
+    page = tmp_path / "p.html"
+    assert main(["view", str(trace_path), "-o", str(page), "--gif", str(tmp_path / "x.txt")]) == 2
+    assert ".gif" in capsys.readouterr().err and not page.exists() and not (tmp_path / "x.txt").exists()
+    missing = tmp_path / "nonexistent" / "x.gif"
+    assert main(["view", str(trace_path), "--gif", str(missing)]) == 2
+    assert "does not exist" in capsys.readouterr().err and not missing.parent.exists()
+
+
+def test_gif_reports_progress_frame_by_frame(trace_path, tmp_path):
+    from blockdiff.viewer.animation import write_animation
+
+    calls = []
+    trace = read_trace(trace_path)
+    frames = write_animation(trace, tmp_path / "t.gif", progress=lambda *a: calls.append(a))
+    assert calls[0] == ("drawing frames", 0, frames) and calls[-1][0] == "writing the gif"
+    assert not [p for p in tmp_path.iterdir() if p.name != "t.gif"]  # no temporary file left
+
+
+def _step(**change) -> str:
+    record = {"block": 0, "step": 1, "samples": [0], "block_start": [4], "tokens": [[1, 2, 3, 4]], "revealed": [[4]],
+              "remasked": [[]], "confidence": [[0.5]], "forward": True}
+    return json.dumps({**record, **change}) + "\n"
+
+
+_HEADER = json.dumps({"kind": "header", "prompts": [[256, 1, 2, 3]], "mask_token_id": 258, "block_length": 4}) + "\n"
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty"),
+    (b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary", "not UTF-8"),
+    ((_HEADER + _step(samples=[99])).encode(), "samples [99]"),
+    ((_HEADER + _step(tokens=[[1e30, 2, 3, 4]])).encode(), "integers >= 0"),
+    ((_HEADER + _step(tokens=[[-5, 2, 3, 4]])).encode(), "integers >= 0"),
+    ((_HEADER + _step(tokens=[["x", 2, 3, 4]])).encode(), "integers >= 0"),
+    ((_HEADER + _step(tokens=[[None, 2, 3, 4]])).encode(), "integers >= 0"),
+    ((_HEADER + _step(revealed=[[40]])).encode(), "in the block"),
+])
+def test_view_and_plot_refuse_a_damaged_trace_in_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(content)
+    assert main(["view", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "older blockdiff" not in err
+    assert not path.with_suffix(".html").exists()
+    assert main(["plot", str(path), "-o", str(tmp_path / "plots")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_output_follows_the_umask(trace_path, model_dir, tmp_path):
+    """issue 20: pages, ``eval --json`` files and run configs (``files.write_text_atomic``, through ``mkstemp``) were
+    0600 whatever the umask, while everything else followed it."""
+    from blockdiff.files import write_text_atomic
+
+    old = os.umask(0o027)
+    try:
+        assert main(["view", str(trace_path), "-o", str(tmp_path / "p.html"), "--gif", str(tmp_path / "t.gif")]) == 0
+        assert main(["eval", str(model_dir), "--max-batches", "1", "--json", str(tmp_path / "e.json")]) == 0
+        write_text_atomic(tmp_path / "config.yaml", "a: 1\n")  # how train writes the run's config.yaml
+    finally:
+        os.umask(old)
+    for name in ("p.html", "t.gif", "e.json", "config.yaml"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name

@@ -21,6 +21,10 @@ def run(args) -> None:
         _check_speculative_flags(args)
     elif args.base is not None:
         raise UsageError("--base names the verifier of --speculative decoding; add --speculative")
+    if args.trace:  # before any work: an existing file is replaced only with --overwrite
+        from blockdiff.files import check_output_file
+
+        check_output_file(args.trace, "--trace", args.overwrite, inputs=[p for p in (args.prompt_file,) if p])
     prompts = _read_prompts(args)
     loaded = load_model_dir(path, device=args.device)
     if args.block_length is not None:  # e.g. a block-length-mixture model at another of its lengths
@@ -283,6 +287,7 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i, whatever else is in the batch")
     p.add_argument("--show-denoising", action="store_true", help="draw the block being denoised live")
     p.add_argument("--trace", help="write every denoising step as JSON lines to this file")
+    p.add_argument("--overwrite", action="store_true", help="with --trace: replace the file if it already exists")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
     p.add_argument(
         "--speculative", action="store_true",

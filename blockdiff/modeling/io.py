@@ -26,7 +26,15 @@ from blockdiff.modeling.lean import pack_linears, use_lean
 from blockdiff.modeling.model import BlockDiffusionLM
 from blockdiff.modeling.model_card import write_model_card
 from blockdiff.modeling.model_files import read_json_file
-from blockdiff.modeling.rundir import TRAIN_CONFIG, check_replaceable, model_dir_of, replace_dir, staging_dir
+from blockdiff.modeling.rundir import (
+    TRAIN_CONFIG,
+    check_replaceable,
+    export_target,
+    model_dir_of,
+    replace_dir,
+    staging_dir,
+    write_export_manifest,
+)
 
 __all__ = [
     "LoadedModel", "load_model_dir", "read_train_config", "export_model", "TOKENIZER_JSON_FILES",
@@ -129,10 +137,11 @@ def export_model(
     ``metrics`` when given: ``val/nll``, ``val/ppl``, ``val/bpb``, ``step``) to ``model_dir``: into a staging folder
     next to it, which replaces ``model_dir`` only when complete. An existing ``model_dir`` is replaced only if it is
     a blockdiff model export (and ``overwrite``); a failed write (disk full) leaves ``model_dir`` as it was and no
-    staging folder."""
+    staging folder. The export lists its files in ``export.json`` (what a later ``--overwrite`` may delete: nothing
+    else in the folder); a symbolic link ``model_dir`` is written through (``rundir.export_target``)."""
     from blockdiff.modeling.pretrained import merge_lora
 
-    model_dir = Path(model_dir)
+    model_dir = export_target(model_dir)
     check_replaceable(model_dir, overwrite)
     tmp = staging_dir(model_dir)
     try:
@@ -142,6 +151,7 @@ def export_model(
         tokenizer.save_pretrained(tmp)
         (tmp / TRAIN_CONFIG).write_text(to_yaml(cfg))
         write_model_card(tmp, export, cfg, metrics, _card_name(model_dir))
+        write_export_manifest(tmp)
         replace_dir(tmp, model_dir, overwrite)
     except Exception as err:
         reason = write_failure_reason(err)

@@ -123,6 +123,10 @@ class BlockDiffusionModule(L.LightningModule):
         }
         self.log_dict(metrics, prog_bar=True, sync_dist=True)
         trainer = self._trainer  # None when the hooks are driven by hand (tests)
+        if trainer is not None:
+            # the row's step is that of the weights measured (Lightning would log an in-fit validation one step
+            # earlier, and the final one after fit at this step): resume.carry_over_log relies on it
+            self.log_dict({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch)}, sync_dist=True)
         if trainer is not None and trainer.state.fn == "fit":  # lets the recipe skip re-validating the same weights
             self.last_fit_validation = (trainer.global_step, {k: float(v) for k, v in metrics.items()})
         if self._clip_scores is not None:

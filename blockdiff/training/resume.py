@@ -195,15 +195,22 @@ class ResumePlan:
         if self.in_place and (point.fell_back or (point.legacy and point.checkpoint.name != LAST)):
             copy_into_place(point.checkpoint, point.checkpoint.with_name(LAST))
 
-    def carry_over_log(self, logger) -> None:
-        """Re-log the resumed run's CSV rows up to its checkpoint (Lightning's CSV logger restarts the file)."""
+    def carry_over_log(self, logger, max_steps: int) -> None:
+        """Re-log the resumed run's CSV rows up to its checkpoint (Lightning's CSV logger restarts the file).
+
+        A checkpoint at step ``S`` keeps every row logged before step ``S`` and the validation rows *at* ``S``
+        (validation rows carry the step of the weights they measured: the final validation of the command that
+        stopped at ``S``, which a resume that trains on never repeats). Rows the resumed command logs again are
+        dropped: training rows from step ``S`` on (the batches after the checkpoint), later validations, and the
+        validation at ``S`` itself when ``S >= max_steps`` (the resume then validates those weights once more)."""
         if not self.old_log:
             return
         for row in self.old_log:
             step = int(float(row.get("step") or 0))
-            if step >= self.step:
-                continue
             kept = {k: v for k, v in row.items() if k != "step" and v not in ("", None)}
+            validation = any(k.startswith("val/") for k in kept)
+            if step > self.step or (step == self.step and not (validation and self.step < max_steps)):
+                continue
             values = {k: float(v) if k != "epoch" else int(float(v)) for k, v in kept.items()}
             logger.experiment.log_metrics(values, step)
         logger.save()

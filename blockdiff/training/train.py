@@ -131,7 +131,7 @@ def _write_run_dir(cfg: Config, run_dir: RunDir, plan: ResumePlan, tokenizer, ru
     with _removed_on_failure(None if plan.in_place else run_dir):
         write_text_atomic(run_dir.config, to_yaml(cfg))
         tokenizer.save_pretrained(run_dir.tokenizer)  # `blockdiff export` rebuilds the network from these two
-        plan.carry_over_log(run.logger)
+        plan.carry_over_log(run.logger, cfg.trainer.max_steps)
 
 
 def _stopped_by(cfg: Config, run: Run, run_dir: RunDir, is_zero: bool) -> str:

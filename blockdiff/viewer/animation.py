@@ -14,7 +14,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from blockdiff.errors import UsageError
+from blockdiff.errors import MissingFileError, UsageError
+from blockdiff.files import atomic_path
 from blockdiff.viewer.trace import Cell, SampleTrace, Trace
 
 __all__ = ["frame_count", "render_frames", "write_animation"]
@@ -65,9 +66,11 @@ def _layout(cells: list[Cell], columns: int) -> list[list[tuple[str, Cell]]]:
     return lines
 
 
-def render_frames(trace: Trace, sample: int = 0, width: int = 720, rows: int = 12, font_size: int = 15):
+def render_frames(trace: Trace, sample: int = 0, width: int = 720, rows: int = 12, font_size: int = 15,
+                  progress=None):
     """The animation's frames as RGB Pillow images (``frame_count`` of them). ``rows`` lines of text are shown: the
-    last ones when the text grows longer, so the block being written stays in view."""
+    last ones when the text grows longer, so the block being written stays in view. ``progress(stage, done, total)``
+    is told of every frame drawn (``cli.render.stage_progress``)."""
     from PIL import Image, ImageDraw
 
     s = trace.samples[sample]
@@ -79,7 +82,10 @@ def render_frames(trace: Trace, sample: int = 0, width: int = 720, rows: int = 1
     rows = min(rows, max(3, len(_layout(s.cells(len(s.steps), trace.pieces, trace.special_ids), columns))))
     height = header + rows * line_h + 2 * pad
     frames, forwards, made = [], 0, 0
-    for k in range(frame_count(s)):
+    total = frame_count(s)
+    for k in range(total):
+        if progress is not None and k % 25 == 0:
+            progress("drawing frames", k, total)
         if k:
             forwards += s.steps[k - 1].forward
             made += len(s.steps[k - 1].revealed) - len(s.steps[k - 1].remasked)
@@ -120,8 +126,10 @@ def _draw_cell(draw, x, y, w, h, chars, cell: Cell, font) -> None:
 
 
 def write_animation(trace: Trace, path: str | Path, kind: str = "gif", sample: int = 0, fps: float = 6.0,
-                    width: int = 720, hold_seconds: float = 2.5) -> int:
-    """Write sample ``sample`` of ``trace`` as a GIF or an MP4; returns the number of frames."""
+                    width: int = 720, hold_seconds: float = 2.5, progress=None) -> int:
+    """Write sample ``sample`` of ``trace`` as a GIF or an MP4 (through a temporary file: never half-written); returns
+    the number of frames. ``path`` must end in ``.gif`` / ``.mp4`` and its folder must exist (it is not created).
+    ``progress(stage, done, total)``: told of each frame drawn and of the encoding."""
     if kind not in ("gif", "mp4"):
         raise UsageError(f"an animation is a gif or an mp4, not {kind!r}")
     if not trace.complete:
@@ -132,16 +140,23 @@ def write_animation(trace: Trace, path: str | Path, kind: str = "gif", sample: i
     if kind == "mp4" and ffmpeg is None:
         raise UsageError("--mp4 needs ffmpeg on PATH (e.g. `apt-get install ffmpeg`); --gif works without it")
     path = Path(path)
+    if path.suffix.lower() != f".{kind}":
+        raise UsageError(f"--{kind} {path}: the file name must end in .{kind}")
     if path.is_dir():
         raise UsageError(f"{path} is a directory; give a file name such as {path / ('trace.' + kind)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames = render_frames(trace, sample, width)
-    if kind == "gif":
-        step_ms = int(1000 / fps)
-        durations = [step_ms] * (len(frames) - 1) + [int(hold_seconds * 1000)]
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0, optimize=True)
-    else:
-        _write_mp4(ffmpeg, frames, path, fps, hold_seconds)
+    if not path.parent.is_dir():
+        raise MissingFileError(f"--{kind} {path}: the folder {path.parent} does not exist; create it first")
+    frames = render_frames(trace, sample, width, progress=progress)
+    if progress is not None:
+        progress(f"writing the {kind}", 0, 0)
+    with atomic_path(path) as tmp:
+        if kind == "gif":
+            step_ms = int(1000 / fps)
+            durations = [step_ms] * (len(frames) - 1) + [int(hold_seconds * 1000)]
+            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0,
+                           optimize=True)
+        else:
+            _write_mp4(ffmpeg, frames, tmp, fps, hold_seconds)
     return len(frames)
 
 
@@ -149,7 +164,7 @@ def _write_mp4(ffmpeg: str, frames, path: Path, fps: float, hold_seconds: float)
     w, h = frames[0].size
     held = frames + [frames[-1]] * max(0, int(hold_seconds * fps))
     cmd = [ffmpeg, "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps),
-           "-i", "-", "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-pix_fmt", "yuv420p", str(path)]
+           "-i", "-", "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-pix_fmt", "yuv420p", "-f", "mp4", str(path)]
     proc = subprocess.run(cmd, input=b"".join(f.tobytes() for f in held), capture_output=True)
     if proc.returncode != 0:
         raise UsageError(f"ffmpeg could not write {path}: {proc.stderr.decode(errors='replace')[-500:]}")

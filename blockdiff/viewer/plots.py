@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from blockdiff.files import atomic_path  # noqa: E402
 from blockdiff.modeling.rundir import RunDir  # noqa: E402
 from blockdiff.viewer.trace import Trace  # noqa: E402
 
@@ -29,12 +30,16 @@ __all__ = ["save", "read_metrics", "moving_average", "training_curves", "nelbo_b
 
 
 def save(fig, path: str | Path) -> Path:
-    """Lay out, write (120 dpi) and close a figure; returns the path."""
+    """Lay out, write (120 dpi, as PNG, through a temporary file: never half-written) and close a figure; returns the
+    path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

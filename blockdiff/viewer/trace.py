@@ -164,36 +164,129 @@ class Trace:
 
 
 def read_trace(path: str | Path) -> Trace:
-    """Parse a trace written by ``blockdiff sample --trace``; ``UsageError`` naming the line when it is not one."""
+    """Parse a trace written by ``blockdiff sample --trace``; ``UsageError`` naming the line when it is not one
+    (not UTF-8 text, not JSON, a record of the wrong shape, a token id that is not a non-negative integer, a sample
+    index the header does not have)."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"trace {path} does not exist (write one with `blockdiff sample RUN --trace {path}`)")
     header, end, events = None, None, []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{path}:{number} is not JSON ({err.msg}); is it a `blockdiff sample --trace` file?")
-            kind = record.get("kind") if isinstance(record, dict) else None
-            if kind == "header":
-                header = record
-            elif kind == "end":
-                end = record
-            elif isinstance(record, dict) and {"block", "samples", "tokens", "revealed"} <= set(record):
-                events.append(record)
-            else:
-                raise UsageError(f"{path}:{number} is not a trace record (no block/samples/tokens/revealed keys)")
+    number = 0
+    try:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UsageError(
+                        f"{path}:{number} is not JSON ({err.msg}); is it a `blockdiff sample --trace` file?"
+                    ) from None
+                kind = record.get("kind") if isinstance(record, dict) else None
+                if kind == "header":
+                    header = _checked_header(record, f"{path}:{number}")
+                elif kind == "end":
+                    end = record
+                elif isinstance(record, dict) and {"block", "samples", "tokens", "revealed"} <= set(record):
+                    events.append((number, record))
+                else:
+                    raise UsageError(f"{path}:{number} is not a trace record (no block/samples/tokens/revealed keys)")
+    except UnicodeDecodeError:
+        raise UsageError(
+            f"{path}:{number + 1} is not UTF-8 text (a binary file?); give a trace written by "
+            "`blockdiff sample RUN --trace FILE`"
+        ) from None
+    if header is None and not events and end is None:
+        raise UsageError(
+            f"{path} is empty: it holds no trace records; write a trace with `blockdiff sample RUN --trace {path}`"
+        )
     if header is None:
         raise UsageError(
-            f"{path} has no header line: it was written by an older blockdiff or by `sample --speculative` (whose "
-            "traces the viewer does not read yet); sample again with --trace (without --speculative) to view it"
+            f"{path} has no header line (the first record `blockdiff sample --trace` writes: the model, the prompts, "
+            "the settings), so it cannot be replayed; sample again with --trace to write a complete trace"
         )
     if not events:
-        raise UsageError(f"{path} holds no denoising steps")
-    return _assemble(path, header, events, end)
+        raise UsageError(f"{path} holds no denoising steps (a header but no step lines); sample again with --trace")
+    for number, event in events:
+        _check_event(event, len(header["prompts"]), header["block_length"], f"{path}:{number}")
+    if end is not None:
+        _check_end(end, len(header["prompts"]), f"{path} (its end record)")
+    return _assemble(path, header, [e for _, e in events], end)
+
+
+_MAX_ID = 1 << 31  # token ids and positions are below this (no vocabulary or context comes near it)
+
+
+def _is_id(value) -> bool:
+    """A token id or a position: a JSON integer in ``[0, 2**31)`` (not ``1e30``, ``-5``, ``"x"``, ``null``)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_ID
+
+
+def _id_list(value) -> bool:
+    return isinstance(value, list) and all(_is_id(v) for v in value)
+
+
+def _check_end(end: dict, num_samples: int, where: str) -> None:
+    """The end record: the text of each token id, and one entry per sample of every per-sample list."""
+    pieces = end.get("pieces")
+    if not isinstance(pieces, dict) or not all(isinstance(v, str) and k.isdigit() for k, v in pieces.items()):
+        raise UsageError(f"{where}: pieces must map token ids to their text; the trace is damaged")
+    for key in ("new_tokens", "texts", "segments", "prompt_segments", "stop_reasons"):
+        if not isinstance(end.get(key), list) or len(end[key]) != num_samples:
+            raise UsageError(f"{where}: {key} must hold one entry per sample ({num_samples}); the trace is damaged")
+    if not all(_id_list(t) for t in end["new_tokens"]) or not all(isinstance(t, str) for t in end["texts"]):
+        raise UsageError(f"{where}: new_tokens must be lists of token ids and texts strings; the trace is damaged")
+
+
+def _checked_header(record: dict, where: str) -> dict:
+    """The header record, its prompts, block length and mask id checked."""
+    prompts = record.get("prompts")
+    if not isinstance(prompts, list) or not all(_id_list(p) for p in prompts):
+        raise UsageError(f"{where}: the header's prompts must be lists of token ids (integers >= 0)")
+    if not _is_id(record.get("mask_token_id")) or not _is_id(record.get("block_length")) or not record["block_length"]:
+        raise UsageError(f"{where}: the header needs an integer mask_token_id >= 0 and block_length >= 1")
+    if not isinstance(record.get("settings", {}), dict):
+        raise UsageError(f"{where}: the header's settings must be a JSON object")
+    return record
+
+
+def _check_event(e: dict, num_samples: int, block_length: int, where: str) -> None:
+    """One step line: per row of ``samples`` (indices below ``num_samples``) its block start, the block's
+    ``block_length`` token ids, the revealed positions (inside the block) with their confidences, and the re-opened
+    positions."""
+    rows = e["samples"]
+    if not isinstance(rows, list) or not all(_is_id(i) and i < num_samples for i in rows):
+        raise UsageError(
+            f"{where}: samples {rows!r} must be sample indices below {num_samples} (the header has {num_samples} "
+            "prompts); the trace is damaged"
+        )
+    for key in ("block_start", "tokens", "revealed", "confidence", "remasked"):
+        if not isinstance(e.get(key), list) or len(e[key]) != len(rows):
+            raise UsageError(f"{where}: {key} must be a list with one entry per sample ({len(rows)}); the trace is "
+                             "damaged")
+    if not isinstance(e.get("step"), int) or isinstance(e.get("step"), bool):
+        raise UsageError(f"{where}: step must be an integer; the trace is damaged")
+    for row in range(len(rows)):
+        start, tokens = e["block_start"][row], e["tokens"][row]
+        if isinstance(tokens, list) and len(tokens) != block_length:
+            raise UsageError(f"{where}: a block holds {block_length} tokens (the header's block_length), this step "
+                             f"{len(tokens)}; the trace is damaged")
+        if not _is_id(start) or not _id_list(tokens):
+            raise UsageError(
+                f"{where}: token ids and positions must be integers >= 0 (got block_start {start!r}, tokens "
+                f"{str(tokens)[:80]}); the trace is damaged"
+            )
+        inside = range(start, start + len(tokens))
+        revealed, confidence, remasked = e["revealed"][row], e["confidence"][row], e["remasked"][row]
+        if not _id_list(revealed) or not all(p in inside for p in revealed) or not _id_list(remasked) \
+                or not all(p in inside for p in remasked):
+            raise UsageError(f"{where}: revealed / remasked positions must lie in the block [{start}, "
+                             f"{start + len(tokens)}); the trace is damaged")
+        if not isinstance(confidence, list) or len(confidence) != len(revealed) or not all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1 for c in confidence):
+            raise UsageError(f"{where}: confidence must hold one number in [0, 1] per revealed position; the trace "
+                             "is damaged")
 
 
 def _was_denoising(sample: SampleTrace, start: int, limit: int) -> bool:
