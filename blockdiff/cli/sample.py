@@ -21,6 +21,7 @@ def run(args) -> None:
         _check_speculative_flags(args)
     elif args.base is not None:
         raise UsageError("--base names the verifier of --speculative decoding; add --speculative")
+    _check_beam_flags(args)
     prompts = _read_prompts(args)
     loaded = load_model_dir(path, device=args.device)
     if args.block_length is not None:  # e.g. a block-length-mixture model at another of its lengths
@@ -31,6 +32,15 @@ def run(args) -> None:
         return
     texts, out = _generate(args, loaded, prompts)
     _print_samples(prompts, texts, out)
+
+
+def _check_beam_flags(args) -> None:
+    """``--block-beams`` / ``--beam-width`` bounded before the model is loaded (a million beams would be OOM-killed)."""
+    from blockdiff.sampling.config import check_beams
+
+    beams, width = args.block_beams or 1, args.beam_width or 1
+    if beams >= 1 and width >= 1:  # below 1: the generation config's own check says so
+        check_beams(beams, width, ("--block-beams", "--beam-width"))
 
 
 def _apply_settings(args, model) -> None:
