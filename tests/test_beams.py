@@ -107,3 +107,27 @@ def test_beams_whose_first_block_holds_the_whole_prompt():
     out = model.generate([[1, 2, 3, 4, 5, 6, 7]], max_new_tokens=64, block_beams=4, beam_width=2,
                          generator=torch.Generator().manual_seed(0), eos_token_id=None)
     assert out.lengths.tolist() == [64]
+
+
+def test_beam_counters_are_counted_like_plain_sampling():
+    # issue 20 item 12: the footer said "0.0 tokens processed per batched forward, largest KV cache 0" for beams
+    model = _model(logit_shift=True)
+    settings = dict(max_new_tokens=16, temperature=1.0, eos_token_id=None)
+    plain = model.generate([[1, 2, 3]], generator=torch.Generator().manual_seed(3), **settings)
+    config = with_overrides(model.generation_config, {**settings, "block_beams": 1, "beam_width": 1})
+    one = beam_generate(model, [[1, 2, 3]], config, torch.Generator().manual_seed(3))
+    assert one.tokens_processed_per_forward == plain.tokens_processed_per_forward > 0
+    assert one.max_cache_length == plain.max_cache_length > 0
+    config = with_overrides(model.generation_config, {**settings, "block_beams": 3, "beam_width": 2})
+    many = beam_generate(model, [[1, 2, 3]], config, torch.Generator().manual_seed(3))
+    assert many.tokens_processed_per_forward > plain.tokens_processed_per_forward  # 3 and 6 rows per forward
+    assert many.max_cache_length >= plain.max_cache_length
+
+
+def test_beam_sizes_are_bounded_before_any_work():
+    # issue 20 item 9: block_beams=1000000 was OOM-killed; beam_width > block_beams was accepted silently
+    model = _model()
+    with pytest.raises(UsageError, match="beam_width=4 must be at most block_beams=2"):
+        model.generate([[1]], max_new_tokens=8, block_beams=2, beam_width=4)
+    with pytest.raises(UsageError, match=r"block_beams=1000000 x beam_width=1 rows .* \(at most 256"):
+        model.generate([[1]], max_new_tokens=8, block_beams=1000000)

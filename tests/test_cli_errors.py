@@ -348,3 +348,14 @@ def fake_summary(run_dir: Path, block_length: int, seed: int, ppl: float, mixtur
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--block-beams", "1000000"], "--block-beams=1000000 x --beam-width=1"),
+    (["--block-beams", "2", "--beam-width", "3"], "--beam-width=3 must be at most"),
+])
+def test_sample_refuses_beam_sizes_before_loading_the_model(tmp_path, capsys, flags, says):
+    # issue 20 item 9: the model directory does not exist; the beam flags are refused first, before any allocation
+    assert main(["sample", str(tmp_path / "no-model"), "--prompt", "a", *flags]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "no-model" not in err and len(err.strip().splitlines()) == 1

@@ -152,3 +152,42 @@ def test_to_yaml_round_trips(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(to_yaml(cfg))
     assert load_config([path]) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, must_say",
+    [
+        (["trainer.accelerator=tpu"], ["trainer.accelerator", "torch_xla"]),
+        (["optim.lr=1e308"], ["optim.lr", "at most"]),
+        (["model.hidden_size=1152921504606846976", "model.num_heads=2"], ["model.hidden_size", "too large"]),
+        (["model.intermediate_size=0"], ["model.intermediate_size", ">= 1"]),
+        (["model.intermediate_size=-3"], ["model.intermediate_size", ">= 1"]),
+        (["data.max_seq_len=4294967296"], ["data.max_seq_len", "too large"]),
+        (["model.hidden_size=65536", "model.num_layers=1024"], ["parameters", "make it smaller"]),
+        (["optim.lr=0.5", "optim.weight_decay=2"], ["optim.lr * optim.weight_decay"]),
+    ],
+    ids=["tpu-without-torch-xla", "lr-1e308", "hidden-2**60", "intermediate-0", "intermediate-negative",
+         "seq-len-2**32", "too-many-parameters", "decay-flips-weights"],
+)
+def test_validation_refuses_what_train_would_crash_on(overrides, must_say):
+    # issue 20 item 10/11: each of these passed `config validate` and then crashed `train` with a traceback.
+    if overrides == ["trainer.accelerator=tpu"]:
+        pytest.importorskip("lightning")
+        import importlib.util
+
+        if importlib.util.find_spec("torch_xla") is not None:
+            pytest.skip("torch_xla is installed here")
+    with pytest.raises(ConfigError) as info:
+        load_config([], overrides)
+    for text in must_say:
+        assert text in str(info.value), f"{text!r} not in {str(info.value)!r}"
+
+
+def test_a_yaml_error_names_the_problem_and_its_line(tmp_path):
+    # issue 20 item 12: only the parser's first line ("while constructing a mapping") was kept.
+    path = tmp_path / "dup.yaml"
+    path.write_text("model:\n  hidden_size: 32\n  hidden_size: 64\n")
+    with pytest.raises(ConfigError) as info:
+        load_config([path])
+    message = str(info.value)
+    assert "duplicate key hidden_size" in message and "line 3, column 3" in message and "\n" not in message

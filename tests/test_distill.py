@@ -333,3 +333,27 @@ def test_bad_sources_and_teachers_say_what_to_do(teacher, corpus_dir, tmp_path, 
     assert err.startswith("error: --teacher ") and "no such file or directory" in err and "Traceback" not in err
     assert not (tmp_path / "set").exists()
     assert issubclass(DistilledSetError, UserError)
+
+
+def test_ctrl_c_in_distill_says_the_command_that_resumes(teacher, corpus_dir, tmp_path, capsys, monkeypatch):
+    # issue 20 item 13: SIGINT printed only "interrupted"
+    real, calls = generate_continuations, []
+
+    def interrupted_in_shard_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "generate_continuations", interrupted_in_shard_2)
+    out = tmp_path / "set"
+    argv = ["distill", "--teacher", str(teacher), f"data.source={corpus_dir}", "data.max_seq_len=32",
+            "data.val_fraction=0.15", "--out", str(out), "--num-prompts", "8", "--prompt-tokens", str(PROMPT),
+            "--new-tokens", str(NEW), "--batch-size", "2", "--shard-size", "4"]
+    assert main([*argv, "--overwrite"]) == 130
+    printed = " ".join(capsys.readouterr().out.split())
+    command = "blockdiff " + " ".join(argv)
+    assert f"resume with the same command: `{command}`" in printed and "--overwrite" not in printed
+    monkeypatch.setattr(distill_module, "generate_continuations", real)
+    assert main(argv) == 0  # the printed command resumes it
+    assert len(rows_of(out)) == 8

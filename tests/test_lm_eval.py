@@ -188,3 +188,24 @@ def test_lm_evals_own_command_line_runs_the_blockdiff_model(tiny_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "blockdiff_mc" in proc.stdout and "acc" in proc.stdout
+
+
+@pytest.mark.parametrize("model_args, says", [
+    ("mc_samples=2", "model_args pretrained=RUN_OR_MODEL_DIR"),
+    ("pretrained={missing}", "does not exist"),
+    ("pretrained={tiny},max_length=1", "max_length must be an integer >= 2"),
+], ids=["no-pretrained", "missing-path", "max-length-1"])
+def test_lm_eval_command_line_prints_bad_model_args_as_one_line(tiny_dir, tmp_path, capsys, monkeypatch, model_args,
+                                                                says):
+    # issue 20 item 10: these were tracebacks of blockdiff's own error classes (and a TypeError for no pretrained)
+    from blockdiff.evaluation.lm_eval_backend import main
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr("lm_eval.__main__.setup_logging", lambda: None)  # its handlers would outlive capsys's stream
+    args = model_args.format(tiny=tiny_dir, missing=tmp_path / "nothing-here")
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--model", "blockdiff", "--model_args", args, "--tasks", "blockdiff_mc", "--include_path",
+              str(TASKS), "--limit", "1", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err[-1].startswith("error: ") and says in err[-1], err
+    assert not any("Traceback" in line for line in err), err

@@ -106,3 +106,13 @@ def test_push_to_hub_offline_fails_fast_and_uploads_nothing(tmp_path, monkeypatc
         push_to_hub(model_dir, "me/my-model")
     with pytest.raises(MissingFileError, match="not a blockdiff model directory"):
         push_to_hub(tmp_path, "me/my-model")
+
+
+@pytest.mark.parametrize("repo_id", ["me/bad--name", "me/model.git", "just-a-name"])
+def test_export_checks_the_push_to_hub_repo_id_before_writing_anything(tmp_path, capsys, repo_id):
+    # issue 20 item 11: an invalid repo id was found out only after the export was written (and then online)
+    out = tmp_path / "export"
+    assert main(["export", str(tmp_path / "no-run"), str(out), "--push-to-hub", repo_id]) == 2
+    err = capsys.readouterr().err
+    assert "--push-to-hub" in err and repo_id in err and "no-run" not in err, err
+    assert not out.exists()

@@ -378,6 +378,14 @@ def test_a_config_inconsistent_with_the_weights_or_of_another_type_is_refused(
     exits_2(sample_args(directory), capsys, "config.json", needle)
 
 
+def test_a_top_level_model_type_of_another_model_is_a_one_line_error(model_dir, tmp_path, capsys):
+    # issue 20 item 10: "model_type": "bert" over the decoder's text_config gave AttributeError ... 'to_dict'
+    directory = damaged_copy(model_dir, tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    exits_2(sample_args(directory), capsys, "config.json", "'bert' is not a block diffusion model")
+
+
 def test_blockdiff_json_keys_unknown_or_missing(model_dir, tmp_path, capsys):
     spec = json.loads((model_dir / "blockdiff.json").read_text())
     directory = damaged_copy(model_dir, tmp_path)

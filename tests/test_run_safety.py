@@ -392,3 +392,19 @@ def test_overwrite_refuses_a_file_given_as_the_run_directory(corpus, tmp_path):
     with pytest.raises(WouldOverwriteError, match="is a file"):
         train(config(corpus, target, "trainer.max_steps=1"), overwrite=True, progress=False)
     assert target.read_text() == "x"
+
+
+def test_the_fallback_resume_warning_says_one_thing(tmp_path):
+    # issue 20 item 12: it said both "resume from it with `blockdiff train --resume prev.ckpt`" and "resuming from
+    # the previous checkpoint prev.ckpt instead"
+    from blockdiff.training.resume import resolve_resume
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    torch.save({"global_step": 8, "state_dict": {}}, ckpts / "prev.ckpt")
+    (ckpts / "last.ckpt").write_bytes(b"not a checkpoint")
+    point = resolve_resume(tmp_path)
+    assert point.fell_back and len(point.warnings) == 1
+    warning = point.warnings[0]
+    assert "resuming from the previous checkpoint" in warning and "--resume" not in warning, warning
+    assert warning.count("prev.ckpt") == 1, warning

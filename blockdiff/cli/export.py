@@ -11,6 +11,10 @@ def run(args) -> None:
     """Export a Lightning checkpoint (or a run directory's last one) as a Hugging Face model directory."""
     from blockdiff.training.export import export_checkpoint
 
+    if args.push_to_hub:  # checked before anything is written
+        from blockdiff.modeling.hub import check_repo_id
+
+        check_repo_id(args.push_to_hub, "--push-to-hub")
     out = export_checkpoint(args.checkpoint, args.out_dir, args.run_config, overwrite=args.overwrite)
     console.print(f"model written to [bold]{escape(str(out))}[/] (load with BlockDiffusionLM.from_pretrained)")
     if args.push_to_hub:

@@ -25,6 +25,7 @@ def run(args) -> None:
         from blockdiff.files import check_output_file
 
         check_output_file(args.trace, "--trace", args.overwrite, inputs=[p for p in (args.prompt_file,) if p])
+    _check_beam_flags(args)
     prompts = _read_prompts(args)
     loaded = load_model_dir(path, device=args.device)
     if args.block_length is not None:  # e.g. a block-length-mixture model at another of its lengths
@@ -35,6 +36,15 @@ def run(args) -> None:
         return
     texts, out = _generate(args, loaded, prompts)
     _print_samples(prompts, texts, out)
+
+
+def _check_beam_flags(args) -> None:
+    """``--block-beams`` / ``--beam-width`` bounded before the model is loaded (a million beams would be OOM-killed)."""
+    from blockdiff.sampling.config import check_beams
+
+    beams, width = args.block_beams or 1, args.beam_width or 1
+    if beams >= 1 and width >= 1:  # below 1: the generation config's own check says so
+        check_beams(beams, width, ("--block-beams", "--beam-width"))
 
 
 def _apply_settings(args, model) -> None:
@@ -235,11 +245,37 @@ def _two_models(args, loaded):
     from blockdiff.sampling.speculative import BlockDrafter, check_verifier
 
     name = args.base or _base_of(loaded)
+    _check_base(name, loaded)
     verifier, verifier_tokenizer, _ = load_decoder(name, what="--base")
     verifier = verifier.to(loaded.model.device).eval()
     drafter = BlockDrafter(loaded.model)
     check_verifier(verifier, drafter, tokenizer=loaded.tokenizer, verifier_tokenizer=verifier_tokenizer)
     return verifier, drafter, name
+
+
+def _check_base(name: str, loaded) -> None:
+    """Refuse, before a weight is loaded, a verifier that cannot be one: a blockdiff model or run (a block diffuser
+    is no autoregressive verifier, so "lossless" would mean nothing) or a decoder whose declared vocabulary is larger
+    than the model's (``check_verifier`` checks the rest once it is loaded)."""
+    from pathlib import Path
+
+    from blockdiff.modeling.pretrained import declared_vocab_size, resolve_source
+    from blockdiff.modeling.rundir import SPEC_FILE, is_run_dir, model_dir_of
+
+    source = resolve_source(name)
+    root = Path(source.name_or_path)
+    if not source.gguf_file and root.is_dir() and ((model_dir_of(root) / SPEC_FILE).is_file() or is_run_dir(root)):
+        raise UsageError(
+            f"--base {name} is a blockdiff {'run' if is_run_dir(root) else 'model'} (a block diffuser), not an "
+            "autoregressive decoder: the verifier must be the decoder the model was fine-tuned from (its "
+            "model.pretrained, used when --base is left out), or the output would not be that decoder's"
+        )
+    vocab, ours = declared_vocab_size(source), loaded.model.vocab_size
+    if vocab is not None and vocab > ours:
+        raise UsageError(
+            f"--base {name} has a vocabulary of {vocab} tokens, larger than the model's {ours}: they do not share a "
+            "tokenizer; pass the decoder the model was fine-tuned from (its model.pretrained)"
+        )
 
 
 def _read_prompts(args) -> list[str]:

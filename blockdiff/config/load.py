@@ -87,6 +87,16 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
+def _yaml_problem(err: Exception) -> str:
+    """One line for a YAML parser error: the problem (``found duplicate key hidden_size``) and where (line, column)."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if problem is None:  # not a located yaml.MarkedYAMLError: every line of the message, joined
+        return "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(err, "context", None)
+    return f"{problem}{where}" + (f" ({context})" if context else "")
+
+
 def _read_yaml(path: Path) -> DictConfig:
     """A config file as a ``DictConfig``; a missing/special file, bad UTF-8 or bad YAML is a ``ConfigError``
     naming it."""
@@ -97,7 +107,7 @@ def _read_yaml(path: Path) -> DictConfig:
     try:
         loaded = OmegaConf.load(io.StringIO(text))
     except Exception as err:  # noqa: BLE001 - YAML syntax errors come in several types
-        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...), not a list")
     return loaded

@@ -10,7 +10,15 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from blockdiff.config.checks import ConfigError, check_numbers
+from blockdiff.config.checks import (
+    DATA_LIMITS,
+    LR_MAX,
+    MAX_PARAMETERS,
+    SIZE_LIMITS,
+    ConfigError,
+    check_at_most,
+    check_numbers,
+)
 from blockdiff.config.trainer import TrainerConfig
 from blockdiff.errors import require_divides
 
@@ -112,6 +120,11 @@ class ModelConfig:
         for key in ("hidden_size", "num_layers", "num_heads", "block_length"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        if self.intermediate_size is not None and self.intermediate_size < 1:
+            raise ConfigError(
+                f"model.intermediate_size must be >= 1 (or null for the family's default), got {self.intermediate_size}"
+            )
+        check_at_most("model", self, SIZE_LIMITS, "no machine could allocate it")
         if self.lora_rank < 0:
             raise ConfigError(f"model.lora_rank must be >= 0 (0 = no LoRA), got {self.lora_rank}")
         if Adapter(self.adapter) is Adapter.gated_lora:
@@ -242,6 +255,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_numbers("data", self)
+        check_at_most("data", self, DATA_LIMITS, "no machine could allocate it")
         if self.max_seq_len < 2:
             raise ConfigError(f"data.max_seq_len must be >= 2, got {self.max_seq_len}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -277,12 +291,17 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         check_numbers("optim", self)
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 < self.lr <= LR_MAX:
+            raise ConfigError(f"optim.lr must be > 0 and at most {LR_MAX} (a larger step only diverges), got {self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.98]; got {list(self.betas)}")
         if self.weight_decay < 0:
             raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.lr * self.weight_decay >= 1:
+            raise ConfigError(
+                f"optim.lr * optim.weight_decay must be < 1 (each step scales the weights by 1 - lr * weight_decay), "
+                f"got {self.lr} * {self.weight_decay}"
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip < 0:
@@ -390,10 +409,26 @@ class Config:
                 "model.block_length_mixture and curriculum.block_length_fraction both set the training block "
                 "length; use one"
             )
+        self._check_size()
         if NoiseKind(self.noise.kind) is NoiseKind.uniform and Adapter(self.model.adapter) is not Adapter.none:
             raise ConfigError(
                 "noise.kind=uniform cannot train model.adapter=gated_lora (the drafting adapter and the speculative "
                 "samplers are built on mask-token drafts); use noise.kind=absorbing or model.adapter=none"
+            )
+
+    def _check_size(self) -> None:
+        """A from-scratch network of more than ``MAX_PARAMETERS`` (counted from the size fields) is refused."""
+        model, data = self.model, self.data
+        if model.pretrained is not None or model.init_from is not None:
+            return  # the size fields are ignored
+        hidden, width = model.hidden_size, model.intermediate_size or 4 * model.hidden_size
+        vocab = {"bytes": 260, "bpe": data.bpe_vocab_size}.get(data.tokenizer, 0)
+        count = model.num_layers * (4 * hidden * hidden + 3 * hidden * width) + vocab * hidden
+        if count > MAX_PARAMETERS:
+            raise ConfigError(
+                f"model.hidden_size={hidden}, model.num_layers={model.num_layers} and model.intermediate_size="
+                f"{model.intermediate_size} make a network of about {count:.2g} parameters (at most "
+                f"{MAX_PARAMETERS:.0g}: no machine could allocate it); make it smaller"
             )
 
     @property

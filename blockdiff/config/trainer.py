@@ -96,6 +96,14 @@ class TrainerConfig:
             raise ConfigError(
                 f"trainer.accelerator={self.accelerator!r} is not an accelerator; use one of {', '.join(accelerators)}"
             )
+        if self.accelerator in AcceleratorRegistry:  # its package must be installed (tpu needs torch_xla)
+            try:
+                AcceleratorRegistry.get(self.accelerator)
+            except ImportError as err:  # Lightning's message names the package and its pip command
+                raise ConfigError(
+                    f"trainer.accelerator={self.accelerator!r} cannot be used here: {str(err).strip().splitlines()[0]}"
+                    " (or use trainer.accelerator=auto)"
+                ) from None
 
     def _check_devices(self) -> None:
         devices = self.devices

@@ -62,7 +62,7 @@ class BlockDiffusionLMEval(TemplateLM):
 
     def __init__(
         self,
-        pretrained: str,
+        pretrained: str | None = None,
         device: str | None = "cpu",
         batch_size: int | str | None = 1,
         max_batch_size: int | None = None,
@@ -79,6 +79,8 @@ class BlockDiffusionLMEval(TemplateLM):
         from blockdiff.modeling.io import load_model_dir
         from blockdiff.sampling.inputs import with_overrides
 
+        if not pretrained:
+            raise UsageError("say which model to evaluate: model_args pretrained=RUN_OR_MODEL_DIR")
         loaded = load_model_dir(pretrained, device=device or "cpu")
         self.model = loaded.model if block_length is None else loaded.model.with_block_length(int(block_length))
         self.tokenizer = loaded.tokenizer
@@ -90,8 +92,13 @@ class BlockDiffusionLMEval(TemplateLM):
         self.add_bos_token = bool(add_bos_token)
         self._max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         self._max_length = max_length or self.model.spec.max_seq_len or self.model.max_positions
-        if self._max_length is None or int(self._max_length) < 2:
+        if self._max_length is None:
             raise UsageError("say how long a scored window may be: model_args max_length=N (N >= 2)")
+        if isinstance(self._max_length, bool) or not str(self._max_length).isdigit() or int(self._max_length) < 2:
+            raise UsageError(
+                f"model_args max_length must be an integer >= 2 (a scored window holds a context token and the token "
+                f"it predicts), got {max_length!r}"
+            )
         l = self.model.block_length
         self._max_length = int(self._max_length) if l == 1 else int(self._max_length) // l * l  # whole blocks
         if self._max_length < 2:
@@ -265,12 +272,20 @@ def _positive_int(name: str, value) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """lm-eval's own command line with the ``blockdiff`` model type registered."""
+    """lm-eval's own command line with the ``blockdiff`` model type registered. lm-eval's command line lets every
+    exception through as a traceback; one of blockdiff's own (a bad model arg, a missing model directory) is printed
+    as one ``error:`` line instead, with exit status 2 like ``blockdiff``'s."""
     from lm_eval.__main__ import cli_evaluate
+
+    from blockdiff.errors import UserError
 
     if argv is not None:
         sys.argv = ["lm-eval", *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.modeling.rundir import SPEC_FILE
 
-__all__ = ["HUB_ID", "is_hub_id", "hub_unreachable", "local_model_dir", "push_to_hub"]
+__all__ = ["HUB_ID", "check_repo_id", "is_hub_id", "hub_unreachable", "local_model_dir", "push_to_hub"]
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")  # owner/name
 PROBE_SECONDS = 3.0
@@ -23,6 +23,20 @@ PROBE_SECONDS = 3.0
 
 def is_hub_id(name: str) -> bool:
     return bool(HUB_ID.match(str(name))) and not Path(name).expanduser().exists()
+
+
+def check_repo_id(repo_id: str, flag: str = "the hub repository") -> None:
+    """Refuse, offline, a repository id the hub would refuse: not ``OWNER/NAME``, or a name huggingface_hub's own
+    validator rejects (``--`` or ``..`` inside, ending in ``.git``, over 96 characters, ...)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not HUB_ID.match(repo_id):
+        raise UsageError(f"{flag} must be named OWNER/NAME, got {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise UsageError(f"{flag} {repo_id!r} is not a valid hub repository id: {str(err).splitlines()[0]}") from None
 
 
 def hub_unreachable(timeout: float = PROBE_SECONDS) -> str | None:
@@ -74,8 +88,7 @@ def push_to_hub(model_dir: str | Path, repo_id: str, private: bool = False, toke
     model_dir = Path(model_dir)
     if not (model_dir / SPEC_FILE).is_file():
         raise MissingFileError(f"{model_dir} is not a blockdiff model directory (no {SPEC_FILE})")
-    if not HUB_ID.match(repo_id):
-        raise UsageError(f"the hub repository must be named OWNER/NAME, got {repo_id!r}")
+    check_repo_id(repo_id)
     why = hub_unreachable()
     if why is not None:
         raise MissingFileError(f"cannot push to the hub: {why}. Nothing was uploaded; push again when online")

@@ -98,6 +98,12 @@ def backbone_config(directory: Path) -> PreTrainedConfig:
         data, where = data.get("text_config"), f"{path} (text_config)"
         if not isinstance(data, dict):
             raise UsageError(f"{path} has model_type 'blockdiff' but no text_config object (the decoder's own config)")
+    elif "text_config" in data:  # a composite config of another model type (a bert, a VLM), not ours
+        raise UsageError(
+            f"{path}: model_type {data.get('model_type')!r} is not a block diffusion model blockdiff can load (its "
+            "config.json has model_type 'blockdiff' with the decoder's config as text_config); restore the config.json "
+            "written with the weights, or re-export the run: blockdiff export RUN_DIR OUT_DIR"
+        )
     check_decoder_type(data.get("model_type"), where)
     try:
         return CONFIG_MAPPING[data["model_type"]].from_dict(data)

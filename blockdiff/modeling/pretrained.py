@@ -96,6 +96,52 @@ def check_gguf_header(path: Path, what: str = "model.pretrained") -> None:
         )
 
 
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def declared_vocab_size(source: ResolvedSource) -> int | None:
+    """The vocabulary size a decoder declares, read without loading a weight: ``vocab_size`` of a local
+    ``config.json`` (or its ``text_config``), or the length of a GGUF file's ``tokenizer.ggml.tokens`` (its metadata
+    is scanned up to that key); ``None`` when it cannot be told cheaply (a hub id, an unusual file)."""
+    import json
+
+    try:
+        if source.gguf_file:
+            return _gguf_token_count(Path(source.name_or_path) / source.gguf_file)
+        config = json.loads((Path(source.name_or_path) / "config.json").read_text(encoding="utf-8"))
+        config = config.get("text_config", config) if isinstance(config, dict) else {}
+        vocab = config.get("vocab_size") if isinstance(config, dict) else None
+        return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+
+
+def _gguf_token_count(path: Path) -> int | None:
+    """The length of ``tokenizer.ggml.tokens`` in a GGUF file's metadata (``None`` if it has none)."""
+    with open(path, "rb") as f:
+        _, _, _, kv_count = GGUF_HEADER.unpack(f.read(GGUF_HEADER.size))
+
+        def skip(kind: int, count: int = 1) -> None:
+            if kind == _GGUF_STRING:
+                for _ in range(count):
+                    f.seek(struct.unpack("<Q", f.read(8))[0], 1)
+            elif kind == _GGUF_ARRAY:
+                for _ in range(count):
+                    inner, n = struct.unpack("<IQ", f.read(12))
+                    skip(inner, n)
+            else:
+                f.seek(_GGUF_SCALARS[kind] * count, 1)
+
+        for _ in range(kv_count):
+            key = f.read(struct.unpack("<Q", f.read(8))[0]).decode("utf-8", "replace")
+            kind = struct.unpack("<I", f.read(4))[0]
+            if key == "tokenizer.ggml.tokens" and kind == _GGUF_ARRAY:
+                return struct.unpack("<IQ", f.read(12))[1]
+            skip(kind)
+    return None
+
+
 def check_gguf_file(path: Path, what: str = "model.pretrained") -> None:
     """Parse the whole header and tensor table (seconds for a real model: only done when loading failed)."""
     from gguf import GGUFReader

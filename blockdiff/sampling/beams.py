@@ -72,7 +72,8 @@ def beam_search(
 
 def _search_one(model, index, prompt, config, sampler, denoise_block, generator, window, eos_ids, pad_id, scorer,
                 observer):
-    """``(new tokens, batch forwards, row forwards, stop reason)`` of one prompt's search."""
+    """``(new tokens, batch forwards, row forwards, stop reason, tokens processed, largest cache)`` of one prompt's
+    search."""
     l, device = model.block_length, next(model.parameters()).device
     n_cand, width = config.block_beams, config.beam_width
     st = _layout([prompt], l, pad_id, device)
@@ -102,9 +103,9 @@ def _search_one(model, index, prompt, config, sampler, denoise_block, generator,
         earlier = max(0, start - gen_start)
         eos_at = next((j + 1 for j in range(earlier, len(new)) if new[j] in eos_ids), None)
         if eos_at is not None:
-            return new[:eos_at], st.nfe, row_forwards, "eos"
+            return new[:eos_at], st.nfe, row_forwards, "eos", st.processed, st.max_cache
         if written >= config.max_new_tokens:
-            return new, st.nfe, row_forwards, "max_new_tokens"
+            return new, st.nfe, row_forwards, "max_new_tokens", st.processed, st.max_cache
         st.cols = torch.cat([st.cols, torch.full((len(st.cols), l), pad_id, device=device)], dim=1)
 
 
@@ -193,8 +194,9 @@ def _output(prompts, outs, pad_id: int) -> GenerationOutput:
         lengths=torch.tensor(lengths),
         stopped_at_eos=torch.tensor([r == "eos" for r in reasons]),
         nfe=nfe,
-        tokens_processed_per_forward=0.0,
+        tokens_processed_per_forward=sum(o[4] for o in outs) / max(1, nfe),
         tokens_per_forward=sum(lengths) / max(1, nfe),
         sample_nfe=torch.tensor([o[2] for o in outs]),
         stop_reasons=reasons,
+        max_cache_length=max(o[5] for o in outs),
     )

@@ -23,6 +23,22 @@ __all__ = ["BlockDiffusionGenerationConfig", "GENERATION_CONFIG_FILE", "HONOURED
 
 GENERATION_CONFIG_FILE = "blockdiff_generation_config.json"
 TEMPERATURE_RANGE = (1e-4, 1e4)  # a positive temperature must lie here; 0 is greedy
+MAX_BEAM_ROWS = 256  # block beam search holds block_beams x beam_width rows (each with its KV cache) at once
+
+
+def check_beams(block_beams: int, beam_width: int, names: tuple[str, str] = ("block_beams", "beam_width")) -> None:
+    """Refuse a beam search that cannot be meant or allocated: ``beam_width > block_beams``, or more than
+    ``MAX_BEAM_ROWS`` rows (``block_beams * beam_width``) at once. ``names``: the keys or flags the user set."""
+    if beam_width > block_beams:
+        raise UsageError(
+            f"{names[1]}={beam_width} must be at most {names[0]}={block_beams} (the beams kept after each block are "
+            f"chosen among the candidates drawn)"
+        )
+    if block_beams * beam_width > MAX_BEAM_ROWS:
+        raise UsageError(
+            f"{names[0]}={block_beams} x {names[1]}={beam_width} rows is more than block beam search holds at once "
+            f"(at most {MAX_BEAM_ROWS}: every row keeps its own KV cache); use fewer"
+        )
 
 
 def __getattr__(name: str):
@@ -120,6 +136,7 @@ class BlockDiffusionGenerationConfig(GenerationConfig):
         for key in ("block_beams", "beam_width", "beam_score_draws"):
             if not _is_int(getattr(self, key)) or getattr(self, key) < 1:
                 raise UsageError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
+        check_beams(self.block_beams, self.beam_width)
         check_knobs(self, schedule)  # each sampler's own checks, on its knobs
 
     def unsupported_settings(self) -> list[str]:

@@ -139,13 +139,16 @@ def _torch_reason(err: BaseException) -> str:
     return " ".join(kept[0].split()).rstrip(".") if kept else type(err).__name__
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, map_location: Any = "cpu", mmap: bool = False, hint_previous: bool = True
+) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; any failure is a ``CheckpointError`` naming the file.
 
     ``mmap=True`` maps tensors from the file instead of reading them (cheap validation of a large file).
     The message says what the file is: missing, a directory, not a regular file, empty, truncated or not a
     checkpoint at all (not the zip archive ``torch.save`` writes), corrupted inside, or holding pickled objects
-    that are refused. It never suggests ``weights_only=False``.
+    that are refused. It never suggests ``weights_only=False``. With ``hint_previous`` (and a ``prev.ckpt`` beside it)
+    it names the previous checkpoint to resume from (a caller that falls back to it itself passes ``False``).
     """
     from blockdiff.config import path_problem
 
@@ -156,7 +159,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
         raise CheckpointError(f"checkpoint {path} {problem}{fix}")
     hint = ""
     prev = previous_of(path)
-    if prev.is_file() and prev != path:
+    if hint_previous and prev.is_file() and prev != path:
         hint = (
             f"; the previous checkpoint {prev} may still be good: resume from it with `blockdiff train --resume {prev}`"
         )

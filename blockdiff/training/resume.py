@@ -77,7 +77,7 @@ def resolve_resume(path: str | Path) -> ResumePoint:
         if legacy:
             return _newest_of(last, legacy, path)
         try:
-            return ResumePoint(last, path, load_checkpoint(last, mmap=True))
+            return ResumePoint(last, path, load_checkpoint(last, mmap=True, hint_previous=False))
         except CheckpointError as err:
             if not prev.is_file():
                 raise

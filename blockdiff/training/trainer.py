@@ -126,7 +126,7 @@ def build_trainer(cfg: Config, run_dir: RunDir, progress: bool) -> Run:
             enable_model_summary=False,
             default_root_dir=run_dir.root,
         )
-    except (MisconfigurationException, ValueError, RuntimeError) as err:  # Lightning's own checks of these keys
+    except (MisconfigurationException, ValueError, RuntimeError, ImportError) as err:  # Lightning checks these keys
         raise ConfigError(
             f"Lightning refused trainer.accelerator={cfg.trainer.accelerator!r} / "
             f"trainer.precision={cfg.trainer.precision!r} / trainer.strategy={cfg.trainer.strategy!r} / "
