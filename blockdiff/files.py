@@ -1,12 +1,38 @@
-"""Small file helpers: writes that never leave a half-written file behind."""
+"""Small file helpers: writes that never leave a half-written file behind, and JSON reads whose errors name the
+file."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_text_atomic", "write_failure_reason"]
+from blockdiff.errors import MissingFileError, UsageError
+
+__all__ = ["read_json_file", "write_text_atomic", "write_failure_reason"]
+
+
+def read_json_file(path: str | Path) -> dict:
+    """The JSON object in ``path``; a missing, non-UTF-8, malformed or non-object file is a user error naming it."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise MissingFileError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise MissingFileError(f"{path} is a directory, not a JSON file") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): the file is damaged; "
+                         "copy it again from where the model was written") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}): the file is "
+                         "damaged or truncated; copy it again from where the model was written") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} must hold a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -21,10 +21,9 @@ from transformers import AutoTokenizer
 
 from blockdiff.config import Config, load_config, to_yaml
 from blockdiff.errors import MissingFileError, StorageError, UsageError
-from blockdiff.files import write_failure_reason
+from blockdiff.files import read_json_file, write_failure_reason
 from blockdiff.modeling.model import BlockDiffusionLM
 from blockdiff.modeling.model_card import write_model_card
-from blockdiff.modeling.model_files import read_json_file
 from blockdiff.modeling.rundir import TRAIN_CONFIG, check_replaceable, model_dir_of, replace_dir, staging_dir
 
 __all__ = [
