@@ -1,9 +1,10 @@
 """Small file helpers: writes that never leave a half-written file behind, follow the umask, and never replace a
-file the user did not ask to replace."""
+file the user did not ask to replace; JSON reads whose errors name the file."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -12,8 +13,31 @@ from pathlib import Path
 from blockdiff.errors import MissingFileError, UsageError, WouldOverwriteError
 
 __all__ = [
-    "write_text_atomic", "atomic_path", "new_file_mode", "check_output_file", "write_failure_reason", "path_problem",
+    "read_json_file", "write_text_atomic", "atomic_path", "new_file_mode", "check_output_file", "write_failure_reason",
+    "path_problem",
 ]
+
+
+def read_json_file(path: str | Path) -> dict:
+    """The JSON object in ``path``; a missing, non-UTF-8, malformed or non-object file is a user error naming it."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise MissingFileError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise MissingFileError(f"{path} is a directory, not a JSON file") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): the file is damaged; "
+                         "copy it again from where the model was written") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}): the file is "
+                         "damaged or truncated; copy it again from where the model was written") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} must hold a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def new_file_mode() -> int:

@@ -1,33 +1,40 @@
-"""What every benchmark script under experiments/ writes: the machine it ran on and its result files.
+"""Where and how every script under experiments/ writes its results: ``experiments/results/<script>/``.
 
-``write_report`` puts ``results.json`` (the whole report, raw numbers included) and ``table.md`` (the
-environment and definitions as HTML comments, then a markdown table, then optional trailing lines)
-into ``out_dir``; ``print_report`` shows the same table on the terminal. Imported by the scripts as
-``from _report import ...`` (they run as ``python experiments/NAME.py``, which puts this folder on ``sys.path``).
+The convention: a script's ``--out`` defaults to ``results_dir(__file__)`` (``experiments/results/<script name>``; a
+recipe's runs go to ``experiments/results/<recipe>/<run>``). ``write_report`` puts ``results.json`` (the whole report:
+``environment`` from ``_timing.environment()``, settings, raw per-round numbers, results) and ``table.md`` (the
+environment header and definitions as HTML comments, then a markdown table, then optional trailing lines) there;
+``print_report`` shows the same table on the terminal. Imported by the scripts as ``from _report import ...``
+(they run as ``python experiments/NAME.py``, which puts this folder on ``sys.path``).
 """
 
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 
-__all__ = ["cpu_model", "print_report", "write_report"]
+__all__ = ["RESULTS", "print_report", "results_dir", "write_report"]
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def cpu_model() -> str:
-    """The ``model name`` line of /proc/cpuinfo (Linux), else whatever ``platform`` knows."""
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
-    return names[0] if names else platform.processor() or "unknown"
+def results_dir(script: str, run: str | None = None) -> Path:
+    """``experiments/results/<script's file name without .py>`` (``/<run>`` when given), relative to the current
+    directory when it lies under it (so printed paths stay short)."""
+    out = RESULTS / Path(script).stem / (run or "")
+    try:
+        return out.relative_to(Path.cwd())
+    except ValueError:
+        return out
 
 
 def write_report(
     out_dir: Path, report: dict, comment: str, columns: list[str], rows: list[list[str]], tail: list[str] = ()
 ) -> None:
     """``results.json`` and ``table.md`` (``comment`` lines as HTML comments, the table, then ``tail``)."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     lines = [f"<!-- {line} -->" for line in comment.splitlines()]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

@@ -1,40 +1,33 @@
 """Token choice alone, before vs after: an older tree's ``choose_tokens`` against ``choose_rows``, interleaved.
 
-    OMP_WAIT_POLICY=PASSIVE python experiments/bench_choose_tokens.py /tmp/before
+    python experiments/bench_choose_tokens.py /tmp/before
 
 SmolLM2's vocabulary (49153), 16 rows (batch 1, L'=16) and 128 rows (batch 8, L'=16) of peaked logits; greedy,
-temperature 0.8, with top-k 50, with top-p 0.9. Seven interleaved timings each; medians and the median of the
-per-pair ratios.
+temperature 0.8, with top-k 50, with top-p 0.9. ``--rounds`` (7) interleaved rounds each (``_timing.py``); medians
+and the median of the same-round ratios. ``OMP_WAIT_POLICY=PASSIVE`` unless given (``_timing.py``).
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import importlib.util
+import statistics
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads
+import _timing  # sorts before torch: sets OMP_WAIT_POLICY before torch loads
+import torch
+from _timing import rotations, same_round_ratio, timed
 
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-from blockdiff.sampling.logits import choose_rows  # noqa: E402
-
-
-def once(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+from blockdiff.sampling.logits import choose_rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", help="a source tree whose blockdiff/sampling/logits.py is the old one")
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(2)
+    print(_timing.header(_timing.environment()), flush=True)
     spec = importlib.util.spec_from_file_location("old_logits", Path(args.before) / "blockdiff/sampling/logits.py")
     old = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(old)
@@ -45,11 +38,14 @@ def main() -> None:
         for name, kw in [("greedy", dict(temperature=0.0)), ("T=0.8", dict(temperature=0.8)),
                          ("T=0.8 top-k 50", dict(temperature=0.8, top_k=50)),
                          ("T=0.8 top-p 0.9", dict(temperature=0.8, top_p=0.9))]:
-            before, after = [], []
-            for _ in range(7):
-                before.append(once(lambda: old.choose_tokens(logits, generator=g, **kw)))
-                after.append(once(lambda: choose_rows(logits, u, need_probs=False, **kw)))
-            ratio = statistics.median([a / b for a, b in zip(before, after)])
+            calls = {"before": lambda: old.choose_tokens(logits, generator=g, **kw),
+                     "after": lambda: choose_rows(logits, u, need_probs=False, **kw)}
+            times = {name: [] for name in calls}
+            for _, order in rotations(list(calls), args.rounds):
+                for name in order:
+                    times[name].append(timed(calls[name]).seconds)
+            before, after = times["before"], times["after"]
+            ratio = same_round_ratio(before, after)
             print(f"| {rows} | {name} | {statistics.median(before) * 1e3:.1f} | {statistics.median(after) * 1e3:.1f} "
                   f"| {ratio:.1f}x |", flush=True)
 

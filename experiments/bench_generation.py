@@ -15,10 +15,10 @@ the models' tokenizer, BOS prepended; batch 1 uses prompt ``round % 8``, batch 8
     every row writes exactly N tokens): the threshold sampler (tau = 0.9) with and without the block cache
     (``use_cache=False``) on the block length 4, 8 and 16 models (``gen_bl{4,8,16}``), and, on the block length
     4 model with cache, first-hitting, threshold tau 0.7 / 0.8 and fixed 2 tokens per step.
-* **tokens/s** = batch x N / wall time of one ``generate`` call (``time.perf_counter``, ``torch.inference_mode``).
-  Rows of a group are interleaved round-robin (the starting row rotates every round; every row gets one
-  untimed 32-token warm-up first); ``x HF`` = median over rounds of (row tokens/s / HF tokens/s of the same
-  round), ``x no-cache`` likewise against the same model's no-cache row.
+* **tokens/s** = batch x N / wall time of one ``generate`` call (``_timing.timed``, ``torch.inference_mode``).
+  Rows of a group are interleaved round-robin (``_timing.rotations``: the starting row rotates every round; every
+  row gets one untimed 32-token warm-up first); ``x HF`` = median over rounds of (row tokens/s / HF tokens/s of the
+  same round) (``_timing.same_round_ratio``), ``x no-cache`` likewise against the same model's no-cache row.
 * **NFE/tok** = network forwards / new tokens per sequence (a batched forward counts once; HF = 1).
 * **AR NLL**: nats/token of the generated continuations under the ``gen_ar`` network (exact causal LM loss, the
   mask token's logit removed), scored only on the continuation, in windows of at most 256 tokens with stride
@@ -31,7 +31,8 @@ the models' tokenizer, BOS prepended; batch 1 uses prompt ``round % 8``, batch 8
 
 ``--random-init`` builds untrained networks of the same size (byte tokenizer) to test the script; their
 numbers mean nothing (an untrained model is never confident, so threshold = one token per step).
-Writes ``results.json`` (environment, per-round raw numbers) and ``table.md`` into ``--out``::
+``OMP_WAIT_POLICY=PASSIVE`` unless given (``_timing.py``). Writes ``results.json`` (environment, per-round raw
+numbers) and ``table.md`` into ``--out`` (default ``experiments/results/bench_generation``)::
 
     python experiments/bench_generation.py --quick --random-init --out /tmp/bench_gen
     python experiments/bench_generation.py --models-dir runs
@@ -40,24 +41,21 @@ Writes ``results.json`` (environment, per-round raw numbers) and ``table.md`` in
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import _timing  # sorts before torch: sets OMP_WAIT_POLICY before torch loads
 import torch
-from _report import cpu_model, print_report, write_report  # experiments/_report.py
+from _report import print_report, results_dir, write_report
+from _timing import Stopwatch, rotations, same_round_ratio, timed
 from rich.console import Console
 from transformers import GenerationConfig
 from transformers.utils import logging as hf_logging
 
+from blockdiff import BlockDiffusionLM, BlockDiffusionSpec, load_model_dir
 from blockdiff.config import ModelConfig
 from blockdiff.evaluation.scoring import causal_lm_logits, continuation_nll, unigram_entropy
-from blockdiff.modeling.io import load_model_dir
-from blockdiff.modeling.model import BlockDiffusionLM
-from blockdiff.modeling.spec import BlockDiffusionSpec
 from blockdiff.modeling.tokenizer import byte_tokenizer
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
 from blockdiff.sampling.text import encode_prompts
@@ -154,19 +152,17 @@ def run_row(row: Row, models, tok, prompts: list[list[int]], n: int, seed: int):
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, suppress_tokens=[model.mask_token_id],
         )
         torch.manual_seed(seed)
-        start = time.perf_counter()
-        seqs = model.backbone.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        seconds = time.perf_counter() - start
+        call = timed(lambda: model.backbone.generate(input_ids=ids, attention_mask=mask, generation_config=config))
+        seqs = call.result
         new = seqs[:, width:].tolist()
-        return seconds, n, seqs.shape[1] - 1, [(p, c) for p, c in zip(prompts, new)]
+        return call.seconds, n, seqs.shape[1] - 1, [(p, c) for p, c in zip(prompts, new)]
     config = BlockDiffusionGenerationConfig(
         max_new_tokens=n, eos_token_id=None, pad_token_id=tok.pad_token_id, temperature=1.0, **row.settings
     )
     generator = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    out = model.generate(prompts, generation_config=config, generator=generator)
-    seconds = time.perf_counter() - start
-    return seconds, out.nfe, out.max_cache_length, [(p, out.new_tokens(i)) for i, p in enumerate(prompts)]
+    call = timed(lambda: model.generate(prompts, generation_config=config, generator=generator))
+    out = call.result
+    return call.seconds, out.nfe, out.max_cache_length, [(p, out.new_tokens(i)) for i, p in enumerate(prompts)]
 
 
 def ar_nll(ar: BlockDiffusionLM, prompt: list[int], cont: list[int]) -> tuple[float, int]:
@@ -188,8 +184,8 @@ def summarise(rows: list[Row], models) -> list[dict]:
         out.append(dict(
             name=row.name, new_tokens=row.new_tokens, batch=row.batch, model=row.model, settings=row.settings,
             tokens_per_s=statistics.median(tps),
-            x_hf=statistics.median(a / b for a, b in zip(tps, ref_tps)),
-            x_no_cache=statistics.median(a / b for a, b in zip(no_cache.times, row.times)) if no_cache else None,
+            x_hf=same_round_ratio(tps, ref_tps),
+            x_no_cache=same_round_ratio(no_cache.times, row.times) if no_cache else None,
             nfe_per_token=statistics.mean(row.nfe) / row.new_tokens,
             ar_nll=sum(s for s, _ in nll) / sum(k for _, k in nll),
             entropy_bits=statistics.mean(unigram_entropy(c, base=2) for _, c in row.samples),
@@ -233,7 +229,7 @@ def targets(results: list[dict]) -> list[dict]:
 def run(args, console: Console) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    began = time.perf_counter()
+    whole = Stopwatch()
     models, tok = load_models(args)
     args.from_ar = "bl4ar" in models
     prompts = encode_prompts(tok, PROMPTS)
@@ -247,9 +243,9 @@ def run(args, console: Console) -> dict:
         for n, b in groups:
             group = [r for r in rows if (r.new_tokens, r.batch) == (n, b)]
             reps = args.reps if n <= CONTEXT else args.reps_long
-            for rnd in range(reps):
+            for rnd, order in rotations(group, reps):
                 batch_prompts = prompts if b > 1 else [prompts[rnd % len(prompts)]]
-                for row in group[rnd % len(group) :] + group[: rnd % len(group)]:
+                for row in order:
                     seconds, nfe, cache, samples = run_row(row, models, tok, batch_prompts, n, args.seed + rnd)
                     if any(len(c) != n for _, c in samples):
                         raise RuntimeError(f"{row.name}: a sample did not get exactly {n} new tokens")
@@ -270,10 +266,9 @@ def run(args, console: Console) -> dict:
     if args.random_init:
         notes.append("RANDOM-INIT networks: timings test the script only; NFE, NLL and entropy are meaningless")
     return dict(
-        command=shlex.join([sys.executable, *sys.argv]),
-        torch=torch.__version__, threads=torch.get_num_threads(), cpu=cpu_model(),
+        environment=_timing.environment(),
         models="random-init" if args.random_init else str(args.models_dir), vocab=len(tok),
-        reps=args.reps, reps_long=args.reps_long, wall_s=time.perf_counter() - began, notes=notes,
+        reps=args.reps, reps_long=args.reps_long, wall_s=whole.elapsed(), notes=notes,
         results=results, targets=targets(results),
     )
 
@@ -303,9 +298,8 @@ def target_lines(report: dict) -> list[str]:
 
 def header(report: dict) -> str:
     return "\n".join([
-        f"torch {report['torch']}, {report['threads']} threads, CPU: {report['cpu']}; models: {report['models']} "
-        f"(vocab {report['vocab']})",
-        f"command: {report['command']}  (whole run {report['wall_s'] / 60:.1f} min)",
+        _timing.header(report["environment"]),
+        f"models: {report['models']} (vocab {report['vocab']}); whole run {report['wall_s'] / 60:.1f} min",
         *report["notes"],
     ])
 
@@ -336,7 +330,7 @@ def main() -> None:
     parser.add_argument("--skip-slow", action="store_true", help="skip the no-cache rows beyond 256 new tokens")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave as is)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("experiments/results/bench_generation"))
+    parser.add_argument("--out", type=Path, default=results_dir(__file__))
     args = parser.parse_args()
     if args.quick:
         args.reps = args.reps_long = 2

@@ -5,10 +5,11 @@ The server runs in this process (uvicorn in a thread, a real localhost port); ea
 `httpx` connection that sends its requests one after another, streaming. Per request: time to first block (the first
 server-sent event) and new tokens. Offline rows: `model.generate` on the same prompts one at a time (batch 1) and in
 batches of the client count (what the server's batching can at best reach). Everything uses the same settings
-(temperature 0.8, the model's sampler defaults, `max_tokens`), seeds per request.
+(temperature 0.8, the model's sampler defaults, `max_tokens`), seeds per request. Clocks, the environment header and
+`OMP_WAIT_POLICY=PASSIVE` come from `_timing.py`; `results.json` and `table.md` go to `--out` (default
+`experiments/results/bench_serve`).
 
-    python experiments/bench_serve.py runs/demo_bl4 --clients 1 4 16 --requests 32 --max-tokens 64 \\
-        --out experiments/results/serving
+    python experiments/bench_serve.py runs/demo_bl4 --clients 1 4 16 --requests 32 --max-tokens 64
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ import threading
 import time
 from pathlib import Path
 
+import _timing  # sorts before torch: sets OMP_WAIT_POLICY before torch loads
 import httpx
 import torch
 import uvicorn
+from _report import results_dir, write_report
+from _timing import Stopwatch
 
 from blockdiff.serving import build_engine
 from blockdiff.serving.app import create_app
@@ -53,17 +57,17 @@ def prompts_of(n: int) -> list[str]:
 def one_request(http: httpx.Client, url: str, name: str, prompt: str, seed: int, max_tokens: int) -> dict:
     body = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed,
             "stream": True, "stream_options": {"include_usage": True}}
-    start, first, usage = time.perf_counter(), None, None
+    watch, first, usage = Stopwatch(), None, None
     with http.stream("POST", url + "/v1/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: "):
                 continue
             if first is None:
-                first = time.perf_counter() - start
+                first = watch.elapsed()
             if line != "data: [DONE]":
                 usage = json.loads(line[6:]).get("usage") or usage
-    return {"ttfb": first, "seconds": time.perf_counter() - start, "tokens": usage["completion_tokens"]}
+    return {"ttfb": first, "seconds": watch.elapsed(), "tokens": usage["completion_tokens"]}
 
 
 def serve_row(url: str, name: str, clients: int, requests: int, max_tokens: int) -> dict:
@@ -77,13 +81,13 @@ def serve_row(url: str, name: str, clients: int, requests: int, max_tokens: int)
                 with lock:
                     results.append(out)
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(ix,)) for ix in per_client]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    with Stopwatch() as watch:
+        threads = [threading.Thread(target=client, args=(ix,)) for ix in per_client]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    wall = watch.seconds
     ttfb = sorted(r["ttfb"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     return {"clients": clients, "requests": len(results), "tokens": tokens, "seconds": wall,
@@ -94,14 +98,15 @@ def serve_row(url: str, name: str, clients: int, requests: int, max_tokens: int)
 def offline_row(engine, batch: int, requests: int, max_tokens: int) -> dict:
     tok, model = engine.tokenizer, engine.model
     ids = [[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p in prompts_of(requests)]
-    start, tokens = time.perf_counter(), 0
-    for s in range(0, requests, batch):
-        chunk = ids[s : s + batch]
-        gens = [torch.Generator().manual_seed(s + j) for j in range(len(chunk))]
-        out = model.generate(chunk, generator=gens, max_new_tokens=max_tokens, temperature=0.8,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        tokens += int(out.lengths.sum())
-    wall = time.perf_counter() - start
+    tokens = 0
+    with Stopwatch() as watch:
+        for s in range(0, requests, batch):
+            chunk = ids[s : s + batch]
+            gens = [torch.Generator().manual_seed(s + j) for j in range(len(chunk))]
+            out = model.generate(chunk, generator=gens, max_new_tokens=max_tokens, temperature=0.8,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            tokens += int(out.lengths.sum())
+    wall = watch.seconds
     return {"batch": batch, "requests": requests, "tokens": tokens, "seconds": wall, "tokens_per_second": tokens / wall}
 
 
@@ -112,7 +117,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--batch-window-ms", type=float, default=10.0)
-    p.add_argument("--out", default="experiments/results/serving")
+    p.add_argument("--out", type=Path, default=results_dir(__file__))
     a = p.parse_args()
     engine = build_engine(a.model, "bench", batch_window=a.batch_window_ms / 1000, max_batch_size=max(a.clients))
     engine.start()
@@ -128,19 +133,14 @@ def main() -> None:
     server.should_exit = True
     thread.join(timeout=10)
     engine.stop()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"args": vars(a), **rows}, indent=1))
-    lines = ["| run | requests | new tokens | wall s | tokens/s | p50 time to first block (s) | p95 (s) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows["serve"]:
-        lines.append(f"| serve, {r['clients']} streaming client(s) | {r['requests']} | {r['tokens']} | "
-                     f"{r['seconds']:.1f} | {r['tokens_per_second']:.1f} | {r['ttfb_p50']:.3f} | {r['ttfb_p95']:.3f} |")
-    for r in rows["offline"]:
-        lines.append(f"| offline generate(), batch {r['batch']} | {r['requests']} | {r['tokens']} | "
-                     f"{r['seconds']:.1f} | {r['tokens_per_second']:.1f} | — | — |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    env = _timing.environment()
+    columns = ["run", "requests", "new tokens", "wall s", "tokens/s", "p50 time to first block (s)", "p95 (s)"]
+    table = [[f"serve, {r['clients']} streaming client(s)", str(r["requests"]), str(r["tokens"]), f"{r['seconds']:.1f}",
+              f"{r['tokens_per_second']:.1f}", f"{r['ttfb_p50']:.3f}", f"{r['ttfb_p95']:.3f}"] for r in rows["serve"]]
+    table += [[f"offline generate(), batch {r['batch']}", str(r["requests"]), str(r["tokens"]), f"{r['seconds']:.1f}",
+               f"{r['tokens_per_second']:.1f}", "—", "—"] for r in rows["offline"]]
+    write_report(a.out, {"environment": env, "args": vars(a), **rows}, _timing.header(env), columns, table)
+    print((a.out / "table.md").read_text())
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark: lossless speculative block decoding vs the base decoder's own Hugging Face ``generate()`` (issue 11).
 
 What is measured, in ONE process (batch 1, ``--threads`` threads, fp32, ``OMP_WAIT_POLICY=PASSIVE`` set before torch
-loads unless the environment already sets it; the output says which):
+loads unless the environment already sets it, by ``_timing.py``; the output says which):
 
 * **Prompts**: ``--num-prompts`` windows of the run's HELD-OUT split (``blockdiff.evaluation.heldout.held_out_split``
   with the model's training config: the training split is never a prompt), evenly spaced, their first
@@ -18,8 +18,8 @@ loads unless the environment already sets it; the output says which):
   - ``... (fused, every length)``: the same with ``FusedBlockDiffusion(model, every_length=True)``, a mask block for
     every acceptance length in each forward (so a step after a rejection still checks drafts);
   - ``native threshold 0.9``: ``model.generate(sampler="threshold", tau=0.9)``, the model on its own.
-* **Round-robin**: every round runs every row on every prompt, the row order rotating each round (one untimed
-  short warm-up call per row first). **tok/s** = a round's new tokens / its wall time, median over rounds;
+* **Round-robin** (``_timing.py``): every round runs every row on every prompt, the row order rotating each round
+  (one untimed short warm-up call per row first). **tok/s** = a round's new tokens / its wall time, median over rounds;
   **x HF same T** = median over rounds of the same-round ratio to the HF ``generate()`` row of the same temperature.
   ``--skip KIND`` leaves a kind of row out (e.g. ``spec2`` on a large model: two full forwards per step).
 * **tok/fwd** = new tokens / forwards of the verifier (speculative: accepted + 1 per step; HF greedy = 1);
@@ -36,31 +36,25 @@ Writes ``results.json`` and ``table.md`` (``experiments/_report.py``) into ``--o
 
 from __future__ import annotations
 
-import os
+import argparse
+import copy
+import dataclasses
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
 
-_OMP_GIVEN = os.environ.get("OMP_WAIT_POLICY")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle OpenMP threads do not spin
+import _timing  # sorts before torch: sets OMP_WAIT_POLICY before torch loads
+import torch
+from _report import print_report, results_dir, write_report
+from _timing import Stopwatch, rotations, same_round_ratio, timed, warm_up
+from rich.console import Console
+from transformers.utils import logging as hf_logging
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import dataclasses  # noqa: E402
-import shlex  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-from _report import cpu_model, print_report, write_report  # noqa: E402  experiments/_report.py
-from rich.console import Console  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from blockdiff.data.distilled import distilled_dir, is_distilled_source, read_settings  # noqa: E402
-from blockdiff.evaluation.heldout import held_out_split  # noqa: E402
-from blockdiff.evaluation.scoring import causal_lm_logits, continuation_nll, unigram_entropy  # noqa: E402
-from blockdiff.modeling.io import load_model_dir  # noqa: E402
-from blockdiff.sampling.speculative import FusedBlockDiffusion, speculative_generate, supports_fused  # noqa: E402
+from blockdiff import load_model_dir
+from blockdiff.data.distilled import distilled_dir, is_distilled_source, read_settings
+from blockdiff.evaluation.heldout import held_out_split
+from blockdiff.evaluation.scoring import causal_lm_logits, continuation_nll, unigram_entropy
+from blockdiff.sampling.speculative import FusedBlockDiffusion, speculative_generate, supports_fused
 
 WARMUP_TOKENS = 16
 
@@ -146,26 +140,22 @@ def run_one(row: Row, model, base, counter, prompt, n, eos, pad, seed, lookup):
             kw["prompt_lookup_num_tokens"] = lookup
         torch.manual_seed(seed)
         before = counter.calls
-        start = time.perf_counter()
-        ids = base.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), **kw)
-        seconds = time.perf_counter() - start
-        new = ids[0, len(prompt) :].tolist()
+        call = timed(lambda: base.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                                                                          dtype=torch.long), **kw))
+        new = call.result[0, len(prompt) :].tolist()
         forwards = counter.calls - before
-        return seconds, new, forwards, forwards, []
+        return call.seconds, new, forwards, forwards, []
     if row.kind == "native":
-        start = time.perf_counter()
-        out = model.generate([prompt], max_new_tokens=n, sampler="threshold", tau=0.9, eos_token_id=eos,
-                             generator=generator)
-        seconds = time.perf_counter() - start
-        return seconds, out.new_tokens(0), out.nfe, out.nfe, []
+        call = timed(lambda: model.generate([prompt], max_new_tokens=n, sampler="threshold", tau=0.9, eos_token_id=eos,
+                                            generator=generator))
+        return call.seconds, call.result.new_tokens(0), call.result.nfe, call.result.nfe, []
     verifier, drafter = (base, model) if row.kind == "spec2" else (model, None)
     if row.kind == "fused_all":
         verifier = FusedBlockDiffusion(model, every_length=True)
-    start = time.perf_counter()
-    out = speculative_generate(verifier, drafter, prompt, max_new_tokens=n, temperature=row.temperature,
-                               eos_token_id=eos, generator=generator)
-    seconds = time.perf_counter() - start
-    return seconds, out.new_tokens(0), out.nfe, out.verifier_forwards, out.acceptance_histogram
+    call = timed(lambda: speculative_generate(verifier, drafter, prompt, max_new_tokens=n, temperature=row.temperature,
+                                              eos_token_id=eos, generator=generator))
+    out = call.result
+    return call.seconds, out.new_tokens(0), out.nfe, out.verifier_forwards, out.acceptance_histogram
 
 
 def summarise(rows: list[Row], judge) -> list[dict]:
@@ -183,7 +173,7 @@ def summarise(rows: list[Row], judge) -> list[dict]:
         new = sum(len(c) for _, _, c in row.samples)
         out.append(dict(
             name=row.name, kind=row.kind, temperature=row.temperature,
-            tokens_per_s=statistics.median(tps), x_hf=statistics.median(a / b for a, b in zip(tps, ref_tps)),
+            tokens_per_s=statistics.median(tps), x_hf=same_round_ratio(tps, ref_tps),
             tokens_per_forward=new / max(1, sum(row.verifier_forwards)),
             forwards_per_sample=statistics.mean(row.forwards),
             exact_match=statistics.mean(float(c == greedy[i]) for i, _, c in row.samples),
@@ -197,7 +187,7 @@ def summarise(rows: list[Row], judge) -> list[dict]:
 
 def run(args, console: Console) -> dict:
     torch.set_num_threads(args.threads)
-    began = time.perf_counter()
+    whole = Stopwatch()
     model, base, judge, tok, cfg, base_name = load(args)
     has_base = args.base is not None or cfg.model.pretrained is not None  # a separate verifier for the two-model rows
     positions = getattr(base.config, "max_position_embeddings", None)
@@ -211,10 +201,10 @@ def run(args, console: Console) -> dict:
     counter = CountForwards(base)
     eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with torch.inference_mode():
-        for row in rows:
-            run_one(row, model, base, counter, prompts[0], WARMUP_TOKENS, eos, pad, args.seed, args.lookup)
-        for rnd in range(args.rounds):
-            for row in rows[rnd % len(rows) :] + rows[: rnd % len(rows)]:
+        warm_up([lambda row=row: run_one(row, model, base, counter, prompts[0], WARMUP_TOKENS, eos, pad, args.seed,
+                                         args.lookup) for row in rows])
+        for rnd, order in rotations(rows, args.rounds):
+            for row in order:
                 seconds, tokens = 0.0, 0
                 for i, prompt in enumerate(prompts):
                     s, new, fwd, vfwd, hist = run_one(row, model, base, counter, prompt, args.new_tokens, eos, pad,
@@ -230,8 +220,6 @@ def run(args, console: Console) -> dict:
             console.log(f"round {rnd + 1}/{args.rounds} done")
         results = summarise(rows, judge)
     notes = [
-        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} "
-        f"({'set by this script before torch loaded' if _OMP_GIVEN is None else 'from the environment'})",
         f"prompts: {len(prompts)} held-out windows of the corpus (first {args.prompt_tokens} tokens each); "
         f"up to {args.new_tokens} new tokens, EOS stops; batch 1, fp32, {args.rounds} rounds",
         f"verifier / judge: {base_name}; sampled rows: temperature {args.temperature}, no top-k / top-p",
@@ -239,9 +227,8 @@ def run(args, console: Console) -> dict:
     if args.note:
         notes.append(args.note)
     return dict(
-        command=shlex.join([sys.executable, *sys.argv]), torch=torch.__version__, threads=torch.get_num_threads(),
-        cpu=cpu_model(), model=str(args.model), base=base_name, block_length=model.block_length,
-        new_tokens=args.new_tokens, rounds=args.rounds, wall_s=time.perf_counter() - began, notes=notes,
+        environment=_timing.environment(), model=str(args.model), base=base_name, block_length=model.block_length,
+        new_tokens=args.new_tokens, rounds=args.rounds, wall_s=whole.elapsed(), notes=notes,
         results=results,
     )
 
@@ -260,9 +247,8 @@ def table_rows(report: dict) -> list[list[str]]:
 
 def header(report: dict) -> str:
     return "\n".join([
-        f"torch {report['torch']}, {report['threads']} threads, CPU: {report['cpu']}; model {report['model']} "
-        f"(block length {report['block_length']})",
-        f"command: {report['command']}  (whole run {report['wall_s'] / 60:.1f} min)",
+        _timing.header(report["environment"]),
+        f"model {report['model']} (block length {report['block_length']}); whole run {report['wall_s'] / 60:.1f} min",
         *report["notes"],
     ])
 
@@ -291,7 +277,7 @@ def main() -> None:
     parser.add_argument("--skip", action="append", choices=["lookup", "spec2", "fused", "fused_all", "native"],
                         help="leave out the rows of this kind (repeatable)")
     parser.add_argument("--note", help="a line added to the report (e.g. 'untrained adapter: speed means nothing')")
-    parser.add_argument("--out-dir", type=Path, default=Path("experiments/results/bench_speculative"))
+    parser.add_argument("--out-dir", type=Path, default=results_dir(__file__))
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     console = Console(width=max(Console().width, 150))

@@ -1,7 +1,8 @@
 """Benchmark: block-diffusion training step vs a plain autoregressive step of the same backbone.
 
 What is measured, in ONE process, with the variants interleaved round-robin (the starting variant
-rotates every round; these machines are noisy, so every statistic is a median over rounds):
+rotates every round; these machines are noisy, so every statistic is a median over rounds; the method, the
+environment header and ``OMP_WAIT_POLICY=PASSIVE`` come from ``_timing.py``):
 
 * **Step time** of a full training step — ``zero_grad`` + forward + backward + ``AdamW.step`` (fp32):
   - BD, block length ``L'``: ``block_diffusion_loss(model, x0, LogLinearSchedule(), (1e-3, 1.0))``, the
@@ -33,25 +34,21 @@ from __future__ import annotations
 
 import argparse
 import functools
-import shlex
 import statistics
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import _timing  # sorts before torch: sets OMP_WAIT_POLICY before torch loads
 import torch
-from _report import cpu_model, print_report, write_report  # experiments/_report.py
+from _report import print_report, results_dir, write_report
+from _timing import rotations, same_round_ratio, same_round_ratios, timed, warm_up
 from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from blockdiff import BlockDiffusionLM, BlockDiffusionSpec, block_diffusion_loss, build_backbone
 from blockdiff.config import ModelConfig
-from blockdiff.core.loss import block_diffusion_loss
 from blockdiff.core.noise import LogLinearSchedule
-from blockdiff.modeling.model import BlockDiffusionLM
-from blockdiff.modeling.spec import BlockDiffusionSpec
-from blockdiff.training.builders import build_backbone
 
 T_RANGE = (1e-3, 1.0)
 TARGET_RATIO = 2.0
@@ -92,11 +89,6 @@ class Variant:
     @property
     def name(self) -> str:
         return f"{self.shape.name} AR" if self.block_length is None else f"{self.shape.name} BD L'={self.block_length}"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build_variants(shape: Shape, device: torch.device, lr: float, seed: int):
@@ -144,18 +136,9 @@ def count_flops(variant: Variant, backbone_params: int, embed_params: int) -> No
     variant.analytic_flops = dense + 12 * s.layers * seq * seq * s.hidden * s.batch
 
 
-def timed(fn: Callable, device: torch.device, repeats: int = 1) -> float:
-    """Seconds per call of ``fn``, averaged over ``repeats`` back-to-back calls."""
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeats
-
-
 def run(args: argparse.Namespace, console: Console) -> dict:
     device = torch.device(args.device)
+    sync = functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else None
     if args.threads:
         torch.set_num_threads(args.threads)
     variants: list[Variant] = []
@@ -164,8 +147,7 @@ def run(args: argparse.Namespace, console: Console) -> dict:
         params = sum(p.numel() for p in backbone.parameters())  # tied head: the embedding is counted once
         embed = backbone.get_input_embeddings().weight.numel()
         for variant in shape_variants:
-            for _ in range(args.warmup):
-                variant.step()
+            warm_up(variant.step, args.warmup)
             count_flops(variant, params, embed)
         variants += shape_variants
         console.log(f"built + warmed up {shape.name}: {params / 1e6:.2f}M params ({embed / 1e6:.2f}M embedding)")
@@ -173,18 +155,18 @@ def run(args: argparse.Namespace, console: Console) -> dict:
     n = args.peak_n
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     matmul = functools.partial(torch.mm, a, b)
-    timed(matmul, device)  # warm-up
+    warm_up(matmul)
     peak_gflops = []  # one per round: median of three timings
-    for rnd in range(args.reps):
-        peak_gflops.append(2 * n**3 / statistics.median(timed(matmul, device) for _ in range(3)) / 1e9)
-        for variant in variants[rnd % len(variants) :] + variants[: rnd % len(variants)]:  # rotate the start
-            variant.times.append(timed(variant.step, device, args.steps_per_rep))
+    for rnd, order in rotations(variants, args.reps):
+        peak_gflops.append(2 * n**3 / statistics.median(timed(matmul, sync=sync).seconds for _ in range(3)) / 1e9)
+        for variant in order:
+            variant.times.append(timed(variant.step, args.steps_per_rep, sync=sync).seconds)
         console.log(f"round {rnd + 1}/{args.reps} done")
 
     rows = []
     for variant in variants:
         ar = next(v for v in variants if v.shape is variant.shape and v.block_length is None)
-        ratios = [t / t_ar for t, t_ar in zip(variant.times, ar.times)]  # per round
+        ratios = same_round_ratios(variant.times, ar.times)
         achieved = [variant.counted_flops / t / 1e9 for t in variant.times]  # per round
         rows.append(
             dict(
@@ -194,21 +176,18 @@ def run(args: argparse.Namespace, console: Console) -> dict:
                 tokens_per_seq=variant.shape.seq_len * (1 if variant.block_length is None else 2)
                 - (variant.block_length or 0),
                 median_step_ms=1e3 * statistics.median(variant.times),
-                ratio_vs_ar=statistics.median(ratios),
+                ratio_vs_ar=same_round_ratio(variant.times, ar.times),
                 flop_ratio_vs_ar=variant.counted_flops / ar.counted_flops,
                 counted_gflop=variant.counted_flops / 1e9,
                 analytic_gflop=variant.analytic_flops / 1e9,
                 achieved_gflops=statistics.median(achieved),
-                fraction_of_peak=statistics.median(x / p for x, p in zip(achieved, peak_gflops)),
+                fraction_of_peak=same_round_ratio(achieved, peak_gflops),
                 ratios_per_round=ratios,
                 times_s=variant.times,
             )
         )
     return dict(
-        command=shlex.join([sys.executable, *sys.argv]),
-        torch=torch.__version__,
-        threads=torch.get_num_threads(),
-        cpu=cpu_model(),
+        environment=_timing.environment(),
         device=str(device),
         **{k: vars(args)[k] for k in ("reps", "steps_per_rep", "warmup", "peak_n")},
         peak_gflops=statistics.median(peak_gflops),
@@ -235,10 +214,9 @@ def table_rows(report: dict) -> list[list[str]]:
 
 def header(report: dict) -> str:
     return (
-        f"torch {report['torch']}, {report['threads']} threads, CPU: {report['cpu']}, device {report['device']}\n"
+        f"{_timing.header(report['environment'])}\ndevice {report['device']}; "
         f"peak fp32 mm ({report['peak_n']}^2): {report['peak_gflops']:.1f} GFLOP/s; {report['reps']} rounds x "
-        f"{report['steps_per_rep']} step(s) after {report['warmup']} warm-up steps; medians\n"
-        f"command: {report['command']}"
+        f"{report['steps_per_rep']} step(s) after {report['warmup']} warm-up steps; medians"
     )
 
 
@@ -266,7 +244,7 @@ def main() -> None:
     parser.add_argument("--peak-n", type=int, default=2048, help="size of the square fp32 matmul for the peak")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("experiments/results/bench_training"))
+    parser.add_argument("--out", type=Path, default=results_dir(__file__))
     args = parser.parse_args()
     if args.quick:
         args.reps, args.steps_per_rep = 2, 1

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 import torch
-from _report import cpu_model, write_report
+from _report import results_dir, write_report
+from _timing import environment, header
 from safetensors.torch import load_file
 
 from blockdiff.training.checkpoint import CheckpointError, load_checkpoint
@@ -164,7 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=5, help="SIGKILL trials at random moments")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("experiments/results/faults"))
+    parser.add_argument("--out", type=Path, default=results_dir(__file__))
     args = parser.parse_args()
     rng = random.Random(args.seed)
     torch.set_num_threads(1)
@@ -185,8 +186,8 @@ def main() -> None:
         print(" | ".join(row), flush=True)
     write_report(
         args.out,
-        {"rows": rows, "columns": columns, "cpu": cpu_model(), "torch": torch.__version__},
-        f"experiments/faults.py on {cpu_model()}, torch {torch.__version__}, {STEPS} steps, checkpoint every 5",
+        {"environment": environment(), "rows": rows, "columns": columns},
+        f"{header(environment())}\n{STEPS} steps, checkpoint every 5",
         columns,
         rows,
     )

@@ -3,11 +3,13 @@
 Rows: the `hf` model type on a plain HF causal LM, then the `blockdiff` model type on blockdiff model directories
 (each given as DIR[:key=value,...], the model args). Every row runs the same tasks through `lm_eval.simple_evaluate`;
 the table has each task's metric and the wall time per request (the evaluator's requests of that task; the model is
-loaded once per row, before, and its loading time is recorded apart as `load_seconds`).
+loaded once per row, before, and its loading time is recorded apart as `load_seconds`). Wall times and the
+environment header come from `_timing.py`; `results.json` and `table.md` go to `--out` (default
+`experiments/results/lm_eval_compare`; a second model family to `experiments/results/lm_eval_compare/<name>`).
 
     python experiments/lm_eval_compare.py --hf runs/demo_base \\
         --blockdiff runs/demo_ar:add_bos_token=False --blockdiff runs/demo_ar \\
-        --blockdiff runs/demo_bl4:mc_samples=32 --out experiments/results/lm_eval
+        --blockdiff runs/demo_bl4:mc_samples=32
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
+
+import _timing
+from _report import results_dir, write_report
+from _timing import Stopwatch
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,14 +46,15 @@ def run_row(model: str, args: dict, tasks: list[str], manager) -> dict:
     import lm_eval
     from lm_eval.api.registry import get_model
 
-    start = time.perf_counter()
-    lm = get_model(model).create_from_arg_obj(dict(args), {"batch_size": args.get("batch_size", 8), "device": "cpu"})
-    out = {"load_seconds": time.perf_counter() - start}
+    with Stopwatch() as load:
+        lm = get_model(model).create_from_arg_obj(dict(args), {"batch_size": args.get("batch_size", 8),
+                                                               "device": "cpu"})
+    out = {"load_seconds": load.seconds}
     for task in tasks:  # one task at a time, so each gets its own wall time
-        start = time.perf_counter()
-        result = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0,
-                                         log_samples=True)
-        seconds = time.perf_counter() - start
+        with Stopwatch() as watch:
+            result = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0,
+                                             log_samples=True)
+        seconds = watch.seconds
         requests = sum(len(s["resps"]) for s in result["samples"][task])
         out[task] = {**{m: result["results"][task][m] for m in METRICS[task]}, "seconds": seconds,
                      "requests": requests, "seconds_per_request": seconds / requests,
@@ -66,11 +72,11 @@ def main() -> None:
     p.add_argument("--hf-gguf", help="with --hf: the GGUF file in that directory (e.g. the offline SmolLM2)")
     p.add_argument("--blockdiff", action="append", default=[], help="DIR[:key=value,...] (repeatable)")
     p.add_argument("--tasks", default="blockdiff_mc,blockdiff_gen,blockdiff_ppl")
-    p.add_argument("--out", default="experiments/results/lm_eval")
+    p.add_argument("--out", type=Path, default=results_dir(__file__))
     p.add_argument("--table-only", action="store_true", help="rewrite table.md from OUT/results.json")
     a = p.parse_args()
     if a.table_only:
-        write_table(json.loads((Path(a.out) / "results.json").read_text()), Path(a.out))
+        write_table(json.loads((a.out / "results.json").read_text()), a.out)
         return
     manager, tasks, rows = TaskManager(include_path=str(TASKS)), a.tasks.split(","), {}
     if a.hf:
@@ -79,28 +85,30 @@ def main() -> None:
     for spec in a.blockdiff:
         label, args = model_args(spec)
         rows[label] = run_row("blockdiff", args, tasks, manager)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
-    write_table(rows, out)
+    write_table({"environment": _timing.environment(), "rows": rows}, a.out)
 
 
-def write_table(rows: dict, out: Path) -> None:
-    head = "| model | MC acc | MC acc_norm | s/request (MC) | gen exact match | s/request (gen) | PPL task word PPL " \
-           "| bits/byte | s/request (PPL) | load s |"
-    lines = [head, "|" + "---|" * 10]
+COLUMNS = ["model", "MC acc", "MC acc_norm", "s/request (MC)", "gen exact match", "s/request (gen)",
+           "PPL task word PPL", "bits/byte", "s/request (PPL)", "load s"]
+
+
+def write_table(report: dict, out: Path) -> None:
+    """``results.json`` (``report``) and ``table.md`` (``_report.write_report``); reads reports written before the
+    environment was recorded too (the rows were the whole file then)."""
+    rows, env = report.get("rows", report), report.get("environment")
+    table = []
     nan = float("nan")
     for label, r in rows.items():
         mc, gen, ppl = r.get("blockdiff_mc", {}), r.get("blockdiff_gen", {}), r.get("blockdiff_ppl", {})
-        lines.append(
-            f"| {label} | {mc.get('acc,none', nan):.3f} | {mc.get('acc_norm,none', nan):.3f} | "
-            f"{mc.get('seconds_per_request', nan):.4f} | {gen.get('exact_match,none', nan):.3f} | "
-            f"{gen.get('seconds_per_request', nan):.3f} | {ppl.get('word_perplexity,none', nan):.1f} | "
-            f"{ppl.get('bits_per_byte,none', nan):.3f} | {ppl.get('seconds_per_request', nan):.3f} | "
-            f"{r.get('load_seconds', nan):.1f} |"
-        )
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        table.append([
+            label, f"{mc.get('acc,none', nan):.3f}", f"{mc.get('acc_norm,none', nan):.3f}",
+            f"{mc.get('seconds_per_request', nan):.4f}", f"{gen.get('exact_match,none', nan):.3f}",
+            f"{gen.get('seconds_per_request', nan):.3f}", f"{ppl.get('word_perplexity,none', nan):.1f}",
+            f"{ppl.get('bits_per_byte,none', nan):.3f}", f"{ppl.get('seconds_per_request', nan):.3f}",
+            f"{r.get('load_seconds', nan):.1f}",
+        ])
+    write_report(out, report, _timing.header(env) if env else "environment not recorded", COLUMNS, table)
+    print((out / "table.md").read_text())
 
 
 if __name__ == "__main__":

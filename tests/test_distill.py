@@ -18,13 +18,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 from blockdiff.cli import main
 from blockdiff.config import DataConfig
-from blockdiff.data import distill as distill_module
 from blockdiff.data.corpus import load_documents, pack_documents
-from blockdiff.data.distill import distill, generate_continuations
 from blockdiff.data.distilled import MANIFEST, SHARDS, DistilledSetError, load_distilled, read_settings
 from blockdiff.errors import MissingFileError, UsageError, UserError, WouldOverwriteError
 from blockdiff.modeling.pretrained import load_decoder
 from blockdiff.modeling.tokenizer import ensure_special_tokens, train_bpe
+from blockdiff.training import distill as distill_module
+from blockdiff.training.distill import distill, generate_continuations
 
 PROMPT, NEW = 8, 6
 

@@ -18,7 +18,7 @@ def run(args) -> None:
     --out: run the same command again to resume a stopped one. Train on it with
     `blockdiff finetune --base TEACHER data.source=distilled:DIR`.
     """
-    from blockdiff.data.distill import distill
+    from blockdiff.training.distill import distill
     from blockdiff.training.finetune import finetune_config
 
     cfg = finetune_config(None, args.config, args.overrides)

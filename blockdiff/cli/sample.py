@@ -260,7 +260,8 @@ def _check_base(name: str, loaded) -> None:
     from pathlib import Path
 
     from blockdiff.modeling.pretrained import declared_vocab_size, resolve_source
-    from blockdiff.modeling.rundir import SPEC_FILE, is_run_dir, model_dir_of
+    from blockdiff.modeling.rundir import is_run_dir, model_dir_of
+    from blockdiff.modeling.spec import SPEC_FILE
 
     source = resolve_source(name)
     root = Path(source.name_or_path)

@@ -12,6 +12,7 @@ dataclasses (``trainer.py`` the trainer section), ``load.py`` the YAML/override 
 from blockdiff.config.checks import SEED_MAX, ConfigError
 from blockdiff.config.load import describe_keys, load_config, read_utf8, to_yaml
 from blockdiff.config.sections import (
+    T_EPS,
     Adapter,
     CleanAttention,
     ClipSearch,
@@ -32,6 +33,7 @@ from blockdiff.config.trainer import TrainerConfig
 from blockdiff.files import path_problem
 
 __all__ = [
+    "T_EPS",
     "Adapter",
     "CleanAttention",
     "Family",

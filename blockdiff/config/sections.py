@@ -173,6 +173,9 @@ class ModelConfig:
                 )
 
 
+T_EPS = 1e-3  # the smallest t a NELBO estimate samples by default (the weight 1/t is singular at 0): noise.eps
+
+
 @dataclass
 class NoiseConfig:
     kind: NoiseKind = NoiseKind.absorbing
@@ -185,7 +188,7 @@ class NoiseConfig:
     """Lower end of the clipped training range t ~ U[beta, omega]."""
     omega: float = 1.0
     """Upper end of the clipped training range (beta == omega fixes t; 1.0/1.0 masks everything)."""
-    eps: float = 1e-3
+    eps: float = T_EPS
     """Smallest t ever sampled (the weight 1/t is singular at 0); evaluation uses U[eps, 1]."""
     antithetic: bool = True
     """Stratify the per-block t across the batch (lower-variance loss estimate)."""

@@ -37,8 +37,8 @@ from blockdiff.core.noise import add_noise, sample_t
 from blockdiff.core.uniform import add_uniform_noise, uniform_token_nelbo
 
 __all__ = [
-    "LossOutput", "nelbo", "weighted_sum", "block_diffusion_loss", "draw_block_lengths", "mixture_loss",
-    "bits_per_byte",
+    "LossOutput", "masked_nelbo", "nelbo", "weighted_sum", "block_diffusion_loss", "draw_block_lengths",
+    "mixture_loss", "bits_per_byte",
 ]
 
 
@@ -54,6 +54,26 @@ class LossOutput:
     position_tokens: torch.Tensor | None = None  # (l,) predicted positions at each in-block position ("position")
 
 
+def masked_nelbo(
+    logits: torch.Tensor | None, x0: torch.Tensor, sel: torch.Tensor, weight: torch.Tensor,
+    terms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The NELBO of each position (b, n) (docs/design.md §3): ``weight * -log p(x0)`` at the scored positions ``sel``
+    (b, n), 0 elsewhere; its sum over a row is that row's NELBO in nats. The one home of this arithmetic: the training
+    loss (``nelbo``), the lm-eval continuation ELBO (``evaluation/continuation.py``) and the beam score
+    (``sampling/beams.py``) all call it.
+
+    ``logits``: the rows at ``sel``, ``(m, v)``, or all of them ``(b, n, v)``; ``terms`` (m,): per-row terms computed
+    elsewhere (uniform noise, ``uniform.uniform_token_nelbo``) instead of the cross-entropy of ``logits``."""
+    if terms is None:
+        rows = logits[sel] if logits.dim() == 3 else logits  # (m, v)
+        terms = F.cross_entropy(rows.float(), x0[sel], reduction="none")  # (m,)
+    dtype = torch.promote_types(weight.dtype, terms.dtype)
+    per_token = torch.zeros(x0.shape, dtype=dtype, device=x0.device)  # (b, n)
+    per_token[sel] = weight[sel] * terms
+    return per_token
+
+
 def nelbo(
     logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor,
     block_length: int | None = None, by_position: bool = False,
@@ -67,28 +87,24 @@ def nelbo(
     each in-block position (``per_position.sum() / position_tokens.sum() == loss``).
     """
     sel = masked & valid  # (b, n)
-    rows = logits[sel] if logits.dim() == 3 else logits  # (m, v)
-    nll = F.cross_entropy(rows.float(), x0[sel], reduction="none")  # (m,)
-    return weighted_sum(nll, x0, sel, weight, valid, block_length, by_position)
+    return weighted_sum(masked_nelbo(logits, x0, sel, weight), sel, valid, block_length, by_position)
 
 
 def weighted_sum(
-    nll: torch.Tensor, x0: torch.Tensor, sel: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor,
-    block_length: int | None = None, by_position: bool = False,
+    per_token: torch.Tensor, sel: torch.Tensor, valid: torch.Tensor, block_length: int | None = None,
+    by_position: bool = False,
 ) -> LossOutput:
-    """``LossOutput`` from per-row terms ``nll`` (m,) at the scored positions ``sel`` (b, n): the ``weight``-ed sum
-    per valid token (and ``per_block`` with ``block_length``, or ``per_position`` / ``position_tokens`` with
-    ``by_position``, as ``nelbo`` says). Shared by both noise kinds."""
-    nll_sum = (weight[sel] * nll).sum()
+    """``LossOutput`` from the per-position NELBO ``per_token`` (b, n) (``masked_nelbo``) of the scored positions
+    ``sel`` (b, n): its sum per valid token (and ``per_block`` with ``block_length``, or ``per_position`` /
+    ``position_tokens`` with ``by_position``, as ``nelbo`` says). Shared by both noise kinds."""
+    nll_sum = per_token[sel].sum()
     num_tokens = valid.sum()
     out = LossOutput(
         loss=nll_sum / num_tokens.clamp(min=1), nll_sum=nll_sum, num_tokens=num_tokens, num_masked=sel.sum()
     )
     if block_length is not None:
-        b, n = x0.shape
-        per_token = torch.zeros(b, n, device=x0.device, dtype=nll.dtype)  # (b, n)
-        per_token[sel] = nll
-        weighted = (weight * per_token).reshape(b, n // block_length, block_length)  # (b, k, l)
+        b, n = per_token.shape
+        weighted = per_token.reshape(b, n // block_length, block_length)  # (b, k, l)
         if by_position:
             out.per_position = weighted.sum((0, 1))  # (l,)
             out.position_tokens = valid.reshape(b, n // block_length, block_length).sum((0, 1))  # (l,)
@@ -160,7 +176,7 @@ def block_diffusion_loss(
     if not uniform:
         return nelbo(logits, x0, noised.masked, noised.weight, valid, per, by_position)
     terms = uniform_token_nelbo(logits, x0[sel], noised.xt[sel], noised.alpha[sel], model.mask_token_id)  # (m,)
-    return weighted_sum(terms, x0, sel, noised.weight, valid, per, by_position)
+    return weighted_sum(masked_nelbo(None, x0, sel, noised.weight, terms), sel, valid, per, by_position)
 
 
 def draw_block_lengths(mixture: dict[int, float], batch_size: int, generator=None, device=None) -> torch.Tensor:

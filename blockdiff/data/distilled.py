@@ -1,6 +1,6 @@
 """A distilled set on disk: the teacher's own continuations of corpus prompts, and how training reads them.
 
-``blockdiff distill`` (``blockdiff/data/distill.py``) writes; this module only defines the layout and reads it::
+``blockdiff distill`` (``blockdiff/training/distill.py``) writes; this module only defines the layout and reads it::
 
     DIR/manifest.json          what the set was made with (``DistillSettings``): a resume must match it exactly
     DIR/shards/shard-00000/    one ``datasets`` dataset per shard of ``shard_size`` prompts (``save_to_disk``)

@@ -27,8 +27,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from blockdiff.core.loss import masked_nelbo
 from blockdiff.core.noise import sample_t
 from blockdiff.errors import UsageError
 from blockdiff.evaluation.scoring import block_diffusion_ar_logits
@@ -104,13 +104,12 @@ def ar_continuation_scores(model, pairs: list[tuple[list[int], list[int]]]) -> l
 
 def masked_elbo(model, x0: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor, block_length: int):
     """``(per-row weighted nats (s,), argmax (s, n))``: the training forward on ``x_t = x0`` with ``masked`` positions
-    replaced by the mask token; nats are summed over the masked positions only (argmax is -1 elsewhere)."""
+    replaced by the mask token; nats (``core.loss.masked_nelbo``) are summed over the masked positions only (argmax is
+    -1 elsewhere)."""
     xt = x0.masked_fill(masked, model.mask_token_id)  # (s, n)
     hidden = model.training_hidden(xt, x0, block_length)  # (s, n, d)
     logits = model.logits(hidden[masked])  # (m, v)
-    nll = F.cross_entropy(logits.float(), x0[masked], reduction="none")  # (m,)
-    per_token = torch.zeros(x0.shape, dtype=nll.dtype, device=x0.device)  # (s, n)
-    per_token[masked] = nll * weight[masked]
+    per_token = masked_nelbo(logits, x0, masked, weight)  # (s, n)
     argmax = torch.full(x0.shape, -1, dtype=torch.long, device=x0.device)
     argmax[masked] = logits.argmax(-1)
     return per_token.sum(-1), argmax

@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from blockdiff.errors import MissingFileError, UsageError
-from blockdiff.modeling.rundir import SPEC_FILE
+from blockdiff.modeling.spec import SPEC_FILE
 
 __all__ = ["HUB_ID", "check_repo_id", "is_hub_id", "hub_unreachable", "local_model_dir", "push_to_hub"]
 

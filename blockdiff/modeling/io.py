@@ -21,11 +21,10 @@ from transformers import AutoTokenizer
 
 from blockdiff.config import Config, load_config, to_yaml
 from blockdiff.errors import MissingFileError, StorageError, UsageError
-from blockdiff.files import write_failure_reason
+from blockdiff.files import read_json_file, write_failure_reason
 from blockdiff.modeling.lean import pack_linears, use_lean
 from blockdiff.modeling.model import BlockDiffusionLM
 from blockdiff.modeling.model_card import write_model_card
-from blockdiff.modeling.model_files import read_json_file
 from blockdiff.modeling.rundir import (
     TRAIN_CONFIG,
     check_replaceable,

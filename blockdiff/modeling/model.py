@@ -51,14 +51,13 @@ from blockdiff.core.masks import block_causal_mask, causal_prefix_mask
 from blockdiff.errors import UsageError
 from blockdiff.modeling.adapter import ADAPTER_FILE, GatedLoRA
 from blockdiff.modeling.device import resolve_device
-from blockdiff.modeling.loading import read_model_dir
 from blockdiff.modeling.model_files import (
     BlockDiffusionConfig,
     honour_umask,
     load_generation_config,
+    read_model_dir,
 )
-from blockdiff.modeling.rundir import SPEC_FILE
-from blockdiff.modeling.spec import BlockDiffusionSpec
+from blockdiff.modeling.spec import SPEC_FILE, BlockDiffusionSpec
 from blockdiff.modeling.training_forward import TrainingForward
 from blockdiff.sampling.config import GENERATION_CONFIG_FILE, BlockDiffusionGenerationConfig
 

@@ -1,18 +1,20 @@
-"""The files of a blockdiff model directory, read and checked: every error names the file and says how to fix it.
+"""The one reader of a blockdiff model directory: every file read and checked, every error naming the file and saying
+how to fix it. ``read_model_dir`` (for ``BlockDiffusionLM.from_pretrained``) reads and cross-checks the recipe and the
+decoder; ``modeling/io.py`` is the public load/export built on it.
 
+* ``blockdiff.json`` — the ``BlockDiffusionSpec`` (``spec.py``, which names the file: ``SPEC_FILE``);
 * ``config.json`` — ``BlockDiffusionConfig``: ``model_type: "blockdiff"`` with the decoder's own config as
   ``text_config``; directories written before it hold the decoder's config itself (both load);
 * ``model.safetensors`` (or shards and an index) — the decoder's weights, checked before loading (an empty or
   truncated file fails its header check) and against the config (missing, unexpected or reshaped weights);
 * ``blockdiff_generation_config.json`` — the generation defaults, checked like ``generate``'s arguments;
-* any JSON file (``read_json_file``): undecodable UTF-8 or malformed JSON names the file.
+* any JSON file (``blockdiff.files.read_json_file``): undecodable UTF-8 or malformed JSON names the file.
 
-``blockdiff.json`` (the ``BlockDiffusionSpec``) is read by ``model.py``, which assembles the model.
+``model.py`` assembles the model from what ``read_model_dir`` returns (and loads the adapter's tensors into it).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -25,38 +27,18 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from blockdiff.errors import MissingFileError, UsageError
+from blockdiff.files import read_json_file
+from blockdiff.modeling.spec import SPEC_FILE, BlockDiffusionSpec
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
 
 __all__ = [
-    "CONFIG_FILE", "WEIGHTS_FILE", "WEIGHTS_INDEX_FILE", "BlockDiffusionConfig", "read_json_file", "check_decoder_type",
+    "CONFIG_FILE", "WEIGHTS_FILE", "WEIGHTS_INDEX_FILE", "BlockDiffusionConfig", "read_model_dir", "check_decoder_type",
     "backbone_config", "check_weight_files", "load_backbone", "load_generation_config", "honour_umask",
 ]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-
-
-def read_json_file(path: str | Path) -> dict:
-    """The JSON object in ``path``; a missing, non-UTF-8, malformed or non-object file is a user error naming it."""
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise MissingFileError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise MissingFileError(f"{path} is a directory, not a JSON file") from None
-    except UnicodeDecodeError as err:
-        raise UsageError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): the file is damaged; "
-                         "copy it again from where the model was written") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}): the file is "
-                         "damaged or truncated; copy it again from where the model was written") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path} must hold a JSON object, got a {type(data).__name__}")
-    return data
 
 
 class BlockDiffusionConfig(PreTrainedConfig):
@@ -185,3 +167,46 @@ def honour_umask(directory: Path) -> None:
     os.umask(mask)
     for weights in directory.glob("*.safetensors"):
         os.chmod(weights, 0o666 & ~mask)
+
+
+def read_model_dir(
+    directory: Path, config: BlockDiffusionConfig | None, attn_implementation: str, **hf_kwargs
+) -> tuple[BlockDiffusionSpec, PreTrainedModel]:
+    """``(spec, decoder)`` of a model directory (``config``: the ``BlockDiffusionConfig`` transformers' Auto classes
+    already read, else ``config.json`` is read here); the two are checked against each other."""
+    if not directory.is_dir():
+        raise MissingFileError(f"{directory} is not a directory; pass a run directory's model/ folder")
+    spec_path = directory / SPEC_FILE
+    if not spec_path.is_file():
+        raise MissingFileError(
+            f"{directory} is not a blockdiff model directory (no {SPEC_FILE}); "
+            "pass the model/ folder of a run, or a directory written by BlockDiffusionLM.save_pretrained"
+        )
+    spec = BlockDiffusionSpec.from_file(spec_path)
+    if config is not None and not isinstance(config, BlockDiffusionConfig):
+        raise UsageError(
+            f"config must be a BlockDiffusionConfig (the model's config.json), got {type(config).__name__}"
+        )
+    if config is not None:
+        check_decoder_type(
+            getattr(config.text_config, "model_type", None), f"{directory / CONFIG_FILE} (text_config)"
+        )
+    decoder_config = config.text_config if config is not None else backbone_config(directory)
+    for key in ("trust_remote_code", "adapter_kwargs", "_from_auto"):  # a built-in decoder class: no code runs
+        hf_kwargs.pop(key, None)
+    backbone = load_backbone(directory, decoder_config, attn_implementation, **hf_kwargs)
+    vocab = backbone.get_input_embeddings().num_embeddings
+    if spec.mask_token_id >= vocab:
+        raise UsageError(
+            f"{spec_path}: mask_token_id={spec.mask_token_id} is outside the decoder's vocabulary of {vocab} "
+            f"({directory / CONFIG_FILE}); the two files come from different models"
+        )
+    positions = getattr(backbone.config, "max_position_embeddings", None) or getattr(
+        backbone.config, "n_positions", None
+    )
+    if spec.max_seq_len and positions and spec.max_seq_len > positions:
+        raise UsageError(
+            f"{spec_path}: max_seq_len={spec.max_seq_len} exceeds the {positions} positions of the decoder in "
+            f"{directory / CONFIG_FILE}; the two files come from different models"
+        )
+    return spec, backbone

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from blockdiff.errors import MissingFileError, MissingPackageError, UsageError, UserError
 from blockdiff.modeling.model import BlockDiffusionLM
-from blockdiff.modeling.rundir import SPEC_FILE
+from blockdiff.modeling.spec import SPEC_FILE
 from blockdiff.modeling.tokenizer import ensure_special_tokens, load_tokenizer
 
 __all__ = [

@@ -33,10 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockdiff.errors import StorageError, WouldOverwriteError
+from blockdiff.modeling.spec import SPEC_FILE  # a model export is a folder with a spec file (model.py writes it)
 
 __all__ = [
     "CONFIG", "CHECKPOINTS", "LOGS", "METRICS", "MODEL", "TOKENIZER", "PLOTS",
-    "LAST", "PREV", "SPEC_FILE", "TRAIN_CONFIG",
+    "LAST", "PREV", "TRAIN_CONFIG",
     "MODEL_CARD", "EXPORT_MANIFEST", "RunDir", "model_dir_of", "export_files", "write_export_manifest", "export_target",
     "is_model_dir", "is_run_dir", "check_new_run_dir", "prepare_run_dir", "check_replaceable", "staging_dir",
     "replace_dir",
@@ -46,7 +47,6 @@ CONFIG, CHECKPOINTS, LOGS, MODEL, TOKENIZER = "config.yaml", "checkpoints", "log
 PLOTS = "plots"  # in a run: `blockdiff plot`'s PNGs
 METRICS = "metrics.csv"  # under LOGS: the CSV log (Lightning's CSVLogger names it)
 LAST, PREV = "last.ckpt", "prev.ckpt"  # under CHECKPOINTS: the newest checkpoint and the one it replaced
-SPEC_FILE = "blockdiff.json"  # the file that marks a blockdiff model export (model.py writes it)
 TRAIN_CONFIG = "train_config.yaml"  # in a model export: the config it was trained with
 MODEL_CARD = "README.md"  # in a model export: the model card (modeling/model_card.py)
 EXPORT_MANIFEST = "export.json"  # in a model export: the exact list of files the export wrote

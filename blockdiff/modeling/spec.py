@@ -1,6 +1,6 @@
 """``BlockDiffusionSpec``: what turns a decoder into a block diffuser (mask token, block length, logit shift,
 training context, noise schedule and kind, clean-stream attention, drafting adapter), stored next to the weights as
-``blockdiff.json`` and checked on read.
+``blockdiff.json`` (``SPEC_FILE``: the file that marks a blockdiff model directory) and checked on read.
 
 The keys added after the first release (``clean_attention``, ``adapter``, ``adapter_rank``, ``adapter_alpha``,
 ``noise_kind``) are
@@ -16,9 +16,11 @@ from pathlib import Path
 
 from blockdiff.core.noise import make_schedule
 from blockdiff.errors import UsageError, require_divides
-from blockdiff.modeling.model_files import read_json_file
+from blockdiff.files import read_json_file
 
-__all__ = ["BlockDiffusionSpec", "CLEAN_ATTENTION_CHOICES", "ADAPTER_CHOICES", "NOISE_KIND_CHOICES"]
+__all__ = ["SPEC_FILE", "BlockDiffusionSpec", "CLEAN_ATTENTION_CHOICES", "ADAPTER_CHOICES", "NOISE_KIND_CHOICES"]
+
+SPEC_FILE = "blockdiff.json"  # in a model directory, beside the weights: the spec; its presence marks a blockdiff model
 
 CLEAN_ATTENTION_CHOICES = ("block_causal", "causal")
 NOISE_KIND_CHOICES = ("absorbing", "uniform")

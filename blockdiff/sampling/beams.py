@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+from blockdiff.config import T_EPS
+from blockdiff.core.loss import masked_nelbo
 from blockdiff.core.noise import add_noise, make_schedule, sample_t
 from blockdiff.core.uniform import add_uniform_noise, uniform_token_nelbo
 from blockdiff.sampling.grid import _block_rows, _layout, _slide, _State
@@ -145,7 +146,8 @@ def _select(st: _State, idx: torch.Tensor) -> None:
 
 def _block_score(model, st: _State, start: int, config, generator, scorer: Scorer | None) -> torch.Tensor:
     """Log-likelihood score of every row's new block (r,): exact AR log-prob under ``scorer``, else minus the
-    block NELBO under the model (``beam_score_draws`` draws). Only generated positions (not the prompt) count."""
+    block NELBO under the model (``core.loss.masked_nelbo``, ``beam_score_draws`` draws of ``t ~ U[noise.eps, 1]``).
+    Only generated positions (not the prompt) count."""
     l = model.block_length
     cols = torch.arange(start, start + l, device=st.cols.device)
     scored = (cols[None] >= st.gen_start[:, None])  # (r, l)
@@ -160,7 +162,7 @@ def _block_score(model, st: _State, start: int, config, generator, scorer: Score
     uniform = model.spec.noise_kind == "uniform"
     total = torch.zeros(len(block), device=block.device)
     for _ in range(config.beam_score_draws):
-        t = sample_t((len(block), 1), 1e-3, 1.0, generator=generator, device=block.device)  # (r, 1)
+        t = sample_t((len(block), 1), T_EPS, 1.0, generator=generator, device=block.device)  # (r, 1)
         if uniform:
             noised = add_uniform_noise(block, t, schedule, l, model.vocab_size, model.mask_token_id, generator)
         else:
@@ -168,13 +170,10 @@ def _block_score(model, st: _State, start: int, config, generator, scorer: Score
         sel = noised.masked & scored  # (r, l)
         st.cols[:, start:] = torch.where(scored, noised.xt, block)
         logits = model.logits(_block_rows(model, st, start, start + l, config.use_cache)[sel])  # (m, v)
+        terms = None  # absorbing noise: the cross-entropy of the masked rows
         if uniform:
             terms = uniform_token_nelbo(logits, block[sel], noised.xt[sel], noised.alpha[sel], model.mask_token_id)
-        else:
-            terms = F.cross_entropy(logits, block[sel], reduction="none")  # (m,)
-        per_pos = torch.zeros(block.shape, device=block.device)
-        per_pos[sel] = noised.weight[sel] * terms
-        total += per_pos.sum(-1)
+        total += masked_nelbo(logits, block, sel, noised.weight, terms).sum(-1)
     st.cols[:, start:] = block
     return -total / config.beam_score_draws
 

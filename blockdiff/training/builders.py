@@ -15,11 +15,11 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from blockdiff.config import Adapter, CleanAttention, Config, ConfigError, Family, ModelConfig, NoiseKind
+from blockdiff.files import read_json_file
 from blockdiff.modeling.io import load_model_dir
 from blockdiff.modeling.model import BlockDiffusionLM
-from blockdiff.modeling.model_files import read_json_file
-from blockdiff.modeling.rundir import SPEC_FILE, RunDir
-from blockdiff.modeling.spec import BlockDiffusionSpec
+from blockdiff.modeling.rundir import RunDir
+from blockdiff.modeling.spec import SPEC_FILE, BlockDiffusionSpec
 from blockdiff.modeling.tokenizer import build_tokenizer
 
 __all__ = ["build_backbone", "build_model"]

@@ -11,25 +11,30 @@
   (DRAFTER drafts, BASE verifies; greedy and T=0.8), the fused one-forward speculative path when this blockdiff
   has it, and the native threshold sampler (tau 0.9) on DRAFTER alone. Reports tokens/s, the median over prompts
   of (row tokens/s / HF tokens/s of the same prompt and temperature), tokens per verifier forward, the
-  acceptance histogram, forwards per token and the exact-match rate of greedy rows vs HF greedy. Writes
-  ``results.json`` and ``table.md`` into ``--out``.
+  acceptance histogram, forwards per token and the exact-match rate of greedy rows vs HF greedy. Timing, the
+  rotation, the same-prompt ratios and the environment header come from ``experiments/_timing.py``
+  (``OMP_WAIT_POLICY=PASSIVE`` unless given); ``results.json`` and ``table.md`` go to ``--out`` (``_report.py``;
+  results kept in the repository live under ``experiments/results/speculative/``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import time
+import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: _timing, _report
 
-from blockdiff.evaluation.heldout import held_out_split
-from blockdiff.modeling.io import load_model_dir
-from blockdiff.modeling.pretrained import load_decoder
+import _timing  # noqa: E402  sets OMP_WAIT_POLICY before torch loads
+import torch  # noqa: E402
+from _report import write_report  # noqa: E402
+from _timing import rotations, same_round_ratio, timed  # noqa: E402
+
+from blockdiff import load_model_dir  # noqa: E402
+from blockdiff.evaluation.heldout import held_out_split  # noqa: E402
+from blockdiff.modeling.pretrained import load_decoder  # noqa: E402
 
 
 def held_out_prompts(ar_run: str, tokenizer, count: int, length: int) -> list[list[int]]:
@@ -136,13 +141,13 @@ def bench(args) -> None:
         fn, t = rows["spec_greedy"]
         fn(prompts[0][:8], t, 0)  # warm-up
         rows["hf_greedy"][0](prompts[0][:8], 0.0, 0)
-        for i, ids in enumerate(prompts):
-            order = names[i % len(names):] + names[: i % len(names)]
+        for i, order in rotations(names, len(prompts)):  # a round per prompt
+            ids = prompts[i]
             for name in order:
                 fn, t = rows[name]
-                start = time.perf_counter()
-                r = fn(ids, t, 1000 + i)
-                r["seconds"] = time.perf_counter() - start
+                call = timed(lambda: fn(ids, t, 1000 + i))
+                r = call.result
+                r["seconds"] = call.seconds
                 r["tokens_per_s"] = len(r["tokens"]) / r["seconds"]
                 raw[name].append(r)
             print(f"prompt {i}: " + ", ".join(f"{k} {raw[k][-1]['tokens_per_s']:.1f} tok/s" for k in names), flush=True)
@@ -173,8 +178,8 @@ def bench(args) -> None:
         toks = sum(len(r["tokens"]) for r in rs)
         scored = [judge(prompts[i], r["tokens"]) for i, r in enumerate(rs)]
         s = {"tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in rs),
-             "x_hf_median": statistics.median(r["tokens_per_s"] / raw[ref(name)][i]["tokens_per_s"]
-                                              for i, r in enumerate(rs)),
+             "x_hf_median": same_round_ratio([r["tokens_per_s"] for r in rs],
+                                             [r["tokens_per_s"] for r in raw[ref(name)]]),
              "new_tokens": toks, "forwards_per_token": sum(r["forwards"] for r in rs) / max(1, toks),
              "judge_nll": sum(a for a, _ in scored) / max(1, sum(b for _, b in scored)),
              "unigram_entropy": statistics.mean(unigram_entropy(r["tokens"]) for r in rs)}
@@ -189,26 +194,21 @@ def bench(args) -> None:
                      acceptance_rate=sum(r["accepted"] for r in rs) / max(1, sum(r["drafted"] for r in rs)),
                      acceptance_histogram=hist)
         summary[name] = s
-    env = {"threads": args.threads, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-           "load_average_at_end": os.getloadavg(), "prompts": len(prompts), "prompt_tokens": args.prompt_tokens,
-           "new_tokens": n, "drafter": args.drafter, "base": args.base, "block_length": drafter.block_length,
-           "note": "CPU shared with other jobs; ratios are per-prompt, round-robin, medians"}
+    env = _timing.environment()
+    settings = {"prompts": len(prompts), "prompt_tokens": args.prompt_tokens, "new_tokens": n,
+                "drafter": args.drafter, "base": args.base, "block_length": drafter.block_length,
+                "note": "ratios are per-prompt (a round per prompt, rows rotating), medians"}
+    columns = ["row", "tokens/s (median)", "× HF (median)", "forwards/token", "tokens/verifier forward", "acceptance",
+               "histogram (drafts kept per step)", "exact vs HF greedy", "judge NLL", "unigram entropy"]
+    table = [[name, f"{s['tokens_per_s_median']:.1f}", f"{s['x_hf_median']:.2f}", f"{s['forwards_per_token']:.3f}",
+              f"{s.get('tokens_per_verifier_forward', float('nan')):.2f}",
+              f"{s.get('acceptance_rate', float('nan')):.2f}",
+              str(s.get("acceptance_histogram", "")), str(s.get("exact_match_vs_hf_greedy", "")),
+              f"{s['judge_nll']:.3f}", f"{s['unigram_entropy']:.2f}"] for name, s in summary.items()]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"env": env, "summary": summary, "raw": {
-        k: v for k, v in raw.items()}, "prompts": prompts}, indent=1))
-    lines = ["| row | tokens/s (median) | × HF (median) | forwards/token | tokens/verifier forward | acceptance | "
-             "histogram (drafts kept per step) | exact vs HF greedy | judge NLL | unigram entropy |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, s in summary.items():
-        lines.append(
-            f"| {name} | {s['tokens_per_s_median']:.1f} | {s['x_hf_median']:.2f} | {s['forwards_per_token']:.3f} | "
-            f"{s.get('tokens_per_verifier_forward', float('nan')):.2f} | "
-            f"{s.get('acceptance_rate', float('nan')):.2f} | "
-            f"{s.get('acceptance_histogram', '')} | {s.get('exact_match_vs_hf_greedy', '')} | {s['judge_nll']:.3f} | "
-            f"{s['unigram_entropy']:.2f} |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(out, {"environment": env, "settings": settings, "summary": summary, "raw": raw, "prompts": prompts},
+                 _timing.header(env), columns, table)
+    print((out / "table.md").read_text())
 
 
 def main() -> None:

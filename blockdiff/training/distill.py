@@ -49,7 +49,7 @@ from blockdiff.data.distilled import (
 from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.files import write_text_atomic
 from blockdiff.modeling.device import resolve_device
-from blockdiff.modeling.rundir import SPEC_FILE
+from blockdiff.modeling.spec import SPEC_FILE
 from blockdiff.modeling.tokenizer import ensure_special_tokens
 
 __all__ = ["Progress", "DistillResult", "check_settings", "select_prompts", "generate_continuations", "distill"]
