@@ -96,7 +96,7 @@ def _tokenizer_and_backbone(cfg: Config, docs, tokenizer=None, progress: bool = 
             pad_token_id=tokenizer.pad_token_id,
         )
         return tokenizer, backbone, None
-    loaded = load_model_dir(cfg.model.init_from)  # to be trained: no packed copies
+    loaded = load_model_dir(cfg.model.init_from, lean=False)  # to be trained: no packed copies
     if loaded.model.adapter is not None and Adapter(cfg.model.adapter) is not Adapter.gated_lora:
         raise ConfigError(
             f"model.init_from={cfg.model.init_from} has a gated drafting adapter over a frozen decoder; continue it "
