@@ -1,8 +1,8 @@
 """blockdiff: block diffusion language models — autoregressive across blocks, masked diffusion inside them.
 
 ``import blockdiff`` is cheap: the public names below are loaded on first use (PEP 562), so ``blockdiff --help``
-and code that only reads a config never import torch or transformers. None of them imports Lightning or
-``datasets``.
+and ``blockdiff --version`` import neither torch nor transformers (``tests/test_cli_help.py``). None of the names
+imports Lightning or ``datasets``.
 
 ``import blockdiff`` also registers the ``blockdiff`` model type with transformers' ``AutoConfig`` and
 ``AutoModelForCausalLM`` (in this process only), so ``AutoModelForCausalLM.from_pretrained(model_dir)`` gives a
@@ -55,8 +55,9 @@ def __dir__() -> list[str]:
 
 
 def _sampler_names() -> tuple[str, ...]:
-    """The registered sampler names, for the run config's ``sample.sampler`` check; imports the sampler registry
-    (and torch) only when a config names a sampler. The registry re-installs its own lookup when imported."""
+    """The registered sampler names, for the run config's ``sample.sampler`` check: the sampler registry (and
+    torch) is imported when a config is checked, not at ``import blockdiff``. Once imported, the registry installs
+    its own lookup in place of this one."""
     from blockdiff.sampling import sampler_names
 
     return tuple(sampler_names())
