@@ -66,6 +66,19 @@ def test_the_cards_python_snippet_loads_and_samples_the_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_the_card_says_it_is_a_blockdiff_model_and_its_transformers_snippet_loads_it(tmp_path):
+    model_dir = write_tiny_model_dir(tmp_path / "mymodel")
+    card = (model_dir / "README.md").read_text()
+    assert "This is a blockdiff model" in card and "upgrading does not help" in card
+    snippet = re.findall(r"```python\n(.*?)```", card, re.S)[1]
+    assert snippet.startswith("import blockdiff") and 'from_pretrained("path/to/this/folder")' in snippet
+    snippet = snippet.replace("path/to/this/folder", str(model_dir))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", snippet + "print(type(model).__name__)"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == "BlockDiffusionLM", proc.stderr[-2000:]
+
+
 def test_a_fine_tuned_models_card_names_its_base(tmp_path):
     from blockdiff.config import load_config
     from blockdiff.modeling.model_card import model_card

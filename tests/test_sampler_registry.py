@@ -9,7 +9,7 @@ registry call.
   fields are the registry's settings.
 * The sampler is built once per ``generate`` call, not once per block.
 * ``blockdiff/config/`` imports nothing of sampling, and a bad ``sample.sampler`` is still refused as soon as
-  ``blockdiff.config`` is imported (the registry installs its lookup on ``import blockdiff``).
+  ``blockdiff.config`` is imported (``import blockdiff`` installs a lookup that imports the registry when asked).
 * Registration refuses a duplicate name, a knob that shadows a generation setting, and a shared knob with
   another default.
 

@@ -1,7 +1,9 @@
 """``blockdiff`` command line: typed verbs dispatched from one table; ``--help`` comes from docstrings.
 
 Each verb is one module of this package with ``run(args)`` (its docstring is the verb's help) and
-``add_arguments(parser)``; adding a verb is one module and one line in ``COMMANDS``.
+``add_arguments(parser)``; adding a verb is one module and one line in ``COMMANDS``. Verb modules import their
+heavy dependencies (torch, transformers, Lightning) inside functions, and only the chosen verb's arguments are
+built, so ``blockdiff --help`` and ``blockdiff --version`` import none of them (``tests/test_cli_help.py``).
 
 Config-taking verbs accept ``-c FILE`` (repeatable, merged in order) and trailing ``key=value`` overrides,
 e.g. ``blockdiff train -c configs/shakespeare_small.yaml model.block_length=8``. Errors in the user's
@@ -17,7 +19,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Iterable
 
 from blockdiff.cli import config, demo, distill, evaluate, export, finetune, plot, sample, serve, sweep, train, view
 from blockdiff.config import SEED_MAX
@@ -72,18 +74,29 @@ def _version() -> str:
         return __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verbs: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every verb (each with its one-line summary); only the verbs in ``verbs`` (default: all) get
+    their arguments, since building them may import what the verb needs (the sampler registry, hence torch)."""
     parser = _Parser(prog="blockdiff", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"blockdiff {_version()}")
     sub = parser.add_subparsers(dest="verb", required=True)
+    chosen = set(COMMANDS if verbs is None else verbs)
     for name, verb in COMMANDS.items():
         doc = verb.run.__doc__.strip()
-        verb.add_arguments(sub.add_parser(name, help=doc.splitlines()[0], description=doc))
+        verb_parser = sub.add_parser(name, help=doc.splitlines()[0], description=doc)
+        if name in chosen:
+            verb.add_arguments(verb_parser)
     return parser
 
 
+def _verb_named(argv: list[str]) -> str | None:
+    """The verb on the command line: its first word that is not a flag (``blockdiff`` itself takes no values)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser(verbs=[v] if (v := _verb_named(words)) in COMMANDS else [])
     args, extra = parser.parse_known_args(argv)
     # argparse cannot give a trailing `key=value` list to a verb whose positionals were already matched
     # (`config validate -c FILE key=value`); such leftovers are overrides too.
@@ -92,7 +105,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _check_shared_flags(args)
-    args.command_line = ["blockdiff", *(sys.argv[1:] if argv is None else argv)]  # what the user typed (to repeat it)
+    args.command_line = ["blockdiff", *words]  # what the user typed (to repeat it)
     return args
 
 

@@ -8,7 +8,6 @@ from rich.table import Table
 from blockdiff.cli import render
 from blockdiff.cli.render import console
 from blockdiff.errors import UsageError
-from blockdiff.sampling.registry import sampler_names
 
 
 def run(args) -> None:
@@ -83,6 +82,8 @@ def _compare_with_base(args) -> None:
 
 
 def add_arguments(p):
+    from blockdiff.sampling.registry import sampler_names  # here, not at the top: `blockdiff --help` skips torch
+
     p.add_argument("path", help="run directory or its model/ folder")
     p.add_argument(
         "overrides",

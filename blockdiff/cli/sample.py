@@ -7,7 +7,6 @@ import sys
 
 from blockdiff.cli.render import console
 from blockdiff.errors import MissingFileError, UsageError
-from blockdiff.sampling.registry import GENERAL, knobs, sampler_names
 
 
 def run(args) -> None:
@@ -50,6 +49,8 @@ def _check_beam_flags(args) -> None:
 def _apply_settings(args, model) -> None:
     """Set the flags given on the model's generation config and check it all before any work (and before
     ``--trace`` makes a file)."""
+    from blockdiff.sampling.registry import knobs
+
     settings = {
         "max_new_tokens": args.max_new_tokens,
         "sampler": args.sampler,
@@ -156,6 +157,8 @@ def _print_samples(prompts: list[str], texts: list[str], out) -> None:
 # -- --speculative: the base decoder verifies the model's block drafts (blockdiff/sampling/speculative.py) -----
 def _check_speculative_flags(args) -> None:
     """Refuse the flags that mean nothing when the verifier chooses every token (before any loading)."""
+    from blockdiff.sampling.registry import knobs
+
     given = {"--sampler": args.sampler, "--steps-per-block": args.steps_per_block, "--window": args.window,
              "--block-beams": args.block_beams, "--beam-width": args.beam_width,
              "--no-cache": args.no_cache or None, **{f"--{n.replace('_', '-')}": getattr(args, n) for n in knobs()}}
@@ -339,7 +342,10 @@ def add_arguments(p):
 
 def add_sampler_flags(p) -> None:
     """``--sampler`` (the registered names), ``--steps-per-block`` and one flag per sampler knob, read from the
-    sampler registry when the parser is built (``blockdiff/sampling/registry.py``)."""
+    sampler registry when the parser is built (``blockdiff/sampling/registry.py``; imported here, not at the top,
+    so ``blockdiff --help`` does not import torch)."""
+    from blockdiff.sampling.registry import GENERAL, knobs, sampler_names
+
     names = [f"{n} (default)" if n == GENERAL["sampler"] else n for n in sampler_names()]
     p.add_argument("--sampler", choices=sampler_names(), help=", ".join(names))
     p.add_argument("--steps-per-block", type=int, help="denoising-step budget per block (default: block_length)")

@@ -139,6 +139,18 @@ def model_card(model, cfg=None, metrics: dict | None = None, name: str = "MODEL_
         "print(texts[0], out.sample_nfe)",
         "```",
         "",
+        "This is a blockdiff model (`model_type: blockdiff` in `config.json`), not one transformers knows by itself: "
+        "install blockdiff and `import blockdiff` before the Auto classes (or use `BlockDiffusionLM.from_pretrained`). "
+        "Without it, transformers says it does not recognize the model type `blockdiff` and suggests upgrading "
+        "transformers; upgrading does not help.",
+        "",
+        "```python",
+        "import blockdiff  # registers the blockdiff model type with transformers' Auto classes",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")  # or its hub id; a BlockDiffusionLM",
+        "```",
+        "",
     ])
 
 
