@@ -7,7 +7,7 @@ For each k in {1, 2, 4, 8, 16, 32, 64}, over a KV cache already holding a 128-to
 
 * ``hf``: the plain decoder, ``backbone(k tokens, past_key_values=cache)``, logits on all k rows (what a verifier
   of k drafted tokens needs), the cache cropped back to the prefix after each forward;
-* ``block``: blockdiff's block step exactly as ``sampling/generation.py`` runs it (``_block_rows``, then the output
+* ``block``: blockdiff's block step exactly as ``sampling/generation.py`` runs it (``block_rows``, then the output
   head on the k masked rows), block length k, k mask tokens, the cache read-only.
 
 Round-robin: within a round, for every k, ``hf`` k=1, ``hf`` k and ``block`` k run one after the other; each
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from blockdiff.modeling.model import BlockDiffusionLM  # noqa: E402
 from blockdiff.modeling.spec import BlockDiffusionSpec  # noqa: E402
-from blockdiff.sampling.grid import _block_rows, _layout  # noqa: E402
+from blockdiff.sampling.grid import block_rows, layout  # noqa: E402
 
 KS = (1, 2, 4, 8, 16, 32, 64)
 PREFIX = 128
@@ -68,16 +68,16 @@ def block_state(backbone, mask_id: int, k: int, prefix: list[int]):
     """A block-diffusion model of block length ``k`` and the block loop's state with ``prefix`` cached and the
     next block (k masks) ready, as ``generate`` leaves them after the block's first forward."""
     model = BlockDiffusionLM(backbone, BlockDiffusionSpec(mask_id, k, True, 4096))
-    st = _layout([prefix], k, 0, "cpu")
+    st = layout([prefix], k, 0, "cpu")
     st.cols[:, PREFIX:] = mask_id
-    _block_rows(model, st, PREFIX, PREFIX + k, True)  # prefills the cache with the prefix (feed from column 0)
+    block_rows(model, st, PREFIX, PREFIX + k, True)  # prefills the cache with the prefix (feed from column 0)
     return model, st
 
 
 def block_step(model, st) -> None:
     """One denoising forward of the block (every row still masked): body over the cache, head on k rows."""
     k = model.block_length
-    rows = _block_rows(model, st, PREFIX, PREFIX + k, True)  # (1, k, d)
+    rows = block_rows(model, st, PREFIX, PREFIX + k, True)  # (1, k, d)
     model.logits(rows.flatten(0, 1))  # (k, v)
 
 

@@ -29,7 +29,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from blockdiff.modeling.io import load_model_dir  # noqa: E402
-from blockdiff.sampling.fused import FusedBlockDiffusion  # noqa: E402
+from blockdiff.sampling.speculative.fused import FusedBlockDiffusion  # noqa: E402
 
 
 def main() -> None:

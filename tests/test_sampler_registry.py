@@ -1,4 +1,4 @@
-"""Tests for the sampler registry (``blockdiff/sampling/registry.py``): adding a sampler is one class and one
+"""Tests for the sampler registry (``blockdiff/sampling/samplers/registry.py``): adding a sampler is one class and one
 registry call.
 
 * A throwaway sampler (``Leftmost`` below: one small dataclass) registered with ``registered(...)`` is reachable
@@ -33,9 +33,9 @@ from blockdiff.cli import main
 from blockdiff.cli.app import build_parser
 from blockdiff.config import ConfigError, load_config
 from blockdiff.errors import UsageError
-from blockdiff.sampling.base import BlockState, Sampler, StepResult, knob, reveal
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
-from blockdiff.sampling.registry import knobs, register_sampler, registered, sampler_names, settings
+from blockdiff.sampling.samplers.base import BlockState, Sampler, StepResult, knob, reveal
+from blockdiff.sampling.samplers.registry import knobs, register_sampler, registered, sampler_names, settings
 from blockdiff.sweeps.spec import SAMPLE_KEYS, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from rich.table import Table
 from blockdiff.cli import render
 from blockdiff.cli.render import console
 from blockdiff.errors import UsageError
-from blockdiff.sampling.registry import sampler_names
+from blockdiff.sampling.samplers.registry import sampler_names
 
 
 def run(args) -> None:

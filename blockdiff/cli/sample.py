@@ -7,7 +7,7 @@ import sys
 
 from blockdiff.cli.render import console
 from blockdiff.errors import MissingFileError, UsageError
-from blockdiff.sampling.registry import GENERAL, knobs, sampler_names
+from blockdiff.sampling.samplers.registry import GENERAL, knobs, sampler_names
 
 
 def run(args) -> None:
@@ -65,7 +65,7 @@ def _generate(args, loaded, prompts: list[str]):
     import torch
 
     from blockdiff.sampling import encode_prompts, sample_texts
-    from blockdiff.sampling.watch import trace_end
+    from blockdiff.viewer.watch import trace_end
 
     ids = encode_prompts(loaded.tokenizer, prompts)
     device = loaded.model.device  # sample i: seed + i, whatever else is in the batch
@@ -80,8 +80,8 @@ def _generate(args, loaded, prompts: list[str]):
 def _trace_header(loaded, ids: list[list[int]], speculative: str | None = None) -> dict:
     """The trace's first line (what makes it viewable): the model, the prompts' token ids and the settings in force
     (``speculative``: the sampler's own settings do not apply, the verifier chooses every token)."""
-    from blockdiff.sampling.registry import knobs_of
-    from blockdiff.sampling.watch import trace_header
+    from blockdiff.sampling.samplers.registry import knobs_of
+    from blockdiff.viewer.watch import trace_header
 
     config = loaded.model.generation_config
     own = () if speculative else ("sampler", "steps_per_block", *knobs_of(config.sampler))
@@ -98,7 +98,7 @@ def _watching(args, loaded, ids: list[list[int]], prompts: list[str], header: di
     finished blocks. On Ctrl-C print the finished blocks and keep the trace's complete lines; on any other failure
     leave no trace file. ``header`` starts the trace; ``ending`` holds (after the run) a function of the token ids
     seen that gives its end record (``blockdiff view`` needs both)."""
-    from blockdiff.sampling.watch import FinishedBlocks, LiveView, TraceWriter, fan_out
+    from blockdiff.viewer.watch import FinishedBlocks, LiveView, TraceWriter, fan_out
 
     finished = FinishedBlocks([len(p) for p in ids])
     trace = TraceWriter(args.trace, header) if args.trace else None
@@ -139,7 +139,7 @@ def _print_samples(prompts: list[str], texts: list[str], out) -> None:
     )
 
 
-# -- --speculative: the base decoder verifies the model's block drafts (blockdiff/sampling/speculative.py) -----
+# -- --speculative: the base decoder verifies the model's block drafts (blockdiff/sampling/speculative/loop.py) -----
 def _check_speculative_flags(args) -> None:
     """Refuse the flags that mean nothing when the verifier chooses every token (before any loading)."""
     given = {"--sampler": args.sampler, "--steps-per-block": args.steps_per_block, "--window": args.window,
@@ -174,15 +174,15 @@ def _base_of(loaded) -> str:
 
 def _speculate(args, loaded, prompts: list[str]) -> None:
     """Each prompt on its own (speculative decoding is batch 1). A model with a gated adapter over its frozen decoder
-    and a token-causal clean stream verifies its own drafts in the same forward (``sampling/fused.py``); any other
-    model drafts for a separate base decoder (``--base``, default its ``model.pretrained``), which verifies. ``--base``
-    given for a fused model picks the two-model path."""
+    and a token-causal clean stream verifies its own drafts in the same forward (``sampling/speculative/fused.py``);
+    any other model drafts for a separate base decoder (``--base``, default its ``model.pretrained``), which verifies.
+    ``--base`` given for a fused model picks the two-model path."""
     import torch
 
     from blockdiff.sampling import encode_prompts
     from blockdiff.sampling.outputs import GenerationOutput
     from blockdiff.sampling.speculative import FusedBlockDiffusion, speculative_generate, supports_fused
-    from blockdiff.sampling.watch import SpeculativeEvents, trace_end
+    from blockdiff.viewer.watch import SpeculativeEvents, trace_end
 
     if supports_fused(loaded.model) and args.base is None:
         pair, drafter, who = FusedBlockDiffusion(loaded.model), None, "fused: the model's own frozen base verifies"
@@ -297,7 +297,7 @@ def add_arguments(p):
 
 def add_sampler_flags(p) -> None:
     """``--sampler`` (the registered names), ``--steps-per-block`` and one flag per sampler knob, read from the
-    sampler registry when the parser is built (``blockdiff/sampling/registry.py``)."""
+    sampler registry when the parser is built (``blockdiff/sampling/samplers/registry.py``)."""
     names = [f"{n} (default)" if n == GENERAL["sampler"] else n for n in sampler_names()]
     p.add_argument("--sampler", choices=sampler_names(), help=", ".join(names))
     p.add_argument("--steps-per-block", type=int, help="denoising-step budget per block (default: block_length)")

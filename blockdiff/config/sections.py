@@ -294,7 +294,7 @@ class OptimConfig:
 
 
 # The sampler names ``sample.sampler`` may take. They are the sampling registry's: this module imports nothing of
-# sampling (it is a leaf, docs/design.md), so ``blockdiff.sampling.registry`` installs its lookup here when it
+# sampling (it is a leaf, docs/design.md), so ``blockdiff.sampling.samplers.registry`` installs its lookup here when it
 # is imported, which ``import blockdiff`` does before any config is loaded.
 _sampler_names: Callable[[], tuple[str, ...]] | None = None
 

@@ -44,19 +44,19 @@ import torch
 
 from blockdiff.core.noise import make_schedule
 from blockdiff.errors import UsageError
-from blockdiff.sampling.base import BlockState, Sampler, reveal, uniform
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
 from blockdiff.sampling.grid import (
-    _block_rows,
-    _drop_finished,
-    _layout,
-    _slide,
-    _State,
+    State,
+    block_rows,
+    drop_finished,
+    layout,
+    slide,
 )
 from blockdiff.sampling.logits import choose_rows
 from blockdiff.sampling.outputs import GenerationOutput, StepEvent
-from blockdiff.sampling.registry import make_sampler, sampler_class, sampler_names
 from blockdiff.sampling.rewrite import denoise_uniform_block
+from blockdiff.sampling.samplers.base import BlockState, Sampler, reveal, uniform
+from blockdiff.sampling.samplers.registry import make_sampler, sampler_class, sampler_names
 
 __all__ = ["GenerationOutput", "StepEvent", "generate", "beam_generate"]
 
@@ -107,13 +107,13 @@ def generate(
     if generator is None and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
     l = model.block_length
-    st = _layout(prompts, l, pad_id, device)
+    st = layout(prompts, l, pad_id, device)
     if streamer is not None:
         streamer.put(torch.tensor([prompts[0]]))
     while st.active:
         start = st.cols.shape[1] - l  # the new block is always the last l columns
         if window is not None:
-            _slide(model, st, window)
+            slide(model, st, window)
         st.masks.clear()  # new columns, perhaps fewer samples: the block's forwards build their masks afresh
         tokens = _denoise_block(model, st, start, config, sampler, generator, observer, eos_ids)  # (b, l)
         st.cols[torch.tensor(st.active, device=device), start:] = tokens
@@ -121,7 +121,7 @@ def generate(
         if streamer is not None:
             _stream_block(streamer, st, start, l)
         if len(keep) < len(st.active):
-            _drop_finished(st, keep)
+            drop_finished(st, keep)
         if st.active:
             st.cols = torch.cat([st.cols, torch.full((len(st.cols), l), pad_id, device=device)], dim=1)
     if streamer is not None:
@@ -199,7 +199,7 @@ def _check_inputs(model, prompts, config, streamer) -> tuple[int | None, set[int
 
 
 def _denoise_block(
-    model, st: _State, start: int, config, sampler: Sampler, generator, observer, eos_ids: set[int]
+    model, st: State, start: int, config, sampler: Sampler, generator, observer, eos_ids: set[int]
 ) -> torch.Tensor:
     """Denoise the block at columns ``[start, start + l)`` of the active samples; returns its tokens (b, l)."""
     l, mask_id, device = model.block_length, model.mask_token_id, st.cols.device
@@ -231,7 +231,7 @@ def _denoise_block(
         if ran:  # otherwise nothing changed since the last forward (nor which rows are masked): its logits stand
             st.cols[act, start:] = state.tokens
             st.sample_nfe[act[state.masked.any(-1)].cpu()] += 1  # the samples this forward denoises
-            rows = _block_rows(model, st, start, start + l, config.use_cache)  # (b, l, d)
+            rows = block_rows(model, st, start, start + l, config.use_cache)  # (b, l, d)
             logits = model.logits(rows[state.masked])  # (r, v): the head runs on the masked rows only
             if no_eos is not None:
                 logits[:, eos_cols] = logits[:, eos_cols].masked_fill(no_eos[state.masked][:, None], float("-inf"))
@@ -268,7 +268,7 @@ def _choose(logits, state: BlockState, temperature: float, config, generator, ne
 
 
 def _finish_samples(
-    st: _State, start: int, l: int, max_new_tokens: int, eos_ids: set[int], stops: list[str], tokenizer,
+    st: State, start: int, l: int, max_new_tokens: int, eos_ids: set[int], stops: list[str], tokenizer,
     cancelled: Callable[[int], bool] | None = None,
 ) -> list[int]:
     """Record the final length of every sample whose new block holds EOS or completes a stop string, that reached
@@ -306,7 +306,7 @@ def _stop_string_cut(tokens: list[int], earlier: int, stops: list[str], tokenize
     return next(k for k in range(earlier + 1, len(tokens) + 1) if hit(k))
 
 
-def _stream_block(streamer, st: _State, start: int, l: int) -> None:
+def _stream_block(streamer, st: State, start: int, l: int) -> None:
     """Hand the streamer the kept new tokens of the finished block (single sample), up to EOS / the stop string."""
     first = int(st.gen_start[0])
     end = first + st.final_length[0] if 0 in st.final_length else start + l
@@ -318,7 +318,7 @@ def _force(proposal, conf, state: BlockState, generator=None, probs=None):
     return reveal(state, proposal, conf, state.masked)
 
 
-def _event(st: _State, start: int, l: int, state: BlockState, result, ran: bool, conf, finished=False) -> StepEvent:
+def _event(st: State, start: int, l: int, state: BlockState, result, ran: bool, conf, finished=False) -> StepEvent:
     """A ``StepEvent`` for observers; positions are per-sample token positions (column - first valid column)."""
     offsets = [start - int(st.first_valid[i]) for i in st.active]  # position of the block's first column
 
@@ -337,7 +337,7 @@ def _event(st: _State, start: int, l: int, state: BlockState, result, ran: bool,
     )
 
 
-def _output(st: _State, prompts, pad_id: int) -> GenerationOutput:
+def _output(st: State, prompts, pad_id: int) -> GenerationOutput:
     rows, lengths = [], []
     for i, p in enumerate(prompts):
         gen_start = int(st.gen_start[i])

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from blockdiff.sampling.base import uniform
+from blockdiff.sampling.samplers.base import uniform
 
 __all__ = ["filter_logits", "choose_tokens", "choose_rows", "inverse_cdf"]
 

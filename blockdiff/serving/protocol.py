@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from blockdiff.config import SEED_MAX
-from blockdiff.sampling.registry import knobs
+from blockdiff.sampling.samplers.registry import knobs
 
 __all__ = ["APIError", "GenerationRequest", "parse_request", "completion_body", "chunk_body", "usage_body"]
 

@@ -15,7 +15,8 @@ Everything is read from the registry when it is used, so a sampler registered la
 throwaway one: ``with registered(MySampler): ...``) is reachable from ``model.generate``, the CLI and sweeps
 without touching any other file. A knob name may be shared by samplers only with the same default.
 
-The built-in samplers are imported at the bottom of this module, in the order their names are listed.
+The built-in samplers are imported by the package (``samplers/__init__.py``), in the order their names are listed;
+this module imports none of them, so the registry and the samplers do not import each other.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from transformers import GenerationConfig
 
 from blockdiff import config as run_config
 from blockdiff.errors import UsageError
-from blockdiff.sampling.base import Sampler, knob
+from blockdiff.sampling.samplers.base import Sampler, knob
 
 __all__ = [
     "Sampler", "knob", "GENERAL", "Knob", "WithKnobs", "register_sampler", "unregister_sampler", "registered",
@@ -190,6 +191,3 @@ class WithKnobs(collections.abc.Sequence):
 
 
 run_config.set_sampler_names(sampler_names)  # the run config's sample.sampler check (the config package stays a leaf)
-
-# The built-in samplers, each registered by its own module (in the order sampler_names() lists them).
-from blockdiff.sampling import threshold, first_hitting, fixed, ddpm, remasking, entropy_bound  # noqa: E402, F401, I001

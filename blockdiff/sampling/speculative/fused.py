@@ -53,8 +53,9 @@ from __future__ import annotations
 import torch
 
 from blockdiff.errors import UsageError
-from blockdiff.sampling.speculative_drafters import Draft
-from blockdiff.sampling.speculative_verify import Sampling, crop_to
+from blockdiff.sampling.speculative.drafters import Draft
+from blockdiff.sampling.speculative.settings import Sampling
+from blockdiff.sampling.speculative.verify import crop_to
 
 __all__ = ["FusedBlockDiffusion", "supports_fused"]
 

@@ -39,15 +39,13 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 
 from blockdiff.errors import UsageError
-from blockdiff.sampling.fused import FusedBlockDiffusion, supports_fused
 from blockdiff.sampling.outputs import GenerationOutput
-from blockdiff.sampling.speculative_drafters import BlockDrafter, Draft, Drafter
-from blockdiff.sampling.speculative_verify import CausalLMVerifier, Sampling, accept_greedy, accept_sampled
+from blockdiff.sampling.speculative.drafters import BlockDrafter, Draft, Drafter
+from blockdiff.sampling.speculative.fused import FusedBlockDiffusion
+from blockdiff.sampling.speculative.settings import Sampling
+from blockdiff.sampling.speculative.verify import CausalLMVerifier, accept_greedy, accept_sampled
 
-__all__ = [
-    "speculative_generate", "SpeculativeOutput", "SpeculativeStep", "check_verifier", "Drafter", "Draft",
-    "BlockDrafter", "CausalLMVerifier", "Sampling", "Speculator", "TwoModels", "FusedBlockDiffusion", "supports_fused",
-]
+__all__ = ["speculative_generate", "SpeculativeOutput", "SpeculativeStep", "Speculator", "TwoModels", "check_verifier"]
 
 BATCH_ONE = "speculative decoding needs batch 1 (one prompt, one sequence): call it once per prompt"
 

@@ -34,7 +34,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from blockdiff.sampling.speculative_verify import Sampling, crop_to
+from blockdiff.sampling.speculative.settings import Sampling
+from blockdiff.sampling.speculative.verify import crop_to
 
 __all__ = ["Draft", "Drafter", "BlockDrafter"]
 
