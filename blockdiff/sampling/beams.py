@@ -58,21 +58,21 @@ class BeamEvent:
 
 
 def beam_search(
-    model, prompts: list[list[int]], config, sampler, denoise_block, generator, window, eos_ids: set[int],
-    pad_id: int, scorer: Scorer | None = None, observer: Callable[[BeamEvent], None] | None = None,
+    model, settings, denoise_block, generator, scorer: Scorer | None = None,
+    observer: Callable[[BeamEvent], None] | None = None,
 ) -> GenerationOutput:
-    """Beam search of every prompt (``denoise_block``: ``generation._denoise_block``); see the module docstring."""
+    """Beam search of every prompt of ``settings`` (``resolve.Settings``; ``denoise_block``:
+    ``generation._denoise_block``); see the module docstring."""
     outs = []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(settings.prompts):
         gen = generator[i] if isinstance(generator, list) else generator
-        outs.append(_search_one(model, i, prompt, config, sampler, denoise_block, gen, window, eos_ids, pad_id,
-                                scorer, observer))
-    return _output(prompts, outs, pad_id)
+        outs.append(_search_one(model, i, prompt, settings, denoise_block, gen, scorer, observer))
+    return _output(settings.prompts, outs, settings.pad_id)
 
 
-def _search_one(model, index, prompt, config, sampler, denoise_block, generator, window, eos_ids, pad_id, scorer,
-                observer):
+def _search_one(model, index, prompt, settings, denoise_block, generator, scorer, observer):
     """``(new tokens, batch forwards, row forwards, stop reason)`` of one prompt's search."""
+    config, window, eos_ids, pad_id = settings.config, settings.window, settings.eos_ids, settings.pad_id
     l, device = model.block_length, next(model.parameters()).device
     n_cand, width = config.block_beams, config.beam_width
     st = layout([prompt], l, pad_id, device)
@@ -87,7 +87,7 @@ def _search_one(model, index, prompt, config, sampler, denoise_block, generator,
         scores = scores.repeat_interleave(n_cand)
         st.masks.clear()
         nfe0, rows = st.nfe, st.cols.shape[0]
-        tokens = denoise_block(model, st, start, config, sampler, generator, None, eos_ids)  # (r, l)
+        tokens = denoise_block(model, st, start, settings, generator, None)  # (r, l)
         st.cols[:, start:] = tokens
         if rows > 1:
             scores = scores + _block_score(model, st, start, config, generator, scorer)

@@ -17,7 +17,6 @@ Everything a request can get wrong is checked in ``prepare``, on the caller's th
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import secrets
 import threading
@@ -27,9 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from blockdiff.core.noise import make_schedule
 from blockdiff.errors import UsageError
 from blockdiff.sampling.inputs import with_overrides
+from blockdiff.sampling.resolve import Settings, resolve
 from blockdiff.sampling.text import encode_prompts
 from blockdiff.serving.protocol import APIError, GenerationRequest
 
@@ -50,7 +49,7 @@ class Job:
     index: int  # the choice it fills
     ids: list[int]  # prompt token ids
     model: object  # the network at the request's block length
-    settings: dict  # generation overrides, shared by every job of its batch
+    settings: Settings  # the resolved generation settings (``sampling/resolve.py``), shared by its batch
     key: str  # equal keys = equal settings = may share a batch
     seed: int
     queue: asyncio.Queue
@@ -76,7 +75,6 @@ class Engine:
             raise UsageError("the batching window must be >= 0 s, the batch size and the max_tokens limit >= 1")
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, name
         self.batch_window, self.max_batch_size, self.max_tokens_limit = batch_window, max_batch_size, max_tokens_limit
-        self.schedule = make_schedule(self.model.spec.schedule)
         self._models = {self.model.block_length: self.model}
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -119,9 +117,9 @@ class Engine:
                     "pad_token_id": self.tokenizer.pad_token_id}
         if request.stop:
             settings["stop_strings"] = request.stop
-        config = self._checked_config(model, settings)
+        resolved = self._resolve(model, settings)
         prompts = self._encode(request)
-        window = self._window(model, config)
+        window = resolved.window
         for i, ids in enumerate(prompts):
             if window is not None and len(ids) + model.block_length > window:
                 raise APIError(
@@ -132,7 +130,7 @@ class Engine:
                 )
         key = repr((model.block_length, sorted(settings.items(), key=lambda kv: kv[0])))
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-        return [Job(i, ids, model, settings, key, seed + i, queue, loop, request.stream) for i, ids in
+        return [Job(i, ids, model, resolved, key, seed + i, queue, loop, request.stream) for i, ids in
                 enumerate(prompts)]
 
     def _model_at(self, block_length: int | None):
@@ -144,21 +142,15 @@ class Engine:
                 raise APIError(400, f"block_length: {err}", "block_length", "invalid_value") from None
         return self._models[block_length]
 
-    def _checked_config(self, model, settings: dict):
+    @staticmethod
+    def _resolve(model, settings: dict) -> Settings:
+        """The request's settings over the model's (a copy), checked and resolved once (window, EOS, sampler...)."""
         try:
-            config = with_overrides(model.generation_config, settings)
-            config.check(model.block_length, self.schedule)
+            return resolve(model, with_overrides(model.generation_config, settings))
         except UsageError as err:
             raise APIError(400, str(err), None, "invalid_value") from None
         except (TypeError, ValueError) as err:
             raise APIError(400, f"bad generation setting: {err}", None, "invalid_value") from None
-        return config
-
-    @staticmethod
-    def _window(model, config) -> int | None:
-        l = model.block_length
-        window = config.window or (model.spec.max_seq_len // l * l if model.spec.max_seq_len else None)
-        return None if window is None else max(window, 2 * l)
 
     def _encode(self, request: GenerationRequest) -> list[list[int]]:
         tok = self.tokenizer
@@ -247,9 +239,8 @@ class Engine:
 
         try:
             out = first.model.generate(
-                [j.ids for j in live], generation_config=copy.deepcopy(first.model.generation_config),
-                generator=generators, observer=observer, tokenizer=self.tokenizer,
-                cancelled=lambda i: live[i].cancelled.is_set(), **first.settings,
+                [j.ids for j in live], generation_config=first.settings.config, generator=generators,
+                observer=observer, tokenizer=self.tokenizer, cancelled=lambda i: live[i].cancelled.is_set(),
             )
         except UsageError as err:
             for job in live:

@@ -27,7 +27,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from transformers import GenerationConfig
 
@@ -37,7 +37,8 @@ from blockdiff.sampling.samplers.base import Sampler, knob
 
 __all__ = [
     "Sampler", "knob", "GENERAL", "Knob", "WithKnobs", "register_sampler", "unregister_sampler", "registered",
-    "sampler_names", "sampler_class", "knobs", "knobs_of", "settings", "make_sampler", "check_knobs",
+    "sampler_names", "sampler_class", "knobs", "knobs_of", "settings", "make_sampler", "check_knobs", "Family",
+    "add_settings_family", "all_knobs", "knobs_of_class", "check_new_knobs",
 ]
 
 # Block-diffusion generation settings no sampler owns: name -> default (the comment is the doc). The sampler
@@ -67,12 +68,14 @@ class Knob:
     default: Any
     type: type  # what a flag's text is parsed as (int, float, str, bool)
     doc: str  # one line
-    sampler: str  # the first registered sampler that owns it
+    sampler: str  # the first registered sampler (or drafter) that owns it
+    family: str = "sampler"  # whose setting it is: "sampler", or "drafter" (speculative/registry.py)
 
 
-def _knobs_of(cls) -> list[Knob]:
+def knobs_of_class(cls, family: str = "sampler") -> list[Knob]:
+    """The ``knob`` fields of the dataclass ``cls`` (a sampler, or a drafter), in field order."""
     if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"sampler {cls.__name__} must be a @dataclass (its knob fields are its settings)")
+        raise TypeError(f"{family} {cls.__name__} must be a @dataclass (its knob fields are its settings)")
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -81,26 +84,59 @@ def _knobs_of(cls) -> list[Knob]:
         kind = hints.get(f.name, str)
         if typing.get_origin(kind) in (typing.Union, types.UnionType):
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        out.append(Knob(f.name, f.default, kind, f.metadata["knob"], cls.name))
+        out.append(Knob(f.name, f.default, kind, f.metadata["knob"], cls.name, family))
+    return out
+
+
+def check_new_knobs(cls, family: str, known: dict[str, Knob]) -> None:
+    """Refuse a ``family`` class (sampler or drafter) whose knob would shadow a generation setting, or share a knob
+    name of ``known`` with another default."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise TypeError(f"{family} {cls.__name__} needs a class attribute name = '<identifier>', got {name!r}")
+    reserved = {*GENERAL, *_TRANSFORMERS_FIELDS, *(k for family in _FAMILIES for k in family.general)}
+    for k in knobs_of_class(cls, family):
+        if k.name in reserved:
+            raise ValueError(f"{family} {name!r}: knob {k.name!r} would shadow the generation setting of that name")
+        if k.name in known and known[k.name].default != k.default:
+            raise ValueError(
+                f"{family} {name!r}: knob {k.name!r} is also {known[k.name].sampler!r}'s, with another default "
+                f"({known[k.name].default!r}); a shared knob needs the same default"
+            )
+
+
+@dataclass(frozen=True)
+class Family:
+    """Another registry's generation settings (the drafters': ``speculative/registry.py`` adds itself)."""
+
+    general: dict[str, Any]  # its settings no registered class owns: name -> default
+    knobs: Callable[[], dict[str, Knob]]  # its registered classes' knobs, read at each use
+    check: Callable[[Any], None]  # its checks of a generation config
+
+
+_FAMILIES: list[Family] = []
+
+
+def add_settings_family(family: Family) -> None:
+    """Make ``family``'s settings generation-config fields (``settings()``), checked with the sampler knobs."""
+    _FAMILIES.append(family)
+
+
+def all_knobs() -> dict[str, Knob]:
+    """Every registered knob: the samplers' (``knobs()``), then the other families' (the drafters')."""
+    out = dict(knobs())
+    for family in _FAMILIES:
+        for name, k in family.knobs().items():
+            out.setdefault(name, k)
     return out
 
 
 def register_sampler(cls):
     """Class decorator: make the ``Sampler`` dataclass ``cls`` reachable as ``sampler=cls.name`` everywhere."""
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name.isidentifier():
-        raise TypeError(f"sampler {cls.__name__} needs a class attribute name = '<identifier>', got {name!r}")
+    check_new_knobs(cls, "sampler", knobs())
+    name = cls.name
     if name in _SAMPLERS:
         raise ValueError(f"a sampler named {name!r} is already registered ({_SAMPLERS[name].__name__})")
-    known = knobs()
-    for k in _knobs_of(cls):
-        if k.name in GENERAL or k.name in _TRANSFORMERS_FIELDS:
-            raise ValueError(f"sampler {name!r}: knob {k.name!r} would shadow the generation setting of that name")
-        if k.name in known and known[k.name].default != k.default:
-            raise ValueError(
-                f"sampler {name!r}: knob {k.name!r} is also {known[k.name].sampler!r}'s, with another default "
-                f"({known[k.name].default!r}); a shared knob needs the same default"
-            )
     _SAMPLERS[name] = cls
     return cls
 
@@ -133,23 +169,27 @@ def sampler_class(name: str):
 
 def knobs_of(name: str) -> list[str]:
     """The knob names of the registered sampler ``name`` (what a trace records of its settings)."""
-    return [k.name for k in _knobs_of(sampler_class(name))]
+    return [k.name for k in knobs_of_class(sampler_class(name))]
 
 
 def knobs() -> dict[str, Knob]:
     """Every registered sampler's knobs, by name (a shared knob once, under its first sampler)."""
     out: dict[str, Knob] = {}
     for cls in _SAMPLERS.values():
-        for k in _knobs_of(cls):
+        for k in knobs_of_class(cls):
             out.setdefault(k.name, k)
     return out
 
 
 def settings() -> dict[str, Any]:
-    """Every block-diffusion generation setting and its default: ``GENERAL`` with the sampler knobs."""
+    """Every block-diffusion generation setting and its default: ``GENERAL`` with the sampler knobs, then each other
+    family's settings (speculative decoding's ``drafter`` and the drafter knobs)."""
     head = {k: GENERAL[k] for k in _HEAD}
     tail = {k: v for k, v in GENERAL.items() if k not in _HEAD}
-    return {**head, **{k.name: k.default for k in knobs().values()}, **tail}
+    out = {**head, **{k.name: k.default for k in knobs().values()}, **tail}
+    for family in _FAMILIES:
+        out.update({**family.general, **{k.name: k.default for k in family.knobs().values() if k.name not in out}})
+    return out
 
 
 def make_sampler(config, schedule=None):
@@ -166,6 +206,8 @@ def check_knobs(config, schedule=None) -> None:
     for name, cls in _SAMPLERS.items():
         if name != config.sampler:
             cls.from_config(config, schedule)
+    for family in _FAMILIES:  # the drafters' own checks of their knobs
+        family.check(config)
 
 
 class WithKnobs(collections.abc.Sequence):

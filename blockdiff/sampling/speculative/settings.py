@@ -1,7 +1,8 @@
 """How speculative decoding turns logits into a choice, on both models alike (docs/generation.md, "Speculative
-decoding"): ``Sampling`` gives the distribution a sampling step draws from, with transformers' own logits warpers in
-transformers' order (temperature, top-k, top-p), so ``p`` is exactly what ``verifier.generate(do_sample=True, ...)``
-samples from. ``temperature == 0`` is greedy (argmax).
+decoding"): ``Sampling`` gives the distribution a sampling step draws from, in transformers' order (temperature,
+top-k, top-p; ``sampling/logits.py``'s ``warped_probs``, the block loop's filters), so ``p`` is what
+``verifier.generate(do_sample=True, ...)`` samples from. ``temperature == 0`` is greedy (argmax). ``from_settings``
+builds it from the resolved generation settings (``sampling/resolve.py``), the same ones the block loop runs with.
 
 Shape legend: ``m`` rows, ``v`` the verifier's vocabulary.
 """
@@ -11,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from blockdiff.sampling.logits import warped_probs
 
 __all__ = ["Sampling"]
 
@@ -26,6 +28,12 @@ class Sampling:
     top_k: int | None = None
     top_p: float | None = None
     suppress: tuple[int, ...] = ()  # ids never chosen (the verifier's generation_config.suppress_tokens, as generate)
+
+    @classmethod
+    def from_settings(cls, settings, vocab_size: int, suppress=()) -> "Sampling":
+        """From resolved generation ``settings`` (``resolve.Settings``): its temperature rule, top-k and top-p."""
+        config = settings.config
+        return cls(vocab_size, settings.temperature, config.top_k, config.top_p, tuple(int(t) for t in suppress))
 
     @property
     def greedy(self) -> bool:
@@ -48,15 +56,7 @@ class Sampling:
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution a sampling step draws from: ``(m, v')`` logits -> ``(m, v)`` probabilities."""
-        scores = self.fit(logits)  # (m, v)
-        unused = scores.new_zeros((scores.shape[0], 0), dtype=torch.long)  # the warpers below never read input ids
-        if self.temperature != 1.0:
-            scores = TemperatureLogitsWarper(self.temperature)(unused, scores)
-        if self.top_k:
-            scores = TopKLogitsWarper(self.top_k)(unused, scores)
-        if self.top_p is not None and self.top_p < 1.0:
-            scores = TopPLogitsWarper(self.top_p)(unused, scores)
-        return scores.softmax(-1)
+        return warped_probs(self.fit(logits), self.temperature, self.top_k, self.top_p)  # (m, v)
 
     def draw(self, logits: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(tokens (m,), probs (m, v) or None when greedy)``: one independent draw per row."""

@@ -1,0 +1,110 @@
+"""The drafter registry: every way of drafting for speculative decoding, by name (docs/design.md §14).
+
+A drafter is one file holding one ``Drafter`` dataclass (``base.py``: the one step protocol the loop sees) and one
+``@register_drafter`` line, as a sampler is (``samplers/registry.py``). Its ``knob`` fields are its settings: they
+become generation-config fields (``settings()`` of the sampler registry, to which this registry adds itself), so
+``speculative_generate(..., every_length=True)``, the ``blockdiff sample --speculative --drafter NAME`` flags, the
+server's request fields and ``blockdiff config keys`` reach every registered drafter with no list kept by hand.
+``drafter=None`` (the default) picks the first registered drafter that ``fits`` the models given: ``fused`` for a
+block diffuser that verifies itself, ``two_model`` when a separate verifier is given.
+
+The built-in drafters are imported by the package (``speculative/__init__.py``); this module imports none of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from blockdiff.errors import UsageError
+from blockdiff.sampling.samplers.registry import Family, Knob, add_settings_family, check_new_knobs, knobs_of_class
+
+__all__ = [
+    "SPECULATIVE", "register_drafter", "unregister_drafter", "registered_drafter", "drafter_names", "drafter_class",
+    "drafter_knobs", "check_drafter_knobs", "make_drafter", "needs_verifier",
+]
+
+# Speculative-decoding settings no drafter owns: name -> default (the comment is the doc).
+SPECULATIVE = {
+    "drafter": None,  # one of drafter_names(); None: the first that fits (fused for a self-verifying model)
+}
+
+_DRAFTERS: dict[str, type] = {}  # name -> Drafter class, in registration order
+
+
+def register_drafter(cls):
+    """Class decorator: make the ``Drafter`` dataclass ``cls`` reachable as ``drafter=cls.name`` everywhere."""
+    check_new_knobs(cls, "drafter", drafter_knobs())
+    if cls.name in _DRAFTERS:
+        raise ValueError(f"a drafter named {cls.name!r} is already registered ({_DRAFTERS[cls.name].__name__})")
+    _DRAFTERS[cls.name] = cls
+    return cls
+
+
+def unregister_drafter(name: str) -> None:
+    """Forget the drafter ``name`` (tests; a plugin being unloaded)."""
+    del _DRAFTERS[name]
+
+
+@contextlib.contextmanager
+def registered_drafter(cls):
+    """``with registered_drafter(MyDrafter): ...``: ``MyDrafter`` is registered inside the block only."""
+    register_drafter(cls)
+    try:
+        yield cls
+    finally:
+        unregister_drafter(cls.name)
+
+
+def drafter_names() -> tuple[str, ...]:
+    return tuple(_DRAFTERS)
+
+
+def drafter_class(name: str):
+    """The registered drafter class ``name``; an unknown name is a ``UsageError`` listing the known ones."""
+    if name not in _DRAFTERS:
+        raise UsageError(f"drafter must be one of {drafter_names()}, got {name!r}")
+    return _DRAFTERS[name]
+
+
+def drafter_knobs() -> dict[str, Knob]:
+    """Every registered drafter's knobs, by name (a shared knob once, under its first drafter)."""
+    out: dict[str, Knob] = {}
+    for cls in _DRAFTERS.values():
+        for k in knobs_of_class(cls, "drafter"):
+            out.setdefault(k.name, k)
+    return out
+
+
+def check_drafter_knobs(config) -> None:
+    """``drafter`` names a registered drafter (or is ``None``) and every drafter's knobs pass its own checks."""
+    if config.drafter is not None:
+        drafter_class(config.drafter)
+    for cls in _DRAFTERS.values():
+        cls.check_knobs(config)
+
+
+def needs_verifier(model, name: str | None) -> bool:
+    """Whether the drafter ``name`` (``None``: the one ``make_drafter`` picks when no verifier is given) is built
+    with a separate verifier, which the caller then loads."""
+    if name is None:
+        return not any(cls.fits(model, None) for cls in _DRAFTERS.values())
+    return drafter_class(name).needs_verifier
+
+
+def make_drafter(model, config, verifier=None):
+    """The drafter ``config.drafter`` names (``None``: the first registered one that ``fits`` ``model`` and
+    ``verifier``), built from ``model`` (a ``BlockDiffusionLM``), ``verifier`` (a plain causal LM or ``None``) and its
+    knobs read from ``config``."""
+    name = config.drafter
+    if name is None:
+        name = next((n for n, cls in _DRAFTERS.items() if cls.fits(model, verifier)), None)
+        if name is None:
+            raise UsageError(
+                "no drafter fits: pass a verifier (the decoder the model was fine-tuned from), or a BlockDiffusionLM "
+                "trained with model.adapter=gated_lora model.clean_attention=causal alone (it verifies its own "
+                f"drafts); or name one: drafter= one of {drafter_names()}"
+            )
+    return drafter_class(name).from_config(model, config, verifier)
+
+
+add_settings_family(Family(SPECULATIVE, drafter_knobs, check_drafter_knobs))
