@@ -38,7 +38,7 @@ from blockdiff.sampling.samplers.base import Sampler, knob
 __all__ = [
     "Sampler", "knob", "GENERAL", "Knob", "WithKnobs", "register_sampler", "unregister_sampler", "registered",
     "sampler_names", "sampler_class", "knobs", "knobs_of", "settings", "make_sampler", "check_knobs", "Family",
-    "add_settings_family", "all_knobs", "knobs_of_class", "check_new_knobs",
+    "add_settings_family", "all_knobs", "knobs_of_class", "check_new_knobs", "Registry",
 ]
 
 # Block-diffusion generation settings no sampler owns: name -> default (the comment is the doc). The sampler
@@ -57,7 +57,6 @@ GENERAL = {
 _HEAD = ("sampler", "steps_per_block")
 _TRANSFORMERS_FIELDS = frozenset(vars(GenerationConfig()))
 
-_SAMPLERS: dict[str, type] = {}  # name -> Sampler class, in registration order
 
 
 @dataclass(frozen=True)
@@ -131,40 +130,77 @@ def all_knobs() -> dict[str, Knob]:
     return out
 
 
+class Registry:
+    """Classes by name, in registration order: each a dataclass whose ``knob`` fields are its settings. One holds
+    the samplers (below), one the drafters (``speculative/registry.py``)."""
+
+    def __init__(self, family: str):
+        self.family = family  # "sampler" or "drafter": the word in messages, CLI help and ``Knob.family``
+        self.classes: dict[str, type] = {}
+
+    def register(self, cls):
+        """Add ``cls`` (its knobs checked against every generation setting and this family's knobs)."""
+        check_new_knobs(cls, self.family, self.knobs())
+        if cls.name in self.classes:
+            raise ValueError(f"a {self.family} named {cls.name!r} is already registered "
+                             f"({self.classes[cls.name].__name__})")
+        self.classes[cls.name] = cls
+        return cls
+
+    def unregister(self, name: str) -> None:
+        del self.classes[name]
+
+    @contextlib.contextmanager
+    def registered(self, cls):
+        self.register(cls)
+        try:
+            yield cls
+        finally:
+            self.unregister(cls.name)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.classes)
+
+    def get(self, name: str):
+        """The class ``name``; an unknown name is a ``UsageError`` listing the known ones."""
+        if name not in self.classes:
+            raise UsageError(f"{self.family} must be one of {self.names()}, got {name!r}")
+        return self.classes[name]
+
+    def knobs(self) -> dict[str, Knob]:
+        """Every registered class's knobs, by name (a shared knob once, under its first class)."""
+        out: dict[str, Knob] = {}
+        for cls in self.classes.values():
+            for k in knobs_of_class(cls, self.family):
+                out.setdefault(k.name, k)
+        return out
+
+
+_SAMPLERS = Registry("sampler")  # the samplers, in registration order
+
+
 def register_sampler(cls):
     """Class decorator: make the ``Sampler`` dataclass ``cls`` reachable as ``sampler=cls.name`` everywhere."""
-    check_new_knobs(cls, "sampler", knobs())
-    name = cls.name
-    if name in _SAMPLERS:
-        raise ValueError(f"a sampler named {name!r} is already registered ({_SAMPLERS[name].__name__})")
-    _SAMPLERS[name] = cls
-    return cls
+    return _SAMPLERS.register(cls)
 
 
 def unregister_sampler(name: str) -> None:
     """Forget the sampler ``name`` (tests; a plugin being unloaded)."""
-    del _SAMPLERS[name]
+    _SAMPLERS.unregister(name)
 
 
-@contextlib.contextmanager
 def registered(cls):
     """``with registered(MySampler): ...``: ``MySampler`` is registered inside the block only."""
-    register_sampler(cls)
-    try:
-        yield cls
-    finally:
-        unregister_sampler(cls.name)
+    return _SAMPLERS.registered(cls)
 
 
 def sampler_names() -> tuple[str, ...]:
-    return tuple(_SAMPLERS)
+    return _SAMPLERS.names()
 
 
 def sampler_class(name: str):
     """The registered sampler class ``name``; an unknown name is a ``UsageError`` listing the known ones."""
-    if name not in _SAMPLERS:
-        raise UsageError(f"sampler must be one of {sampler_names()}, got {name!r}")
-    return _SAMPLERS[name]
+    return _SAMPLERS.get(name)
 
 
 def knobs_of(name: str) -> list[str]:
@@ -174,11 +210,7 @@ def knobs_of(name: str) -> list[str]:
 
 def knobs() -> dict[str, Knob]:
     """Every registered sampler's knobs, by name (a shared knob once, under its first sampler)."""
-    out: dict[str, Knob] = {}
-    for cls in _SAMPLERS.values():
-        for k in knobs_of_class(cls):
-            out.setdefault(k.name, k)
-    return out
+    return _SAMPLERS.knobs()
 
 
 def settings() -> dict[str, Any]:
@@ -203,7 +235,7 @@ def check_knobs(config, schedule=None) -> None:
     """Run every sampler's own checks on ``config``: the chosen sampler first, then each other one, so that a
     knob is valid whichever sampler is picked later (the settings are saved with the model)."""
     make_sampler(config, schedule)
-    for name, cls in _SAMPLERS.items():
+    for name, cls in _SAMPLERS.classes.items():
         if name != config.sampler:
             cls.from_config(config, schedule)
     for family in _FAMILIES:  # the drafters' own checks of their knobs

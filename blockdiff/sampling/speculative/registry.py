@@ -13,10 +13,8 @@ The built-in drafters are imported by the package (``speculative/__init__.py``);
 
 from __future__ import annotations
 
-import contextlib
-
 from blockdiff.errors import UsageError
-from blockdiff.sampling.samplers.registry import Family, Knob, add_settings_family, check_new_knobs, knobs_of_class
+from blockdiff.sampling.samplers.registry import Family, Registry, add_settings_family
 
 __all__ = [
     "SPECULATIVE", "register_drafter", "unregister_drafter", "registered_drafter", "drafter_names", "drafter_class",
@@ -28,58 +26,20 @@ SPECULATIVE = {
     "drafter": None,  # one of drafter_names(); None: the first that fits (fused for a self-verifying model)
 }
 
-_DRAFTERS: dict[str, type] = {}  # name -> Drafter class, in registration order
-
-
-def register_drafter(cls):
-    """Class decorator: make the ``Drafter`` dataclass ``cls`` reachable as ``drafter=cls.name`` everywhere."""
-    check_new_knobs(cls, "drafter", drafter_knobs())
-    if cls.name in _DRAFTERS:
-        raise ValueError(f"a drafter named {cls.name!r} is already registered ({_DRAFTERS[cls.name].__name__})")
-    _DRAFTERS[cls.name] = cls
-    return cls
-
-
-def unregister_drafter(name: str) -> None:
-    """Forget the drafter ``name`` (tests; a plugin being unloaded)."""
-    del _DRAFTERS[name]
-
-
-@contextlib.contextmanager
-def registered_drafter(cls):
-    """``with registered_drafter(MyDrafter): ...``: ``MyDrafter`` is registered inside the block only."""
-    register_drafter(cls)
-    try:
-        yield cls
-    finally:
-        unregister_drafter(cls.name)
-
-
-def drafter_names() -> tuple[str, ...]:
-    return tuple(_DRAFTERS)
-
-
-def drafter_class(name: str):
-    """The registered drafter class ``name``; an unknown name is a ``UsageError`` listing the known ones."""
-    if name not in _DRAFTERS:
-        raise UsageError(f"drafter must be one of {drafter_names()}, got {name!r}")
-    return _DRAFTERS[name]
-
-
-def drafter_knobs() -> dict[str, Knob]:
-    """Every registered drafter's knobs, by name (a shared knob once, under its first drafter)."""
-    out: dict[str, Knob] = {}
-    for cls in _DRAFTERS.values():
-        for k in knobs_of_class(cls, "drafter"):
-            out.setdefault(k.name, k)
-    return out
+_DRAFTERS = Registry("drafter")  # the drafters, in registration order
+register_drafter = _DRAFTERS.register  # class decorator: ``drafter=cls.name`` reaches the dataclass ``cls``
+unregister_drafter = _DRAFTERS.unregister  # forget a drafter (tests; a plugin being unloaded)
+registered_drafter = _DRAFTERS.registered  # ``with registered_drafter(MyDrafter): ...``: inside the block only
+drafter_names = _DRAFTERS.names
+drafter_class = _DRAFTERS.get  # an unknown name is a UsageError listing the known ones
+drafter_knobs = _DRAFTERS.knobs  # every drafter's knobs, by name (a shared knob once, under its first drafter)
 
 
 def check_drafter_knobs(config) -> None:
     """``drafter`` names a registered drafter (or is ``None``) and every drafter's knobs pass its own checks."""
     if config.drafter is not None:
         drafter_class(config.drafter)
-    for cls in _DRAFTERS.values():
+    for cls in _DRAFTERS.classes.values():
         cls.check_knobs(config)
 
 
@@ -87,7 +47,7 @@ def needs_verifier(model, name: str | None) -> bool:
     """Whether the drafter ``name`` (``None``: the one ``make_drafter`` picks when no verifier is given) is built
     with a separate verifier, which the caller then loads."""
     if name is None:
-        return not any(cls.fits(model, None) for cls in _DRAFTERS.values())
+        return not any(cls.fits(model, None) for cls in _DRAFTERS.classes.values())
     return drafter_class(name).needs_verifier
 
 
@@ -97,7 +57,7 @@ def make_drafter(model, config, verifier=None):
     knobs read from ``config``."""
     name = config.drafter
     if name is None:
-        name = next((n for n, cls in _DRAFTERS.items() if cls.fits(model, verifier)), None)
+        name = next((n for n, cls in _DRAFTERS.classes.items() if cls.fits(model, verifier)), None)
         if name is None:
             raise UsageError(
                 "no drafter fits: pass a verifier (the decoder the model was fine-tuned from), or a BlockDiffusionLM "
