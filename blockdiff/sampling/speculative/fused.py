@@ -34,7 +34,7 @@ tokens, so the next step always has drafts to check: no step after a rejection c
 
 ``FusedBlockDiffusion`` is the registered drafter ``fused`` (the step protocol of ``base.py``: ``propose`` / ``score``
 / ``commit``; knobs ``masks`` and ``every_length``),
-so the acceptance code is the same ``speculative_verify.accept_greedy`` / ``accept_sampled`` as for two models, and
+so the acceptance code is the same ``verify.accept_greedy`` / ``accept_sampled`` as for two models, and
 the output is token for token (greedy) or in distribution (sampling) ``model.backbone.generate``'s: the base
 decoder's. ``propose`` runs no network: it returns the drafts of the previous forward (drawn then with
 ``sampling.draw``, from the mask rows' distributions ``q``). ``verifier_forwards`` counts the fused forwards (one

@@ -60,9 +60,9 @@ def make_drafter(model, config, verifier=None):
         name = next((n for n, cls in _DRAFTERS.classes.items() if cls.fits(model, verifier)), None)
         if name is None:
             raise UsageError(
-                "no drafter fits: pass a verifier (the decoder the model was fine-tuned from), or a BlockDiffusionLM "
-                "trained with model.adapter=gated_lora model.clean_attention=causal alone (it verifies its own "
-                f"drafts); or name one: drafter= one of {drafter_names()}"
+                "no drafter fits this model alone: a model verifies its own drafts (fused) only when trained with "
+                "model.clean_attention=causal model.adapter=gated_lora; otherwise pass a verifier (the decoder it was "
+                f"fine-tuned from; --base NAME on the command line), or name a drafter: one of {drafter_names()}"
             )
     return drafter_class(name).from_config(model, config, verifier)
 
