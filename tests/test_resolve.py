@@ -48,6 +48,8 @@ def test_resolve_checks_everything_before_any_work_and_changes_nothing():
     assert settings.prompts == [[1, 2], [1, 2], [3], [3]] and settings.copies == 2
     assert settings.eos_ids == {5, 6} and settings.pad_id == 3 and settings.stops == ("x",)
     assert settings.sampler.name == config.sampler and settings.max_new_tokens == config.max_new_tokens
+    with pytest.raises(UsageError, match="at least one prompt"):
+        resolve(model, model.generation_config, [])  # an empty list is checked (None: the settings only)
     with pytest.raises(UsageError, match="does not fit the window"):
         resolve(model, model.generation_config, [[1] * 40])
     with pytest.raises(UsageError, match="temperature"):

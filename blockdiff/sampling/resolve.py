@@ -92,9 +92,10 @@ def resolve(model, config: BlockDiffusionGenerationConfig, prompts: list[list[in
                 f"(noise.kind=uniform: no mask to reveal); use sampler= one of {usable}"
             )
     copies = config.num_return_sequences or 1
-    prompts = [p for p in prompts for _ in range(copies)] if prompts is not None else []
+    given = prompts is not None
+    prompts = [p for p in prompts for _ in range(copies)] if given else []
     window = window_of(model, config.window, context) if model is not None else None
-    if model is not None and (prompts or streamer is not None):
+    if model is not None and (given or streamer is not None):  # no prompt at all is an error too
         _check_prompts(model, prompts, config, window, streamer)
     stops = tuple(config.stop_string_list()) if config.stop_strings is not None else ()
     return Settings(
