@@ -1,4 +1,4 @@
-"""Fused speculative decoding is lossless and one forward per step (blockdiff/sampling/fused.py).
+"""Fused speculative decoding is lossless and one forward per step (blockdiff/sampling/speculative/fused.py).
 
 The model: a tiny random Llama / Qwen2 / GPT-2 decoder in fp64 (weights of std 0.5, so predictions depend on the
 context), frozen, with a random gated adapter (``B != 0``, so the mask rows draft something else than the base would)
@@ -32,8 +32,8 @@ from test_speculative import (
 from blockdiff.errors import UsageError
 from blockdiff.modeling.model import BlockDiffusionLM
 from blockdiff.modeling.spec import BlockDiffusionSpec
-from blockdiff.sampling.fused import FusedBlockDiffusion, supports_fused
 from blockdiff.sampling.speculative import Sampling, speculative_generate
+from blockdiff.sampling.speculative.fused import FusedBlockDiffusion, supports_fused
 
 FAMILIES = ["llama", "qwen2", "gpt2"]
 

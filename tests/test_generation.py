@@ -3,7 +3,7 @@
 What is checked here (CPU, tiny random models from ``conftest.py``; samplers' own rules are in
 ``test_samplers.py``):
 
-1. Exactness of the network call: ``_block_logits`` with the block KV cache equals the same call without
+1. Exactness of the network call: ``block_logits`` with the block KV cache equals the same call without
    it, and both equal the *training* forward ``model(x_t, x_0)`` on the same tokens (SUBS column dropped),
    for prompts that are block-aligned or end mid-block, over several blocks -- including the first forward
    of a block, which folds the finished previous block into the cache -- with and without the logit
@@ -37,7 +37,7 @@ from conftest import MASK_ID, random_tokens, tiny_model, train_tiny_cli_run
 
 from blockdiff.sampling.config import SAMPLERS as ALL_SAMPLERS
 from blockdiff.sampling.generation import GenerationOutput
-from blockdiff.sampling.grid import _block_logits, _layout
+from blockdiff.sampling.grid import block_logits, layout
 
 PAD = 0
 SAMPLERS = list(ALL_SAMPLERS)  # every sampler the config accepts, new ones included
@@ -70,7 +70,7 @@ def _drive(model, prompts: list[list[int]], rows: torch.Tensor, num_blocks: int,
     ``i``'s tokens by position (prompt first). Returns, per forward, ``(positions (b, l), block (b, l),
     logits (b, l, v), tokens fed)``."""
     l, b = model.block_length, len(prompts)
-    st = _layout(prompts, l, PAD, "cpu")
+    st = layout(prompts, l, PAD, "cpu")
     calls = []
     for _ in range(num_blocks):
         start = st.cols.shape[1] - l
@@ -83,7 +83,7 @@ def _drive(model, prompts: list[list[int]], rows: torch.Tensor, num_blocks: int,
             st.cols[:, start:] = block
             fed = st.processed
             with torch.no_grad():
-                logits = _block_logits(model, st, start, start + l, use_cache)
+                logits = block_logits(model, st, start, start + l, use_cache)
             if use_cache:  # read-only while denoising: the cache holds the finished columns only
                 assert st.cache.get_seq_length() == start
             calls.append((pos, block, logits, st.processed - fed))
@@ -144,7 +144,7 @@ def test_ragged_batch_logits_equal_single_prompt_logits(family, logit_shift, use
     rows = random_tokens(len(lengths), 64, seed=7)
     prompts = [rows[i, :n].tolist() for i, n in enumerate(lengths)]
     batch = _drive(model, prompts, rows, num_blocks=3, use_cache=use_cache)
-    assert len(set(_layout(prompts, 4, PAD, "cpu").first_valid.tolist())) > 1  # really ragged
+    assert len(set(layout(prompts, 4, PAD, "cpu").first_valid.tolist())) > 1  # really ragged
     for i in range(len(lengths)):
         single = _drive(model, prompts[i : i + 1], rows[i : i + 1], num_blocks=3, use_cache=use_cache)
         for k, ((pos, block, got, _), (pos1, block1, ref, _)) in enumerate(zip(batch, single)):
@@ -622,7 +622,7 @@ def test_unknown_generation_setting_raises():
 def test_cli_sample_ctrl_c_prints_the_finished_blocks(run_dir, capsys, monkeypatch):
     """Ctrl-C during `blockdiff sample` prints what was finished so far and exits 130."""
     from blockdiff.cli import main
-    from blockdiff.sampling import watch
+    from blockdiff.viewer import watch
 
     original = watch.FinishedBlocks.__call__
     seen = {"finished": 0}

@@ -43,8 +43,8 @@ from blockdiff.modeling.model import BlockDiffusionConfig, BlockDiffusionLM
 from blockdiff.modeling.spec import BlockDiffusionSpec
 from blockdiff.modeling.tokenizer import byte_tokenizer
 from blockdiff.sampling import sample_texts
-from blockdiff.sampling.watch import LiveView
 from blockdiff.training.builders import build_backbone
+from blockdiff.viewer.watch import LiveView
 
 
 def sharp(model: BlockDiffusionLM) -> BlockDiffusionLM:

@@ -1,4 +1,4 @@
-"""Tests for the sampler registry (``blockdiff/sampling/registry.py``): adding a sampler is one class and one
+"""Tests for the sampler registry (``blockdiff/sampling/samplers/registry.py``): adding a sampler is one class and one
 registry call.
 
 * A throwaway sampler (``Leftmost`` below: one small dataclass) registered with ``registered(...)`` is reachable
@@ -33,9 +33,9 @@ from blockdiff.cli import main
 from blockdiff.cli.app import build_parser
 from blockdiff.config import ConfigError, load_config
 from blockdiff.errors import UsageError
-from blockdiff.sampling.base import BlockState, Sampler, StepResult, knob, reveal
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
-from blockdiff.sampling.registry import knobs, register_sampler, registered, sampler_names, settings
+from blockdiff.sampling.samplers.base import BlockState, Sampler, StepResult, knob, reveal
+from blockdiff.sampling.samplers.registry import knobs, register_sampler, registered, sampler_names, settings
 from blockdiff.sweeps.spec import SAMPLE_KEYS, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,11 +209,11 @@ def test_registration_refuses_clashes():
 
 def test_built_in_samplers_are_one_per_generate_call_too(monkeypatch):
     """DDPM follows the trained schedule (tests/test_samplers.py); here: the block loop makes no sampler per block."""
-    from blockdiff.sampling import generation
+    from blockdiff.sampling import resolve  # where the block loop's settings, its sampler included, are made
 
     made = []
-    original = generation.make_sampler
-    monkeypatch.setattr(generation, "make_sampler", lambda config, schedule=None: made.append(config.sampler)
+    original = resolve.make_sampler
+    monkeypatch.setattr(resolve, "make_sampler", lambda config, schedule=None: made.append(config.sampler)
                         or original(config, schedule))
     tiny_model(block_length=4).generate([[1, 2, 3]], max_new_tokens=16, sampler="fixed", eos_token_id=None, seed=0)
     assert made == ["fixed"]  # 5 blocks, one sampler

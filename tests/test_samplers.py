@@ -26,14 +26,14 @@ import pytest
 import torch
 from conftest import MASK_ID, tiny_model
 
-from blockdiff.sampling.base import BlockState
-from blockdiff.sampling.ddpm import DDPMSampler
-from blockdiff.sampling.entropy_bound import EntropyBoundSampler
-from blockdiff.sampling.first_hitting import FirstHittingSampler
-from blockdiff.sampling.fixed import FixedStepSampler
 from blockdiff.sampling.logits import choose_tokens, filter_logits
-from blockdiff.sampling.remasking import RemaskingSampler
-from blockdiff.sampling.threshold import ThresholdSampler
+from blockdiff.sampling.samplers.base import BlockState
+from blockdiff.sampling.samplers.ddpm import DDPMSampler
+from blockdiff.sampling.samplers.entropy_bound import EntropyBoundSampler
+from blockdiff.sampling.samplers.first_hitting import FirstHittingSampler
+from blockdiff.sampling.samplers.fixed import FixedStepSampler
+from blockdiff.sampling.samplers.remasking import RemaskingSampler
+from blockdiff.sampling.samplers.threshold import ThresholdSampler
 
 M = MASK_ID
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
@@ -443,7 +443,7 @@ def test_ddpm_sampling_follows_the_schedule_the_model_was_trained_with(monkeypat
     from conftest import tiny_model
 
     from blockdiff.core.noise import CosineSchedule
-    from blockdiff.sampling.ddpm import DDPMSampler
+    from blockdiff.sampling.samplers.ddpm import DDPMSampler
 
     seen = []
     original = DDPMSampler.__init__

@@ -1,4 +1,4 @@
-"""Speculative block decoding is lossless (blockdiff/sampling/speculative.py, docs/generation.md).
+"""Speculative block decoding is lossless (blockdiff/sampling/speculative/loop.py, docs/generation.md).
 
 * greedy: token for token the verifier's ``generate(do_sample=False)``, on tiny random Llama / Qwen2 / GPT-2
   verifiers in fp64 (no argmax tie can flip), with drafters that are mostly rejected and ones that mostly agree;
@@ -33,7 +33,7 @@ from blockdiff.sampling.speculative import (
     check_verifier,
     speculative_generate,
 )
-from blockdiff.sampling.speculative_verify import accept_sampled
+from blockdiff.sampling.speculative.verify import accept_sampled
 from blockdiff.training.builders import build_backbone
 
 VOCAB, MASK = 64, 63

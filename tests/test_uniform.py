@@ -34,9 +34,9 @@ from blockdiff.core.uniform import add_uniform_noise, uniform_posterior, uniform
 from blockdiff.errors import UsageError
 from blockdiff.modeling.model import BlockDiffusionLM
 from blockdiff.modeling.spec import BlockDiffusionSpec
-from blockdiff.sampling.base import RewriteState
-from blockdiff.sampling.ddpm import DDPMSampler
-from blockdiff.sampling.threshold import ThresholdSampler
+from blockdiff.sampling.samplers.base import RewriteState
+from blockdiff.sampling.samplers.ddpm import DDPMSampler
+from blockdiff.sampling.samplers.threshold import ThresholdSampler
 
 K = VOCAB - 1  # classes of the uniform process (every id but the mask)
 

@@ -83,8 +83,8 @@ def test_replay_marks_re_opened_tokens(model_dir, tmp_path):
 
 def test_text_segments_join_to_the_text_across_multibyte_characters():
     from blockdiff.modeling.tokenizer import byte_tokenizer
-    from blockdiff.sampling import watch
-    from blockdiff.sampling.watch import text_segments
+    from blockdiff.viewer import watch
+    from blockdiff.viewer.watch import text_segments
 
     tok = byte_tokenizer()
     ids = tok("héllo ☃!", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -140,7 +140,7 @@ def long_trace(model_dir, path, n: int):
 
     from blockdiff.modeling.io import load_model_dir
     from blockdiff.sampling import encode_prompts
-    from blockdiff.sampling.watch import TraceWriter, trace_end, trace_header
+    from blockdiff.viewer.watch import TraceWriter, trace_end, trace_header
 
     loaded = load_model_dir(model_dir)
     ids = encode_prompts(loaded.tokenizer, ["x"])

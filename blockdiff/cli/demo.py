@@ -118,7 +118,7 @@ def _sample(shown: Shown, cfg, trace: Path | None) -> Shown:
 
     from blockdiff.modeling.io import load_model_dir
     from blockdiff.sampling import encode_prompts, sample_texts
-    from blockdiff.sampling.watch import TraceWriter, fan_out, trace_end, trace_header
+    from blockdiff.viewer.watch import TraceWriter, fan_out, trace_end, trace_header
 
     loaded = load_model_dir(shown.run_dir)
     s = cfg.sample

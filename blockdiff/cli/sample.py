@@ -20,6 +20,8 @@ def run(args) -> None:
         _check_speculative_flags(args)
     elif args.base is not None:
         raise UsageError("--base names the verifier of --speculative decoding; add --speculative")
+    elif args.drafter is not None or any(getattr(args, n) is not None for n in _drafter_knobs()):
+        raise UsageError("--drafter and its settings choose the drafter of --speculative decoding; add --speculative")
     if args.trace:  # before any work: an existing file is replaced only with --overwrite
         from blockdiff.files import check_output_file
 
@@ -29,11 +31,11 @@ def run(args) -> None:
     loaded = load_model_dir(path, device=args.device)
     if args.block_length is not None:  # e.g. a block-length-mixture model at another of its lengths
         loaded.model = loaded.model.with_block_length(args.block_length)
-    _apply_settings(args, loaded.model)
+    config = _settings(args, loaded.model)
     if args.speculative:
-        _speculate(args, loaded, prompts)
+        _speculate(args, loaded, prompts, config)
         return
-    texts, out = _generate(args, loaded, prompts)
+    texts, out = _generate(args, loaded, prompts, config)
     _print_samples(prompts, texts, out)
 
 
@@ -46,16 +48,27 @@ def _check_beam_flags(args) -> None:
         check_beams(beams, width, ("--block-beams", "--beam-width"))
 
 
-def _apply_settings(args, model) -> None:
-    """Set the flags given on the model's generation config and check it all before any work (and before
-    ``--trace`` makes a file)."""
-    from blockdiff.sampling.registry import knobs
+def _drafter_knobs() -> dict:
+    """Every drafter's knobs (imported here, not at the top: ``blockdiff --help`` does not import torch)."""
+    from blockdiff.sampling.speculative.registry import drafter_knobs
+
+    return drafter_knobs()
+
+
+def _settings(args, model):
+    """The model's generation config with the flags given as overrides (a copy: the model's own is never changed),
+    checked before any work (and before ``--trace`` makes a file) by ``resolve``."""
+    from blockdiff.sampling.inputs import with_overrides
+    from blockdiff.sampling.resolve import resolve
+    from blockdiff.sampling.samplers.registry import knobs
 
     settings = {
         "max_new_tokens": args.max_new_tokens,
         "sampler": args.sampler,
         "steps_per_block": args.steps_per_block,
         **{name: getattr(args, name) for name in knobs()},  # each sampler's knobs (add_sampler_flags)
+        "drafter": args.drafter,
+        **{name: getattr(args, name) for name in _drafter_knobs()},  # each drafter's knobs (add_drafter_flags)
         "temperature": args.temperature,
         "top_k": args.top_k,
         "top_p": args.top_p,
@@ -69,36 +82,35 @@ def _apply_settings(args, model) -> None:
                          "block beam search (--block-beams / --beam-width > 1)")
     if args.no_cache:
         settings["use_cache"] = False
-    config = model.generation_config
-    for key, value in settings.items():
-        setattr(config, key, value)
-    config.check(model.block_length)
+    config = with_overrides(model.generation_config, settings)
+    resolve(model, config, speculative=args.speculative)
+    return config
 
 
-def _generate(args, loaded, prompts: list[str]):
+def _generate(args, loaded, prompts: list[str], config):
     """Sample every prompt in one batch, feeding the trace file and the live view (``_watching``)."""
     import torch
 
     from blockdiff.sampling import encode_prompts, sample_texts
-    from blockdiff.sampling.watch import trace_end
+    from blockdiff.viewer.watch import trace_end
 
     ids = encode_prompts(loaded.tokenizer, prompts)
     device = loaded.model.device  # sample i: seed + i, whatever else is in the batch
     generators = [torch.Generator(device=device).manual_seed(args.seed + i) for i in range(len(prompts))]
     ending: list = []
-    with _watching(args, loaded, ids, prompts, _trace_header(loaded, ids), ending) as observer:
-        texts, out = sample_texts(loaded.model, loaded.tokenizer, prompts, generators, observer=observer)
+    with _watching(args, loaded, ids, prompts, _trace_header(loaded, config, ids), ending) as observer:
+        texts, out = sample_texts(loaded.model, loaded.tokenizer, prompts, generators, observer=observer,
+                                  generation_config=config)
         ending.append(lambda seen: trace_end(out, texts, loaded.tokenizer, seen | {t for p in ids for t in p}))
     return texts, out
 
 
-def _trace_header(loaded, ids: list[list[int]], speculative: str | None = None) -> dict:
+def _trace_header(loaded, config, ids: list[list[int]], speculative: str | None = None) -> dict:
     """The trace's first line (what makes it viewable): the model, the prompts' token ids and the settings in force
     (``speculative``: the sampler's own settings do not apply, the verifier chooses every token)."""
-    from blockdiff.sampling.registry import knobs_of
-    from blockdiff.sampling.watch import trace_header
+    from blockdiff.sampling.samplers.registry import knobs_of
+    from blockdiff.viewer.watch import trace_header
 
-    config = loaded.model.generation_config
     own = () if speculative else ("sampler", "steps_per_block", *knobs_of(config.sampler))
     keys = ("max_new_tokens", "temperature", "top_k", "top_p", *own)
     settings = {k: getattr(config, k, None) for k in keys if getattr(config, k, None) is not None}
@@ -113,7 +125,7 @@ def _watching(args, loaded, ids: list[list[int]], prompts: list[str], header: di
     finished blocks. On Ctrl-C print the finished blocks and keep the trace's complete lines; on any other failure
     leave no trace file. ``header`` starts the trace; ``ending`` holds (after the run) a function of the token ids
     seen that gives its end record (``blockdiff view`` needs both)."""
-    from blockdiff.sampling.watch import FinishedBlocks, LiveView, TraceWriter, fan_out
+    from blockdiff.viewer.watch import FinishedBlocks, LiveView, TraceWriter, fan_out
 
     finished = FinishedBlocks([len(p) for p in ids])
     trace = TraceWriter(args.trace, header) if args.trace else None
@@ -154,10 +166,10 @@ def _print_samples(prompts: list[str], texts: list[str], out) -> None:
     )
 
 
-# -- --speculative: the base decoder verifies the model's block drafts (blockdiff/sampling/speculative.py) -----
+# -- --speculative: the base decoder verifies the model's block drafts (blockdiff/sampling/speculative/loop.py) -----
 def _check_speculative_flags(args) -> None:
     """Refuse the flags that mean nothing when the verifier chooses every token (before any loading)."""
-    from blockdiff.sampling.registry import knobs
+    from blockdiff.sampling.samplers.registry import knobs
 
     given = {"--sampler": args.sampler, "--steps-per-block": args.steps_per_block, "--window": args.window,
              "--block-beams": args.block_beams, "--beam-width": args.beam_width,
@@ -189,50 +201,48 @@ def _base_of(loaded) -> str:
     return cfg.model.pretrained
 
 
-def _speculate(args, loaded, prompts: list[str]) -> None:
-    """Each prompt on its own (speculative decoding is batch 1). A model with a gated adapter over its frozen decoder
-    and a token-causal clean stream verifies its own drafts in the same forward (``sampling/fused.py``); any other
-    model drafts for a separate base decoder (``--base``, default its ``model.pretrained``), which verifies. ``--base``
-    given for a fused model picks the two-model path."""
+def _speculate(args, loaded, prompts: list[str], config) -> None:
+    """Each prompt on its own (speculative decoding is batch 1), with the drafter ``--drafter`` names (default: the
+    registry's pick, ``fused`` for a model with a gated adapter over its frozen decoder and a token-causal clean
+    stream, which verifies its own drafts in the same forward). A drafter that needs a separate verifier gets the
+    base decoder (``--base``, default the model's ``model.pretrained``); ``--base`` for a fused model picks
+    ``two_model``."""
     import torch
 
     from blockdiff.sampling import encode_prompts
     from blockdiff.sampling.outputs import GenerationOutput
-    from blockdiff.sampling.speculative import FusedBlockDiffusion, speculative_generate, supports_fused
-    from blockdiff.sampling.watch import SpeculativeEvents, trace_end
+    from blockdiff.sampling.speculative import make_drafter, speculative_generate
+    from blockdiff.sampling.speculative.registry import needs_verifier
+    from blockdiff.viewer.watch import SpeculativeEvents, trace_end
 
-    if supports_fused(loaded.model) and args.base is None:
-        pair, drafter, who = FusedBlockDiffusion(loaded.model), None, "fused: the model's own frozen base verifies"
-    else:
-        pair, drafter, name = _two_models(args, loaded)
-        who = f"{name} verifies"
-    config = loaded.model.generation_config
+    verifier, name = None, None
+    if args.base is not None or needs_verifier(loaded.model, config.drafter):
+        verifier, name = _verifier(args, loaded)
+    pair = make_drafter(loaded.model, config, verifier)
+    who = f"{pair.name}: " + (f"{name} verifies" if verifier is not None else "the model's own frozen base verifies")
     ids = encode_prompts(loaded.tokenizer, prompts)
-    header = _trace_header(loaded, ids, speculative="fused" if drafter is None else "two-model")
+    header = _trace_header(loaded, config, ids, speculative=pair.name.replace("_", "-"))
     outs, texts, ending = [], [], []
     with _watching(args, loaded, ids, prompts, header, ending) as watch:
         for i, prompt_ids in enumerate(ids):
             generator = torch.Generator(device=loaded.model.device).manual_seed(args.seed + i)
             events = SpeculativeEvents(watch, prompt_ids, loaded.model.block_length, loaded.model.mask_token_id, i)
-            out = speculative_generate(
-                pair, drafter, prompt_ids, max_new_tokens=config.max_new_tokens, temperature=config.temperature or 0.0,
-                do_sample=config.do_sample, top_k=config.top_k, top_p=config.top_p,
-                eos_token_id=loaded.tokenizer.eos_token_id, generator=generator, observer=events,
-            )
+            out = speculative_generate(pair, None, prompt_ids, generation_config=config, generator=generator,
+                                       observer=events, eos_token_id=loaded.tokenizer.eos_token_id)
             events.close()
             outs.append(out)
             texts.append(loaded.tokenizer.decode(out.new_tokens(0), skip_special_tokens=True))
-            _print_speculative(prompts[i], i, texts[-1], out, who, fused=drafter is None)
+            _print_speculative(prompts[i], i, texts[-1], out, who)
         stacked = GenerationOutput.stack(outs, loaded.tokenizer.pad_token_id or 0)
         ending.append(lambda seen: trace_end(stacked, texts, loaded.tokenizer, seen | {t for p in ids for t in p}))
 
 
-def _print_speculative(prompt: str, i: int, text: str, out, who: str, fused: bool) -> None:
+def _print_speculative(prompt: str, i: int, text: str, out, who: str) -> None:
     reasons = {"eos": "EOS", "max_new_tokens": "max_new_tokens", "max_length": "the verifier's context"}
     console.rule(f"sample {i}: {int(out.lengths[0])} tokens, stopped at {reasons[out.stop_reasons[0]]}")
     console.print(prompt + text, markup=False, highlight=False)
     forwards = (
-        f"{out.verifier_forwards} forwards (1 forward per step: verify + draft)" if fused
+        f"{out.verifier_forwards} forwards (1 forward per step: verify + draft)" if out.drafter_forwards == 0
         else f"{out.verifier_forwards} verifier + {out.drafter_forwards} drafter forwards"
     )
     console.print(
@@ -242,18 +252,17 @@ def _print_speculative(prompt: str, i: int, text: str, out, who: str, fused: boo
     )
 
 
-def _two_models(args, loaded):
-    """``(verifier, BlockDrafter, base name)``: the base decoder loaded and checked against the model."""
+def _verifier(args, loaded):
+    """``(verifier, base name)``: the base decoder loaded and checked against the model."""
     from blockdiff.modeling.pretrained import load_decoder
-    from blockdiff.sampling.speculative import BlockDrafter, check_verifier
+    from blockdiff.sampling.speculative import check_verifier
 
     name = args.base or _base_of(loaded)
     _check_base(name, loaded)
     verifier, verifier_tokenizer, _ = load_decoder(name, what="--base")
     verifier = verifier.to(loaded.model.device).eval()
-    drafter = BlockDrafter(loaded.model)
-    check_verifier(verifier, drafter, tokenizer=loaded.tokenizer, verifier_tokenizer=verifier_tokenizer)
-    return verifier, drafter, name
+    check_verifier(verifier, loaded.model, tokenizer=loaded.tokenizer, verifier_tokenizer=verifier_tokenizer)
+    return verifier, name
 
 
 def _check_base(name: str, loaded) -> None:
@@ -334,6 +343,7 @@ def add_arguments(p):
         help="lossless speculative decoding: the model drafts blocks, its base decoder verifies (one prompt at a time; "
         "in one forward per step for a model with a gated adapter and a causal clean stream)",
     )
+    add_drafter_flags(p)
     p.add_argument(
         "--base", help="with --speculative: a separate verifier (default: the model's own frozen base when it has a "
         "gated adapter and a causal clean stream, else the model.pretrained it was tuned from)",
@@ -342,9 +352,9 @@ def add_arguments(p):
 
 def add_sampler_flags(p) -> None:
     """``--sampler`` (the registered names), ``--steps-per-block`` and one flag per sampler knob, read from the
-    sampler registry when the parser is built (``blockdiff/sampling/registry.py``; imported here, not at the top,
-    so ``blockdiff --help`` does not import torch)."""
-    from blockdiff.sampling.registry import GENERAL, knobs, sampler_names
+    sampler registry when the parser is built (``blockdiff/sampling/samplers/registry.py``; imported here, not at the
+    top, so ``blockdiff --help`` does not import torch)."""
+    from blockdiff.sampling.samplers.registry import GENERAL, knobs, sampler_names
 
     names = [f"{n} (default)" if n == GENERAL["sampler"] else n for n in sampler_names()]
     p.add_argument("--sampler", choices=sampler_names(), help=", ".join(names))
@@ -353,6 +363,20 @@ def add_sampler_flags(p) -> None:
         default = "" if k.default is None else f" (default {k.default})"
         kind = true_or_false if k.type is bool else k.type
         p.add_argument(f"--{k.name.replace('_', '-')}", type=kind, help=f"{k.sampler} sampler: {k.doc}{default}")
+
+
+def add_drafter_flags(p) -> None:
+    """``--drafter`` (the registered names) and one flag per drafter knob, read from the drafter registry when the
+    parser is built (``blockdiff/sampling/speculative/registry.py``; imported here, as the samplers' are)."""
+    from blockdiff.sampling.speculative.registry import drafter_knobs, drafter_names
+
+    p.add_argument("--drafter", choices=drafter_names(),
+                   help="with --speculative: " + ", ".join(drafter_names()) + " (default: fused for a model that "
+                   "verifies itself, else two_model)")
+    for k in drafter_knobs().values():
+        default = "" if k.default is None else f" (default {k.default})"
+        kind = true_or_false if k.type is bool else k.type
+        p.add_argument(f"--{k.name.replace('_', '-')}", type=kind, help=f"{k.sampler} drafter: {k.doc}{default}")
 
 
 def true_or_false(text: str) -> bool:

@@ -317,7 +317,7 @@ class OptimConfig:
 
 # The sampler names ``sample.sampler`` may take. They are the sampling registry's: this module imports nothing of
 # sampling (it is a leaf, docs/design.md), so ``import blockdiff`` installs a lookup here that imports the registry
-# only when a sampler name is checked (and ``blockdiff.sampling.registry`` installs its own when imported).
+# only when a sampler name is checked (and ``blockdiff.sampling.samplers.registry`` installs its own when imported).
 _sampler_names: Callable[[], tuple[str, ...]] | None = None
 
 

@@ -78,6 +78,7 @@ class BlockDiffusionLMEval(TemplateLM):
         from blockdiff.core.noise import make_schedule
         from blockdiff.modeling.io import load_model_dir
         from blockdiff.sampling.inputs import with_overrides
+        from blockdiff.sampling.resolve import resolve
 
         if not pretrained:
             raise UsageError("say which model to evaluate: model_args pretrained=RUN_OR_MODEL_DIR")
@@ -104,7 +105,7 @@ class BlockDiffusionLMEval(TemplateLM):
         if self._max_length < 2:
             raise UsageError(f"model_args max_length={max_length} holds no two whole blocks of {l} tokens")
         self.generation_config = with_overrides(self.model.generation_config, generation)  # unknown keys: refused
-        self.generation_config.check(self.model.block_length, self.schedule)
+        self.generation = resolve(self.model, self.generation_config, context=self._max_length)  # checked
         self._device = self.model.device
 
     # -- what lm-eval reads -----------------------------------------------------------------------------------
@@ -244,7 +245,7 @@ class BlockDiffusionLMEval(TemplateLM):
 
     def _generate(self, batch) -> list[str]:
         settings = batch[0][3]
-        room = self._window() - self.model.block_length
+        room = self.generation.window - self.model.block_length
         prompts = [self._with_bos(self.tok_encode(context))[-room:] for _, context, _, _ in batch]
         generators = [torch.Generator(device=self.model.device).manual_seed(self.seed + index) for index, *_ in batch]
         out = self.model.generate(
@@ -257,12 +258,6 @@ class BlockDiffusionLMEval(TemplateLM):
             cuts = [text.index(s) for s in until if s in text]
             texts.append(text[: min(cuts)] if cuts else text)
         return texts
-
-    def _window(self) -> int:
-        """The generation window in tokens (the settings' ``window``, else the training context in whole blocks)."""
-        l = self.model.block_length
-        window = self.generation_config.window or (self.model.spec.max_seq_len or self.max_length) // l * l
-        return max(window, 2 * l)
 
 
 def _positive_int(name: str, value) -> int:

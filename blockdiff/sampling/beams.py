@@ -39,7 +39,7 @@ from blockdiff.config import T_EPS
 from blockdiff.core.loss import masked_nelbo
 from blockdiff.core.noise import add_noise, make_schedule, sample_t
 from blockdiff.core.uniform import add_uniform_noise, uniform_token_nelbo
-from blockdiff.sampling.grid import _block_rows, _layout, _slide, _State
+from blockdiff.sampling.grid import State, block_rows, layout, slide
 from blockdiff.sampling.outputs import GenerationOutput
 
 __all__ = ["BeamEvent", "beam_search"]
@@ -59,37 +59,37 @@ class BeamEvent:
 
 
 def beam_search(
-    model, prompts: list[list[int]], config, sampler, denoise_block, generator, window, eos_ids: set[int],
-    pad_id: int, scorer: Scorer | None = None, observer: Callable[[BeamEvent], None] | None = None,
+    model, settings, denoise_block, generator, scorer: Scorer | None = None,
+    observer: Callable[[BeamEvent], None] | None = None,
 ) -> GenerationOutput:
-    """Beam search of every prompt (``denoise_block``: ``generation._denoise_block``); see the module docstring."""
+    """Beam search of every prompt of ``settings`` (``resolve.Settings``; ``denoise_block``:
+    ``generation._denoise_block``); see the module docstring."""
     outs = []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(settings.prompts):
         gen = generator[i] if isinstance(generator, list) else generator
-        outs.append(_search_one(model, i, prompt, config, sampler, denoise_block, gen, window, eos_ids, pad_id,
-                                scorer, observer))
-    return _output(prompts, outs, pad_id)
+        outs.append(_search_one(model, i, prompt, settings, denoise_block, gen, scorer, observer))
+    return _output(settings.prompts, outs, settings.pad_id)
 
 
-def _search_one(model, index, prompt, config, sampler, denoise_block, generator, window, eos_ids, pad_id, scorer,
-                observer):
+def _search_one(model, index, prompt, settings, denoise_block, generator, scorer, observer):
     """``(new tokens, batch forwards, row forwards, stop reason, tokens processed, largest cache)`` of one prompt's
     search."""
+    config, window, eos_ids, pad_id = settings.config, settings.window, settings.eos_ids, settings.pad_id
     l, device = model.block_length, next(model.parameters()).device
     n_cand, width = config.block_beams, config.beam_width
-    st = _layout([prompt], l, pad_id, device)
+    st = layout([prompt], l, pad_id, device)
     scores = torch.zeros(1, device=device)  # (r,)
     row_forwards = 0
     gen_start = int(st.gen_start[0])
     while True:
         start = st.cols.shape[1] - l
         if window is not None:
-            _slide(model, st, window)
+            slide(model, st, window)
         _repeat(st, n_cand)
         scores = scores.repeat_interleave(n_cand)
         st.masks.clear()
         nfe0, rows = st.nfe, st.cols.shape[0]
-        tokens = denoise_block(model, st, start, config, sampler, generator, None, eos_ids)  # (r, l)
+        tokens = denoise_block(model, st, start, settings, generator, None)  # (r, l)
         st.cols[:, start:] = tokens
         if rows > 1:
             scores = scores + _block_score(model, st, start, config, generator, scorer)
@@ -110,14 +110,14 @@ def _search_one(model, index, prompt, config, sampler, denoise_block, generator,
         st.cols = torch.cat([st.cols, torch.full((len(st.cols), l), pad_id, device=device)], dim=1)
 
 
-def _drop_empty_cache(st: _State) -> None:
+def _drop_empty_cache(st: State) -> None:
     """An empty cache (nothing finished yet) is dropped: ``DynamicCache`` leaves the batch of an empty layer alone on
     ``batch_repeat_interleave`` / ``batch_select_indices``, and the next forward makes a fresh one anyway."""
     if st.cache is not None and st.cache.get_seq_length() == 0:
         st.cache = None
 
 
-def _repeat(st: _State, n: int) -> None:
+def _repeat(st: State, n: int) -> None:
     """Every row (and its cache) ``n`` times, in place: row ``j`` becomes rows ``j n .. j n + n - 1``."""
     if n == 1:
         return
@@ -132,7 +132,7 @@ def _repeat(st: _State, n: int) -> None:
     st.sample_nfe = torch.zeros(len(idx), dtype=torch.long)
 
 
-def _select(st: _State, idx: torch.Tensor) -> None:
+def _select(st: State, idx: torch.Tensor) -> None:
     """Keep rows ``idx`` (and their cache rows), in that order."""
     st.cols, st.first_valid, st.gen_start = st.cols[idx], st.first_valid[idx], st.gen_start[idx]
     _drop_empty_cache(st)
@@ -144,7 +144,7 @@ def _select(st: _State, idx: torch.Tensor) -> None:
     st.sample_nfe = torch.zeros(len(idx), dtype=torch.long)
 
 
-def _block_score(model, st: _State, start: int, config, generator, scorer: Scorer | None) -> torch.Tensor:
+def _block_score(model, st: State, start: int, config, generator, scorer: Scorer | None) -> torch.Tensor:
     """Log-likelihood score of every row's new block (r,): exact AR log-prob under ``scorer``, else minus the
     block NELBO under the model (``core.loss.masked_nelbo``, ``beam_score_draws`` draws of ``t ~ U[noise.eps, 1]``).
     Only generated positions (not the prompt) count."""
@@ -169,7 +169,7 @@ def _block_score(model, st: _State, start: int, config, generator, scorer: Score
             noised = add_noise(block, t, schedule, l, model.mask_token_id, generator)
         sel = noised.masked & scored  # (r, l)
         st.cols[:, start:] = torch.where(scored, noised.xt, block)
-        logits = model.logits(_block_rows(model, st, start, start + l, config.use_cache)[sel])  # (m, v)
+        logits = model.logits(block_rows(model, st, start, start + l, config.use_cache)[sel])  # (m, v)
         terms = None  # absorbing noise: the cross-entropy of the masked rows
         if uniform:
             terms = uniform_token_nelbo(logits, block[sel], noised.xt[sel], noised.alpha[sel], model.mask_token_id)

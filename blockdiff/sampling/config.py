@@ -17,7 +17,7 @@ import numbers
 from transformers import GenerationConfig
 
 from blockdiff.errors import UsageError
-from blockdiff.sampling.registry import check_knobs, knobs, make_sampler, sampler_names, settings
+from blockdiff.sampling.samplers.registry import check_knobs, knobs, make_sampler, sampler_names, settings
 
 __all__ = ["BlockDiffusionGenerationConfig", "GENERATION_CONFIG_FILE", "HONOURED", "make_sampler"]  # and SAMPLERS
 

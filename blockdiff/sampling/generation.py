@@ -42,21 +42,20 @@ from typing import Callable
 
 import torch
 
-from blockdiff.core.noise import make_schedule
 from blockdiff.errors import UsageError
-from blockdiff.sampling.base import BlockState, Sampler, reveal, uniform
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
 from blockdiff.sampling.grid import (
-    _block_rows,
-    _drop_finished,
-    _layout,
-    _slide,
-    _State,
+    State,
+    block_rows,
+    drop_finished,
+    layout,
+    slide,
 )
 from blockdiff.sampling.logits import choose_rows
 from blockdiff.sampling.outputs import GenerationOutput, StepEvent
-from blockdiff.sampling.registry import make_sampler, sampler_class, sampler_names
+from blockdiff.sampling.resolve import Settings, resolve
 from blockdiff.sampling.rewrite import denoise_uniform_block
+from blockdiff.sampling.samplers.base import BlockState, reveal, uniform
 
 __all__ = ["GenerationOutput", "StepEvent", "generate", "beam_generate"]
 
@@ -80,22 +79,11 @@ def generate(
     still going (``i`` its row in the output): ``True`` ends it there, with the tokens it has (stop reason
     ``"cancelled"``), e.g. when the client of a server request went away.
     """
-    schedule = make_schedule(model.spec.schedule)  # DDPM follows the trained alpha(t)
-    config.check(model.block_length, schedule)
-    sampler = make_sampler(config, schedule)  # one sampler for every block of this call
-    if model.spec.noise_kind == "uniform" and not sampler.rewrites:
-        usable = [n for n in sampler_names() if sampler_class(n).rewrites]
-        raise UsageError(
-            f"sampler={config.sampler!r} reveals mask tokens, but this model was trained with uniform noise "
-            f"(noise.kind=uniform: no mask to reveal); use sampler= one of {usable}"
-        )
-    copies = config.num_return_sequences or 1
-    prompts = [p for p in prompts for _ in range(copies)]
-    window, eos_ids, pad_id = _check_inputs(model, prompts, config, streamer)
+    settings = resolve(model, config, prompts, streamer=streamer)  # every check, before any work
+    prompts, copies = settings.prompts, settings.copies
     if config.block_beams > 1 or config.beam_width > 1:
-        return _beams(model, prompts, config, sampler, generator, window, eos_ids, pad_id, streamer, copies)
-    stops = config.stop_string_list() if config.stop_strings is not None else []
-    if stops and tokenizer is None:
+        return _beams(model, settings, generator, streamer)
+    if settings.stops and tokenizer is None:
         raise UsageError("stop_strings needs the tokenizer to read the text: pass tokenizer=... (as in transformers)")
     if isinstance(generator, list) and len(generator) != len(prompts):
         per = f" ({len(prompts) // copies} prompts x num_return_sequences={copies})" if copies > 1 else ""
@@ -107,34 +95,34 @@ def generate(
     if generator is None and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
     l = model.block_length
-    st = _layout(prompts, l, pad_id, device)
+    st = layout(prompts, l, settings.pad_id, device)
     if streamer is not None:
         streamer.put(torch.tensor([prompts[0]]))
     while st.active:
         start = st.cols.shape[1] - l  # the new block is always the last l columns
-        if window is not None:
-            _slide(model, st, window)
+        if settings.window is not None:
+            slide(model, st, settings.window)
         st.masks.clear()  # new columns, perhaps fewer samples: the block's forwards build their masks afresh
-        tokens = _denoise_block(model, st, start, config, sampler, generator, observer, eos_ids)  # (b, l)
+        tokens = _denoise_block(model, st, start, settings, generator, observer)  # (b, l)
         st.cols[torch.tensor(st.active, device=device), start:] = tokens
-        keep = _finish_samples(st, start, l, config.max_new_tokens, eos_ids, stops, tokenizer, cancelled)
+        keep = _finish_samples(st, start, l, settings, tokenizer, cancelled)
         if streamer is not None:
             _stream_block(streamer, st, start, l)
         if len(keep) < len(st.active):
-            _drop_finished(st, keep)
+            drop_finished(st, keep)
         if st.active:
-            st.cols = torch.cat([st.cols, torch.full((len(st.cols), l), pad_id, device=device)], dim=1)
+            st.cols = torch.cat([st.cols, torch.full((len(st.cols), l), settings.pad_id, device=device)], dim=1)
     if streamer is not None:
         streamer.end()
-    return _output(st, prompts, pad_id)
+    return _output(st, prompts, settings.pad_id)
 
 
-def _beams(model, prompts, config, sampler, generator, window, eos_ids, pad_id, streamer, copies, scorer=None,
-           observer=None) -> GenerationOutput:
+def _beams(model, settings: Settings, generator, streamer, scorer=None, observer=None) -> GenerationOutput:
     """Block beam search (``beams.py``) with this module's block denoiser; what it does not support is refused."""
     from blockdiff.sampling.beams import beam_search
 
-    if streamer is not None or config.stop_strings is not None or copies > 1 or config.min_new_tokens:
+    config, prompts = settings.config, settings.prompts
+    if streamer is not None or config.stop_strings is not None or settings.copies > 1 or config.min_new_tokens:
         raise UsageError(
             "block beam search (block_beams > 1 or beam_width > 1) returns one sequence per prompt and supports no "
             "streamer, stop_strings, num_return_sequences or min_new_tokens; remove them or set block_beams=1 "
@@ -145,63 +133,19 @@ def _beams(model, prompts, config, sampler, generator, window, eos_ids, pad_id, 
     device = next(model.parameters()).device
     if generator is None and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
-    return beam_search(model, prompts, config, sampler, _denoise_block, generator, window, eos_ids, pad_id, scorer,
-                       observer)
+    return beam_search(model, settings, _denoise_block, generator, scorer, observer)
 
 
 def beam_generate(model, prompts: list[list[int]], config: BlockDiffusionGenerationConfig, generator=None,
                   scorer=None, observer=None) -> GenerationOutput:
     """Block beam search with an explicit ``scorer`` (AR next-token logits, e.g. ``scoring.causal_lm_logits(base)``)
     and a ``BeamEvent`` ``observer``; ``model.generate(..., block_beams=N)`` is this without them."""
-    schedule = make_schedule(model.spec.schedule)
-    config.check(model.block_length, schedule)
-    sampler = make_sampler(config, schedule)
-    window, eos_ids, pad_id = _check_inputs(model, prompts, config, None)
-    return _beams(model, prompts, config, sampler, generator, window, eos_ids, pad_id, None, 1, scorer, observer)
+    return _beams(model, resolve(model, config, prompts), generator, None, scorer, observer)
 
 
-def _check_inputs(model, prompts, config, streamer) -> tuple[int | None, set[int], int]:
-    """Every input check on the prompts before any work (the settings are ``config.check``'s); returns
-    ``(window, eos ids, pad id)``."""
-    l, mask_id, vocab = model.block_length, model.mask_token_id, model.vocab_size
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise UsageError("give at least one prompt, each with at least one token (e.g. BOS)")
-    if streamer is not None and len(prompts) != 1:
-        raise UsageError("a streamer follows one sample: pass a single prompt (and num_return_sequences=1)")
-    if any(not 0 <= t < vocab or t == mask_id for p in prompts for t in p):
-        raise UsageError(f"prompt token ids must be in [0, {vocab}) and not the mask token {mask_id}")
-    window = config.window or (model.spec.max_seq_len // l * l if model.spec.max_seq_len else None)
-    max_positions = model.max_positions
-    largest = max_positions // l * l if max_positions else None  # the largest window the network's positions allow
-    if config.window is not None and largest is not None and config.window > largest:
-        raise UsageError(
-            f"window={config.window} exceeds the {max_positions} positions the network was built for; "
-            f"use window <= {largest}"
-        )
-    if window is not None:
-        window = max(window, 2 * l)
-        longest = max(len(p) for p in prompts)
-        if longest + l > window:
-            needed = -(-(longest + l) // l) * l  # the smallest window that fits it, in whole blocks
-            if largest is None or needed <= largest:
-                fix = f"shorten it to at most {window - l} tokens, or pass window={needed} (or more)"
-            else:
-                fix = (f"shorten it to at most {largest - l} tokens: the network has {max_positions} positions, so "
-                       f"the largest window is {largest}" + (f" (pass window={largest})" if largest > window else ""))
-            raise UsageError(
-                f"a prompt of {longest} tokens does not fit the window of {window} tokens with one block "
-                f"({l} tokens) to spare; {fix}"
-            )
-    eos = config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    return window, eos_ids, pad_id
-
-
-def _denoise_block(
-    model, st: _State, start: int, config, sampler: Sampler, generator, observer, eos_ids: set[int]
-) -> torch.Tensor:
+def _denoise_block(model, st: State, start: int, settings: Settings, generator, observer) -> torch.Tensor:
     """Denoise the block at columns ``[start, start + l)`` of the active samples; returns its tokens (b, l)."""
+    config, sampler, eos_ids = settings.config, settings.sampler, settings.eos_ids
     l, mask_id, device = model.block_length, model.mask_token_id, st.cols.device
     act = torch.tensor(st.active, device=device)
     cols = torch.arange(start, start + l, device=device)[None]  # (1, l)
@@ -213,7 +157,7 @@ def _denoise_block(
     eos_cols = torch.tensor(sorted(t for t in eos_ids if t < model.vocab_size), dtype=torch.long, device=device)
     if config.min_new_tokens and len(eos_cols):
         no_eos = offset < config.min_new_tokens
-    temperature = 0.0 if config.do_sample is False else (config.temperature or 0.0)  # do_sample=False: greedy
+    temperature = settings.temperature
     if isinstance(generator, list):  # per-sample generators of the samples still in the batch
         generator = [generator[i] for i in st.active]
     if model.spec.noise_kind == "uniform":  # random tokens, no mask: the sampler may rewrite any position
@@ -231,7 +175,7 @@ def _denoise_block(
         if ran:  # otherwise nothing changed since the last forward (nor which rows are masked): its logits stand
             st.cols[act, start:] = state.tokens
             st.sample_nfe[act[state.masked.any(-1)].cpu()] += 1  # the samples this forward denoises
-            rows = _block_rows(model, st, start, start + l, config.use_cache)  # (b, l, d)
+            rows = block_rows(model, st, start, start + l, config.use_cache)  # (b, l, d)
             logits = model.logits(rows[state.masked])  # (r, v): the head runs on the masked rows only
             if no_eos is not None:
                 logits[:, eos_cols] = logits[:, eos_cols].masked_fill(no_eos[state.masked][:, None], float("-inf"))
@@ -268,11 +212,11 @@ def _choose(logits, state: BlockState, temperature: float, config, generator, ne
 
 
 def _finish_samples(
-    st: _State, start: int, l: int, max_new_tokens: int, eos_ids: set[int], stops: list[str], tokenizer,
-    cancelled: Callable[[int], bool] | None = None,
+    st: State, start: int, l: int, settings: Settings, tokenizer, cancelled: Callable[[int], bool] | None = None,
 ) -> list[int]:
     """Record the final length of every sample whose new block holds EOS or completes a stop string, that reached
     ``max_new_tokens`` or that was ``cancelled``; returns the rows of the samples that go on."""
+    max_new_tokens, eos_ids, stops = settings.max_new_tokens, settings.eos_ids, settings.stops
     keep = []
     for row, i in enumerate(st.active):
         gen_start = int(st.gen_start[i])
@@ -295,7 +239,7 @@ def _finish_samples(
     return keep
 
 
-def _stop_string_cut(tokens: list[int], earlier: int, stops: list[str], tokenizer) -> int | None:
+def _stop_string_cut(tokens: list[int], earlier: int, stops: tuple[str, ...], tokenizer) -> int | None:
     """The shortest prefix of ``tokens`` whose text contains a stop string (the first ``earlier`` tokens did not)."""
     def hit(k: int) -> bool:
         text = tokenizer.decode(tokens[:k], skip_special_tokens=False)
@@ -306,7 +250,7 @@ def _stop_string_cut(tokens: list[int], earlier: int, stops: list[str], tokenize
     return next(k for k in range(earlier + 1, len(tokens) + 1) if hit(k))
 
 
-def _stream_block(streamer, st: _State, start: int, l: int) -> None:
+def _stream_block(streamer, st: State, start: int, l: int) -> None:
     """Hand the streamer the kept new tokens of the finished block (single sample), up to EOS / the stop string."""
     first = int(st.gen_start[0])
     end = first + st.final_length[0] if 0 in st.final_length else start + l
@@ -318,7 +262,7 @@ def _force(proposal, conf, state: BlockState, generator=None, probs=None):
     return reveal(state, proposal, conf, state.masked)
 
 
-def _event(st: _State, start: int, l: int, state: BlockState, result, ran: bool, conf, finished=False) -> StepEvent:
+def _event(st: State, start: int, l: int, state: BlockState, result, ran: bool, conf, finished=False) -> StepEvent:
     """A ``StepEvent`` for observers; positions are per-sample token positions (column - first valid column)."""
     offsets = [start - int(st.first_valid[i]) for i in st.active]  # position of the block's first column
 
@@ -337,7 +281,7 @@ def _event(st: _State, start: int, l: int, state: BlockState, result, ran: bool,
     )
 
 
-def _output(st: _State, prompts, pad_id: int) -> GenerationOutput:
+def _output(st: State, prompts, pad_id: int) -> GenerationOutput:
     rows, lengths = [], []
     for i, p in enumerate(prompts):
         gen_start = int(st.gen_start[i])

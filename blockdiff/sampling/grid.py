@@ -1,9 +1,9 @@
 """The column grid of a generating batch and the forwards over it (``generation.py`` drives them).
 
 A batch is a grid of *columns*: prompts left-padded by whole blocks so that every sample's first generation block
-occupies the same columns; position ids are ``column - first valid column`` per sample. ``_forward`` runs a
+occupies the same columns; position ids are ``column - first valid column`` per sample. ``forward`` runs a
 range of columns of the active samples against the block cache (the mask built once per block, none at all when
-it would allow everything; the gated adapter on for the block being denoised); ``_slide`` drops the oldest half
+it would allow everything; the gated adapter on for the block being denoised); ``slide`` drops the oldest half
 of the window and resets the cache, so the next forward re-encodes the kept tokens at fresh positions.
 
 Shape legend: ``b`` active batch, ``c`` columns, ``q`` input columns, ``s`` key columns, ``l`` block length,
@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-__all__ = ["_State", "_layout", "_forward", "_block_logits", "_block_rows", "_slide", "_drop_finished"]
+__all__ = ["State", "layout", "forward", "block_logits", "block_rows", "slide", "drop_finished"]
 
 
 @dataclass
-class _State:
+class State:
     cols: torch.Tensor  # (B, c) every column of every sample (pads, prompt, generated)
     first_valid: torch.Tensor  # (B,) first non-pad column per sample
     gen_start: torch.Tensor  # (B,) column of the first generated token per sample
@@ -40,7 +40,7 @@ class _State:
     stop_reason: dict[int, str] = field(default_factory=dict)
 
 
-def _layout(prompts: list[list[int]], l: int, pad_id: int, device) -> _State:
+def layout(prompts: list[list[int]], l: int, pad_id: int, device) -> State:
     full_blocks = [len(p) // l for p in prompts]
     start = max(full_blocks) * l  # first column of the first generation block
     first_valid = torch.tensor([start - k * l for k in full_blocks], device=device)
@@ -48,11 +48,11 @@ def _layout(prompts: list[list[int]], l: int, pad_id: int, device) -> _State:
     for i, p in enumerate(prompts):
         cols[i, int(first_valid[i]) : int(first_valid[i]) + len(p)] = torch.tensor(p, device=device)
     gen_start = first_valid + torch.tensor([len(p) for p in prompts], device=device)
-    return _State(cols=cols, first_valid=first_valid, gen_start=gen_start, active=list(range(len(prompts))),
+    return State(cols=cols, first_valid=first_valid, gen_start=gen_start, active=list(range(len(prompts))),
                   sample_nfe=torch.zeros(len(prompts), dtype=torch.long))
 
 
-def _forward(model, st: _State, feed_from: int, end: int, use_cache: bool):
+def forward(model, st: State, feed_from: int, end: int, use_cache: bool):
     """Run columns ``[feed_from, end)`` of the active samples against the cache; returns
     ``(hidden (b, q, d), cache)``."""
     act = torch.tensor(st.active, device=st.cols.device)
@@ -75,7 +75,7 @@ def _forward(model, st: _State, feed_from: int, end: int, use_cache: bool):
     return hidden, past
 
 
-def _mask(model, st: _State, q_cols: torch.Tensor, k_cols: torch.Tensor, first: torch.Tensor, noisy_from: int):
+def _mask(model, st: State, q_cols: torch.Tensor, k_cols: torch.Tensor, first: torch.Tensor, noisy_from: int):
     """The sampling mask of a forward (``model.sampling_mask``), built once per block: the forwards of a block
     that feed the same columns share it (``st.masks`` is emptied when a block starts)."""
     key = (int(q_cols[0]), len(q_cols), int(k_cols[0]), len(k_cols))
@@ -84,16 +84,16 @@ def _mask(model, st: _State, q_cols: torch.Tensor, k_cols: torch.Tensor, first: 
     return st.masks[key]
 
 
-def _block_logits(model, st: _State, start: int, end: int, use_cache: bool) -> torch.Tensor:
+def block_logits(model, st: State, start: int, end: int, use_cache: bool) -> torch.Tensor:
     """Logits (b, l, v) for the block at columns ``[start, end)``; folds the finished block into the cache."""
-    return model.logits(_block_rows(model, st, start, end, use_cache))
+    return model.logits(block_rows(model, st, start, end, use_cache))
 
 
-def _block_rows(model, st: _State, start: int, end: int, use_cache: bool) -> torch.Tensor:
+def block_rows(model, st: State, start: int, end: int, use_cache: bool) -> torch.Tensor:
     """The hidden states (b, l, d) that predict the block at columns ``[start, end)`` (logit shift applied: the
     output head turns them into its logits); folds the finished block into the cache."""
     feed_from = st.cache_end if use_cache else st.window_start
-    hidden, past = _forward(model, st, feed_from, end, use_cache)  # (b, q, d)
+    hidden, past = forward(model, st, feed_from, end, use_cache)  # (b, q, d)
     if use_cache:
         past.crop(-(end - start))  # keep finished columns only: the cache stays read-only for the block
         st.cache, st.cache_end = past, start
@@ -108,7 +108,7 @@ def _block_rows(model, st: _State, start: int, end: int, use_cache: bool) -> tor
     return rows
 
 
-def _slide(model, st: _State, window: int) -> None:
+def slide(model, st: State, window: int) -> None:
     """Drop the oldest columns so the next block fits in ``window``; the cache is rebuilt at fresh positions."""
     l = model.block_length
     end = st.cols.shape[1]
@@ -119,7 +119,7 @@ def _slide(model, st: _State, window: int) -> None:
     st.cache, st.cache_end, st.last_hidden = None, st.window_start, None
 
 
-def _drop_finished(st: _State, keep_rows: list[int]) -> None:
+def drop_finished(st: State, keep_rows: list[int]) -> None:
     idx = torch.tensor(keep_rows, dtype=torch.long, device=st.cols.device)
     st.active = [st.active[r] for r in keep_rows]
     if st.cache is not None and st.cache.get_seq_length() == 0:

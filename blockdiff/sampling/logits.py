@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from blockdiff.sampling.base import uniform
+from blockdiff.sampling.samplers.base import uniform
 
-__all__ = ["filter_logits", "choose_tokens", "choose_rows", "inverse_cdf"]
+__all__ = ["filter_logits", "warped_probs", "choose_tokens", "choose_rows", "inverse_cdf"]
 
 _NUCLEUS_WIDTHS = (256, 4096)  # candidates tried for the nucleus before sorting the whole vocabulary
 _CHUNK = 256  # tokens per chunk of the two-level inverse CDF
@@ -77,6 +77,16 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         keep = torch.zeros_like(flat, dtype=torch.bool).scatter(-1, ids, torch.isfinite(values))
         logits = flat.masked_fill(~keep, float("-inf")).view(logits.shape)
     return logits
+
+
+def warped_probs(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """The distribution (..., v) transformers' ``generate(do_sample=True)`` draws from: its warpers' order, the
+    logits divided by ``temperature`` (> 0), then top-k, then the nucleus of the *tempered* distribution (speculative
+    decoding matches the verifier's own sampling with it; ``choose_rows`` takes the nucleus before tempering)."""
+    scores = logits / temperature if temperature != 1.0 else logits
+    return filter_logits(scores, top_k, top_p).softmax(-1)
 
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

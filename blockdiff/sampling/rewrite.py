@@ -7,7 +7,7 @@ repeat until the sampler says the block is final:
     block  = sampler.rewrite(proposal, probs)   # may write any generated position, a written one included
 ```
 
-The cache is the one ``generation.py`` keeps (``grid._block_rows``): read-only while the block is denoised, written
+The cache is the one ``generation.py`` keeps (``grid.block_rows``): read-only while the block is denoised, written
 once it is final, so cached == uncached holds as under absorbing noise. ``reuse_predictions`` is valid here too
 (the network has no time input): a step that changed no token keeps the last logits.
 
@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from blockdiff.sampling.base import RewriteResult, RewriteState, Sampler, uniform
-from blockdiff.sampling.grid import _block_rows, _State
+from blockdiff.sampling.grid import State, block_rows
 from blockdiff.sampling.logits import choose_rows, filter_logits
 from blockdiff.sampling.outputs import StepEvent
+from blockdiff.sampling.samplers.base import RewriteResult, RewriteState, Sampler, uniform
 
 __all__ = ["denoise_uniform_block", "noise_tokens"]
 
@@ -37,7 +37,7 @@ def noise_tokens(shape, vocab_size: int, mask_token_id: int, generator, device, 
 
 
 def denoise_uniform_block(
-    model, st: _State, start: int, config, sampler: Sampler, generator, observer, in_gen: torch.Tensor,
+    model, st: State, start: int, config, sampler: Sampler, generator, observer, in_gen: torch.Tensor,
     after_prompt: torch.Tensor, no_eos: torch.Tensor | None, eos_cols: torch.Tensor, temperature: float,
 ) -> torch.Tensor:
     """Denoise the block at columns ``[start, start + l)`` of the active samples; returns its tokens (b, l).
@@ -57,7 +57,7 @@ def denoise_uniform_block(
         if ran:
             st.cols[act, start:] = state.tokens
             st.sample_nfe[act[~done].cpu()] += 1
-            rows = _block_rows(model, st, start, start + l, config.use_cache)  # (b, l, d)
+            rows = block_rows(model, st, start, start + l, config.use_cache)  # (b, l, d)
             logits = model.logits(rows[in_gen])  # (r, v)
             if no_eos is not None:
                 logits[:, eos_cols] = logits[:, eos_cols].masked_fill(no_eos[in_gen][:, None], float("-inf"))
@@ -99,7 +99,7 @@ def _choose_all(logits, in_gen, rows, temperature: float, config, generator):
     return proposal, conf, probs
 
 
-def _event(st: _State, start: int, state: RewriteState, newly, rewritten, ran: bool, finished: bool) -> StepEvent:
+def _event(st: State, start: int, state: RewriteState, newly, rewritten, ran: bool, finished: bool) -> StepEvent:
     """A ``StepEvent``: ``revealed`` the positions written for the first time, ``remasked`` the rewritten ones."""
     offsets = [start - int(st.first_valid[i]) for i in st.active]
 

@@ -120,8 +120,8 @@ async def _generate(engine: Engine, request: Request, chat: bool):
 
 
 def _deltas(engine: Engine, req, job: Job) -> TextDeltas:
-    eos = job.settings.get("eos_token_id")
-    return TextDeltas(engine.tokenizer, job.settings["max_new_tokens"], req.stop, {eos} if eos is not None else set(),
+    settings = job.settings  # resolved once, in Engine.prepare
+    return TextDeltas(engine.tokenizer, settings.max_new_tokens, req.stop, set(settings.eos_ids),
                       job.model.mask_token_id)
 
 

@@ -24,7 +24,6 @@ Everything a request can get wrong is checked in ``prepare``, on the caller's th
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import secrets
 import threading
@@ -38,6 +37,7 @@ from blockdiff.config import SEED_MAX
 from blockdiff.core.noise import make_schedule
 from blockdiff.errors import UsageError
 from blockdiff.sampling.inputs import with_overrides
+from blockdiff.sampling.resolve import Settings, resolve
 from blockdiff.sampling.text import encode_prompts
 from blockdiff.serving.protocol import APIError, GenerationRequest
 
@@ -60,7 +60,7 @@ class Job:
     index: int  # the choice it fills
     ids: list[int]  # prompt token ids
     model: object  # the network at the request's block length
-    settings: dict  # generation overrides, shared by every job of its batch
+    settings: Settings  # the resolved generation settings (``sampling/resolve.py``), shared by its batch
     key: str  # equal keys = equal settings = may share a batch
     seed: int
     queue: asyncio.Queue
@@ -145,9 +145,9 @@ class Engine:
                     "pad_token_id": self.tokenizer.pad_token_id}
         if request.stop:
             settings["stop_strings"] = request.stop
-        config = self._checked_config(model, settings)
+        resolved = self._resolve(model, settings)
         prompts = self._encode(request)
-        window = self._window(model, config)
+        window = resolved.window
         for i, ids in enumerate(prompts):
             if window is not None and len(ids) + model.block_length > window:
                 raise APIError(
@@ -158,7 +158,7 @@ class Engine:
                 )
         key = repr((model.block_length, sorted(settings.items(), key=lambda kv: kv[0])))
         seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX + 1)
-        return [Job(i, ids, model, settings, self._key(key, ids, model.block_length, max_tokens, window),
+        return [Job(i, ids, model, resolved, self._key(key, ids, model.block_length, max_tokens, window),
                     (seed + i) % (SEED_MAX + 1), queue, loop, request.stream) for i, ids in enumerate(prompts)]
 
     @staticmethod
@@ -182,15 +182,14 @@ class Engine:
                 raise APIError(400, f"block_length: {err}", "block_length", "invalid_value") from None
         return self._models[block_length]
 
-    def _checked_config(self, model, settings: dict):
-        """The generation config of ``settings``, checked by every sampler; a refusal is a 400 naming its field."""
+    def _resolve(self, model, settings: dict) -> Settings:
+        """The request's settings over the model's (a copy), checked and resolved once (window, EOS, sampler...); a
+        refusal is a 400 naming its field."""
         try:
-            config = with_overrides(model.generation_config, settings)
-            config.check(model.block_length, self.schedule)
+            return resolve(model, with_overrides(model.generation_config, settings))
         except (TypeError, ValueError) as err:  # UsageError is a ValueError
             message = str(err) if isinstance(err, UsageError) else f"bad generation setting: {err}"
             raise APIError(400, message, self._culprit(model, settings, message), "invalid_value") from None
-        return config
 
     def _culprit(self, model, settings: dict, message: str) -> str | None:
         """The request field a refused config is about: the first setting refused on its own, else the one the
@@ -202,12 +201,6 @@ class Engine:
                 return PARAMS.get(name, name)
         words = message.replace("=", " ").split()
         return next((PARAMS.get(w, w) for w in words[:1] if w in settings), "sampler")
-
-    @staticmethod
-    def _window(model, config) -> int | None:
-        l = model.block_length
-        window = config.window or (model.spec.max_seq_len // l * l if model.spec.max_seq_len else None)
-        return None if window is None else max(window, 2 * l)
 
     def _encode(self, request: GenerationRequest) -> list[list[int]]:
         tok = self.tokenizer
@@ -304,9 +297,8 @@ class Engine:
 
         try:
             out = first.model.generate(
-                [j.ids for j in live], generation_config=copy.deepcopy(first.model.generation_config),
-                generator=generators, observer=observer, tokenizer=self.tokenizer,
-                cancelled=lambda i: live[i].cancelled.is_set(), **first.settings,
+                [j.ids for j in live], generation_config=first.settings.config, generator=generators,
+                observer=observer, tokenizer=self.tokenizer, cancelled=lambda i: live[i].cancelled.is_set(),
             )
         except UsageError as err:
             for job in live:

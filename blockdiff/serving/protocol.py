@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from blockdiff.config import SEED_MAX
-from blockdiff.sampling.registry import knobs
+from blockdiff.sampling.samplers.registry import all_knobs
 
 __all__ = ["APIError", "GenerationRequest", "parse_request", "completion_body", "chunk_body", "usage_body"]
 
@@ -167,7 +167,7 @@ def parse_request(body, chat: bool, served_model: str) -> GenerationRequest:
     settings = {
         "temperature": _number(body, "temperature"), "top_p": _number(body, "top_p"), "top_k": _int(body, "top_k"),
         "sampler": _knob(body, "sampler", str), "steps_per_block": _int(body, "steps_per_block"),
-        **{name: _knob(body, name, k.type) for name, k in knobs().items()},
+        **{name: _knob(body, name, k.type) for name, k in all_knobs().items()},  # every sampler and drafter knob
     }
     return GenerationRequest(
         chat=chat,

@@ -40,7 +40,7 @@ import yaml
 from blockdiff.config import Config, ConfigError, describe_keys, load_config, path_problem, read_utf8, to_yaml
 from blockdiff.errors import MissingFileError, UsageError
 from blockdiff.modeling.rundir import RunDir
-from blockdiff.sampling.registry import WithKnobs
+from blockdiff.sampling.samplers.registry import WithKnobs
 
 __all__ = ["Sweep", "Run", "load_sweep", "expand_grid", "run_name", "config_changes", "read_summary", "SUMMARY_FILE",
            "SAMPLE_KEYS"]

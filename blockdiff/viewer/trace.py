@@ -1,6 +1,6 @@
 """Reading a generation trace back, and replaying it step by step (what the page, the GIF and the plots show).
 
-A trace is the JSON-lines file ``blockdiff sample --trace`` writes (``blockdiff/sampling/watch.py``): a header
+A trace is the JSON-lines file ``blockdiff sample --trace`` writes (``blockdiff/viewer/watch.py``): a header
 record (the model, the prompts' token ids, the settings), one line per denoising step of the batch, and an end
 record (texts, kept tokens, forwards, and the text of every token id). ``read_trace`` splits the batch into one
 ``SampleTrace`` per sample: its prompt and its steps, each step the reveals and re-openings of *that* sample.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from blockdiff.errors import MissingFileError, UsageError
 
-MASK_GLYPH = "░"  # as the live terminal view draws a masked position (sampling/watch.py)
+MASK_GLYPH = "░"  # a masked position, in the trace views and the live terminal view (watch.py)
 
 __all__ = ["Step", "Cell", "SampleTrace", "Trace", "read_trace", "MASK_GLYPH"]
 

@@ -92,8 +92,8 @@ def bench(args) -> None:
     prompts = held_out_prompts(args.ar_run, tok, args.num_prompts, args.prompt_tokens)
     eos = tok.eos_token_id
     n = args.new_tokens
-    try:  # the fused one-forward path (blockdiff/sampling/fused.py), where this blockdiff has it
-        import blockdiff.sampling.fused  # noqa: F401
+    try:  # the fused one-forward path (blockdiff/sampling/speculative/fused.py), where this blockdiff has it
+        import blockdiff.sampling.speculative.fused  # noqa: F401
         fused = True
     except ImportError:
         fused = False

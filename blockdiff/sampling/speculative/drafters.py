@@ -1,9 +1,11 @@
-"""Drafters for speculative decoding: what proposes the tokens the verifier checks.
+"""The two-model drafter (``drafter="two_model"``): a separate AR verifier checks what a proposer drafts.
 
-The verification loop (``speculative.py``) sees a drafter only through the ``Drafter`` protocol: ``reset``,
+``TwoModels`` is the registered ``Drafter`` (the loop's one step protocol, ``base.py``): one ``CausalLMVerifier``
+forward and one proposer forward per step. A proposer is anything with the ``Proposer`` calls: ``reset``,
 ``draft(committed, limit, sampling, generator) -> Draft`` (tokens and the distributions ``q`` they were drawn
-from) and ``commit(committed, accepted)`` once the step's tokens are final. A drafter that shares its forward
-with the verifier (the planned gated-adapter drafter of docs/design.md §14) implements the same three calls.
+from) and ``commit(committed, accepted)`` once the step's tokens are final (tests pass oracles; a
+``BlockDiffusionLM`` is wrapped in ``BlockDrafter``). A drafter that shares its forward with the verifier is a
+``Drafter`` of its own (``fused.py``).
 
 ``BlockDrafter`` drafts with a ``BlockDiffusionLM`` in one forward:
 
@@ -19,8 +21,8 @@ The committed tokens attend block-causally, as the clean stream does in training
 noisy block that sees every committed token and itself bidirectionally; by default it holds ``block_length``
 masks right after the committed tokens (``aligned=False``). With ``aligned=True`` the masks fill only the rest
 of the grid block the committed tokens end in (fewer drafts when they end mid-block), and the committed tokens
-of that block are its unmasked noisy tokens — exactly the block loop's forward (``generation.py``). Drafts never
-enter the drafter's cache, so a rejection needs no rollback there: the cache holds committed tokens only.
+of that block are its unmasked noisy tokens — exactly the block loop's forward (``sampling/generation.py``). Drafts
+never enter the drafter's cache, so a rejection needs no rollback there: the cache holds committed tokens only.
 Past the training context the drafter sees the last ``window`` tokens (re-encoded at fresh positions when the
 window slides, as in the block loop); the verifier always sees everything.
 
@@ -30,27 +32,22 @@ Shape legend: ``q`` input tokens, ``s`` key tokens, ``k`` drafts, ``v`` vocab, `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from blockdiff.sampling.speculative_verify import Sampling, crop_to
+from blockdiff.sampling.resolve import window_of
+from blockdiff.sampling.speculative.base import Draft, Drafter, knob
+from blockdiff.sampling.speculative.registry import register_drafter
+from blockdiff.sampling.speculative.settings import Sampling
+from blockdiff.sampling.speculative.verify import CausalLMVerifier, crop_to
 
-__all__ = ["Draft", "Drafter", "BlockDrafter"]
-
-
-@dataclass
-class Draft:
-    """Proposed tokens (k,) and, when sampling, the distributions (k, v) they were drawn from (``None``:
-    deterministic drafts, treated as one-hot)."""
-
-    tokens: torch.Tensor
-    probs: torch.Tensor | None = None
+__all__ = ["Proposer", "BlockDrafter", "TwoModels"]
 
 
 @runtime_checkable
-class Drafter(Protocol):
-    """What the verification loop needs from a drafter."""
+class Proposer(Protocol):
+    """What ``TwoModels`` needs from the model that drafts for a separate verifier."""
 
     forwards: int  # network forwards so far (since ``reset``)
     processed: int  # input tokens over those forwards
@@ -75,9 +72,7 @@ class BlockDrafter:
     def __init__(self, model, aligned: bool = False, window: int | None = None):
         self.model = model
         self.aligned = aligned
-        l = model.block_length
-        window = window or model.spec.max_seq_len or model.max_positions
-        self.window = max(window, 2 * l) if window else None  # room for the block of c_{n-1} and the drafts
+        self.window = window_of(model, window, context=model.max_positions)  # room for c_{n-1}'s block and the drafts
         self.reset()
 
     @property
@@ -141,3 +136,68 @@ class BlockDrafter:
         keep = max(0, min(self.window // 2, self.window - 2 * l)) // l * l  # whole blocks before the tail block
         self.window_start = max(0, tail - keep)
         self.cache, self.cache_end = None, self.window_start
+
+
+def _is_block_diffuser(model) -> bool:
+    return hasattr(model, "spec") and hasattr(model, "block_length")
+
+
+@register_drafter
+@dataclass(eq=False)
+class TwoModels(Drafter):
+    """A verifier (``CausalLMVerifier``, or a plain causal LM it wraps) and a separate proposer (a ``Proposer``, or a
+    ``BlockDiffusionLM`` it wraps in ``BlockDrafter``): one forward of each per step."""
+
+    name = "two_model"
+    verifier: Any = None
+    drafter: Any = None
+    aligned: bool = knob(False, "masks fill only the rest of the block the committed tokens end in (fewer drafts)")
+
+    def __post_init__(self):
+        if not isinstance(self.verifier, CausalLMVerifier):
+            self.verifier = CausalLMVerifier(self.verifier)
+        if _is_block_diffuser(self.drafter):
+            self.drafter = BlockDrafter(self.drafter, aligned=self.aligned)
+
+    @classmethod
+    def fits(cls, model, verifier) -> bool:
+        return verifier is not None
+
+    @classmethod
+    def from_config(cls, model, config, verifier=None) -> "TwoModels":
+        return cls(verifier, model, **cls.knob_values(config))
+
+    @property
+    def verifier_model(self):
+        return self.verifier.model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.verifier.vocab_size
+
+    @property
+    def block_model(self):
+        return getattr(self.drafter, "model", None) if isinstance(self.drafter, BlockDrafter) else None
+
+    verifier_forwards = property(lambda self: self.verifier.forwards)
+    drafter_forwards = property(lambda self: self.drafter.forwards)
+    processed = property(lambda self: self.verifier.processed + self.drafter.processed)
+    max_cache = property(lambda self: self.verifier.max_cache)
+
+    def reset(self) -> None:
+        self.verifier.reset()
+        self.drafter.reset()
+
+    def propose(self, committed, limit, sampling, generator=None) -> Draft:
+        if limit < 1:
+            return Draft(torch.zeros(0, dtype=torch.long))
+        draft = self.drafter.draft(committed, limit, sampling, generator)
+        probs = draft.probs[:limit] if draft.probs is not None else None
+        return Draft(draft.tokens[:limit].long(), probs)  # never check more than can be kept
+
+    def score(self, committed, drafts) -> torch.Tensor:
+        return self.verifier.score(committed, drafts)
+
+    def commit(self, committed, accepted) -> None:
+        self.verifier.commit(committed)
+        self.drafter.commit(committed, accepted)

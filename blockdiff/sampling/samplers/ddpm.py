@@ -19,9 +19,17 @@ import torch
 
 from blockdiff.core.noise import LogLinearSchedule
 from blockdiff.core.uniform import uniform_posterior
-from blockdiff.sampling.base import BlockState, RewriteResult, RewriteState, Sampler, StepResult, reveal, uniform
 from blockdiff.sampling.logits import inverse_cdf
-from blockdiff.sampling.registry import register_sampler
+from blockdiff.sampling.samplers.base import (
+    BlockState,
+    RewriteResult,
+    RewriteState,
+    Sampler,
+    StepResult,
+    reveal,
+    uniform,
+)
+from blockdiff.sampling.samplers.registry import register_sampler
 
 __all__ = ["DDPMSampler"]
 

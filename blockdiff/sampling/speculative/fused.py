@@ -32,8 +32,9 @@ tokens, so the next step always has drafts to check: no step after a rejection c
 ``(k + 1) j`` masks per forward instead of ``j``; whether it pays depends on the forward's cost curve
 (docs/benchmarks.md).
 
-``FusedBlockDiffusion`` implements the step interface of ``speculative.py`` (``propose`` / ``score`` / ``commit``),
-so the acceptance code is the same ``speculative_verify.accept_greedy`` / ``accept_sampled`` as for two models, and
+``FusedBlockDiffusion`` is the registered drafter ``fused`` (the step protocol of ``base.py``: ``propose`` / ``score``
+/ ``commit``; knobs ``masks`` and ``every_length``),
+so the acceptance code is the same ``verify.accept_greedy`` / ``accept_sampled`` as for two models, and
 the output is token for token (greedy) or in distribution (sampling) ``model.backbone.generate``'s: the base
 decoder's. ``propose`` runs no network: it returns the drafts of the previous forward (drawn then with
 ``sampling.draw``, from the mask rows' distributions ``q``). ``verifier_forwards`` counts the fused forwards (one
@@ -50,11 +51,16 @@ Shape legend: ``q`` fed tokens, ``s`` key tokens, ``k`` drafts checked, ``j`` ma
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from blockdiff.errors import UsageError
-from blockdiff.sampling.speculative_drafters import Draft
-from blockdiff.sampling.speculative_verify import Sampling, crop_to
+from blockdiff.sampling.speculative.base import Draft, Drafter, knob
+from blockdiff.sampling.speculative.registry import register_drafter
+from blockdiff.sampling.speculative.settings import Sampling
+from blockdiff.sampling.speculative.verify import crop_to
 
 __all__ = ["FusedBlockDiffusion", "supports_fused"]
 
@@ -68,14 +74,23 @@ def supports_fused(model) -> bool:
     return spec is not None and spec.clean_attention == "causal" and spec.adapter == "gated_lora"
 
 
-class FusedBlockDiffusion:
+@register_drafter
+@dataclass(eq=False)
+class FusedBlockDiffusion(Drafter):
     """A ``BlockDiffusionLM`` that verifies with its own base decoder (gate off) and drafts with its adapter (gate
     on) in the same forward (module docstring). Invariant between steps: ``cache`` holds the base's keys and values
     of ``committed[:-1]`` exactly, and ``pending`` holds the mask rows' logits for the drafts after the last
     committed token, or ``None`` when no mask block was drafted after them (a rejection without ``every_length``, or
     no room left)."""
 
-    def __init__(self, model, masks: int | None = None, every_length: bool = False):
+    name = "fused"
+    needs_verifier = False
+    model: Any = None
+    masks: int | None = knob(None, "masks drafted per forward, 2 .. block_length (default: block_length)")
+    every_length: bool = knob(False, "draft one mask block for every acceptance length (TiDAR's full scheme)")
+
+    def __post_init__(self):
+        model, masks = self.model, self.masks
         if not supports_fused(model):
             spec = model.spec
             raise UsageError(
@@ -96,10 +111,25 @@ class FusedBlockDiffusion:
             raise UsageError(
                 f"the fused step feeds 2 .. block_length ({model.block_length}) masks per forward, got {masks}"
             )
-        self.model = model
         self.masks = masks
-        self.every_length = every_length
         self.reset()
+
+    @classmethod
+    def fits(cls, model, verifier) -> bool:
+        return verifier is None and supports_fused(model)
+
+    @classmethod
+    def from_config(cls, model, config, verifier=None) -> "FusedBlockDiffusion":
+        if verifier is not None:
+            raise UsageError("the fused drafter verifies with the model's own frozen base: give no separate verifier "
+                             "(--base), or pick drafter=two_model")
+        return cls(model, **cls.knob_values(config))
+
+    @classmethod
+    def check_knobs(cls, config) -> None:
+        super().check_knobs(config)
+        if config.masks is not None and config.masks < 2:
+            raise UsageError(f"masks must be an integer >= 2 (the masks are one noisy block), got {config.masks!r}")
 
     # -- what the loop reads -------------------------------------------------------------------------
     @property
@@ -110,6 +140,10 @@ class FusedBlockDiffusion:
     @property
     def vocab_size(self) -> int:
         return self.model.backbone.get_output_embeddings().weight.shape[0]
+
+    @property
+    def block_model(self):
+        return self.model
 
     @property
     def drafter_forwards(self) -> int:

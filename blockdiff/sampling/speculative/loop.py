@@ -15,18 +15,21 @@ while not done:
 Each step commits ``accepted + 1 >= 1`` tokens for one verifier forward. Greedy output is token for token
 ``verifier.generate(do_sample=False)``'s (exact arithmetic; tested in fp64, where no argmax tie flips); sampled
 output has the distribution of ``verifier.generate(do_sample=True, temperature=, top_k=, top_p=)`` (the same
-transformers warpers, in the same order, on both models: ``speculative_verify.Sampling``). The drafter only
-decides how fast: any drafter gives the verifier's output.
+processing, in the same order, on both models: ``settings.Sampling``). The drafter only decides how fast: any drafter
+gives the verifier's output.
 
 Counting: ``SpeculativeOutput.verifier_forwards`` (one per step; the prompt is folded into the first),
 ``drafter_forwards``, ``acceptance_histogram[a]`` = steps that kept ``a`` drafts, and
 ``tokens_per_verifier_forward`` = new tokens / verifier forwards (accepted + 1 on average, less when EOS or
 ``max_new_tokens`` cut the last step). ``nfe`` counts the forwards of both models.
 
-The loop sees the two models through one step interface (``Speculator``: ``propose`` the drafts, ``score`` them,
-``commit`` the step). ``TwoModels`` is a verifier plus a ``Drafter``, one forward each per step;
-``fused.FusedBlockDiffusion`` is one ``BlockDiffusionLM`` whose clean stream is its frozen base, verifying and
-drafting in the same forward (``speculative_generate(model, None, ...)``). Both feed the same acceptance code.
+The loop sees what drafts and verifies through one step protocol (``base.Drafter``: ``propose`` the drafts, ``score``
+them, ``commit`` the step), chosen by name from the drafter registry (``registry.py``; ``drafter=`` in the
+generation config). ``two_model`` (``drafters.TwoModels``) is a verifier plus a proposer, one forward each per step;
+``fused`` (``fused.FusedBlockDiffusion``) is one ``BlockDiffusionLM`` whose clean stream is its frozen base,
+verifying and drafting in the same forward (``speculative_generate(model, None, ...)``). All feed the same
+acceptance code. The settings are the block loop's: a ``BlockDiffusionGenerationConfig`` with keyword overrides,
+checked and resolved by ``resolve.resolve`` (the temperature rule, EOS ids); the default is greedy.
 
 Shape legend: ``k`` drafts, ``v`` vocabulary.
 """
@@ -34,21 +37,24 @@ Shape legend: ``k`` drafts, ``v`` vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable
 
 import torch
 
 from blockdiff.errors import UsageError
-from blockdiff.sampling.fused import FusedBlockDiffusion, supports_fused
+from blockdiff.sampling.config import BlockDiffusionGenerationConfig
+from blockdiff.sampling.inputs import with_overrides
 from blockdiff.sampling.outputs import GenerationOutput
-from blockdiff.sampling.speculative_drafters import BlockDrafter, Draft, Drafter
-from blockdiff.sampling.speculative_verify import CausalLMVerifier, Sampling, accept_greedy, accept_sampled
+from blockdiff.sampling.resolve import eos_ids_of, resolve
+from blockdiff.sampling.speculative.base import Drafter
+from blockdiff.sampling.speculative.drafters import Proposer, TwoModels
+from blockdiff.sampling.speculative.registry import make_drafter
+from blockdiff.sampling.speculative.settings import Sampling
+from blockdiff.sampling.speculative.verify import CausalLMVerifier, accept_greedy, accept_sampled
 
-__all__ = [
-    "speculative_generate", "SpeculativeOutput", "SpeculativeStep", "check_verifier", "Drafter", "Draft",
-    "BlockDrafter", "CausalLMVerifier", "Sampling", "Speculator", "TwoModels", "FusedBlockDiffusion", "supports_fused",
-]
+__all__ = ["speculative_generate", "SpeculativeOutput", "SpeculativeStep", "check_verifier", "DEFAULTS"]
 
+DEFAULTS = {"temperature": 0.0}  # speculative_generate without a generation config: greedy, 64 new tokens
 BATCH_ONE = "speculative decoding needs batch 1 (one prompt, one sequence): call it once per prompt"
 
 
@@ -85,108 +91,42 @@ class SpeculativeStep:
     confidence: list[float] = field(default_factory=list)  # the verifier's probability of each new token
 
 
-@runtime_checkable
-class Speculator(Protocol):
-    """One verification step as the loop sees it: what drafts, what verifies and what it costs."""
-
-    verifier_forwards: int
-    drafter_forwards: int
-    processed: int  # input tokens over all forwards of both roles
-    max_cache: int  # the verifier's largest cache
-
-    @property
-    def verifier_model(self):
-        """The plain causal LM whose output this is (its generation config gives the default EOS)."""
-
-    @property
-    def vocab_size(self) -> int:
-        """The verifier's vocabulary: every distribution lives on it."""
-
-    def reset(self) -> None:
-        """Forget everything (a new prompt follows)."""
-
-    def propose(self, committed: list[int], limit: int, sampling: Sampling, generator=None) -> Draft:
-        """At most ``limit`` (>= 0) drafts to follow ``committed``, with their ``q`` when sampling."""
-
-    def score(self, committed: list[int], drafts: torch.Tensor) -> torch.Tensor:
-        """The verifier's logits ``(k + 1, v)`` after ``committed + drafts[:i]``, ``i = 0 .. k``."""
-
-    def commit(self, committed: list[int], accepted: int) -> None:
-        """``committed`` now ends with ``accepted`` drafts plus the verifier's token: drop everything else."""
-
-
-class TwoModels:
-    """A verifier (``CausalLMVerifier``) and a separate ``Drafter``: one forward of each per step."""
-
-    def __init__(self, verifier: CausalLMVerifier, drafter: Drafter):
-        self.verifier, self.drafter = verifier, drafter
-
-    @property
-    def verifier_model(self):
-        return self.verifier.model
-
-    @property
-    def vocab_size(self) -> int:
-        return self.verifier.vocab_size
-
-    verifier_forwards = property(lambda self: self.verifier.forwards)
-    drafter_forwards = property(lambda self: self.drafter.forwards)
-    processed = property(lambda self: self.verifier.processed + self.drafter.processed)
-    max_cache = property(lambda self: self.verifier.max_cache)
-
-    def reset(self) -> None:
-        self.verifier.reset()
-        self.drafter.reset()
-
-    def propose(self, committed, limit, sampling, generator=None) -> Draft:
-        if limit < 1:
-            return Draft(torch.zeros(0, dtype=torch.long))
-        draft = self.drafter.draft(committed, limit, sampling, generator)
-        probs = draft.probs[:limit] if draft.probs is not None else None
-        return Draft(draft.tokens[:limit].long(), probs)  # never check more than can be kept
-
-    def score(self, committed, drafts) -> torch.Tensor:
-        return self.verifier.score(committed, drafts)
-
-    def commit(self, committed, accepted) -> None:
-        self.verifier.commit(committed)
-        self.drafter.commit(committed, accepted)
-
-
 @torch.no_grad()
 def speculative_generate(
     verifier,
     drafter=None,
     input_ids=None,
+    /,
     *,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    do_sample: bool | None = None,
-    eos_token_id: int | list[int] | None = None,
+    generation_config: BlockDiffusionGenerationConfig | None = None,
     generator: torch.Generator | None = None,
     streamer=None,
     observer: Callable[[SpeculativeStep], None] | None = None,
     check_base: bool = True,
+    **overrides,
 ) -> SpeculativeOutput:
     """Continue one prompt by up to ``max_new_tokens`` tokens, drafting with ``drafter`` and verifying with
     ``verifier``; the output is the verifier's own (module docstring).
 
+    The three model arguments are positional (``drafter=NAME`` is the generation setting that picks the drafter).
     ``verifier``: a plain Hugging Face causal LM (the base decoder the drafter was fine-tuned from) or a
-    ``CausalLMVerifier``. ``drafter``: a ``BlockDiffusionLM`` (drafting with ``BlockDrafter``) or any ``Drafter``.
-    ``drafter=None``: ``verifier`` is a ``BlockDiffusionLM`` with a gated adapter and a causal clean stream (or a
-    ``FusedBlockDiffusion``) that verifies with its own frozen base and drafts in the same forward (``fused.py``);
-    the output is then its base decoder's. A ``Speculator`` may also be passed as ``verifier`` with no drafter.
-    ``input_ids``: one prompt, a list of ids or a ``(1, p)`` / ``(p,)`` tensor. ``temperature == 0`` or
-    ``do_sample=False`` is greedy. ``eos_token_id`` defaults to the verifier's. ``generator`` seeds the drafts,
-    the acceptance tests and the resampling. ``streamer``: a transformers streamer (the prompt, then each step's
-    tokens). ``check_base``: refuse a drafter that does not look fine-tuned from this verifier
-    (``check_verifier``); pass ``False`` to pair unrelated models (still exact, only slower).
+    ``CausalLMVerifier``. ``drafter``: a ``BlockDiffusionLM`` (drafting with the drafter the config names, default
+    ``two_model``) or any ``Proposer``. ``drafter=None``: ``verifier`` is a ``BlockDiffusionLM`` (default drafter
+    ``fused``: a gated adapter and a causal clean stream, verifying with its own frozen base in the same forward) or
+    a ``Drafter`` already built (e.g. ``FusedBlockDiffusion(model, every_length=True)``); the output is then its
+    base decoder's. ``input_ids``: one prompt, a list of ids or a ``(1, p)`` / ``(p,)`` tensor.
+
+    Settings, as for ``model.generate``: ``generation_config`` (default: greedy, ``max_new_tokens=64``) updated by
+    keyword ``overrides`` (``max_new_tokens``, ``temperature`` (0 or ``do_sample=False``: greedy), ``top_k``,
+    ``top_p``, ``eos_token_id`` (default: the verifier's), ``drafter`` and its knobs, ...), checked as the block loop
+    checks them. ``generator`` seeds the drafts, the acceptance tests and the resampling. ``streamer``: a
+    transformers streamer (the prompt, then each step's tokens). ``check_base``: refuse a drafter that does not look
+    fine-tuned from this verifier (``check_verifier``); pass ``False`` to pair unrelated models (still exact, only
+    slower).
     """
-    prompt, pair, sampling, eos, positions = _prepare(
-        verifier, drafter, input_ids, check_base, max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id
-    )
+    config = with_overrides(generation_config or BlockDiffusionGenerationConfig(**DEFAULTS), overrides)
+    prompt, pair, settings, sampling, eos, positions = _prepare(verifier, drafter, input_ids, check_base, config)
+    max_new_tokens = settings.max_new_tokens
     pair.reset()
     committed, hist, drafted, reason = list(prompt), [], 0, None
     if streamer is not None:
@@ -220,49 +160,54 @@ def speculative_generate(
     return _output(prompt, committed, reason, pair, hist, drafted)
 
 
-def _prepare(
-    verifier, drafter, input_ids, check_base, max_new_tokens, temperature, top_k, top_p, do_sample, eos_token_id
-):
-    """Every input check before any forward: ``(prompt, speculator, sampling, EOS ids, verifier positions)``."""
+def _prepare(verifier, drafter, input_ids, check_base, config):
+    """Every input check before any forward: ``(prompt, drafter, resolved settings, sampling, EOS ids, verifier
+    positions)``."""
     if input_ids is None:
         raise UsageError("give the prompt: speculative_generate(verifier, drafter, input_ids) (drafter None: fused)")
     prompt = _prompt(input_ids)
-    pair = _speculator(verifier, drafter, check_base)
-    if do_sample is False:
-        temperature = 0.0
-    _check_settings(max_new_tokens, temperature, top_k, top_p)
+    if drafter is None and not isinstance(verifier, Drafter) and not _is_block_diffuser(verifier):
+        raise UsageError(
+            "no drafter: pass one (a BlockDiffusionLM fine-tuned from this verifier), or pass a BlockDiffusionLM "
+            "trained with model.adapter=gated_lora model.clean_attention=causal alone (it verifies its own drafts)"
+        )
+    block = drafter if _is_block_diffuser(drafter) else verifier if _is_block_diffuser(verifier) else None
+    settings = resolve(block, config, speculative=True)  # the settings, checked as the block loop checks them
+    pair = _drafter(verifier, drafter, check_base, config)
     if any(not 0 <= t < pair.vocab_size for t in prompt):
         raise UsageError(f"prompt token ids must be in [0, {pair.vocab_size}) (the verifier's vocabulary)")
     base = pair.verifier_model
     suppress = getattr(getattr(base, "generation_config", None), "suppress_tokens", None) or ()
-    sampling = Sampling(pair.vocab_size, float(temperature), top_k, top_p, tuple(int(t) for t in suppress))
-    if eos_token_id is None:  # what the verifier's own generate() would stop at
-        defaults = getattr(base, "generation_config", None) or base.config
-        eos_token_id = defaults.eos_token_id
-    eos = set(eos_token_id if isinstance(eos_token_id, list) else [] if eos_token_id is None else [eos_token_id])
+    sampling = Sampling.from_settings(settings, pair.vocab_size, suppress)
+    eos = settings.eos_ids
+    if config.eos_token_id is None:  # what the verifier's own generate() would stop at
+        eos = eos_ids_of((getattr(base, "generation_config", None) or base.config).eos_token_id)
     positions = getattr(base.config, "max_position_embeddings", None)
     if positions is not None and len(prompt) >= positions:
         raise UsageError(
             f"a prompt of {len(prompt)} tokens leaves no room in the verifier's {positions} positions; shorten it"
         )
-    return prompt, pair, sampling, eos, positions
+    return prompt, pair, settings, sampling, eos, positions
 
 
-def _speculator(verifier, drafter, check_base: bool):
-    """The step interface for what was passed (``speculative_generate``'s argument rules), checked."""
+def _is_block_diffuser(model) -> bool:
+    return hasattr(model, "spec") and hasattr(model, "block_length")
+
+
+def _drafter(verifier, drafter, check_base: bool, config) -> Drafter:
+    """The step protocol for what was passed (``speculative_generate``'s argument rules), checked."""
     if drafter is None:
-        if isinstance(verifier, Speculator):
+        if isinstance(verifier, Drafter):
             return verifier
-        if hasattr(verifier, "spec") and hasattr(verifier, "block_length"):  # a BlockDiffusionLM verifying itself
-            return FusedBlockDiffusion(verifier)
-        raise UsageError(
-            "no drafter: pass one (a BlockDiffusionLM fine-tuned from this verifier), or pass a BlockDiffusionLM "
-            "trained with model.adapter=gated_lora model.clean_attention=causal alone (it verifies its own drafts)"
-        )
-    drafter = drafter if isinstance(drafter, Drafter) else BlockDrafter(drafter)
+        return make_drafter(verifier, config)  # a BlockDiffusionLM verifying itself (default: fused)
+    if _is_block_diffuser(drafter):
+        check_verifier(verifier.model if isinstance(verifier, CausalLMVerifier) else verifier, drafter,
+                       related=check_base)
+        return make_drafter(drafter, config, verifier)  # default: two_model
+    if not isinstance(drafter, Proposer):
+        raise UsageError("drafter must be a BlockDiffusionLM or have draft / commit / reset (a Proposer)")
     check_verifier(verifier.model if isinstance(verifier, CausalLMVerifier) else verifier, drafter, related=check_base)
-    ver = verifier if isinstance(verifier, CausalLMVerifier) else CausalLMVerifier(verifier)
-    return TwoModels(ver, drafter)
+    return TwoModels(verifier, drafter)
 
 
 def _prompt(input_ids) -> list[int]:
@@ -281,17 +226,6 @@ def _prompt(input_ids) -> list[int]:
     if not prompt or not all(isinstance(t, int) for t in prompt):
         raise UsageError("give one prompt of at least one token id (e.g. BOS)")
     return prompt
-
-
-def _check_settings(max_new_tokens, temperature, top_k, top_p) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise UsageError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not temperature >= 0 or temperature == float("inf"):
-        raise UsageError(f"temperature must be 0 (greedy) or a positive number, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
-        raise UsageError(f"top_k must be a non-negative integer (0 or None: off), got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UsageError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 def _cut(step: list[int], eos: set[int], room: int, left: int) -> tuple[list[int], str | None]:
@@ -340,7 +274,7 @@ def check_verifier(verifier, drafter, related: bool = True, tokenizer=None, veri
                     f"the verifier's tokenizer and the model's disagree on {len(differ)} tokens (e.g. {differ[0]!r}); "
                     f"{fix}"
                 )
-    model = getattr(drafter, "model", None)
+    model = drafter if _is_block_diffuser(drafter) else getattr(drafter, "model", None)
     if not related or model is None or not hasattr(model, "backbone"):
         return
     d_cfg, v_cfg = model.backbone.config, verifier.config
@@ -362,7 +296,7 @@ def check_verifier(verifier, drafter, related: bool = True, tokenizer=None, veri
         )
 
 
-def _output(prompt, committed, reason, pair: Speculator, hist, drafted) -> SpeculativeOutput:
+def _output(prompt, committed, reason, pair: Drafter, hist, drafted) -> SpeculativeOutput:
     new = len(committed) - len(prompt)
     nfe = pair.verifier_forwards + pair.drafter_forwards
     return SpeculativeOutput(

@@ -10,7 +10,8 @@ more when a block is final). They never change what is generated.
   is self-describing, so ``blockdiff view`` needs nothing else: its first line is a ``{"kind": "header"}``
   record (``trace_header``: the model, the prompts' token ids, the settings) and its last an
   ``{"kind": "end"}`` record (``trace_end``: the texts, lengths, forwards, and the text of every token id seen).
-  Step lines have no ``kind`` key. The format is read back by ``blockdiff/viewer/trace.py``.
+  Step lines have no ``kind`` key. The format is read back by ``trace.py`` beside it (which defines the mask glyph
+  both draw).
 * ``LiveView(tokenizer, mask_id, prompts=...)`` — a ``rich`` live display: prompt and finished text, then the
   current block with ``░`` for each masked position, turning into tokens step by step.
 """
@@ -28,13 +29,13 @@ from rich.text import Text
 
 from blockdiff.errors import MissingFileError
 from blockdiff.sampling.outputs import GenerationOutput, StepEvent
+from blockdiff.viewer.trace import MASK_GLYPH
 
 __all__ = [
     "TraceWriter", "trace_header", "trace_end", "LiveView", "FinishedBlocks", "fan_out", "SpeculativeEvents",
     "TRACE_VERSION",
 ]
 
-MASK_GLYPH = "░"
 TRACE_VERSION = 1  # of the header / end records (step lines are ``asdict(StepEvent)``)
 
 

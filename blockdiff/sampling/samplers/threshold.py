@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from blockdiff.errors import UsageError
-from blockdiff.sampling.base import (
+from blockdiff.sampling.samplers.base import (
     BlockState,
     RewriteResult,
     RewriteState,
@@ -27,7 +27,7 @@ from blockdiff.sampling.base import (
     reveal,
     top_confident,
 )
-from blockdiff.sampling.registry import register_sampler
+from blockdiff.sampling.samplers.registry import register_sampler
 
 __all__ = ["ThresholdSampler"]
 

@@ -1,9 +1,6 @@
-"""The verifier's half of speculative decoding (docs/generation.md, "Speculative decoding"): the sampling
-settings both models share, the AR verifier with its exact KV cache, and the two acceptance rules.
+"""The verifier's half of speculative decoding (docs/generation.md, "Speculative decoding"): the AR verifier with its
+exact KV cache, and the two acceptance rules (the sampling settings both models share are ``settings.py``'s).
 
-* ``Sampling`` turns logits into the distribution a sampling step draws from, with transformers' own logits
-  warpers in transformers' order (temperature, top-k, top-p), so ``p`` is exactly what
-  ``verifier.generate(do_sample=True, ...)`` samples from. ``temperature == 0`` is greedy (argmax).
 * ``CausalLMVerifier`` wraps a plain Hugging Face causal LM and a ``DynamicCache`` that always holds the
   committed tokens but the last; one ``score`` forward feeds [that last token ; the drafts] and returns the
   verifier's logits for every position after it; ``commit`` crops the cache back to the committed tokens.
@@ -19,63 +16,10 @@ Shape legend: ``k`` drafts, ``v`` the verifier's vocabulary, ``n`` committed tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import DynamicCache
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-__all__ = ["Sampling", "CausalLMVerifier", "accept_greedy", "accept_sampled", "crop_to"]
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How both models turn logits into a choice. ``vocab_size``: the verifier's vocabulary; every distribution
-    here lives on it (a drafter's logits for ids the verifier does not have are dropped)."""
-
-    vocab_size: int
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    suppress: tuple[int, ...] = ()  # ids never chosen (the verifier's generation_config.suppress_tokens, as generate)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def fit(self, logits: torch.Tensor) -> torch.Tensor:
-        """``(m, v')`` logits of either model -> ``(m, v)`` float32 (as transformers' generate reads them): extra
-        columns dropped, missing ones and ``suppress`` ``-inf`` (transformers' ``SuppressTokensLogitsProcessor``)."""
-        logits = logits.float()
-        v = self.vocab_size
-        if logits.shape[-1] >= v:
-            logits = logits[..., :v]
-        else:
-            pad = logits.new_full((*logits.shape[:-1], v - logits.shape[-1]), float("-inf"))
-            logits = torch.cat([logits, pad], dim=-1)
-        if self.suppress:  # out of place: the caller's tensor stays as it was
-            ids = torch.tensor(self.suppress, dtype=torch.long, device=logits.device)
-            logits = logits.index_fill(-1, ids, float("-inf"))
-        return logits
-
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """The distribution a sampling step draws from: ``(m, v')`` logits -> ``(m, v)`` probabilities."""
-        scores = self.fit(logits)  # (m, v)
-        unused = scores.new_zeros((scores.shape[0], 0), dtype=torch.long)  # the warpers below never read input ids
-        if self.temperature != 1.0:
-            scores = TemperatureLogitsWarper(self.temperature)(unused, scores)
-        if self.top_k:
-            scores = TopKLogitsWarper(self.top_k)(unused, scores)
-        if self.top_p is not None and self.top_p < 1.0:
-            scores = TopPLogitsWarper(self.top_p)(unused, scores)
-        return scores.softmax(-1)
-
-    def draw(self, logits: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(tokens (m,), probs (m, v) or None when greedy)``: one independent draw per row."""
-        if self.greedy:
-            return self.fit(logits).argmax(-1), None
-        probs = self.probs(logits)  # (m, v)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
+__all__ = ["CausalLMVerifier", "accept_greedy", "accept_sampled", "crop_to"]
 
 
 def crop_to(cache: DynamicCache, length: int) -> None:

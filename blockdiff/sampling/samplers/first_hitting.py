@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from blockdiff.sampling.base import BlockState, Sampler, StepResult, reveal, uniform
-from blockdiff.sampling.registry import register_sampler
+from blockdiff.sampling.samplers.base import BlockState, Sampler, StepResult, reveal, uniform
+from blockdiff.sampling.samplers.registry import register_sampler
 
 __all__ = ["FirstHittingSampler"]
 

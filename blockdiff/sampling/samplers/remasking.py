@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from blockdiff.errors import UsageError
-from blockdiff.sampling.base import BlockState, Sampler, StepResult, knob, reveal, top_confident
-from blockdiff.sampling.fixed import even_share
-from blockdiff.sampling.registry import register_sampler
+from blockdiff.sampling.samplers.base import BlockState, Sampler, StepResult, knob, reveal, top_confident
+from blockdiff.sampling.samplers.fixed import even_share
+from blockdiff.sampling.samplers.registry import register_sampler
 
 __all__ = ["RemaskingSampler"]
 

@@ -1,0 +1,28 @@
+"""Lossless speculative decoding: the AR decoder verifies what a drafter proposes (docs/design.md §14). The loop
+(``loop.py``) sees one step protocol (``base.Drafter``); drafters are chosen by name from their registry
+(``registry.py``): ``two_model`` (``drafters.py``: a separate verifier, ``verify.py``) and ``fused`` (``fused.py``:
+one forward verifies and drafts). ``settings.py``: the sampling both models share. Importing this package registers
+the built-in drafters, in this order (``drafter_names()``); each imports the registry, never the other way round."""
+
+from blockdiff.sampling.speculative.base import Draft, Drafter
+from blockdiff.sampling.speculative.registry import (
+    drafter_names,
+    make_drafter,
+    register_drafter,
+    registered_drafter,
+    unregister_drafter,
+)
+
+# isort: off
+from blockdiff.sampling.speculative.fused import FusedBlockDiffusion, supports_fused
+from blockdiff.sampling.speculative.drafters import BlockDrafter, Proposer, TwoModels
+# isort: on
+from blockdiff.sampling.speculative.loop import SpeculativeOutput, SpeculativeStep, check_verifier, speculative_generate
+from blockdiff.sampling.speculative.settings import Sampling
+from blockdiff.sampling.speculative.verify import CausalLMVerifier
+
+__all__ = [
+    "speculative_generate", "SpeculativeOutput", "SpeculativeStep", "check_verifier", "Drafter", "Draft", "Proposer",
+    "BlockDrafter", "CausalLMVerifier", "Sampling", "TwoModels", "FusedBlockDiffusion", "supports_fused",
+    "register_drafter", "registered_drafter", "unregister_drafter", "drafter_names", "make_drafter",
+]
