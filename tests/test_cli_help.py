@@ -67,7 +67,7 @@ def test_version_imports_no_heavy_library():
 
 def test_a_verbs_own_help_still_shows_its_flags(capsys):
     from blockdiff.cli import main
-    from blockdiff.sampling.registry import knobs
+    from blockdiff.sampling.samplers.registry import knobs
 
     with pytest.raises(SystemExit) as info:
         main(["sample", "--help"])

@@ -360,7 +360,7 @@ def test_every_integer_field_and_sampler_knob_is_bounded_before_generation(serve
     """Each integer of the API and each integer knob of the sampler registry (read from it: a knob added later is
     covered) gets a 400 ``invalid_value`` naming it, never a 500 (20efa4f: ``tokens_per_step`` 1e23 was a 500
     ``OverflowError`` from generation)."""
-    from blockdiff.sampling.registry import knobs
+    from blockdiff.sampling.samplers.registry import knobs
 
     url, _ = server
     owners = {k.name: k.sampler for k in knobs().values() if k.type is int}

@@ -82,7 +82,9 @@ def _compare_with_base(args) -> None:
 
 
 def add_arguments(p):
-    from blockdiff.sampling.registry import sampler_names  # here, not at the top: `blockdiff --help` skips torch
+    from blockdiff.sampling.samplers.registry import (
+        sampler_names,  # here, not at the top: `blockdiff --help` skips torch
+    )
 
     p.add_argument("path", help="run directory or its model/ folder")
     p.add_argument(
