@@ -40,6 +40,7 @@ class Drafter:
 
     name: ClassVar[str]
     needs_verifier: ClassVar[bool] = True  # built with a separate AR verifier (False: the model verifies itself)
+    needs_block_model: ClassVar[bool] = True  # drafts with a BlockDiffusionLM (False: e.g. n-gram lookup)
     verifier_forwards: int  # forwards that verified (the fused step: every forward)
     drafter_forwards: int  # forwards that only drafted
     processed: int  # input tokens over all forwards of both roles

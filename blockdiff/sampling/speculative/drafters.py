@@ -42,7 +42,7 @@ from blockdiff.sampling.speculative.registry import register_drafter
 from blockdiff.sampling.speculative.settings import Sampling
 from blockdiff.sampling.speculative.verify import CausalLMVerifier, crop_to
 
-__all__ = ["Proposer", "BlockDrafter", "TwoModels"]
+__all__ = ["Proposer", "BlockDrafter", "Verified", "TwoModels"]
 
 
 @runtime_checkable
@@ -142,30 +142,18 @@ def _is_block_diffuser(model) -> bool:
     return hasattr(model, "spec") and hasattr(model, "block_length")
 
 
-@register_drafter
 @dataclass(eq=False)
-class TwoModels(Drafter):
-    """A verifier (``CausalLMVerifier``, or a plain causal LM it wraps) and a separate proposer (a ``Proposer``, or a
-    ``BlockDiffusionLM`` it wraps in ``BlockDrafter``): one forward of each per step."""
+class Verified(Drafter):
+    """A verifier (``CausalLMVerifier``, or a plain causal LM it wraps) and a separate proposer (a ``Proposer``): one
+    verifier forward per step, plus what the proposer costs. The base of the drafters that pair the two
+    (``two_model`` here, ``lookup`` in ``lookup.py``); not registered itself."""
 
-    name = "two_model"
     verifier: Any = None
     drafter: Any = None
-    aligned: bool = knob(False, "masks fill only the rest of the block the committed tokens end in (fewer drafts)")
 
     def __post_init__(self):
         if not isinstance(self.verifier, CausalLMVerifier):
             self.verifier = CausalLMVerifier(self.verifier)
-        if _is_block_diffuser(self.drafter):
-            self.drafter = BlockDrafter(self.drafter, aligned=self.aligned)
-
-    @classmethod
-    def fits(cls, model, verifier) -> bool:
-        return verifier is not None
-
-    @classmethod
-    def from_config(cls, model, config, verifier=None) -> "TwoModels":
-        return cls(verifier, model, **cls.knob_values(config))
 
     @property
     def verifier_model(self):
@@ -201,3 +189,26 @@ class TwoModels(Drafter):
     def commit(self, committed, accepted) -> None:
         self.verifier.commit(committed)
         self.drafter.commit(committed, accepted)
+
+
+@register_drafter
+@dataclass(eq=False)
+class TwoModels(Verified):
+    """A verifier and a separate proposer (a ``Proposer``, or a ``BlockDiffusionLM`` it wraps in ``BlockDrafter``):
+    one forward of each per step."""
+
+    name = "two_model"
+    aligned: bool = knob(False, "masks fill only the rest of the block the committed tokens end in (fewer drafts)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if _is_block_diffuser(self.drafter):
+            self.drafter = BlockDrafter(self.drafter, aligned=self.aligned)
+
+    @classmethod
+    def fits(cls, model, verifier) -> bool:
+        return verifier is not None and model is not None
+
+    @classmethod
+    def from_config(cls, model, config, verifier=None) -> "TwoModels":
+        return cls(verifier, model, **cls.knob_values(config))

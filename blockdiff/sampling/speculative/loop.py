@@ -48,7 +48,7 @@ from blockdiff.sampling.outputs import GenerationOutput
 from blockdiff.sampling.resolve import eos_ids_of, resolve
 from blockdiff.sampling.speculative.base import Drafter
 from blockdiff.sampling.speculative.drafters import Proposer, TwoModels
-from blockdiff.sampling.speculative.registry import make_drafter
+from blockdiff.sampling.speculative.registry import drafter_class, make_drafter
 from blockdiff.sampling.speculative.settings import Sampling
 from blockdiff.sampling.speculative.verify import CausalLMVerifier, accept_greedy, accept_sampled
 
@@ -166,7 +166,8 @@ def _prepare(verifier, drafter, input_ids, check_base, config):
     if input_ids is None:
         raise UsageError("give the prompt: speculative_generate(verifier, drafter, input_ids) (drafter None: fused)")
     prompt = _prompt(input_ids)
-    if drafter is None and not isinstance(verifier, Drafter) and not _is_block_diffuser(verifier):
+    model_free = config.drafter is not None and not drafter_class(config.drafter).needs_block_model
+    if drafter is None and not isinstance(verifier, Drafter) and not _is_block_diffuser(verifier) and not model_free:
         raise UsageError(
             "no drafter: pass one (a BlockDiffusionLM fine-tuned from this verifier), or pass a BlockDiffusionLM "
             "trained with model.adapter=gated_lora model.clean_attention=causal alone (it verifies its own drafts)"
@@ -199,6 +200,8 @@ def _drafter(verifier, drafter, check_base: bool, config) -> Drafter:
     if drafter is None:
         if isinstance(verifier, Drafter):
             return verifier
+        if not _is_block_diffuser(verifier):  # a plain causal LM verifying a drafter with no network (lookup)
+            return make_drafter(None, config, verifier)
         return make_drafter(verifier, config)  # a BlockDiffusionLM verifying itself (default: fused)
     if _is_block_diffuser(drafter):
         check_verifier(verifier.model if isinstance(verifier, CausalLMVerifier) else verifier, drafter,
