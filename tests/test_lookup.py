@@ -132,3 +132,31 @@ def test_bad_lookup_settings_name_the_key(key, value):
 def test_lookup_without_a_verifier_says_what_to_pass():
     with pytest.raises(UsageError, match="needs a verifier"):
         make_drafter(None, BlockDiffusionGenerationConfig(drafter="lookup"))
+
+
+def test_cli_samples_a_plain_decoder_with_lookup_drafts_and_equals_its_greedy(tmp_path, capsys):
+    """``blockdiff sample DECODER --speculative --drafter lookup``: no block diffuser; the text is the decoder's own
+    greedy text, with the packed kernels and with --no-lean."""
+    from conftest import write_tiny_model_dir
+    from test_speculative import base_model
+
+    from blockdiff.cli import main
+    from blockdiff.modeling.io import load_model_dir
+    from blockdiff.sampling import encode_prompts
+
+    loaded = load_model_dir(write_tiny_model_dir(tmp_path), lean=False)
+    base = tmp_path / "base"  # a plain transformers decoder folder
+    loaded.model.backbone.save_pretrained(base)
+    loaded.tokenizer.save_pretrained(base)
+    prompt = "the cat the cat"
+    ids = encode_prompts(loaded.tokenizer, [prompt])[0]
+    reference = loaded.tokenizer.decode(hf_greedy(base_model(base), ids, 12)[len(ids):], skip_special_tokens=True)
+    for extra in ([], ["--no-lean"]):
+        rc = main(["sample", str(base), "--speculative", "--drafter", "lookup", "--prompt", prompt,
+                   "--max-new-tokens", "12", "--temperature", "0", *extra])
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        assert prompt + reference in out.replace("\n", "") and "lookup: " in out
+    trace = str(tmp_path / "t.jsonl")
+    assert main(["sample", str(base), "--speculative", "--drafter", "lookup", "--prompt", "a", "--trace", trace]) == 2
+    assert "need a block diffuser" in capsys.readouterr().err

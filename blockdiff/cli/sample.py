@@ -28,7 +28,10 @@ def run(args) -> None:
         check_output_file(args.trace, "--trace", args.overwrite, inputs=[p for p in (args.prompt_file,) if p])
     _check_beam_flags(args)
     prompts = _read_prompts(args)
-    loaded = load_model_dir(path, device=args.device)
+    if args.speculative and _plain_decoder(path, args.drafter):
+        _speculate_plain(args, path, prompts)
+        return
+    loaded = load_model_dir(path, device=args.device, lean=False if args.no_lean else None)
     if args.block_length is not None:  # e.g. a block-length-mixture model at another of its lengths
         loaded.model = loaded.model.with_block_length(args.block_length)
     config = _settings(args, loaded.model)
@@ -37,6 +40,47 @@ def run(args) -> None:
         return
     texts, out = _generate(args, loaded, prompts, config)
     _print_samples(prompts, texts, out)
+
+
+def _plain_decoder(path: str, drafter: str | None) -> bool:
+    """Whether ``path`` is a plain decoder verified with a drafter that needs no block diffuser (``--drafter lookup``):
+    anything but a blockdiff model or run, when that drafter is named."""
+    from pathlib import Path
+
+    from blockdiff.modeling.rundir import is_run_dir, model_dir_of
+    from blockdiff.modeling.spec import SPEC_FILE
+    from blockdiff.sampling.speculative.registry import drafter_class
+
+    if drafter is None or drafter_class(drafter).needs_block_model:
+        return False
+    root = Path(path)
+    return not (root.is_dir() and ((model_dir_of(root) / SPEC_FILE).is_file() or is_run_dir(root)))
+
+
+def _speculate_plain(args, name: str, prompts: list[str]) -> None:
+    """``blockdiff sample DECODER --speculative --drafter lookup``: the decoder (a local directory, a .gguf,
+    ``smollm2`` or a hub id) verifies drafts that need no network; no block diffuser is loaded."""
+    import torch
+
+    from blockdiff.modeling.lean import pack_linears, use_lean
+    from blockdiff.modeling.pretrained import load_decoder
+    from blockdiff.sampling import encode_prompts
+    from blockdiff.sampling.speculative import speculative_generate
+
+    if args.trace or args.show_denoising or args.base is not None or args.block_length is not None:
+        raise UsageError(f"--drafter {args.drafter} on a plain decoder: --trace, --show-denoising, --base and "
+                         "--block-length need a block diffuser (give a blockdiff model instead of the decoder)")
+    config = _settings(args, None)
+    verifier, tokenizer, _ = load_decoder(name, what="the model")
+    verifier = verifier.eval()
+    if use_lean(verifier, False if args.no_lean else None):
+        pack_linears(verifier)
+    for i, prompt_ids in enumerate(encode_prompts(tokenizer, prompts)):
+        out = speculative_generate(verifier, None, prompt_ids, generation_config=config,
+                                   generator=torch.Generator().manual_seed(args.seed + i),
+                                   eos_token_id=tokenizer.eos_token_id)
+        text = tokenizer.decode(out.new_tokens(0), skip_special_tokens=True)
+        _print_speculative(prompts[i], i, text, out, f"{args.drafter}: {name} verifies")
 
 
 def _check_beam_flags(args) -> None:
@@ -82,7 +126,10 @@ def _settings(args, model):
                          "block beam search (--block-beams / --beam-width > 1)")
     if args.no_cache:
         settings["use_cache"] = False
-    config = with_overrides(model.generation_config, settings)
+    from blockdiff.sampling.config import BlockDiffusionGenerationConfig
+
+    base = model.generation_config if model is not None else BlockDiffusionGenerationConfig()  # None: a plain decoder
+    config = with_overrides(base, settings)
     resolve(model, config, speculative=args.speculative)
     return config
 
@@ -254,6 +301,7 @@ def _print_speculative(prompt: str, i: int, text: str, out, who: str) -> None:
 
 def _verifier(args, loaded):
     """``(verifier, base name)``: the base decoder loaded and checked against the model."""
+    from blockdiff.modeling.lean import pack_linears, use_lean
     from blockdiff.modeling.pretrained import load_decoder
     from blockdiff.sampling.speculative import check_verifier
 
@@ -261,6 +309,8 @@ def _verifier(args, loaded):
     _check_base(name, loaded)
     verifier, verifier_tokenizer, _ = load_decoder(name, what="--base")
     verifier = verifier.to(loaded.model.device).eval()
+    if use_lean(verifier, False if args.no_lean else None):
+        pack_linears(verifier)
     check_verifier(verifier, loaded.model, tokenizer=loaded.tokenizer, verifier_tokenizer=verifier_tokenizer)
     return verifier, name
 
@@ -315,7 +365,8 @@ def _read_prompts(args) -> list[str]:
 
 
 def add_arguments(p):
-    p.add_argument("path", nargs="?", help="run directory or its model/ folder")
+    p.add_argument("path", nargs="?", help="run directory or its model/ folder (with --speculative --drafter lookup: "
+                   "also a plain decoder: a local directory, a .gguf, smollm2 or a hub id)")
     p.add_argument("--checkpoint", help="same as the positional path")
     p.add_argument(
         "--prompt", action="append", help="prompt text (repeatable; '-' reads one prompt per line from stdin)"
@@ -338,6 +389,8 @@ def add_arguments(p):
     p.add_argument("--trace", help="write every denoising step as JSON lines to this file")
     p.add_argument("--overwrite", action="store_true", help="with --trace: replace the file if it already exists")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
+    p.add_argument("--no-lean", action="store_true", help="on CPU, keep the plain kernels (default: fp32 weights are "
+                   "packed once for oneDNN, which makes forwards of a few tokens cheaper; docs/generation.md)")
     p.add_argument(
         "--speculative", action="store_true",
         help="lossless speculative decoding: the model drafts blocks, its base decoder verifies (one prompt at a time; "

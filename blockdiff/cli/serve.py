@@ -20,7 +20,8 @@ def run(args) -> None:
                          "could never be queued; raise --max-queue or lower --max-prompts")
     serve(args.path, args.host, args.port, args.model_name, args.device, args.log_level, args.max_body_bytes,
           batch_window=args.batch_window_ms / 1000, max_batch_size=args.max_batch_size,
-          max_tokens_limit=args.max_tokens_limit, max_prompts=args.max_prompts, max_queue=args.max_queue)
+          max_tokens_limit=args.max_tokens_limit, max_prompts=args.max_prompts, max_queue=args.max_queue,
+          lean=False if args.no_lean else None)
 
 
 def add_arguments(p):
@@ -37,4 +38,6 @@ def add_arguments(p):
                    help="most prompts waiting to be generated; a request that would pass it gets a 429")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body in bytes (413 past it)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
+    p.add_argument("--no-lean", action="store_true", help="on CPU, keep the plain kernels (default: fp32 weights "
+                   "packed once for oneDNN; docs/generation.md)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

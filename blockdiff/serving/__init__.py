@@ -26,13 +26,15 @@ def _check_packages() -> None:
         raise MissingPackageError(f"blockdiff serve needs {' and '.join(missing)}: pip install 'blockdiff[serve]'")
 
 
-def build_engine(path: str | Path, name: str | None = None, device: str | None = None, **options):
-    """An ``Engine`` (not started) over the model in ``path``, served under ``name`` (default: the folder name)."""
+def build_engine(path: str | Path, name: str | None = None, device: str | None = None, lean: bool | None = None,
+                 **options):
+    """An ``Engine`` (not started) over the model in ``path``, served under ``name`` (default: the folder name);
+    ``lean``: as ``load_model_dir``'s (``None``: packed kernels on CPU in fp32)."""
     from blockdiff.modeling.io import load_model_dir
     from blockdiff.modeling.rundir import model_dir_of
     from blockdiff.serving.engine import Engine
 
-    loaded = load_model_dir(path, device=device)
+    loaded = load_model_dir(path, device=device, lean=lean)
     if name is None:
         folder = model_dir_of(path).resolve()
         name = folder.parent.name if folder.name == "model" else folder.name
