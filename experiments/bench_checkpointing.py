@@ -16,8 +16,6 @@ batch ``--batch``. Writes ``results.json`` and ``table.md`` into ``--out``::
 
 from __future__ import annotations
 
-import _timing  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
-
 import argparse
 import json
 import resource
@@ -25,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _timing  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
 from _report import print_report, results_dir, write_report
 
 
@@ -101,7 +100,9 @@ def main() -> None:
                f"batch {args.batch}, fp32; one process per variant")
     write_report(args.out, {"environment": env, "settings": vars(args) | {"out": str(args.out)}, "runs": runs},
                  comment, columns, rows)
-    print_report(comment, columns, rows)
+    from rich.console import Console
+
+    print_report(Console(), "activation checkpointing", columns, rows, _timing.header(env), f"wrote {args.out}", "L")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from blockdiff.training.callbacks import (
 from blockdiff.training.checkpoint import SafeCheckpointIO
 from blockdiff.training.progress import StepProgressBar
 from blockdiff.training.resume import RUN_CONFIG_KEY
+from blockdiff.training.sharding import FSDP, DataParallelFSDP
 
 __all__ = ["Run", "build_trainer", "fit", "check_runnable", "env_is_global_zero", "resolve_precision"]
 
@@ -108,7 +109,7 @@ def build_trainer(cfg: Config, run_dir: RunDir, progress: bool) -> Run:
             accelerator=cfg.trainer.accelerator,
             devices=cfg.trainer.devices,
             num_nodes=cfg.trainer.num_nodes,
-            strategy=cfg.trainer.strategy,
+            strategy=DataParallelFSDP() if cfg.trainer.strategy == FSDP else cfg.trainer.strategy,
             plugins=[SafeCheckpointIO()],
             use_distributed_sampler=False,  # BlockDiffusionDataModule shards (and resumes) the data itself
             precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
