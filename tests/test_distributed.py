@@ -1,14 +1,27 @@
-"""Scaling past one process: activation checkpointing with the block-diffusion mask (docs/distributed.md).
+"""Scaling past one process (docs/distributed.md): activation checkpointing with the block-diffusion mask, FSDP2 in
+two real processes (``torchrun``, gloo) against one process, its exact resume and export, and what it refuses.
 
-Tiny models (hidden 32, 2 layers, vocab 64, context 32) in fp64 on CPU.
+Tiny models (hidden 32, 2 layers, byte vocabulary, context 32) on CPU; the checkpointing comparison in fp64. The
+multi-process runs use the all-masked noise (``noise.beta = noise.omega = 1``), so the loss is a deterministic
+function of weights and data and a 2-process run can be compared with a 1-process one step by step.
 """
 
 from __future__ import annotations
 
+import csv
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from blockdiff.config import load_config
+from blockdiff.cli import main
+from blockdiff.config import ConfigError, load_config
 from blockdiff.core.loss import block_diffusion_loss
 from blockdiff.core.noise import make_schedule
 from blockdiff.training.builders import build_model
@@ -49,3 +62,131 @@ def test_activation_checkpointing_gives_identical_loss_and_gradients(family, log
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=0, atol=1e-12, msg=name)
     assert saved_ckpt < 0.7 * saved  # the layers' activations were not kept: they were recomputed
+
+
+# -- FSDP2 (trainer.strategy=fsdp) ---------------------------------------------------------------------------------
+RUN = [*TINY_MODEL, "data.batch_size=4", "data.val_fraction=0.2", "trainer.max_minutes=null",
+       "trainer.limit_val_batches=1", "trainer.accelerator=cpu", "trainer.checkpoint_every_n_steps=2",
+       "trainer.log_every_n_steps=1", "optim.warmup_steps=2", "optim.ema_decay=0", "noise.beta=1", "noise.omega=1"]
+FSDP2 = ["trainer.devices=2", "trainer.strategy=fsdp"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _private_datasets_cache(private_datasets_cache):
+    yield
+
+
+def _one_process(corpus: Path, run: Path, steps: int, *extra: str) -> None:
+    args = ["train", *RUN, f"data.source={corpus}", f"trainer.max_steps={steps}", f"trainer.val_every_n_steps={steps}",
+            f"trainer.out_dir={run}", *extra]
+    assert main(args) == 0
+
+
+def _two_processes(corpus: Path, run: Path, steps: int, *extra: str) -> None:
+    """``torchrun --standalone --nproc_per_node=2 -m blockdiff.cli train ...`` (gloo), as a user runs it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "blockdiff.cli",
+           "train", *RUN, *FSDP2, f"data.source={corpus}", f"trainer.max_steps={steps}",
+           f"trainer.val_every_n_steps={steps}", f"trainer.out_dir={run}", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    with open(run / "logs" / "metrics.csv", newline="") as f:
+        return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")}
+
+
+def _assert_same_model(a: Path, b: Path, atol: float, name: str = "model.safetensors") -> None:
+    wa, wb = load_file(a / name), load_file(b / name)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=atol, msg=key)
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(corpus, tmp_path_factory):
+    """The same 10 steps in one process and in two FSDP2 processes (global batch 4)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    _one_process(corpus, root / "one", 10)
+    _two_processes(corpus, root / "two", 10)
+    return root / "one", root / "two"
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one_process(fsdp_runs, tmp_path):
+    one, two = fsdp_runs
+    assert sorted(_losses(two)) == list(range(10))
+    for step, loss in _losses(one).items():
+        assert _losses(two)[step] == pytest.approx(loss, rel=1e-5), step
+    _assert_same_model(one / "model", two / "model", atol=1e-5)  # the export gathered the shards
+    # one consolidated checkpoint file (rank 0, atomic writer), read by `blockdiff export` like any other
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["last.ckpt", "prev.ckpt"]
+    assert main(["export", str(two), str(tmp_path / "exported")]) == 0
+    _assert_same_model(two / "model", tmp_path / "exported", atol=0)
+
+
+@pytest.mark.slow
+def test_fsdp_resume_after_a_kill_reproduces_the_uninterrupted_run(fsdp_runs, tmp_path):
+    _, two = fsdp_runs
+    killed = tmp_path / "killed"  # as if killed after step 8's checkpoint was written: last.ckpt = step 8
+    shutil.copytree(two, killed)
+    shutil.rmtree(killed / "model")
+    os.replace(killed / "checkpoints" / "prev.ckpt", killed / "checkpoints" / "last.ckpt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "blockdiff.cli",
+           "train", "--resume", str(killed)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming" in proc.stdout and "at step 8" in proc.stdout
+    assert _losses(killed) == _losses(two)  # bit for bit, steps 9 and 10 included
+    _assert_same_model(two / "model", killed / "model", atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["gated_adapter", "pretrained_lora_checkpointing"])
+def test_fsdp_fine_tuning_variants_match_one_process(variant, corpus, tmp_path):
+    if variant == "gated_adapter":
+        extra = ["model.adapter=gated_lora", "model.adapter_rank=2"]
+        files = ["model.safetensors", "adapter.safetensors"]
+    else:
+        if importlib.util.find_spec("peft") is None:
+            pytest.skip("needs peft")
+        from tests.test_finetune import save_base
+
+        base = save_base(tmp_path / "base")
+        extra = [f"model.pretrained={base}", "model.lora_rank=2", "model.gradient_checkpointing=true"]
+        files = ["model.safetensors"]
+    _one_process(corpus, tmp_path / "one", 3, *extra)
+    _two_processes(corpus, tmp_path / "two", 3, *extra)
+    for step, loss in _losses(tmp_path / "one").items():
+        assert _losses(tmp_path / "two")[step] == pytest.approx(loss, rel=1e-5), step
+    for name in files:
+        _assert_same_model(tmp_path / "one" / "model", tmp_path / "two" / "model", atol=1e-5, name=name)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.strategy=fsdp", "optim.ema_decay=0.99"], "set optim.ema_decay=0"),
+        (["trainer.strategy=fsdp", "optim.ema_decay=0", "trainer.precision=16-mixed"], "use one of auto, 32-true"),
+    ],
+)
+def test_what_fsdp_cannot_honour_is_refused_by_config_validate(overrides, message, capsys):
+    with pytest.raises(ConfigError, match=message):
+        load_config([], overrides)
+    assert main(["config", "validate", *overrides]) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 64, reason="a machine with 64 GPUs")
+def test_more_gpus_than_the_machine_has_are_refused_by_config_validate(capsys):
+    args = ["trainer.accelerator=gpu", "trainer.devices=64", "trainer.strategy=fsdp", "optim.ema_decay=0"]
+    assert main(["config", "validate", *args]) == 2
+    assert f"this machine has {torch.cuda.device_count()} CUDA GPU" in " ".join(capsys.readouterr().err.split())
+
+
+def test_an_fsdp_run_with_ema_writes_nothing(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *RUN, *FSDP2, "optim.ema_decay=0.99", f"data.source={corpus}", f"trainer.out_dir={run}"]) == 2
+    assert "optim.ema_decay=0" in " ".join(capsys.readouterr().err.split()) and not run.exists()

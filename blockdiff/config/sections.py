@@ -413,10 +413,29 @@ class Config:
                 "length; use one"
             )
         self._check_size()
+        self._check_fsdp()
         if NoiseKind(self.noise.kind) is NoiseKind.uniform and Adapter(self.model.adapter) is not Adapter.none:
             raise ConfigError(
                 "noise.kind=uniform cannot train model.adapter=gated_lora (the drafting adapter and the speculative "
                 "samplers are built on mask-token drafts); use noise.kind=absorbing or model.adapter=none"
+            )
+
+    def _check_fsdp(self) -> None:
+        """What ``trainer.strategy=fsdp`` (FSDP2 through Lightning's ModelParallelStrategy) cannot do, refused here so
+        that ``config validate`` and a run fail before anything is written (docs/distributed.md)."""
+        if self.trainer.strategy != "fsdp":
+            return
+        if self.optim.ema_decay > 0:
+            raise ConfigError(
+                f"trainer.strategy=fsdp cannot keep an EMA of the weights (optim.ema_decay={self.optim.ema_decay}): "
+                "Lightning's EMA callback deep-copies the whole model, which a sharded model refuses; set "
+                "optim.ema_decay=0"
+            )
+        supported = ("auto", "32-true", "32", "bf16-mixed", "bf16-true")
+        if str(self.trainer.precision) not in supported:
+            raise ConfigError(
+                f"trainer.precision={self.trainer.precision!r} is not available with trainer.strategy=fsdp (Lightning's "
+                f"ModelParallelStrategy); use one of {', '.join(supported)}"
             )
 
     def _check_size(self) -> None:
