@@ -434,8 +434,8 @@ class Config:
         supported = ("auto", "32-true", "32", "bf16-mixed", "bf16-true")
         if str(self.trainer.precision) not in supported:
             raise ConfigError(
-                f"trainer.precision={self.trainer.precision!r} is not available with trainer.strategy=fsdp (Lightning's "
-                f"ModelParallelStrategy); use one of {', '.join(supported)}"
+                f"trainer.precision={self.trainer.precision!r} is not available with trainer.strategy=fsdp "
+                f"(Lightning's ModelParallelStrategy); use one of {', '.join(supported)}"
             )
 
     def _check_size(self) -> None:
