@@ -190,3 +190,80 @@ def test_an_fsdp_run_with_ema_writes_nothing(corpus, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *RUN, *FSDP2, "optim.ema_decay=0.99", f"data.source={corpus}", f"trainer.out_dir={run}"]) == 2
     assert "optim.ema_decay=0" in " ".join(capsys.readouterr().err.split()) and not run.exists()
+
+
+# -- launch recipes ----------------------------------------------------------------------------------------------
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "distributed.md"
+
+
+def _slurm_script() -> str:
+    text = DOCS.read_text()
+    start = text.index("```bash\n#!/bin/bash") + len("```bash\n")
+    return text[start : text.index("```", start)]
+
+
+def test_the_documented_slurm_script_is_valid_bash(tmp_path):
+    script = tmp_path / "job.sbatch"
+    script.write_text(_slurm_script())
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    # its srun line is a blockdiff command whose overrides form a valid config
+    srun = " ".join(_slurm_script().replace("\\\n", " ").split()).split("srun ", 1)[1].split()
+    assert srun[:2] == ["blockdiff", "train"]
+    overrides = [a for a in srun if "=" in a]
+    cfg = load_config([], [*overrides, "trainer.accelerator=cpu"])
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (8, 2)
+
+
+def _slurm_env(monkeypatch, proc_id: int, local_id: int, node_id: int, tasks_per_node: int = 8) -> None:
+    """What srun sets for task ``proc_id`` of a 2-node job with ``tasks_per_node`` tasks per node."""
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    env = {"SLURM_NTASKS": str(2 * tasks_per_node), "SLURM_NTASKS_PER_NODE": str(tasks_per_node),
+           "SLURM_PROCID": str(proc_id), "SLURM_LOCALID": str(local_id), "SLURM_NODEID": str(node_id),
+           "SLURM_JOB_NAME": "job.sbatch", "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "node[07-08]"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lightning_derives_the_ranks_of_a_slurm_task(strategy, monkeypatch, tmp_path):
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from blockdiff.modeling.rundir import RunDir
+    from blockdiff.training.trainer import build_trainer, env_is_global_zero
+
+    _slurm_env(monkeypatch, proc_id=9, local_id=1, node_id=1)
+    cfg = load_config([], ["trainer.accelerator=cpu", "trainer.devices=8", "trainer.num_nodes=2",
+                           f"trainer.strategy={strategy}", "optim.ema_decay=0", f"trainer.out_dir={tmp_path / 'r'}"])
+    trainer = build_trainer(cfg, RunDir(cfg.trainer.out_dir), progress=False).trainer
+    environment = trainer.strategy.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and environment.creates_processes_externally
+    assert (trainer.global_rank, trainer.local_rank, trainer.node_rank, trainer.world_size) == (9, 1, 1, 16)
+    assert environment.main_address == "node07" and not env_is_global_zero()
+    assert not (tmp_path / "r").exists()  # building the trainer writes nothing
+
+
+def test_a_slurm_job_with_other_tasks_per_node_than_trainer_devices_is_refused(monkeypatch, tmp_path):
+    from blockdiff.modeling.rundir import RunDir
+    from blockdiff.training.trainer import build_trainer
+
+    _slurm_env(monkeypatch, proc_id=0, local_id=0, node_id=0, tasks_per_node=4)
+    cfg = load_config([], ["trainer.accelerator=cpu", "trainer.devices=8", "trainer.num_nodes=2",
+                           "trainer.strategy=ddp", f"trainer.out_dir={tmp_path / 'r'}"])
+    with pytest.raises(ConfigError, match="ntasks-per-node=4"):
+        build_trainer(cfg, RunDir(cfg.trainer.out_dir), progress=False)
+
+
+def test_torchrun_with_another_process_count_than_the_config_is_refused(monkeypatch, tmp_path):
+    from blockdiff.modeling.rundir import RunDir
+    from blockdiff.training.trainer import build_trainer
+
+    for key, value in {"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0",
+                       "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    cfg = load_config([], ["trainer.accelerator=cpu", "trainer.devices=4", "trainer.strategy=ddp",
+                           f"trainer.out_dir={tmp_path / 'r'}"])
+    with pytest.raises(ConfigError, match=r"does not match the world size \(2\)"):
+        build_trainer(cfg, RunDir(cfg.trainer.out_dir), progress=False)
