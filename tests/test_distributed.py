@@ -267,3 +267,14 @@ def test_torchrun_with_another_process_count_than_the_config_is_refused(monkeypa
                            f"trainer.out_dir={tmp_path / 'r'}"])
     with pytest.raises(ConfigError, match=r"does not match the world size \(2\)"):
         build_trainer(cfg, RunDir(cfg.trainer.out_dir), progress=False)
+
+
+# -- the GPU check ------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check runs for real on a CUDA machine")
+def test_the_gpu_check_says_no_cuda_and_runs_nothing_on_a_cpu(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "experiments" / "gpu" / "check.sh"
+    proc = subprocess.run([str(script), "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PY": sys.executable})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("no CUDA: experiments/gpu/check.sh needs an NVIDIA GPU")
+    assert not (tmp_path / "out").exists()
