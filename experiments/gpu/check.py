@@ -215,10 +215,12 @@ def _rows(results: dict) -> list[list[str]]:
         rows.append([name, "ok" if r.get("ok") else r.get("error", "not run"),
                      f"{fmt(r.get('step_seconds'), '.4f')} s/step, {fmt(r.get('tokens_per_second'), ',.0f')} tok/s, "
                      f"{fmt(r.get('tflops'), '.1f')} TFLOP/s, MFU {fmt(r.get('mfu'), '.1%')}"])
-    r = results.get("flex == sdpa", {})
-    detail = ", ".join(f"{k}: max|diff| {v['max_abs_diff']:.1e}" for k, v in r.items() if isinstance(v, dict))
-    rows.append(["flex == sdpa", "ok" if r.get("ok") and all(
-        v["ok"] for v in r.values() if isinstance(v, dict)) else r.get("error", "MISMATCH"), detail])
+    r = results.get("flex == sdpa")
+    if r is not None:
+        cases = {k: v for k, v in r.items() if isinstance(v, dict) and "max_abs_diff" in v}
+        detail = ", ".join(f"{k}: max|diff| {v['max_abs_diff']:.1e}" for k, v in cases.items())
+        status = r.get("error") or ("ok" if all(v["ok"] for v in cases.values()) else "MISMATCH")
+        rows.append(["flex == sdpa", status, detail])
     r = results.get("speculative", {})
     rows.append(["speculative", "ok" if r.get("ok") else r.get("error", "not run"),
                  f"HF {fmt(r.get('hf_tokens_per_second'), '.1f')} tok/s, "
@@ -263,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     print_report(Console(), "GPU check", columns, rows, _timing.header(env), f"wrote {args.out}", "check")
-    failed = [name for name, r in results.items() if not r.get("ok")]
+    failed = [name for name, r in results.items() if not r.get("ok") or any(
+        isinstance(v, dict) and v.get("ok") is False for v in r.values())]
     if failed:
         print(f"failed: {', '.join(failed)} (tracebacks in {args.out / 'results.json'})", file=sys.stderr)
     return 1 if failed else 0
