@@ -170,6 +170,8 @@ def test_fsdp_fine_tuning_variants_match_one_process(variant, corpus, tmp_path):
     [
         (["trainer.strategy=fsdp", "optim.ema_decay=0.99"], "set optim.ema_decay=0"),
         (["trainer.strategy=fsdp", "optim.ema_decay=0", "trainer.precision=16-mixed"], "use one of auto, 32-true"),
+        (["trainer.strategy=fsdp", "optim.ema_decay=0", "model.block_length_mixture={1: 0.5, 4: 0.5}"],
+         "use trainer.strategy=ddp or one model.block_length"),
     ],
 )
 def test_what_fsdp_cannot_honour_is_refused_by_config_validate(overrides, message, capsys):

@@ -434,6 +434,13 @@ class Config:
                 "Lightning's EMA callback deep-copies the whole model, which a sharded model refuses; set "
                 "optim.ema_decay=0"
             )
+        if self.model.block_length_mixture:
+            raise ConfigError(
+                "trainer.strategy=fsdp cannot train model.block_length_mixture: each process draws its own block "
+                "lengths and runs one forward per length drawn, so the processes would run different numbers of "
+                "forwards and FSDP's per-forward weight gathering would hang; use trainer.strategy=ddp or one "
+                "model.block_length"
+            )
         supported = ("auto", "32-true", "32", "bf16-mixed", "bf16-true")
         if str(self.trainer.precision) not in supported:
             raise ConfigError(
