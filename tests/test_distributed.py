@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,20 +126,45 @@ def test_fsdp_two_processes_match_one_process(fsdp_runs, tmp_path):
     _assert_same_model(two / "model", tmp_path / "exported", atol=0)
 
 
-@pytest.mark.slow
-def test_fsdp_resume_after_a_kill_reproduces_the_uninterrupted_run(fsdp_runs, tmp_path):
-    _, two = fsdp_runs
-    killed = tmp_path / "killed"  # as if killed after step 8's checkpoint was written: last.ckpt = step 8
-    shutil.copytree(two, killed)
-    shutil.rmtree(killed / "model")
-    os.replace(killed / "checkpoints" / "prev.ckpt", killed / "checkpoints" / "last.ckpt")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "blockdiff.cli",
-           "train", "--resume", str(killed)]
+KILLER = """
+import os, signal, sys
+from blockdiff.training.lightning_module import BlockDiffusionModule
+
+original = BlockDiffusionModule.training_step
+
+
+def training_step(self, batch, batch_idx):  # rank 0 dies (SIGKILL: no handler, no checkpoint) as step 7 starts
+    if self.global_step == 7 and self.global_rank == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, batch, batch_idx)
+
+
+BlockDiffusionModule.training_step = training_step
+from blockdiff.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_fsdp_resume_after_sigkill_reproduces_the_uninterrupted_run(fsdp_runs, corpus, tmp_path):
+    _, two = fsdp_runs
+    killer, killed = tmp_path / "killer.py", tmp_path / "killed"
+    killer.write_text(KILLER)
+    proc = _torchrun(str(killer), "train", *RUN, *FSDP2, f"data.source={corpus}", "trainer.max_steps=10",
+                     "trainer.val_every_n_steps=10", f"trainer.out_dir={killed}")
+    assert proc.returncode != 0 and not (killed / "model").exists()
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    proc = _torchrun("-m", "blockdiff.cli", "train", "--resume", str(killed))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "resuming" in proc.stdout and "at step 8" in proc.stdout
-    assert _losses(killed) == _losses(two)  # bit for bit, steps 9 and 10 included
+    assert "resuming" in proc.stdout and "at step 6" in proc.stdout
+    assert _losses(killed) == _losses(two)  # bit for bit, steps 7 to 10 included
     _assert_same_model(two / "model", killed / "model", atol=0)
 
 
