@@ -37,7 +37,9 @@ class TrainerConfig:
     num_nodes: int = 1
     """Machines taking part (multi-node DDP/FSDP; see docs/distributed.md)."""
     strategy: str = "auto"
-    """Lightning strategy: auto, ddp (several processes), fsdp (large models on GPUs), ddp_spawn, ..."""
+    """Lightning strategy: auto, ddp (several processes), fsdp (weights, gradients and optimiser state sharded over
+    the processes: FSDP2 through Lightning's ModelParallelStrategy; CPU or GPU; needs optim.ema_decay=0), ddp_spawn,
+    ..."""
     precision: str = "auto"
     """'auto' = fp32 on CPU, bf16-mixed on GPU; or any Lightning precision string."""
     accumulate_grad_batches: int = 1
@@ -67,6 +69,7 @@ class TrainerConfig:
         if self.num_nodes < 1:
             raise ConfigError(f"trainer.num_nodes must be >= 1, got {self.num_nodes}")
         self._check_devices()
+        self._check_gpu_count()
         if (self.precision, self.accelerator) != ("auto", "auto"):  # a default config never imports Lightning
             self._check_lightning_names()
         if self.strategy != "auto":
@@ -104,6 +107,21 @@ class TrainerConfig:
                     f"trainer.accelerator={self.accelerator!r} cannot be used here: {str(err).strip().splitlines()[0]}"
                     " (or use trainer.accelerator=auto)"
                 ) from None
+
+    def _check_gpu_count(self) -> None:
+        """More GPUs per node than this machine has (a GPU accelerator named outright, a count given) is refused here:
+        on a GPU machine ``trainer.devices`` processes each take one GPU of this node."""
+        if self.accelerator not in ("gpu", "cuda") or not isinstance(self.devices, int) or self.devices < 1:
+            return
+        import torch
+
+        available = torch.cuda.device_count()
+        if self.devices > available:
+            raise ConfigError(
+                f"trainer.devices={self.devices} GPUs per node, but this machine has {available} CUDA GPU"
+                f"{'' if available == 1 else 's'}; use trainer.devices <= {available}"
+                + ("" if available else " or trainer.accelerator=cpu")
+            )
 
     def _check_devices(self) -> None:
         devices = self.devices

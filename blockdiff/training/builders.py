@@ -22,7 +22,7 @@ from blockdiff.modeling.rundir import RunDir
 from blockdiff.modeling.spec import SPEC_FILE, BlockDiffusionSpec
 from blockdiff.modeling.tokenizer import build_tokenizer
 
-__all__ = ["build_backbone", "build_model"]
+__all__ = ["build_backbone", "build_model", "enable_activation_checkpointing"]
 
 
 def build_backbone(cfg: ModelConfig, vocab_size: int, max_seq_len: int, **special_ids) -> PreTrainedModel:
@@ -132,10 +132,22 @@ def _check_positions(backbone, max_seq_len: int, source: str) -> None:
         )
 
 
+def enable_activation_checkpointing(backbone) -> None:
+    """Recompute each decoder layer's activations in the backward pass (transformers' per-layer checkpointing,
+    non-reentrant). The layer's inputs (hidden states, the 4-D training mask, positions) are passed as they are, so
+    the recomputation sees the same mask, and dropout's random state is replayed: loss and gradients are those of
+    the plain step (tests/test_distributed.py, fp64, llama / qwen2 / gpt2, with and without the logit shift)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.x (the older name is deprecated)
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _adapt_for_training(backbone, cfg: Config):
     """Optional LoRA adapters and gradient checkpointing (both mostly for large pretrained decoders)."""
     if cfg.model.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(backbone)
     if cfg.model.lora_rank > 0:
         from blockdiff.modeling.pretrained import apply_lora
 

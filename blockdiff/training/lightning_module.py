@@ -28,6 +28,7 @@ from blockdiff.core.curriculum import bidirectional_fraction_at, block_length_at
 from blockdiff.core.loss import bits_per_byte, block_diffusion_loss, mixture_loss
 from blockdiff.core.noise import make_schedule
 from blockdiff.modeling.model import BlockDiffusionLM
+from blockdiff.training.sharding import shard_model
 
 __all__ = ["BlockDiffusionModule", "lr_lambda"]
 
@@ -66,6 +67,13 @@ class BlockDiffusionModule(L.LightningModule):
         self.train_range = noise.train_range  # replaced by the clip search's window under noise.clip_search=apply
         self._clip_scores: ClipWindowScores | None = None  # this validation's clip-search samples
         self.last_fit_validation: tuple[int, dict[str, float]] | None = None  # (global step, val/* numbers)
+
+    def configure_model(self) -> None:
+        """Under ``trainer.strategy=fsdp`` (a ``data_parallel`` device mesh exists): shard the network with FSDP2
+        (``sharding.shard_model``); otherwise nothing."""
+        mesh = self.device_mesh
+        if mesh is not None:
+            shard_model(self.model, mesh["data_parallel"])
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         block_length, bidirectional = self.curriculum_at(self.global_step)

@@ -37,6 +37,7 @@ from blockdiff.training.builders import build_model
 from blockdiff.training.datamodule import BlockDiffusionDataModule
 from blockdiff.training.lightning_module import BlockDiffusionModule
 from blockdiff.training.resume import ResumePlan, plan_resume
+from blockdiff.training.sharding import full_state_dict, is_sharded
 from blockdiff.training.trainer import Run, build_trainer, check_runnable, env_is_global_zero, fit
 
 __all__ = ["TrainResult", "train"]
@@ -86,6 +87,7 @@ def train(
     plan.finish(module, run.trainer, cfg.trainer.max_steps, is_zero)
     stopped_by = _stopped_by(cfg, run, run_dir, is_zero)
     metrics = _final_metrics(run, module, datamodule)
+    model = _gathered(cfg, model, tokenizer, run.trainer.is_global_zero)
     if run.trainer.is_global_zero:
         export_model(model, tokenizer, cfg, run_dir.model, metrics={**metrics, "step": run.trainer.global_step})
     return TrainResult(
@@ -116,6 +118,19 @@ def _training_parts(cfg: Config, plan: ResumePlan, progress: bool = False):
     )
     datamodule = BlockDiffusionDataModule(corpus, cfg.data.batch_size, cfg.data.num_workers, cfg.trainer.seed)
     return tokenizer, model, module, datamodule
+
+
+def _gathered(cfg: Config, model, tokenizer, is_zero: bool):
+    """The model to export: ``model`` itself, or under ``trainer.strategy=fsdp`` its weights gathered from every rank
+    (a collective) into an unsharded copy on rank 0 (``None`` on the other ranks)."""
+    if not is_sharded(model):
+        return model
+    state = full_state_dict(model)  # every rank takes part; rank 0 (cpu_offload) holds the whole state
+    if not is_zero:
+        return None
+    _, plain = build_model(cfg, {"text": []}, tokenizer)  # the same network, unsharded (the tokenizer is given)
+    plain.load_state_dict(state)
+    return plain
 
 
 def _write_run_dir(cfg: Config, run_dir: RunDir, plan: ResumePlan, tokenizer, run: Run, overwrite: bool) -> None:

@@ -31,6 +31,7 @@ from blockdiff.training.callbacks import (
 from blockdiff.training.checkpoint import SafeCheckpointIO
 from blockdiff.training.progress import StepProgressBar
 from blockdiff.training.resume import RUN_CONFIG_KEY
+from blockdiff.training.sharding import FSDP, DataParallelFSDP
 
 __all__ = ["Run", "build_trainer", "fit", "check_runnable", "env_is_global_zero", "resolve_precision"]
 
@@ -74,6 +75,15 @@ def check_runnable(cfg: Config) -> None:
         )
 
 
+def _check_launcher(trainer: L.Trainer) -> None:
+    """Under an outside launcher (SLURM's srun, torchrun) the processes per node and the nodes must be the config's
+    ``trainer.devices`` and ``trainer.num_nodes``: Lightning checks this only when it starts the processes itself, and
+    a mismatch would split the global batch over the wrong count (raises ``ValueError`` naming both numbers)."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if environment is not None and environment.creates_processes_externally:
+        environment.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
+
+
 @dataclass
 class Run:
     """A built ``Trainer`` and the callbacks ``train()`` asks about afterwards."""
@@ -108,7 +118,7 @@ def build_trainer(cfg: Config, run_dir: RunDir, progress: bool) -> Run:
             accelerator=cfg.trainer.accelerator,
             devices=cfg.trainer.devices,
             num_nodes=cfg.trainer.num_nodes,
-            strategy=cfg.trainer.strategy,
+            strategy=DataParallelFSDP() if cfg.trainer.strategy == FSDP else cfg.trainer.strategy,
             plugins=[SafeCheckpointIO()],
             use_distributed_sampler=False,  # BlockDiffusionDataModule shards (and resumes) the data itself
             precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
@@ -126,6 +136,7 @@ def build_trainer(cfg: Config, run_dir: RunDir, progress: bool) -> Run:
             enable_model_summary=False,
             default_root_dir=run_dir.root,
         )
+        _check_launcher(trainer)
     except (MisconfigurationException, ValueError, RuntimeError, ImportError) as err:  # Lightning checks these keys
         raise ConfigError(
             f"Lightning refused trainer.accelerator={cfg.trainer.accelerator!r} / "
