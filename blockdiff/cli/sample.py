@@ -45,16 +45,24 @@ def run(args) -> None:
 def _plain_decoder(path: str, drafter: str | None) -> bool:
     """Whether ``path`` is a plain decoder verified with a drafter that needs no block diffuser (``--drafter lookup``):
     anything but a blockdiff model or run, when that drafter is named."""
-    from pathlib import Path
-
-    from blockdiff.modeling.rundir import is_run_dir, model_dir_of
-    from blockdiff.modeling.spec import SPEC_FILE
     from blockdiff.sampling.speculative.registry import drafter_class
 
     if drafter is None or drafter_class(drafter).needs_block_model:
         return False
+    return _blockdiff_kind(path) is None
+
+
+def _blockdiff_kind(path) -> str | None:
+    """``"run"`` or ``"model"`` when ``path`` is a blockdiff run or model directory (a block diffuser); else None."""
+    from pathlib import Path
+
+    from blockdiff.modeling.rundir import is_run_dir, model_dir_of
+    from blockdiff.modeling.spec import SPEC_FILE
+
     root = Path(path)
-    return not (root.is_dir() and ((model_dir_of(root) / SPEC_FILE).is_file() or is_run_dir(root)))
+    if not root.is_dir():
+        return None
+    return "run" if is_run_dir(root) else "model" if (model_dir_of(root) / SPEC_FILE).is_file() else None
 
 
 def _speculate_plain(args, name: str, prompts: list[str]) -> None:
@@ -319,17 +327,13 @@ def _check_base(name: str, loaded) -> None:
     """Refuse, before a weight is loaded, a verifier that cannot be one: a blockdiff model or run (a block diffuser
     is no autoregressive verifier, so "lossless" would mean nothing) or a decoder whose declared vocabulary is larger
     than the model's (``check_verifier`` checks the rest once it is loaded)."""
-    from pathlib import Path
-
     from blockdiff.modeling.pretrained import declared_vocab_size, resolve_source
-    from blockdiff.modeling.rundir import is_run_dir, model_dir_of
-    from blockdiff.modeling.spec import SPEC_FILE
 
     source = resolve_source(name)
-    root = Path(source.name_or_path)
-    if not source.gguf_file and root.is_dir() and ((model_dir_of(root) / SPEC_FILE).is_file() or is_run_dir(root)):
+    kind = None if source.gguf_file else _blockdiff_kind(source.name_or_path)
+    if kind is not None:
         raise UsageError(
-            f"--base {name} is a blockdiff {'run' if is_run_dir(root) else 'model'} (a block diffuser), not an "
+            f"--base {name} is a blockdiff {kind} (a block diffuser), not an "
             "autoregressive decoder: the verifier must be the decoder the model was fine-tuned from (its "
             "model.pretrained, used when --base is left out), or the output would not be that decoder's"
         )
