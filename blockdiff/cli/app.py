@@ -21,7 +21,21 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable, Iterable
 
-from blockdiff.cli import config, demo, distill, evaluate, export, finetune, plot, sample, serve, sweep, train, view
+from blockdiff.cli import (
+    config,
+    demo,
+    distill,
+    evaluate,
+    export,
+    finetune,
+    plot,
+    sample,
+    serve,
+    sweep,
+    train,
+    train_drafter,
+    view,
+)
 from blockdiff.config import SEED_MAX
 from blockdiff.errors import UsageError, UserError
 
@@ -48,6 +62,7 @@ COMMANDS: dict[str, Verb] = {
         "demo": demo,
         "sweep": sweep,
         "distill": distill,
+        "train-drafter": train_drafter,
         "serve": serve,
         "view": view,
         "plot": plot,

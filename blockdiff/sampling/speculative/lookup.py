@@ -45,13 +45,18 @@ class NgramProposer:
         self._indexed = 0  # n-grams ending before this position are indexed
 
     def draft(self, committed: list[int], limit: int, sampling: Sampling, generator=None) -> Draft:
+        return self.match(committed, limit)[0]
+
+    def match(self, committed: list[int], limit: int) -> tuple[Draft, int]:
+        """The drafts and the length of the n-gram that matched (0: none matched, no drafts)."""
         self._index(committed)
         n = len(committed)
         for m in range(min(self.max_ngram, n - 1), 0, -1):
             start = self._next.get(tuple(committed[n - m :]))
             if start is not None:
-                return Draft(torch.tensor(committed[start : start + min(limit, self.num_tokens)], dtype=torch.long))
-        return Draft(torch.zeros(0, dtype=torch.long))
+                drafts = committed[start : start + min(limit, self.num_tokens)]
+                return Draft(torch.tensor(drafts, dtype=torch.long)), m
+        return Draft(torch.zeros(0, dtype=torch.long)), 0
 
     def commit(self, committed: list[int], accepted: int) -> None:
         """Nothing to undo: the index only ever holds committed tokens."""

@@ -33,8 +33,9 @@ class CausalLMVerifier:
     """A plain Hugging Face causal LM as the verifier. Invariant between steps: ``cache`` holds the keys and
     values of ``committed[:-1]`` exactly (``commit`` crops away whatever the last forward added beyond that)."""
 
-    def __init__(self, model):
+    def __init__(self, model, feature_layers: list[int] | None = None):
         self.model = model
+        self.feature_layers = feature_layers  # keep these layers' states of the fed tokens (a DFlash drafter)
         self.reset()
 
     def reset(self) -> None:
@@ -42,6 +43,8 @@ class CausalLMVerifier:
         self.forwards = 0
         self.processed = 0  # input tokens over all forwards
         self.max_cache = 0
+        self.features = None  # (q, F) the last forward's states at feature_layers (None: not kept)
+        self.fed_start = 0  # position of the first token that forward fed
 
     @property
     def vocab_size(self) -> int:
@@ -58,8 +61,11 @@ class CausalLMVerifier:
         positions = torch.arange(start, start + len(fed), device=device)  # no padding: position = index
         out = self.model(
             input_ids=fed[None], position_ids=positions[None], past_key_values=self.cache, use_cache=True,
-            logits_to_keep=len(drafts) + 1,
+            logits_to_keep=len(drafts) + 1, output_hidden_states=self.feature_layers is not None,
         )
+        if self.feature_layers is not None:
+            self.features = torch.cat([out.hidden_states[i + 1][0] for i in self.feature_layers], dim=-1)  # (q, F)
+            self.fed_start = start
         self.cache = out.past_key_values
         self.forwards += 1
         self.processed += len(fed)

@@ -1,0 +1,79 @@
+"""A trained drafter on disk: DFlash's layout (``modeling/dflash.py``), its recipe (``recipe.json``: the config and
+what the run measured) and a model card (``README.md``) saying what it is for, how it was trained, what it cost and
+how often its drafts are accepted on held-out text. Written into a fresh directory, then renamed into place, so a
+stopped run never leaves half a drafter."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from blockdiff.errors import WouldOverwriteError
+from blockdiff.files import write_text_atomic
+from blockdiff.modeling.dflash import DFlashDrafter
+
+__all__ = ["write_drafter", "RECIPE", "CARD"]
+
+RECIPE, CARD = "recipe.json", "README.md"
+
+
+def _card(drafter: DFlashDrafter, summary: dict) -> str:
+    cfg = summary["config"]
+    net, train = cfg["net"], cfg["train"]
+    d = drafter.dflash
+    accept = summary.get("best_accept")
+    params = sum(p.numel() for p in drafter.parameters())
+    return f"""---
+library_name: blockdiff
+tags: [speculative-decoding, dflash, block-diffusion, drafter]
+base_model: {cfg['target']}
+---
+# DFlash-style drafter for `{cfg['target']}`
+
+A block-diffusion drafter for lossless speculative decoding: {len(drafter.layers)} decoder layer(s)
+({params / 1e6:.1f}M parameters, bf16) that denoise a block of {drafter.block_length} tokens (the last committed token
+and
+{drafter.block_length - 1} masks, mask id {drafter.mask_token_id}) in one forward, reading the target's hidden states of
+layers {d['target_layer_ids']}. It shares the target's embedding and head (not stored) and drafts over
+{len(drafter.draft_ids)} token ids (`draft_ids`). The target verifies every draft, so the output is exactly the
+target's own; the drafter only decides how fast.
+
+Use: `blockdiff sample {cfg['target']} --speculative --drafter dflash --drafter-path THIS_DIR` (or `hybrid`), or
+in Python `speculative_generate(target, None, ids, drafter="dflash", drafter_path=THIS_DIR)`. The layout is
+DFlash's (`dflash.DFlashDraftModel.from_pretrained(THIS_DIR)` loads it; vLLM / SGLang read the same layout).
+
+## Training
+
+- Data: the target's own greedy continuations (`blockdiff distill`), {summary['train_rows']} rows,
+  {summary['train_tokens']:,} tokens; {summary['held_rows']} rows held out by prompt.
+- Recipe: `blockdiff train-drafter` with `{RECIPE}`'s config: lr {train['lr']}, {train['batch_size']} rows x
+  {train['anchors']} anchors per step, loss decay {train['loss_decay']}, {net['num_layers']} layer(s) initialised from
+  the target's top layers.
+- Cost: {summary['steps']} steps in {summary['train_seconds'] / 60:.1f} CPU-minutes of training plus
+  {summary['capture_seconds'] / 60:.1f} minutes capturing features (machine: see `{RECIPE}`).
+
+## Held-out acceptance
+
+Mean leading drafts equal to the target's greedy tokens per block of {drafter.block_length - 1} drafts, on held-out
+rows: **{accept if accept is None else round(accept, 3)}**. End-to-end speed: docs/benchmarks.md of blockdiff.
+"""
+
+
+def write_drafter(drafter: DFlashDrafter, directory: Path, summary: dict) -> None:
+    """The drafter, its recipe and its card in ``directory`` (replacing only a drafter this command wrote before:
+    a directory holding anything else is refused)."""
+    directory = Path(directory)
+    if directory.exists() and not (directory / RECIPE).is_file():
+        raise WouldOverwriteError(f"{directory} exists and is not a drafter train-drafter wrote: choose another "
+                                  "out_dir")
+    staging = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    drafter.to(torch.float32).save(staging, dtype=torch.bfloat16)
+    write_text_atomic(staging / RECIPE, json.dumps(summary, indent=2, default=str) + "\n")
+    write_text_atomic(staging / CARD, _card(drafter, summary))
+    if directory.exists():
+        shutil.rmtree(directory)
+    staging.rename(directory)
