@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install smollm2 demo test finetune clean
+.PHONY: install smollm2 demo test finetune drafter clean
 
 $(BIN)/blockdiff: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,13 @@ test: install
 
 finetune: install
 	$(BIN)/blockdiff finetune
+
+# The shipped SmolLM2 drafter's recipe (configs/drafter_smollm2.yaml): SmolLM2's greedy continuations of 1,024
+# training-split prompts, then the drafter; both steps resume when run again.
+drafter: install
+	$(BIN)/blockdiff distill -c configs/finetune_smollm2.yaml --teacher smollm2 --out runs/distill_smollm2_greedy \
+		--num-prompts 1024 --prompt-tokens 32 --new-tokens 96 --temperature 0 --batch-size 32 --shard-size 128
+	$(BIN)/blockdiff train-drafter -c configs/drafter_smollm2.yaml $(if $(wildcard runs/drafter_smollm2/checkpoints/last.ckpt),--resume)
 
 clean:
 	rm -rf $(VENV) runs

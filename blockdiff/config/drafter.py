@@ -24,7 +24,7 @@ class DrafterNetConfig:
     target_layers: int = 5  # how many target layers feed it (DFlash's spread over [1, layers - 3])
     block_length: int = 8  # tokens per drafted block: the last committed token and block_length - 1 masks
     draft_vocab: int = 16384  # the drafts use the most frequent tokens of the training data (0: the whole head)
-    mask_token_id: int | None = None  # None: the target tokenizer's last special token below 64 that the data lacks
+    mask_token_id: int | None = None  # None: the target tokenizer's highest special token the data never uses
 
 
 @dataclass

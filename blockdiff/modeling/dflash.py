@@ -52,11 +52,14 @@ WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
 def default_layer_ids(num_target_layers: int, count: int) -> list[int]:
-    """DFlash's rule for which target layers feed the drafter: ``count`` layers spread over ``[1, layers - 3]``."""
+    """DFlash's rule for which target layers feed the drafter: ``count`` layers spread over ``[1, layers - 3]``
+    (over every layer for a target too shallow for that), without repeats."""
     if count == 1:
         return [num_target_layers // 2]
     start, end = 1, num_target_layers - 3
-    return [round(start + i * (end - start) / (count - 1)) for i in range(count)]
+    if end - start < count - 1:
+        start, end = 0, num_target_layers - 1
+    return sorted({round(start + i * (end - start) / (count - 1)) for i in range(count)})
 
 
 def target_features(hidden_states: tuple[torch.Tensor, ...], layer_ids: list[int]) -> torch.Tensor:

@@ -64,15 +64,16 @@ class Prepared:
 
 
 def pick_mask_token(tokenizer, rows: Rows, wanted: int | None) -> int:
-    """``wanted``, or the highest special token id below 64 that no row contains (an id the unmodified target
-    already embeds, as DFlash's layout requires)."""
+    """``wanted``, or the highest special token id that no row contains (an id the unmodified target already
+    embeds, as DFlash's layout requires)."""
     if wanted is not None:
         return wanted
     seen = {t for ids in rows.ids for t in ids}
-    special = sorted(i for i in tokenizer.all_special_ids + list(getattr(tokenizer, "added_tokens_decoder", {}))
-                     if i < 64 and i not in seen)
+    special = sorted(i for i in set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+                     if i not in seen and i < len(tokenizer))
     if not special:
-        raise UsageError("no unused special token below id 64 to serve as the mask: set net.mask_token_id")
+        raise UsageError("the target's tokenizer has no special token the data never uses, to serve as the mask: "
+                         "set net.mask_token_id")
     return special[-1]
 
 

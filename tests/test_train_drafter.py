@@ -1,0 +1,52 @@
+"""``blockdiff train-drafter`` end to end on a tiny teacher (``training/drafter.py``): a distilled set in, a DFlash
+drafter out (its layout, recipe and card), which then drafts for its target losslessly; a stopped run resumes, a
+finished one is never overwritten without ``--resume``, and a bad key is one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_distill import corpus_dir, distilled_set, teacher  # noqa: F401  (fixtures)
+from test_speculative import hf_greedy
+
+from blockdiff.cli.app import main
+from blockdiff.modeling.dflash import DFlashDrafter
+from blockdiff.modeling.pretrained import load_decoder
+from blockdiff.sampling.speculative import speculative_generate
+
+
+def argv(distilled, teacher_dir, out, *extra):
+    return ["train-drafter", f"target={teacher_dir}", f"data.distilled=[{distilled}]", f"out_dir={out}",
+            "net.num_layers=1", "net.target_layers=2", "net.block_length=4", "net.draft_vocab=64", "net.mask_token_id=260",
+            "train.max_steps=6", "train.val_every=3", "train.batch_size=2", "train.anchors=4", "data.val_fraction=0.2",
+            *extra]
+
+
+@pytest.mark.slow
+def test_train_drafter_writes_a_drafter_that_drafts_losslessly(distilled_set, teacher, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(argv(distilled_set, teacher, out)) == 0
+    folder = out / "drafter"
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "recipe.json", "README.md"}
+    recipe = json.loads((folder / "recipe.json").read_text())
+    assert recipe["steps"] == 6 and recipe["best_accept"] is not None and recipe["train_tokens"] > 0
+    drafter = DFlashDrafter.load(folder)
+    assert len(drafter.layers) == 1 and drafter.block_length == 4 and len(drafter.draft_ids) == 64
+    assert "Held-out acceptance" in (folder / "README.md").read_text()
+    target, _, _ = load_decoder(str(teacher))
+    prompt = [5, 17, 40, 3]
+    out_ids = speculative_generate(target.eval(), None, prompt, drafter="dflash", dflash_path=str(folder),
+                                   max_new_tokens=12, eos_token_id=None)
+    assert out_ids.sequences[0].tolist() == hf_greedy(target, prompt, 12)
+
+    assert main(argv(distilled_set, teacher, out)) == 2  # a finished run is not overwritten without --resume
+    assert main(argv(distilled_set, teacher, out, "train.max_steps=9", "--resume")) == 0
+    assert json.loads((folder / "recipe.json").read_text())["steps"] == 9  # resumed at 6, ran to 9
+
+
+def test_a_bad_key_or_value_is_one_line(tmp_path, capsys):
+    assert main(["train-drafter", "net.block_length=1", f"out_dir={tmp_path}"]) == 2
+    assert "net.block_length must be in [2, 64]" in capsys.readouterr().err
+    assert main(["train-drafter", "net.nope=3", f"out_dir={tmp_path}"]) == 2
+    assert "nope" in capsys.readouterr().err
