@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -224,3 +225,33 @@ def test_a_missing_drafter_and_bad_knobs_are_refused(tmp_path):
         speculative_generate(target, None, [1, 2], drafter="hybrid", dflash_path=path, hybrid_min_match=0)
     with pytest.raises(UsageError, match="batch 1"):
         speculative_generate(target, None, torch.tensor([[1, 2], [3, 4]]), drafter="dflash", dflash_path=path)
+
+
+# -- the dflash package runs what we save ---------------------------------------------------------------------------
+def test_the_dflash_package_drafts_what_we_draft_and_accepts_what_we_accept(tmp_path, monkeypatch):
+    """Its own ``dflash_generate`` with our saved drafter: the target's greedy output, and step for step the same
+    tokens committed as ours (a four-token target, so drafts are often right and often wrong)."""
+    dflash = pytest.importorskip("dflash.model")
+    monkeypatch.setattr(dflash, "_cuda_time", time.perf_counter)  # its stats time with CUDA; CPU here
+    target = ar_model("llama", 4, std=1.0).float()
+    path = saved(make_drafter(target, std=1.0, mask=3), tmp_path)
+    ref = dflash.DFlashDraftModel.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = [3, 0, 2, 1]
+    theirs = dflash.dflash_generate(ref, target, torch.tensor([prompt]), 24, None, return_stats=True)
+    steps = []
+    ours = speculative_generate(target, None, prompt, drafter="dflash", dflash_path=path, max_new_tokens=24,
+                                observer=lambda s: steps.append(len(s.new_tokens)))
+    assert ours.sequences[0].tolist() == theirs.output_ids[0].tolist() == hf_greedy(target, prompt, 24)
+    assert steps[0] == 1 and steps[1:] == theirs.acceptance_lengths  # step 0: the prefill (no drafts yet), as theirs
+    assert max(steps) > 1  # some drafts were accepted
+
+
+def test_a_checkpoint_round_trips_through_the_dflash_package(tmp_path):
+    dflash = pytest.importorskip("dflash.model")
+    target = ar_model("llama", VOCAB).float()
+    drafter = make_drafter(target, layers=2)
+    ref = dflash.DFlashDraftModel.from_pretrained(saved(drafter, tmp_path), dtype=torch.float32)
+    ref.save_pretrained(tmp_path / "theirs")
+    back = DFlashDrafter.load(tmp_path / "theirs")
+    for name, value in drafter.state_dict().items():
+        assert torch.equal(back.state_dict()[name], value), name
