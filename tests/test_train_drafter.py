@@ -18,9 +18,9 @@ from blockdiff.sampling.speculative import speculative_generate
 
 def argv(distilled, teacher_dir, out, *extra):
     return ["train-drafter", f"target={teacher_dir}", f"data.distilled=[{distilled}]", f"out_dir={out}",
-            "net.num_layers=1", "net.target_layers=2", "net.block_length=4", "net.draft_vocab=64", "net.mask_token_id=260",
-            "train.max_steps=6", "train.val_every=3", "train.batch_size=2", "train.anchors=4", "data.val_fraction=0.2",
-            *extra]
+            "net.num_layers=1", "net.target_layers=2", "net.block_length=4", "net.draft_vocab=64",
+            "net.mask_token_id=260", "train.max_steps=6", "train.val_every=3", "train.batch_size=2", "train.anchors=4",
+            "data.val_fraction=0.2", *extra]
 
 
 @pytest.mark.slow
