@@ -50,3 +50,22 @@ def test_a_bad_key_or_value_is_one_line(tmp_path, capsys):
     assert "net.block_length must be in [2, 64]" in capsys.readouterr().err
     assert main(["train-drafter", "net.nope=3", f"out_dir={tmp_path}"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_export_writes_the_dflash_layout_and_never_replaces_other_files(distilled_set, teacher, tmp_path):  # noqa: F811
+    dflash = pytest.importorskip("dflash.model")
+    run = tmp_path / "run"
+    assert main(argv(distilled_set, teacher, run, "train.max_steps=3")) == 0
+    out = tmp_path / "export"
+    assert main(["export", str(run), str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "recipe.json", "README.md"}
+    ref = dflash.DFlashDraftModel.from_pretrained(str(out))
+    assert ref.block_size == 4 and ref.mask_token_id == 260
+    assert main(["export", str(run / "drafter"), str(out)]) == 2  # exists: --overwrite needed
+    assert main(["export", str(run / "drafter"), str(out), "--overwrite"]) == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["export", str(run), str(other), "--overwrite"]) == 2  # not a drafter: never replaced
+    assert (other / "notes.txt").read_text() == "mine"

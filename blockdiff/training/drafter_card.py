@@ -15,7 +15,7 @@ from blockdiff.errors import WouldOverwriteError
 from blockdiff.files import write_text_atomic
 from blockdiff.modeling.dflash import DFlashDrafter
 
-__all__ = ["write_drafter", "RECIPE", "CARD"]
+__all__ = ["write_drafter", "drafter_source", "export_drafter", "RECIPE", "CARD"]
 
 RECIPE, CARD = "recipe.json", "README.md"
 
@@ -77,3 +77,37 @@ def write_drafter(drafter: DFlashDrafter, directory: Path, summary: dict) -> Non
     if directory.exists():
         shutil.rmtree(directory)
     staging.rename(directory)
+
+
+def drafter_source(path: str | Path) -> Path | None:
+    """The drafter folder ``path`` names (a drafter folder, or a ``train-drafter`` run holding ``drafter/``), or
+    ``None`` when it is neither."""
+    path = Path(path)
+    for folder in (path, path / "drafter"):
+        config = folder / "config.json"
+        if config.is_file() and "dflash_config" in config.read_text(encoding="utf-8", errors="replace"):
+            return folder
+    return None
+
+
+def export_drafter(source: Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Copy the drafter in ``source`` to ``out_dir`` in DFlash's layout (what the ``dflash`` package, vLLM's and
+    SGLang's ``dflash`` method load), with its card and recipe. A non-empty ``out_dir`` is replaced only when it holds
+    a drafter and ``overwrite`` is set."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if drafter_source(out_dir) != out_dir or not overwrite:
+            raise WouldOverwriteError(
+                f"{out_dir} is not empty" + ("" if drafter_source(out_dir) != out_dir else " (a drafter: add "
+                                              "--overwrite to replace it)") + "; choose another OUT_DIR")
+    DFlashDrafter.load(source)  # a readable, consistent drafter, before anything is written
+    staging = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", RECIPE, CARD):
+        if (source / name).is_file():
+            shutil.copy2(source / name, staging / name)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    return out_dir
