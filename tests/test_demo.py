@@ -22,7 +22,7 @@ def tiny_args(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog. A cat sat on the mat.\n" * 60)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
-    return [*TINY, f"data.source={corpus}", f"trainer.out_dir={tmp_path / 'demo'}"]
+    return [*TINY, f"data.source={corpus}", f"trainer.out_dir={tmp_path / 'demo'}", "--no-fast"]
 
 
 def test_demo_trains_both_models_and_shows_them_side_by_side(tiny_args, tmp_path, capsys):
@@ -49,3 +49,24 @@ def test_demo_refuses_to_replace_the_ar_run_before_training(tiny_args, tmp_path,
     assert main(["demo", *tiny_args]) == 2
     assert not (tmp_path / "demo").exists()  # nothing trained
     assert (tmp_path / "demo-ar" / "notes.txt").read_text() == "mine"
+
+
+def test_the_fast_decoding_showcase_writes_the_models_own_text(tmp_path, capsys):
+    """The demo's last part with a tiny target and a drafter for it: the same text as its generate(), both speeds."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_dflash import make_drafter, saved
+    from test_speculative import ar_model
+
+    from blockdiff.cli.demo_fast import showcase
+    from blockdiff.modeling.tokenizer import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    target = ar_model("llama", len(tokenizer), std=1.0).float()
+    path = saved(make_drafter(target, mask=len(tokenizer) - 1), tmp_path)
+    result = showcase(target, tokenizer, new_tokens=12, prompt="To be", drafter_path=path)
+    out = " ".join(capsys.readouterr().out.split())
+    assert result["identical"] and "token for token the same text" in out
+    assert result["plain_tok_s"] > 0 and result["fast_tok_s"] > 0 and result["tokens_per_forward"] >= 1
+    assert "x the speed on this machine" in out

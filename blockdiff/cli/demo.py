@@ -46,7 +46,8 @@ def run(args) -> None:
 
     A few minutes in all: the AR run, the block diffuser started from it, and the AR model trained as long; then
     samples of both side by side, their forwards and held-out bounds, and a page that replays the block diffuser's
-    sample.
+    sample. Last, the offline SmolLM2 and the shipped DFlash drafter write the same text as SmolLM2's own generate(),
+    faster (--no-fast skips it).
 
     Writes runs/demo (trainer.out_dir; the AR model in runs/demo-ar, the trace and page next to them); an earlier
     demo there is replaced only with --overwrite.
@@ -65,6 +66,10 @@ def run(args) -> None:
 
     page = write_page(read_trace(trace), trace.with_suffix(".html"))
     _report(shown, cfg, page, trace)
+    if not args.no_fast:
+        from blockdiff.cli.demo_fast import run_showcase
+
+        run_showcase()
 
 
 def _train(cfg, overwrite: bool, resume=None):
@@ -204,6 +209,8 @@ def _bound(s: Shown) -> str:
 
 def add_arguments(p):
     options.train_args(p)
+    p.add_argument("--no-fast", action="store_true",
+                   help="skip the last part: SmolLM2 with the shipped drafter next to its own generate()")
     p.add_argument("--recipe", choices=["from-ar", "scratch"], default="from-ar",
                    help="from-ar (default): AR model, then block diffusion from it, next to the AR model trained as "
                    "long; scratch: block diffusion from random weights for the whole budget")
