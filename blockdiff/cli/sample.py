@@ -337,7 +337,7 @@ def add_drafter_flags(p) -> None:
 
     p.add_argument("--drafter", choices=drafter_names(),
                    help="with --speculative: " + ", ".join(drafter_names()) + " (default: fused for a model that "
-                   "verifies itself, else two_model)")
+                   "verifies itself, else two_model; lookup for a plain decoder)")
     for k in drafter_knobs().values():
         default = "" if k.default is None else f" (default {k.default})"
         kind = true_or_false if k.type is bool else k.type
