@@ -210,7 +210,8 @@ def test_a_stop_string_ends_generation_early(plain):
 
 def test_cancel_mid_stream_leaves_the_engine_serving_the_next_request(plain, monkeypatch):
     """The client leaves after the first step's event; the verifier's second forward waits until the server has
-    cancelled the job (no race), after which the job stops and the next request is served exactly."""
+    cancelled the job (no race: 28 tokens would take at least 4 steps), so the job stops after its first or second
+    step, and the next request is served exactly."""
     url, engine = plain
     left, forwards = threading.Event(), []
     cancel = Engine.cancel
@@ -239,7 +240,7 @@ def test_cancel_mid_stream_leaves_the_engine_serving_the_next_request(plain, mon
             time.sleep(0.05)
     finally:
         handle.remove()
-    assert after["completed"] == before["completed"] and len(forwards) == 2  # it stopped after the gated step
+    assert after["completed"] == before["completed"] and len(forwards) <= 2  # stopped after the first or gated step
     r = _client(url).completions.create(model=PLAIN, prompt="the cat", max_tokens=20, temperature=0)
     assert r.choices[0].text == _verifier_greedy(engine, "the cat", 20)
 
