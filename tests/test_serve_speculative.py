@@ -254,6 +254,60 @@ def test_health_counts_the_speculative_work(plain):
     assert spec["tokens_per_verifier_forward"] == round(spec["tokens"] / spec["verifier_forwards"], 4)
 
 
+def test_the_servers_drafter_flags_are_every_requests_defaults(dirs):
+    """``blockdiff serve --speculative --lookup-tokens 1``: at most one draft per step unless a request says more."""
+    from fastapi.testclient import TestClient
+
+    from blockdiff.sampling.speculative import speculative_generate
+
+    engine = _float64(build_engine(str(dirs[1]), PLAIN, lean=False, speculative=True,
+                                   drafter_settings={"lookup_tokens": 1}))
+    engine.start()
+    try:
+        with TestClient(create_app(engine)) as http:
+            body = {"model": PLAIN, "prompt": "abc abc abc", "max_tokens": 16, "temperature": 0}
+            one = http.post("/v1/completions", json=body).json()
+            more = http.post("/v1/completions", json={**body, "lookup_tokens": 7}).json()
+    finally:
+        engine.stop()
+    assert one["choices"][0]["text"] == more["choices"][0]["text"] == _verifier_greedy(engine, "abc abc abc", 16)
+    for r, tokens in ((one, 1), (more, 7)):  # the counts of speculative_generate with that many lookup drafts
+        out = speculative_generate(engine.models.verifier, None, _ids(engine, "abc abc abc"), drafter="lookup",
+                                   lookup_tokens=tokens, max_new_tokens=16, eos_token_id=engine.tokenizer.eos_token_id)
+        assert (r["usage"]["speculative"]["verifier_forwards"], r["usage"]["speculative"]["drafted_tokens"]) == (
+            out.verifier_forwards, out.drafted_tokens)
+    assert one["usage"]["speculative"]["drafted_tokens"] != more["usage"]["speculative"]["drafted_tokens"]
+    with pytest.raises(UsageError, match="lookup_tokens=0"):  # a bad server default is refused at start
+        build_engine(str(dirs[1]), PLAIN, lean=False, speculative=True, drafter_settings={"lookup_tokens": 0})
+
+
+def test_a_dflash_drafter_serves_the_verifiers_greedy_text_and_its_folder_is_no_request_field(dirs, tmp_path):
+    """``--drafter dflash --dflash-path DIR`` on a plain decoder (a random DFlash drafter for it); ``dflash_path``
+    names files on the server, so a request may not set it."""
+    from fastapi.testclient import TestClient
+    from test_dflash import make_drafter, saved
+
+    from blockdiff.modeling.pretrained import load_decoder
+
+    target, tok, _ = load_decoder(str(dirs[1]))
+    path = saved(make_drafter(target, mask=tok.mask_token_id), tmp_path)
+    engine = _float64(build_engine(str(dirs[1]), PLAIN, lean=False, speculative=True, drafter="dflash",
+                                   drafter_settings={"dflash_path": path}))
+    engine.start()
+    try:
+        with TestClient(create_app(engine)) as http:
+            for prompt in PROMPTS[:2]:
+                body = {"model": PLAIN, "prompt": prompt, "max_tokens": 16, "temperature": 0}
+                r = http.post("/v1/completions", json=body).json()
+                assert r["choices"][0]["text"] == _verifier_greedy(engine, prompt, 16)
+                assert r["usage"]["speculative"]["drafted_tokens"] > 0
+            bad = http.post("/v1/completions", json={**body, "dflash_path": "/etc"})
+            assert "server starts" in _error(bad, 400, "unsupported_parameter", "dflash_path")["message"]
+            assert http.get("/health").json()["speculative"]["drafter"] == "dflash"
+    finally:
+        engine.stop()
+
+
 # -- bad requests -------------------------------------------------------------------------------------------------
 def _error(r, status: int, code: str | None, param: str | None) -> dict:
     assert r.status_code == status, r.text
@@ -331,7 +385,7 @@ def test_sample_and_serve_refuse_drafter_flags_without_speculative_and_sample_dr
     from blockdiff.cli import main
 
     model_dir, base = dirs
-    for flags in (["--drafter", "lookup"], ["--base", str(base)]):
+    for flags in (["--drafter", "lookup"], ["--base", str(base)], ["--lookup-tokens", "3"]):
         assert main(["serve", str(model_dir), *flags]) == 2
         assert "add --speculative" in capsys.readouterr().err
     capsys.readouterr()

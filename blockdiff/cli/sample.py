@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
+from blockdiff.cli.options import add_drafter_flags, true_or_false
 from blockdiff.cli.render import console
 from blockdiff.errors import MissingFileError, UsageError
 
@@ -328,23 +329,3 @@ def add_sampler_flags(p) -> None:
         default = "" if k.default is None else f" (default {k.default})"
         kind = true_or_false if k.type is bool else k.type
         p.add_argument(f"--{k.name.replace('_', '-')}", type=kind, help=f"{k.sampler} sampler: {k.doc}{default}")
-
-
-def add_drafter_flags(p) -> None:
-    """``--drafter`` (the registered names) and one flag per drafter knob, read from the drafter registry when the
-    parser is built (``blockdiff/sampling/speculative/registry.py``; imported here, as the samplers' are)."""
-    from blockdiff.sampling.speculative.registry import drafter_knobs, drafter_names
-
-    p.add_argument("--drafter", choices=drafter_names(),
-                   help="with --speculative: " + ", ".join(drafter_names()) + " (default: fused for a model that "
-                   "verifies itself, else two_model; lookup for a plain decoder)")
-    for k in drafter_knobs().values():
-        default = "" if k.default is None else f" (default {k.default})"
-        kind = true_or_false if k.type is bool else k.type
-        p.add_argument(f"--{k.name.replace('_', '-')}", type=kind, help=f"{k.sampler} drafter: {k.doc}{default}")
-
-
-def true_or_false(text: str) -> bool:
-    if text.lower() not in ("true", "false"):
-        raise ValueError(text)  # argparse says: invalid true_or_false value
-    return text.lower() == "true"

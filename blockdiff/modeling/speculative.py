@@ -20,7 +20,7 @@ which builds a fresh drafter for one generation's settings (its knobs differ per
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +41,17 @@ class SpeculativeModels:
     drafter: str  # the registered drafter's name, resolved (never None)
     who: str  # for people: "lookup: smollm2 verifies"
     loaded: Any = None  # the blockdiff run or model directory (``LoadedModel``); None for a plain decoder
+    settings: dict = field(default_factory=dict)  # drafter knobs given at load: the defaults of every generation
 
     @property
     def generation_config(self):
-        """The settings a generation starts from: the model's own, or the defaults for a plain decoder."""
+        """The settings a generation starts from (a copy): the model's own, or the defaults for a plain decoder, with
+        ``settings`` over them."""
         from blockdiff.sampling.config import BlockDiffusionGenerationConfig
+        from blockdiff.sampling.inputs import with_overrides
 
-        return self.model.generation_config if self.model is not None else BlockDiffusionGenerationConfig()
+        base = self.model.generation_config if self.model is not None else BlockDiffusionGenerationConfig()
+        return with_overrides(base, self.settings)
 
     @property
     def max_positions(self) -> int | None:
@@ -99,10 +103,12 @@ def _local_decoder(path: str) -> bool:
 
 
 def load_speculative(path: str, drafter: str | None = None, base: str | None = None, *, device: str | None = None,
-                     lean: bool | None = None, block_length: int | None = None) -> SpeculativeModels:
+                     lean: bool | None = None, block_length: int | None = None,
+                     settings: dict | None = None) -> SpeculativeModels:
     """The models speculative decoding of ``path`` runs with, loaded and checked (module docstring). ``drafter``:
     a registered drafter's name (None: the default for this path); ``base``: the verifier of a block diffuser
-    (``--base``); ``block_length``: draft at another block length the network supports (a block diffuser only)."""
+    (``--base``); ``block_length``: draft at another block length the network supports (a block diffuser only);
+    ``settings``: drafter knobs every generation starts from (checked here, with the drafter built once)."""
     import blockdiff.sampling.speculative  # noqa: F401 - registers the built-in drafters
     from blockdiff.sampling.speculative.registry import drafter_class
 
@@ -112,7 +118,7 @@ def load_speculative(path: str, drafter: str | None = None, base: str | None = N
         if base is not None or block_length is not None:
             raise UsageError(f"{path} is a plain decoder and verifies the drafts itself: --base and --block-length "
                              "apply to a block diffuser (give a blockdiff run or model instead)")
-        return _plain(path, drafter or PLAIN_DECODER_DRAFTER, device, lean)
+        return _plain(path, drafter or PLAIN_DECODER_DRAFTER, device, lean, settings or {})
     from blockdiff.modeling.io import load_model_dir
 
     if drafter is not None and blockdiff_kind(path) is None and _local_decoder(path):  # it needs a block diffuser
@@ -128,11 +134,11 @@ def load_speculative(path: str, drafter: str | None = None, base: str | None = N
         name = base or _base_of(loaded)
         verifier = _verifier(name, loaded, lean)
         who = f"{name} verifies"
-    models = SpeculativeModels(loaded.model, verifier, loaded.tokenizer, drafter or "", who, loaded)
+    models = SpeculativeModels(loaded.model, verifier, loaded.tokenizer, drafter or "", who, loaded, settings or {})
     return _named(models, drafter)
 
 
-def _plain(name: str, drafter: str, device, lean) -> SpeculativeModels:
+def _plain(name: str, drafter: str, device, lean, settings: dict) -> SpeculativeModels:
     """A plain decoder verifying drafts that need no block diffuser."""
     from blockdiff.modeling.device import resolve_device
     from blockdiff.modeling.lean import pack_linears, use_lean
@@ -142,15 +148,19 @@ def _plain(name: str, drafter: str, device, lean) -> SpeculativeModels:
     verifier = verifier.to(resolve_device(device)).eval()
     if use_lean(verifier, lean):
         pack_linears(verifier)
-    return _named(SpeculativeModels(None, verifier, tokenizer, drafter, f"{name} verifies"), drafter)
+    return _named(SpeculativeModels(None, verifier, tokenizer, drafter, f"{name} verifies", settings=settings), drafter)
 
 
 def _named(models: SpeculativeModels, drafter: str | None) -> SpeculativeModels:
-    """``models`` with the drafter's resolved name, built once now so what cannot draft is refused before any work."""
+    """``models`` with the drafter's resolved name, its settings checked and the drafter built once now, so what
+    cannot draft is refused before any work."""
     from blockdiff.sampling.inputs import with_overrides
+    from blockdiff.sampling.resolve import resolve
     from blockdiff.sampling.speculative import make_drafter
 
-    pair = make_drafter(models.model, with_overrides(models.generation_config, {"drafter": drafter}), models.verifier)
+    config = with_overrides(models.generation_config, {"drafter": drafter})
+    resolve(models.model, config, speculative=True)  # the settings checked: the drafters' knobs among them
+    pair = make_drafter(models.model, config, models.verifier)
     models.drafter = pair.name
     models.who = f"{pair.name}: {models.who}"
     return models

@@ -28,20 +28,22 @@ def _check_packages() -> None:
 
 
 def build_engine(path: str | Path, name: str | None = None, device: str | None = None, lean: bool | None = None,
-                 speculative: bool = False, drafter: str | None = None, base: str | None = None, **options):
+                 speculative: bool = False, drafter: str | None = None, base: str | None = None,
+                 drafter_settings: dict | None = None, **options):
     """An ``Engine`` (not started) over the model in ``path``, served under ``name`` (default: the folder name);
     ``lean``: as ``load_model_dir``'s (``None``: packed kernels on CPU in fp32). ``speculative``: decode every
     request speculatively (``SpeculativeEngine``) with the verifier and drafter ``load_speculative`` picks for
-    ``path`` (``drafter``: a registered drafter's name; ``base``: a block diffuser's verifier); ``path`` may then be
-    a plain decoder too (``smollm2``, a .gguf, a local directory)."""
-    if not speculative and (drafter is not None or base is not None):
-        raise UsageError("--drafter and --base choose the drafter and verifier of --speculative decoding; add "
-                         "--speculative")
+    ``path`` (``drafter``: a registered drafter's name; ``base``: a block diffuser's verifier; ``drafter_settings``:
+    drafter knobs, the server's defaults); ``path`` may then be a plain decoder too (``smollm2``, a .gguf, a local
+    directory)."""
+    if not speculative and (drafter is not None or base is not None or drafter_settings):
+        raise UsageError("--drafter, its settings and --base choose the drafter and verifier of --speculative "
+                         "decoding; add --speculative")
     if speculative:
         from blockdiff.modeling.speculative import load_speculative
         from blockdiff.serving.speculative import SpeculativeEngine
 
-        models = load_speculative(str(path), drafter, base, device=device, lean=lean)
+        models = load_speculative(str(path), drafter, base, device=device, lean=lean, settings=drafter_settings)
         if name is None:
             name = _served_name(path) if models.loaded is not None else Path(str(path)).stem or str(path)
         return SpeculativeEngine(models, name, **options)

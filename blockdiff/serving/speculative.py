@@ -21,8 +21,10 @@ speculative decoding itself does not take, end generation here, after the step t
 and add up in ``stats()["speculative"]`` (``/health``).
 
 The request fields only the block loop reads (``sampler``, its knobs, ``steps_per_block``, ``block_length``) are
-refused by name, as are a ``drafter`` other than the served one and the knobs of other drafters; the served
-drafter's knobs are checked by the drafter itself (its ``check_knobs``), each refusal a 400 naming the field.
+refused by name, as are a ``drafter`` other than the served one, the knobs of other drafters and a knob that names
+files (a ``str`` knob such as a drafter checkpoint's folder: set when the server starts, never by a client); the
+served drafter's other knobs are checked by the drafter itself (its ``check_knobs``), each refusal a 400 naming the
+field. The server's own drafter flags (``blockdiff serve --speculative --KNOB value``) are every request's defaults.
 """
 
 from __future__ import annotations
@@ -129,6 +131,10 @@ class SpeculativeEngine(Engine):
             if knob is not None and name not in served:
                 raise APIError(400, f"{name} is a knob of the {knob.sampler} drafter; this server drafts with "
                                f"{self.models.drafter}: leave it out", name, "unsupported_parameter")
+            if knob is not None and knob.type is str:  # a path: a request must not make the server read its files
+                raise APIError(400, f"{name} names files on the server: it is set when the server starts "
+                               f"(--{name.replace('_', '-')}), not per request; leave it out", name,
+                               "unsupported_parameter")
 
     def _resolve_speculative(self, settings: dict) -> Settings:
         """The request's settings over the served models' (a copy), checked as speculative decoding checks them, and
