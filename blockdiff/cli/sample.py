@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
+from blockdiff.cli.options import add_drafter_flags, true_or_false
 from blockdiff.cli.render import console
 from blockdiff.errors import MissingFileError, UsageError
 
@@ -28,67 +29,15 @@ def run(args) -> None:
         check_output_file(args.trace, "--trace", args.overwrite, inputs=[p for p in (args.prompt_file,) if p])
     _check_beam_flags(args)
     prompts = _read_prompts(args)
-    if args.speculative and _plain_decoder(path, args.drafter):
-        _speculate_plain(args, path, prompts)
+    if args.speculative:
+        _speculate(args, path, prompts)
         return
     loaded = load_model_dir(path, device=args.device, lean=False if args.no_lean else None)
     if args.block_length is not None:  # e.g. a block-length-mixture model at another of its lengths
         loaded.model = loaded.model.with_block_length(args.block_length)
     config = _settings(args, loaded.model)
-    if args.speculative:
-        _speculate(args, loaded, prompts, config)
-        return
     texts, out = _generate(args, loaded, prompts, config)
     _print_samples(prompts, texts, out)
-
-
-def _plain_decoder(path: str, drafter: str | None) -> bool:
-    """Whether ``path`` is a plain decoder verified with a drafter that needs no block diffuser (``--drafter lookup``):
-    anything but a blockdiff model or run, when that drafter is named."""
-    from blockdiff.sampling.speculative.registry import drafter_class
-
-    if drafter is None or drafter_class(drafter).needs_block_model:
-        return False
-    return _blockdiff_kind(path) is None
-
-
-def _blockdiff_kind(path) -> str | None:
-    """``"run"`` or ``"model"`` when ``path`` is a blockdiff run or model directory (a block diffuser); else None."""
-    from pathlib import Path
-
-    from blockdiff.modeling.rundir import is_run_dir, model_dir_of
-    from blockdiff.modeling.spec import SPEC_FILE
-
-    root = Path(path)
-    if not root.is_dir():
-        return None
-    return "run" if is_run_dir(root) else "model" if (model_dir_of(root) / SPEC_FILE).is_file() else None
-
-
-def _speculate_plain(args, name: str, prompts: list[str]) -> None:
-    """``blockdiff sample DECODER --speculative --drafter lookup``: the decoder (a local directory, a .gguf,
-    ``smollm2`` or a hub id) verifies drafts that need no network; no block diffuser is loaded."""
-    import torch
-
-    from blockdiff.modeling.lean import pack_linears, use_lean
-    from blockdiff.modeling.pretrained import load_decoder
-    from blockdiff.sampling import encode_prompts
-    from blockdiff.sampling.speculative import speculative_generate
-
-    if args.trace or args.show_denoising or args.base is not None or args.block_length is not None:
-        raise UsageError(f"--drafter {args.drafter} on a plain decoder: --trace, --show-denoising, --base and "
-                         "--block-length need a block diffuser (give a blockdiff model instead of the decoder)")
-    config = _settings(args, None)
-    verifier, tokenizer, _ = load_decoder(name, what="the model")
-    verifier = verifier.eval()
-    if use_lean(verifier, False if args.no_lean else None):
-        pack_linears(verifier)
-    for i, prompt_ids in enumerate(encode_prompts(tokenizer, prompts)):
-        out = speculative_generate(verifier, None, prompt_ids, generation_config=config,
-                                   generator=torch.Generator().manual_seed(args.seed + i),
-                                   eos_token_id=tokenizer.eos_token_id)
-        text = tokenizer.decode(out.new_tokens(0), skip_special_tokens=True)
-        _print_speculative(prompts[i], i, text, out, f"{args.drafter}: {name} verifies")
 
 
 def _check_beam_flags(args) -> None:
@@ -237,59 +186,56 @@ def _check_speculative_flags(args) -> None:
         )
 
 
-def _base_of(loaded) -> str:
-    """The decoder a model was fine-tuned from: ``model.pretrained`` of its training config, followed through
-    ``model.init_from`` when a run continued an earlier blockdiff model."""
-    from blockdiff.modeling.io import read_train_config
-    from blockdiff.modeling.rundir import model_dir_of
-
-    cfg, seen = loaded.config, [loaded.directory]
-    while cfg.model.pretrained is None and cfg.model.init_from is not None and len(seen) < 8:
-        seen.append(model_dir_of(cfg.model.init_from))
-        cfg = read_train_config(seen[-1])
-    if cfg.model.pretrained is None:
-        raise UsageError(
-            f"{loaded.directory} was not fine-tuned from a pretrained decoder (its train_config.yaml sets no "
-            "model.pretrained), so it has no base to verify its drafts: pass --base NAME, a causal LM with the same "
-            "tokenizer (a local directory, a .gguf, smollm2 or a hub id)"
-        )
-    return cfg.model.pretrained
-
-
-def _speculate(args, loaded, prompts: list[str], config) -> None:
-    """Each prompt on its own (speculative decoding is batch 1), with the drafter ``--drafter`` names (default: the
-    registry's pick, ``fused`` for a model with a gated adapter over its frozen decoder and a token-causal clean
-    stream, which verifies its own drafts in the same forward). A drafter that needs a separate verifier gets the
-    base decoder (``--base``, default the model's ``model.pretrained``); ``--base`` for a fused model picks
-    ``two_model``."""
+def _speculate(args, path: str, prompts: list[str]) -> None:
+    """Each prompt on its own (speculative decoding is batch 1), with the verifier and drafter that
+    ``modeling/speculative.py``'s ``load_speculative`` picks for ``path`` (the decision ``blockdiff serve
+    --speculative`` shares): a plain decoder verifying drafts that need no network (``lookup``, its default), or a
+    block diffuser drafting for its base decoder (``--base``, default its ``model.pretrained``) or verifying its own
+    drafts (``fused``, the default for a model with a gated adapter and a token-causal clean stream)."""
     import torch
 
+    from blockdiff.modeling.speculative import load_speculative, plain_decoder
     from blockdiff.sampling import encode_prompts
+    from blockdiff.sampling.inputs import with_overrides
     from blockdiff.sampling.outputs import GenerationOutput
-    from blockdiff.sampling.speculative import make_drafter, speculative_generate
-    from blockdiff.sampling.speculative.registry import needs_verifier
+    from blockdiff.sampling.speculative import speculative_generate
     from blockdiff.viewer.watch import SpeculativeEvents, trace_end
 
-    verifier, name = None, None
-    if args.base is not None or needs_verifier(loaded.model, config.drafter):
-        verifier, name = _verifier(args, loaded)
-    pair = make_drafter(loaded.model, config, verifier)
-    who = f"{pair.name}: " + (f"{name} verifies" if verifier is not None else "the model's own frozen base verifies")
-    ids = encode_prompts(loaded.tokenizer, prompts)
+    if plain_decoder(path, args.drafter) and (args.trace or args.show_denoising or args.base is not None
+                                              or args.block_length is not None):
+        raise UsageError(f"{path} is a plain decoder: --trace, --show-denoising, --base and --block-length need a "
+                         "block diffuser (give a blockdiff model instead of the decoder)")
+    models = load_speculative(path, args.drafter, args.base, device=args.device,
+                              lean=False if args.no_lean else None, block_length=args.block_length)
+    config = with_overrides(_settings(args, models.model), {"drafter": models.drafter})
+    pair = models.drafter_for(config)
+    tokenizer, loaded = models.tokenizer, models.loaded
+    device = (models.model if models.model is not None else models.verifier).device
+    ids = encode_prompts(tokenizer, prompts)
+
+    def one(i: int, observer=None):
+        out = speculative_generate(pair, None, ids[i], generation_config=config, observer=observer,
+                                   generator=torch.Generator(device=device).manual_seed(args.seed + i),
+                                   eos_token_id=tokenizer.eos_token_id)
+        text = tokenizer.decode(out.new_tokens(0), skip_special_tokens=True)
+        _print_speculative(prompts[i], i, text, out, models.who)
+        return out, text
+
+    if loaded is None:  # a plain decoder: nothing to trace or draw
+        for i in range(len(ids)):
+            one(i)
+        return
     header = _trace_header(loaded, config, ids, speculative=pair.name.replace("_", "-"))
     outs, texts, ending = [], [], []
     with _watching(args, loaded, ids, prompts, header, ending) as watch:
         for i, prompt_ids in enumerate(ids):
-            generator = torch.Generator(device=loaded.model.device).manual_seed(args.seed + i)
             events = SpeculativeEvents(watch, prompt_ids, loaded.model.block_length, loaded.model.mask_token_id, i)
-            out = speculative_generate(pair, None, prompt_ids, generation_config=config, generator=generator,
-                                       observer=events, eos_token_id=loaded.tokenizer.eos_token_id)
+            out, text = one(i, events)
             events.close()
             outs.append(out)
-            texts.append(loaded.tokenizer.decode(out.new_tokens(0), skip_special_tokens=True))
-            _print_speculative(prompts[i], i, texts[-1], out, who)
-        stacked = GenerationOutput.stack(outs, loaded.tokenizer.pad_token_id or 0)
-        ending.append(lambda seen: trace_end(stacked, texts, loaded.tokenizer, seen | {t for p in ids for t in p}))
+            texts.append(text)
+        stacked = GenerationOutput.stack(outs, tokenizer.pad_token_id or 0)
+        ending.append(lambda seen: trace_end(stacked, texts, tokenizer, seen | {t for p in ids for t in p}))
 
 
 def _print_speculative(prompt: str, i: int, text: str, out, who: str) -> None:
@@ -305,44 +251,6 @@ def _print_speculative(prompt: str, i: int, text: str, out, who: str) -> None:
         f"forward, {out.acceptance_rate:.0%} of drafts kept; drafts kept per step: {out.acceptance_histogram}",
         highlight=False,
     )
-
-
-def _verifier(args, loaded):
-    """``(verifier, base name)``: the base decoder loaded and checked against the model."""
-    from blockdiff.modeling.lean import pack_linears, use_lean
-    from blockdiff.modeling.pretrained import load_decoder
-    from blockdiff.sampling.speculative import check_verifier
-
-    name = args.base or _base_of(loaded)
-    _check_base(name, loaded)
-    verifier, verifier_tokenizer, _ = load_decoder(name, what="--base")
-    verifier = verifier.to(loaded.model.device).eval()
-    if use_lean(verifier, False if args.no_lean else None):
-        pack_linears(verifier)
-    check_verifier(verifier, loaded.model, tokenizer=loaded.tokenizer, verifier_tokenizer=verifier_tokenizer)
-    return verifier, name
-
-
-def _check_base(name: str, loaded) -> None:
-    """Refuse, before a weight is loaded, a verifier that cannot be one: a blockdiff model or run (a block diffuser
-    is no autoregressive verifier, so "lossless" would mean nothing) or a decoder whose declared vocabulary is larger
-    than the model's (``check_verifier`` checks the rest once it is loaded)."""
-    from blockdiff.modeling.pretrained import declared_vocab_size, resolve_source
-
-    source = resolve_source(name)
-    kind = None if source.gguf_file else _blockdiff_kind(source.name_or_path)
-    if kind is not None:
-        raise UsageError(
-            f"--base {name} is a blockdiff {kind} (a block diffuser), not an "
-            "autoregressive decoder: the verifier must be the decoder the model was fine-tuned from (its "
-            "model.pretrained, used when --base is left out), or the output would not be that decoder's"
-        )
-    vocab, ours = declared_vocab_size(source), loaded.model.vocab_size
-    if vocab is not None and vocab > ours:
-        raise UsageError(
-            f"--base {name} has a vocabulary of {vocab} tokens, larger than the model's {ours}: they do not share a "
-            "tokenizer; pass the decoder the model was fine-tuned from (its model.pretrained)"
-        )
 
 
 def _read_prompts(args) -> list[str]:
@@ -369,8 +277,9 @@ def _read_prompts(args) -> list[str]:
 
 
 def add_arguments(p):
-    p.add_argument("path", nargs="?", help="run directory or its model/ folder (with --speculative --drafter lookup: "
-                   "also a plain decoder: a local directory, a .gguf, smollm2 or a hub id)")
+    p.add_argument("path", nargs="?", help="run directory or its model/ folder (with --speculative also a plain "
+                   "decoder: a local directory, a .gguf or smollm2, verifying lookup drafts; a hub id with --drafter "
+                   "lookup)")
     p.add_argument("--checkpoint", help="same as the positional path")
     p.add_argument(
         "--prompt", action="append", help="prompt text (repeatable; '-' reads one prompt per line from stdin)"
@@ -420,23 +329,3 @@ def add_sampler_flags(p) -> None:
         default = "" if k.default is None else f" (default {k.default})"
         kind = true_or_false if k.type is bool else k.type
         p.add_argument(f"--{k.name.replace('_', '-')}", type=kind, help=f"{k.sampler} sampler: {k.doc}{default}")
-
-
-def add_drafter_flags(p) -> None:
-    """``--drafter`` (the registered names) and one flag per drafter knob, read from the drafter registry when the
-    parser is built (``blockdiff/sampling/speculative/registry.py``; imported here, as the samplers' are)."""
-    from blockdiff.sampling.speculative.registry import drafter_knobs, drafter_names
-
-    p.add_argument("--drafter", choices=drafter_names(),
-                   help="with --speculative: " + ", ".join(drafter_names()) + " (default: fused for a model that "
-                   "verifies itself, else two_model)")
-    for k in drafter_knobs().values():
-        default = "" if k.default is None else f" (default {k.default})"
-        kind = true_or_false if k.type is bool else k.type
-        p.add_argument(f"--{k.name.replace('_', '-')}", type=kind, help=f"{k.sampler} drafter: {k.doc}{default}")
-
-
-def true_or_false(text: str) -> bool:
-    if text.lower() not in ("true", "false"):
-        raise ValueError(text)  # argparse says: invalid true_or_false value
-    return text.lower() == "true"

@@ -2,6 +2,7 @@
 
 * ``protocol.py`` — request bodies checked into ``GenerationRequest``s, OpenAI-shaped errors and responses;
 * ``engine.py`` — the queue and the worker thread that batches jobs with equal settings through ``generate``;
+* ``speculative.py`` — ``--speculative``: the engine that decodes each job by lossless speculative decoding;
 * ``deltas.py`` — streamed text, one finished block at a time, never a character the final text drops;
 * ``app.py`` — the FastAPI routes.
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from blockdiff.errors import MissingPackageError
+from blockdiff.errors import MissingPackageError, UsageError
 
 __all__ = ["build_engine", "serve"]
 
@@ -27,18 +28,38 @@ def _check_packages() -> None:
 
 
 def build_engine(path: str | Path, name: str | None = None, device: str | None = None, lean: bool | None = None,
-                 **options):
+                 speculative: bool = False, drafter: str | None = None, base: str | None = None,
+                 drafter_settings: dict | None = None, **options):
     """An ``Engine`` (not started) over the model in ``path``, served under ``name`` (default: the folder name);
-    ``lean``: as ``load_model_dir``'s (``None``: packed kernels on CPU in fp32)."""
+    ``lean``: as ``load_model_dir``'s (``None``: packed kernels on CPU in fp32). ``speculative``: decode every
+    request speculatively (``SpeculativeEngine``) with the verifier and drafter ``load_speculative`` picks for
+    ``path`` (``drafter``: a registered drafter's name; ``base``: a block diffuser's verifier; ``drafter_settings``:
+    drafter knobs, the server's defaults); ``path`` may then be a plain decoder too (``smollm2``, a .gguf, a local
+    directory)."""
+    if not speculative and (drafter is not None or base is not None or drafter_settings):
+        raise UsageError("--drafter, its settings and --base choose the drafter and verifier of --speculative "
+                         "decoding; add --speculative")
+    if speculative:
+        from blockdiff.modeling.speculative import load_speculative
+        from blockdiff.serving.speculative import SpeculativeEngine
+
+        models = load_speculative(str(path), drafter, base, device=device, lean=lean, settings=drafter_settings)
+        if name is None:
+            name = _served_name(path) if models.loaded is not None else Path(str(path)).stem or str(path)
+        return SpeculativeEngine(models, name, **options)
     from blockdiff.modeling.io import load_model_dir
-    from blockdiff.modeling.rundir import model_dir_of
     from blockdiff.serving.engine import Engine
 
     loaded = load_model_dir(path, device=device, lean=lean)
-    if name is None:
-        folder = model_dir_of(path).resolve()
-        name = folder.parent.name if folder.name == "model" else folder.name
-    return Engine(loaded, name, **options)
+    return Engine(loaded, name or _served_name(path), **options)
+
+
+def _served_name(path) -> str:
+    """A run's name (its folder's, also for its model/ folder) or a model folder's."""
+    from blockdiff.modeling.rundir import model_dir_of
+
+    folder = model_dir_of(path).resolve()
+    return folder.parent.name if folder.name == "model" else folder.name
 
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,

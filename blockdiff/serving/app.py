@@ -2,9 +2,10 @@
 
 ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions``. A streamed response
 (``"stream": true``) is server-sent events, **one finished block per event** (its text for one choice, possibly empty
-while a partial character or a possible stop string is held back), then a last event per choice with its
-``finish_reason``, the usage event when ``stream_options.include_usage`` asks for it, and ``data: [DONE]``.
-A client that goes away cancels its jobs: they leave their batch after the current block.
+while a partial character or a possible stop string is held back; on a speculative server one verification step's
+committed tokens per event, never a draft), then a last event per choice with its ``finish_reason``, the usage event
+when ``stream_options.include_usage`` asks for it, and ``data: [DONE]``. A client that goes away cancels its jobs:
+they leave their batch after the current block (a speculative job after the current verification step).
 
 Every error is OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``), also those FastAPI raises itself
 (404 unknown route, 405 wrong method, 422 validation) and a bug's 500. A body over ``max_body_bytes`` is refused
@@ -24,12 +25,20 @@ from starlette.exceptions import HTTPException
 
 from blockdiff.serving.deltas import TextDeltas
 from blockdiff.serving.engine import Engine, Finished, Job
-from blockdiff.serving.protocol import APIError, chunk_body, completion_body, parse_request, usage_body
+from blockdiff.serving.protocol import (
+    APIError,
+    chunk_body,
+    completion_body,
+    parse_request,
+    speculative_usage,
+    usage_body,
+)
 
 __all__ = ["create_app"]
 
 POLL = 0.25  # seconds between checks that the client is still there
-FINISH = {"eos": "stop", "stop_string": "stop", "max_new_tokens": "length", "cancelled": "stop"}
+FINISH = {"eos": "stop", "stop_string": "stop", "max_new_tokens": "length", "max_length": "length",
+          "cancelled": "stop"}  # generation's stop reason -> finish_reason (max_length: the verifier's context is full)
 MAX_BODY_BYTES = 1 << 20  # default request body limit (1 MiB: 64 prompts of 16 KB each)
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
@@ -122,11 +131,14 @@ async def _generate(engine: Engine, request: Request, chat: bool):
 def _deltas(engine: Engine, req, job: Job) -> TextDeltas:
     settings = job.settings  # resolved once, in Engine.prepare
     return TextDeltas(engine.tokenizer, settings.max_new_tokens, req.stop, set(settings.eos_ids),
-                      job.model.mask_token_id)
+                      getattr(job.model, "mask_token_id", None))  # None: speculative, the verifier writes every token
 
 
 def _usage(jobs: list[Job], finished: list[Finished]) -> dict:
-    return usage_body(sum(len(j.ids) for j in jobs), sum(len(f.tokens) for f in finished), sum(f.nfe for f in finished))
+    completion = sum(len(f.tokens) for f in finished)
+    counts = [f.speculative for f in finished if f.speculative is not None]
+    speculative = speculative_usage(counts, completion) if counts else None
+    return usage_body(sum(len(j.ids) for j in jobs), completion, sum(f.nfe for f in finished), speculative)
 
 
 async def _next(request: Request, queue: asyncio.Queue):

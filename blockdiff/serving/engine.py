@@ -18,7 +18,9 @@ blocks is final (the generation observer's block-is-final event), then ``("done"
 APIError)``. A job whose client went away is ``cancel``-ed: it leaves its batch after the current block
 (``generate(..., cancelled=...)``), and a waiting one never runs.
 
-Everything a request can get wrong is checked in ``prepare``, on the caller's thread, before it is queued.
+Everything a request can get wrong is checked in ``prepare``, on the caller's thread, before it is queued. A drafter
+setting (``drafter`` or a drafter's knob) is refused here by name: this engine does not decode speculatively
+(``speculative.py``'s ``SpeculativeEngine`` does, ``blockdiff serve --speculative``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from blockdiff.core.noise import make_schedule
 from blockdiff.errors import UsageError
 from blockdiff.sampling.inputs import with_overrides
 from blockdiff.sampling.resolve import Settings, resolve
+from blockdiff.sampling.speculative.registry import SPECULATIVE, drafter_knobs
 from blockdiff.sampling.text import encode_prompts
 from blockdiff.serving.protocol import APIError, GenerationRequest
 
@@ -51,8 +54,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class Finished:
     tokens: list[int]  # the choice's new tokens (EOS / the stop string's tokens included)
-    reason: str  # generation's stop reason: eos, stop_string, max_new_tokens or cancelled
+    reason: str  # generation's stop reason: eos, stop_string, max_new_tokens, max_length or cancelled
     nfe: int  # forwards that denoised it
+    speculative: dict | None = None  # speculative decoding's counts (``SpeculativeEngine``; usage.speculative)
 
 
 @dataclass(eq=False)  # identity: two jobs are never "equal"
@@ -66,6 +70,8 @@ class Job:
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     stream: bool = False
+    drafter: object = None  # speculative decoding: the drafter built for this job's settings (``SpeculativeEngine``)
+    stops: tuple[str, ...] = ()  # speculative decoding: stop strings the engine ends generation at
     arrived: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -91,8 +97,8 @@ class Engine:
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, name
         self.batch_window, self.max_batch_size, self.max_tokens_limit = batch_window, max_batch_size, max_tokens_limit
         self.max_prompts, self.max_queue = max_prompts, max_queue
-        self.schedule = make_schedule(self.model.spec.schedule)
-        self._models = {self.model.block_length: self.model}
+        self.schedule = make_schedule(self.model.spec.schedule) if self.model is not None else None
+        self._models = {self.model.block_length: self.model} if self.model is not None else {}
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -127,16 +133,13 @@ class Engine:
     # -- requests -> jobs ------------------------------------------------------------------------------------
     def prepare(self, request: GenerationRequest, queue: asyncio.Queue, loop) -> list[Job]:
         """The request's jobs, one per choice, or ``APIError`` for anything that would make generation fail."""
-        count = len(request.prompts) if request.prompts is not None else 1
-        if count > self.max_prompts:
-            raise APIError(400, f"the prompt list has {count} prompts; this server takes at most "
-                           f"{self.max_prompts} per request: send them in several requests", "prompt",
-                           "too_many_prompts")
+        max_tokens = self._limits(request, self.model.generation_config.max_new_tokens)
+        for name in request.settings:
+            if name in SPECULATIVE or name in drafter_knobs():
+                raise APIError(400, f"{name} is a setting of speculative decoding, which this server does not do: "
+                               "start it with blockdiff serve PATH --speculative, or leave it out", name,
+                               "unsupported_parameter")
         model = self._model_at(request.block_length)
-        max_tokens = request.max_tokens or self.model.generation_config.max_new_tokens
-        if max_tokens > self.max_tokens_limit:
-            raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {self.max_tokens_limit}",
-                           "max_tokens", "max_tokens_over_limit")
         steps = request.settings.get("steps_per_block")
         if steps is not None and steps > self.max_tokens_limit:  # a step budget is work, as tokens are (ddpm runs it)
             raise APIError(400, f"steps_per_block={steps} is over this server's limit of {self.max_tokens_limit} "
@@ -157,9 +160,29 @@ class Engine:
                     "context_length_exceeded",
                 )
         key = repr((model.block_length, sorted(settings.items(), key=lambda kv: kv[0])))
-        seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX + 1)
+        seeds = self._seeds(request, len(prompts))
         return [Job(i, ids, model, resolved, self._key(key, ids, model.block_length, max_tokens, window),
-                    (seed + i) % (SEED_MAX + 1), queue, loop, request.stream) for i, ids in enumerate(prompts)]
+                    seeds[i], queue, loop, request.stream) for i, ids in enumerate(prompts)]
+
+    def _limits(self, request: GenerationRequest, default_max_tokens: int) -> int:
+        """The request's ``max_tokens`` (``default_max_tokens`` when it sets none), both checked against this
+        server's limits on prompts per request and new tokens per choice."""
+        count = len(request.prompts) if request.prompts is not None else 1
+        if count > self.max_prompts:
+            raise APIError(400, f"the prompt list has {count} prompts; this server takes at most "
+                           f"{self.max_prompts} per request: send them in several requests", "prompt",
+                           "too_many_prompts")
+        max_tokens = request.max_tokens or default_max_tokens
+        if max_tokens > self.max_tokens_limit:
+            raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {self.max_tokens_limit}",
+                           "max_tokens", "max_tokens_over_limit")
+        return max_tokens
+
+    @staticmethod
+    def _seeds(request: GenerationRequest, count: int) -> list[int]:
+        """Prompt ``i``'s seed: ``(seed + i) mod (SEED_MAX + 1)``, from a random ``seed`` when the request sets none."""
+        seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX + 1)
+        return [(seed + i) % (SEED_MAX + 1) for i in range(count)]
 
     @staticmethod
     def _key(key: str, ids: list[int], l: int, max_tokens: int, window: int | None) -> str:

@@ -5,7 +5,9 @@ with OpenAI's ``{"error": {"message", "type", "param", "code"}}`` shape), never 
 block generation does not implement are refused by name when set to anything but their default (``n``,
 ``logprobs``, ``echo``, ``best_of``, penalties, ``logit_bias``, ``suffix``, ``tools``); unknown fields are ignored,
 as OpenAI clients send many. The block-diffusion settings ride along as extra body fields: ``sampler``, ``tau``,
-``block_length``, ``steps_per_block``, ``top_k`` and every registered sampler's knob.
+``block_length``, ``steps_per_block``, ``top_k`` and every registered sampler's knob; so do speculative decoding's,
+``drafter`` and every registered drafter's knob (the engine refuses them on a server that is not speculative, and a
+speculative one refuses the block loop's).
 
 Every number is bounded here, before generation sees it: integers to ``[-INT_LIMIT, INT_LIMIT]`` (each sampler knob
 by the type its registry field declares, so a sampler registered later is bounded too; far below where torch's int64
@@ -23,7 +25,8 @@ from dataclasses import dataclass, field
 from blockdiff.config import SEED_MAX
 from blockdiff.sampling.samplers.registry import all_knobs
 
-__all__ = ["APIError", "GenerationRequest", "parse_request", "completion_body", "chunk_body", "usage_body"]
+__all__ = ["APIError", "GenerationRequest", "parse_request", "completion_body", "chunk_body", "usage_body",
+           "speculative_usage"]
 
 UNSUPPORTED = {  # OpenAI field -> the values that mean "off"
     "n": (None, 1), "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
@@ -167,6 +170,7 @@ def parse_request(body, chat: bool, served_model: str) -> GenerationRequest:
     settings = {
         "temperature": _number(body, "temperature"), "top_p": _number(body, "top_p"), "top_k": _int(body, "top_k"),
         "sampler": _knob(body, "sampler", str), "steps_per_block": _int(body, "steps_per_block"),
+        "drafter": _knob(body, "drafter", str),
         **{name: _knob(body, name, k.type) for name, k in all_knobs().items()},  # every sampler and drafter knob
     }
     return GenerationRequest(
@@ -183,10 +187,23 @@ def parse_request(body, chat: bool, served_model: str) -> GenerationRequest:
     )
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int, nfe: int) -> dict:
-    """OpenAI's usage counts, plus ``nfe``: the network forwards that denoised these choices (their cost alone)."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "nfe": nfe}
+def usage_body(prompt_tokens: int, completion_tokens: int, nfe: int, speculative: dict | None = None) -> dict:
+    """OpenAI's usage counts, plus ``nfe``: the network forwards that denoised these choices (their cost alone), and
+    with ``speculative`` (a speculative server) ``speculative``: its counts (``speculative_usage``)."""
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens, "nfe": nfe}
+    return {**usage, "speculative": speculative} if speculative is not None else usage
+
+
+SPECULATIVE_COUNTS = ("verifier_forwards", "drafter_forwards", "drafted_tokens", "accepted_tokens")
+
+
+def speculative_usage(counts: list[dict], completion_tokens: int) -> dict:
+    """``usage.speculative`` of choices decoded speculatively: the sums of their ``counts`` (``SPECULATIVE_COUNTS``:
+    verification steps, forwards of a separate drafting network, drafts the verifier checked and those it kept) and
+    ``tokens_per_verifier_forward`` = ``completion_tokens`` / verifier forwards."""
+    sums = {k: sum(c[k] for c in counts) for k in SPECULATIVE_COUNTS}
+    return {**sums, "tokens_per_verifier_forward": round(completion_tokens / max(1, sums["verifier_forwards"]), 4)}
 
 
 def _choice(request: GenerationRequest, index: int, text: str, finish: str | None, delta: bool) -> dict:
