@@ -42,9 +42,9 @@ from bench_lookup import OOD_MODULES, load, prompt_sets
 from rich.console import Console
 from transformers.utils import logging as hf_logging
 
-from blockdiff.modeling.lean import pack_linears
+from blockdiff.modeling.dflash import load_drafter, shipped_drafter
+from blockdiff.modeling.lean import is_packed, pack_linears
 from blockdiff.sampling.speculative import speculative_generate
-from blockdiff.sampling.speculative.dflash import shipped_drafter
 
 
 def hf_row(model, new_tokens, eos, temperature=0.0, **kw):
@@ -59,10 +59,11 @@ def hf_row(model, new_tokens, eos, temperature=0.0, **kw):
 
 
 def ours_row(model, drafter, new_tokens, eos, path, temperature=0.0):
+    network = load_drafter(path, model, lean=is_packed(model)) if drafter in ("dflash", "hybrid") else None
+
     def run(ids, seed):
-        out = speculative_generate(model, None, ids, drafter=drafter, max_new_tokens=new_tokens, eos_token_id=eos,
-                                   dflash_path=path, temperature=temperature,
-                                   generator=torch.Generator().manual_seed(seed))
+        out = speculative_generate(model, network, ids, drafter=drafter, max_new_tokens=new_tokens, eos_token_id=eos,
+                                   temperature=temperature, generator=torch.Generator().manual_seed(seed))
         return out.new_tokens(0), out.verifier_forwards, out.acceptance_histogram
     return run
 

@@ -20,7 +20,13 @@ import torch
 from test_speculative import FAMILIES, ar_model, assert_sampled_joint, exact_joint, hf_greedy
 
 from blockdiff.errors import MissingFileError, UsageError
-from blockdiff.modeling.dflash import DFlashDrafter, drafter_config, target_features, target_fingerprint
+from blockdiff.modeling.dflash import (
+    DFlashDrafter,
+    drafter_config,
+    load_drafter,
+    target_features,
+    target_fingerprint,
+)
 from blockdiff.modeling.lean import pack_linears
 from blockdiff.sampling.speculative import speculative_generate
 from blockdiff.training.drafter_data import Rows, anchor_batch, draft_vocabulary
@@ -129,8 +135,8 @@ def test_greedy_equals_the_verifiers_generate(tmp_path, family, drafter_name):
     path = saved(make_drafter(target, draft_vocab=list(range(0, 64, 3))), tmp_path)  # most true tokens excluded
     for prompt in PROMPTS:
         want = hf_greedy(target, prompt, 20)
-        out = speculative_generate(target, None, prompt, drafter=drafter_name, dflash_path=path, max_new_tokens=20,
-                                   hybrid_threshold=0.0)
+        out = speculative_generate(target, load_drafter(path, target), prompt, drafter=drafter_name,
+                                   max_new_tokens=20, hybrid_threshold=0.0)
         assert out.sequences[0].tolist() == want
 
 
@@ -142,10 +148,10 @@ def test_greedy_with_a_drafter_that_copies_the_verifier_accepts_and_stays_exact(
     prompt = [3, 9, 27, 1]
     want = hf_greedy(target, prompt, 24)
     for new in (1, 5, 24):
-        out = speculative_generate(target, None, prompt, drafter="dflash", dflash_path=path, max_new_tokens=new)
+        out = speculative_generate(target, load_drafter(path, target), prompt, drafter="dflash", max_new_tokens=new)
         assert out.sequences[0].tolist() == want[: len(prompt) + new]
     eos = want[len(prompt) + 6]
-    out = speculative_generate(target, None, prompt, drafter="dflash", dflash_path=path, max_new_tokens=24,
+    out = speculative_generate(target, load_drafter(path, target), prompt, drafter="dflash", max_new_tokens=24,
                                eos_token_id=eos)
     assert out.sequences[0].tolist() == hf_greedy(target, prompt, 24, eos=eos)
 
@@ -156,7 +162,7 @@ def test_greedy_on_packed_kernels_equals_generate_in_fp32(tmp_path):
     packed = copy.deepcopy(target)
     pack_linears(packed)
     for prompt in PROMPTS:
-        out = speculative_generate(packed, None, prompt, drafter="hybrid", dflash_path=path, max_new_tokens=16)
+        out = speculative_generate(packed, load_drafter(path, packed), prompt, drafter="hybrid", max_new_tokens=16)
         assert out.sequences[0].tolist() == hf_greedy(target, prompt, 16)
 
 
@@ -170,7 +176,7 @@ def test_sampling_keeps_the_verifiers_distribution(tmp_path):
     path = saved(make_drafter(target, draft_vocab=[0, 2, 3, 5], std=1.0, mask=1), tmp_path)
     prompt = [1, 4, 2]
     joint = exact_joint(target, prompt, 2, vocab, temperature=0.9)
-    assert_sampled_joint((target, None), prompt, joint, 1200, drafter="dflash", dflash_path=path, temperature=0.9)
+    assert_sampled_joint((target, load_drafter(path, target)), prompt, joint, 1200, drafter="dflash", temperature=0.9)
 
 
 def test_the_context_cache_equals_a_fresh_prefill_after_every_step(tmp_path):
@@ -180,8 +186,8 @@ def test_the_context_cache_equals_a_fresh_prefill_after_every_step(tmp_path):
     target = ar_model("llama", 4, std=1.0)  # four tokens: random drafts are often right, often wrong
     net = make_drafter(target, std=1.0, mask=3)
     path = saved(net, tmp_path)
-    config = BlockDiffusionGenerationConfig(drafter="dflash", dflash_path=path, temperature=0.0)
-    pair = make_pair(None, config, target)
+    config = BlockDiffusionGenerationConfig(drafter="dflash", temperature=0.0)
+    pair = make_pair(load_drafter(path, target), config, target)
     seen = []
 
     def check(step):
@@ -205,26 +211,32 @@ def test_the_context_cache_equals_a_fresh_prefill_after_every_step(tmp_path):
 def test_a_drafter_for_another_target_is_refused(tmp_path):
     target = ar_model("llama", VOCAB)
     other = ar_model("llama", VOCAB, seed=7, std=3.0)  # the same shapes, other weights
-    path = saved(make_drafter(other), tmp_path)
     with pytest.raises(UsageError, match="another model of the same shape"):
-        speculative_generate(target, None, [1, 2], drafter="dflash", dflash_path=path)
+        load_drafter(saved(make_drafter(other), tmp_path), target)
     wider = ar_model("llama", VOCAB, layers=3)
-    path = saved(make_drafter(wider), tmp_path, "wider")
     with pytest.raises(UsageError, match="num_hidden_layers=3"):
-        speculative_generate(target, None, [1, 2], drafter="dflash", dflash_path=path)
+        load_drafter(saved(make_drafter(wider), tmp_path, "wider"), target)
+    net = DFlashDrafter.load(saved(make_drafter(wider), tmp_path, "wider"))  # unchecked, straight to the loop
+    with pytest.raises(UsageError, match="trained for another model"):
+        speculative_generate(target, net, [1, 2], drafter="dflash")
 
 
 def test_a_missing_drafter_and_bad_knobs_are_refused(tmp_path):
     target = ar_model("llama", VOCAB)
     with pytest.raises(MissingFileError, match="holds no DFlash drafter"):
-        speculative_generate(target, None, [1, 2], drafter="dflash", dflash_path=str(tmp_path / "nowhere"))
-    path = saved(make_drafter(target), tmp_path)
+        load_drafter(tmp_path / "nowhere", target)
+    with pytest.raises(UsageError, match="no shipped DFlash drafter fits"):
+        load_drafter(None, target)
+    with pytest.raises(UsageError, match="needs a DFlash drafter network"):
+        speculative_generate(target, None, [1, 2], drafter="dflash")
+    net = load_drafter(saved(make_drafter(target), tmp_path), target)
     with pytest.raises(UsageError, match="dflash_threshold"):
-        speculative_generate(target, None, [1, 2], drafter="dflash", dflash_path=path, dflash_threshold=1.5)
+        speculative_generate(target, net, [1, 2], drafter="dflash", dflash_threshold=1.5)
     with pytest.raises(UsageError, match="hybrid_min_match"):
-        speculative_generate(target, None, [1, 2], drafter="hybrid", dflash_path=path, hybrid_min_match=0)
+        speculative_generate(target, net, [1, 2], drafter="hybrid", hybrid_min_match=0)
     with pytest.raises(UsageError, match="batch 1"):
-        speculative_generate(target, None, torch.tensor([[1, 2], [3, 4]]), drafter="dflash", dflash_path=path)
+        speculative_generate(target, net, torch.tensor([[1, 2], [3, 4]]), drafter="dflash")
+    assert speculative_generate(target, net, [1, 2], max_new_tokens=3).sequences.shape == (1, 5)  # default: hybrid
 
 
 # -- the dflash package runs what we save ---------------------------------------------------------------------------
@@ -239,7 +251,7 @@ def test_the_dflash_package_drafts_what_we_draft_and_accepts_what_we_accept(tmp_
     prompt = [3, 0, 2, 1]
     theirs = dflash.dflash_generate(ref, target, torch.tensor([prompt]), 24, None, return_stats=True)
     steps = []
-    ours = speculative_generate(target, None, prompt, drafter="dflash", dflash_path=path, max_new_tokens=24,
+    ours = speculative_generate(target, load_drafter(path, target), prompt, drafter="dflash", max_new_tokens=24,
                                 observer=lambda s: steps.append(len(s.new_tokens)))
     assert ours.sequences[0].tolist() == theirs.output_ids[0].tolist() == hf_greedy(target, prompt, 24)
     assert steps[0] == 1 and steps[1:] == theirs.acceptance_lengths  # step 0: the prefill (no drafts yet), as theirs

@@ -11,7 +11,7 @@ from test_distill import corpus_dir, distilled_set, teacher  # noqa: F401  (fixt
 from test_speculative import hf_greedy
 
 from blockdiff.cli.app import main
-from blockdiff.modeling.dflash import DFlashDrafter
+from blockdiff.modeling.dflash import DFlashDrafter, load_drafter
 from blockdiff.modeling.pretrained import load_decoder
 from blockdiff.sampling.speculative import speculative_generate
 
@@ -36,7 +36,7 @@ def test_train_drafter_writes_a_drafter_that_drafts_losslessly(distilled_set, te
     assert "Held-out acceptance" in (folder / "README.md").read_text()
     target, _, _ = load_decoder(str(teacher))
     prompt = [5, 17, 40, 3]
-    out_ids = speculative_generate(target.eval(), None, prompt, drafter="dflash", dflash_path=str(folder),
+    out_ids = speculative_generate(target.eval(), load_drafter(folder, target), prompt, drafter="dflash",
                                    max_new_tokens=12, eos_token_id=None)
     assert out_ids.sequences[0].tolist() == hf_greedy(target, prompt, 12)
 

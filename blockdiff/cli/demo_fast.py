@@ -36,8 +36,10 @@ def showcase(target, tokenizer, new_tokens: int = 64, prompt: str = PROMPT, draf
     and returned (texts, tokens/s, tokens per verifier forward, whether they are identical)."""
     import torch
 
+    from blockdiff.modeling.dflash import load_drafter
     from blockdiff.sampling.speculative import speculative_generate
 
+    network = load_drafter(drafter_path, target)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     eos = tokenizer.eos_token_id
     start = time.perf_counter()
@@ -45,8 +47,7 @@ def showcase(target, tokenizer, new_tokens: int = 64, prompt: str = PROMPT, draf
                             pad_token_id=eos)[0, ids.shape[1]:].tolist()
     plain_s = time.perf_counter() - start
     start = time.perf_counter()
-    out = speculative_generate(target, None, ids, drafter="hybrid", dflash_path=drafter_path,
-                               max_new_tokens=new_tokens, eos_token_id=eos)
+    out = speculative_generate(target, network, ids, drafter="hybrid", max_new_tokens=new_tokens, eos_token_id=eos)
     fast_s = time.perf_counter() - start
     fast = out.new_tokens(0)
     result = dict(plain=tokenizer.decode(plain, skip_special_tokens=True),
@@ -70,7 +71,7 @@ def showcase(target, tokenizer, new_tokens: int = 64, prompt: str = PROMPT, draf
 
 def run_showcase(new_tokens: int = 64) -> dict | None:
     """The demo's last part (module docstring), or a line saying why it is skipped."""
-    from blockdiff.sampling.speculative.dflash import shipped_drafter
+    from blockdiff.modeling.dflash import shipped_drafter
 
     loaded, why = load_target()
     if loaded is None:

@@ -45,7 +45,7 @@ from blockdiff.errors import MissingFileError, UsageError
 
 __all__ = [
     "DFlashDrafter", "ContextCache", "drafter_config", "default_layer_ids", "target_features", "target_fingerprint",
-    "check_target", "WEIGHTS", "CONFIG",
+    "check_target", "WEIGHTS", "CONFIG", "load_drafter", "shipped_drafter", "SHIPPED",
 ]
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -288,3 +288,47 @@ class DFlashDrafter(nn.Module):
             raise UsageError(f"{directory / WEIGHTS} does not match its config (missing {missing[:3]}, unexpected "
                              f"{unexpected[:3]}): re-export the drafter")
         return model.to(dtype).eval()
+
+
+# -- loading a drafter for a verifier ----------------------------------------------------------------------------------
+SHIPPED = Path(__file__).resolve().parents[1] / "drafters"  # drafters that ship with the package, one folder each
+
+
+def shipped_drafter(verifier) -> Path | None:
+    """The folder of the shipped drafter trained for ``verifier`` (``blockdiff/drafters/*``, matched by its recorded
+    target), or ``None``."""
+    for directory in sorted(SHIPPED.glob("*/")) if SHIPPED.is_dir() else ():
+        try:
+            target = json.loads((directory / CONFIG).read_text(encoding="utf-8"))["dflash_config"].get("target")
+            check_target(_Recorded(target), verifier)
+        except (OSError, KeyError, ValueError, UsageError):
+            continue
+        return directory
+    return None
+
+
+@dataclass
+class _Recorded:
+    target: dict
+
+
+def load_drafter(path: str | Path | None, verifier, lean: bool | None = None) -> DFlashDrafter:
+    """The DFlash drafter network in ``path`` (``None``: the one shipped for ``verifier``), checked against
+    ``verifier``, on its device, with its draft head (the verifier's head rows of ``draft_ids``) attached as
+    ``draft_head``; fp32 linear layers packed for oneDNN on CPU unless ``lean=False`` (``lean.py``)."""
+    from blockdiff.modeling.lean import pack_linears, use_lean
+
+    if path is None:
+        path = shipped_drafter(verifier)
+        if path is None:
+            raise UsageError("no shipped DFlash drafter fits this model: train one (blockdiff train-drafter) and pass "
+                             "its folder (--dflash-path DIR), or use --drafter lookup")
+    drafter = DFlashDrafter.load(path)
+    check_target(drafter, verifier, where=f"the drafter in {path}")
+    head = verifier.get_output_embeddings().weight.detach()
+    drafter.draft_head = nn.Linear(head.shape[1], len(drafter.draft_ids), bias=False)
+    drafter.draft_head.weight = nn.Parameter(head[drafter.draft_ids].float().clone(), requires_grad=False)
+    drafter = drafter.to(head.device)
+    if use_lean(verifier, lean):
+        pack_linears(drafter)
+    return drafter.eval()

@@ -3,8 +3,9 @@
 something loaded (a drafter checkpoint next to the verifier) is added here once and reaches both.
 
 ```
-PATH a plain decoder (not a blockdiff run or model), drafter needs no block diffuser (lookup; the default):
-    verifier = PATH                                   drafting network = none
+PATH a plain decoder (not a blockdiff run or model), drafter needs no block diffuser:
+    verifier = PATH     drafter: hybrid with the DFlash drafter shipped for PATH when one fits (the default), else
+                        lookup; dflash / hybrid load the network from --dflash-path (load_drafter)
 PATH a blockdiff run or model (a block diffuser, at --block-length if given):
     drafter verifies itself (fused: a gated adapter over its frozen base, the default when the model has one):
         verifier = none (the model's own frozen base)
@@ -28,7 +29,9 @@ from blockdiff.errors import UsageError
 
 __all__ = ["PLAIN_DECODER_DRAFTER", "SpeculativeModels", "load_speculative", "plain_decoder", "blockdiff_kind"]
 
-PLAIN_DECODER_DRAFTER = "lookup"  # the drafter a plain decoder gets when none is named (it needs no checkpoint)
+PLAIN_DECODER_DRAFTER = "lookup"  # a plain decoder's drafter when none is named and no drafter ships for it
+SHIPPED_DRAFTER = "hybrid"  # ... and when one ships for it (modeling/dflash.py: shipped_drafter)
+NETWORK_DRAFTERS = ("dflash", "hybrid")  # drafters that read a DFlash network (loaded here: load_drafter)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class SpeculativeModels:
     who: str  # for people: "lookup: smollm2 verifies"
     loaded: Any = None  # the blockdiff run or model directory (``LoadedModel``); None for a plain decoder
     settings: dict = field(default_factory=dict)  # drafter knobs given at load: the defaults of every generation
+    network: Any = None  # a drafter's own network (a DFlash drafter), passed to it as its model
 
     @property
     def generation_config(self):
@@ -67,7 +71,8 @@ class SpeculativeModels:
 
         if config.drafter not in (None, self.drafter):
             raise UsageError(f"drafter={config.drafter!r}: these models draft with {self.drafter}")
-        return make_drafter(self.model, with_overrides(config, {"drafter": self.drafter}), self.verifier)
+        model = self.model if self.model is not None else self.network
+        return make_drafter(model, with_overrides(config, {"drafter": self.drafter}), self.verifier)
 
 
 def blockdiff_kind(path) -> str | None:
@@ -118,7 +123,7 @@ def load_speculative(path: str, drafter: str | None = None, base: str | None = N
         if base is not None or block_length is not None:
             raise UsageError(f"{path} is a plain decoder and verifies the drafts itself: --base and --block-length "
                              "apply to a block diffuser (give a blockdiff run or model instead)")
-        return _plain(path, drafter or PLAIN_DECODER_DRAFTER, device, lean, settings or {})
+        return _plain(path, drafter, device, lean, settings or {})
     from blockdiff.modeling.io import load_model_dir
 
     if drafter is not None and blockdiff_kind(path) is None and _local_decoder(path):  # it needs a block diffuser
@@ -148,7 +153,18 @@ def _plain(name: str, drafter: str, device, lean, settings: dict) -> Speculative
     verifier = verifier.to(resolve_device(device)).eval()
     if use_lean(verifier, lean):
         pack_linears(verifier)
-    return _named(SpeculativeModels(None, verifier, tokenizer, drafter, f"{name} verifies", settings=settings), drafter)
+    network = None
+    if drafter is None:  # the shipped drafter where one fits, lookup otherwise
+        from blockdiff.modeling.dflash import shipped_drafter
+
+        drafter = SHIPPED_DRAFTER if shipped_drafter(verifier) is not None else PLAIN_DECODER_DRAFTER
+    if drafter in NETWORK_DRAFTERS:
+        from blockdiff.modeling.dflash import load_drafter
+
+        network = load_drafter(settings.get("dflash_path"), verifier, lean)
+    models = SpeculativeModels(None, verifier, tokenizer, drafter, f"{name} verifies", settings=settings,
+                               network=network)
+    return _named(models, drafter)
 
 
 def _named(models: SpeculativeModels, drafter: str | None) -> SpeculativeModels:
@@ -160,7 +176,7 @@ def _named(models: SpeculativeModels, drafter: str | None) -> SpeculativeModels:
 
     config = with_overrides(models.generation_config, {"drafter": drafter})
     resolve(models.model, config, speculative=True)  # the settings checked: the drafters' knobs among them
-    pair = make_drafter(models.model, config, models.verifier)
+    pair = make_drafter(models.model if models.model is not None else models.network, config, models.verifier)
     models.drafter = pair.name
     models.who = f"{pair.name}: {models.who}"
     return models

@@ -53,6 +53,12 @@ class Drafter:
         return False
 
     @classmethod
+    def accepts(cls, model) -> bool:
+        """Whether ``model``, passed as ``speculative_generate``'s drafter argument, is this drafter's own kind of
+        network (a DFlash network for ``dflash``); block diffusers and proposers are recognised by the loop itself."""
+        return False
+
+    @classmethod
     def from_config(cls, model, config, verifier=None) -> "Drafter":
         """The drafter for ``model`` and ``verifier`` with its knobs read from ``config``."""
         raise NotImplementedError

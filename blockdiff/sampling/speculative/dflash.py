@@ -16,46 +16,38 @@ draft's states are exact once it is accepted: causal attention saw only accepted
 fresh prefill of the committed tokens after any accept / reject sequence (tested). Drafts are drawn from the
 drafter's distribution on the draft vocabulary (zero elsewhere), which speculative sampling accepts exactly.
 
+Sampling loads no network (docs/design.md §11): the drafter network arrives built, from
+``blockdiff.modeling.dflash.load_drafter`` (checked against the verifier, packed for CPU, its draft head attached),
+as the second argument of ``speculative_generate`` or through ``modeling/speculative.py`` for the CLI and server.
+
 Shape legend: ``k`` drafts, ``l`` block length, ``v`` the verifier's vocabulary, ``F`` feature width.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from blockdiff.errors import UsageError
-from blockdiff.modeling.dflash import DFlashDrafter, check_target
 from blockdiff.sampling.speculative.base import Draft, knob
 from blockdiff.sampling.speculative.drafters import Verified
 from blockdiff.sampling.speculative.registry import register_drafter
 from blockdiff.sampling.speculative.settings import Sampling
 from blockdiff.sampling.speculative.verify import CausalLMVerifier
 
-__all__ = ["DFlash", "DFlashProposer", "shipped_drafter", "SHIPPED"]
+__all__ = ["DFlash", "DFlashProposer", "is_dflash_network"]
 
-SHIPPED = Path(__file__).resolve().parents[2] / "drafters"  # drafters that ship with the package, one folder each
-
-
-def shipped_drafter(verifier) -> Path | None:
-    """The shipped drafter trained for ``verifier`` (``SHIPPED/*``, matched by ``check_target``), or ``None``."""
-    for directory in sorted(SHIPPED.glob("*/")) if SHIPPED.is_dir() else ():
-        try:
-            check_target(_load(str(directory)), verifier)
-        except UsageError:
-            continue
-        return directory
-    return None
+LOAD_IT = ("load the drafter network with blockdiff.modeling.dflash.load_drafter(DIR, verifier) and pass it: "
+           "speculative_generate(verifier, network, ids, drafter=\"dflash\") (on the command line: --dflash-path DIR)")
 
 
-@functools.lru_cache(maxsize=4)
-def _load(path: str) -> DFlashDrafter:
-    return DFlashDrafter.load(path)
+def is_dflash_network(model) -> bool:
+    """Whether ``model`` is a DFlash drafter network (``modeling/dflash.py``'s ``DFlashDrafter``; duck-typed, since
+    sampling imports no network class)."""
+    return all(hasattr(model, a) for a in ("context_cache", "target_layer_ids", "draft_ids", "mask_token_id"))
 
 
 class DFlashProposer:
@@ -63,20 +55,16 @@ class DFlashProposer:
     docstring). ``max_drafts`` caps the drafts per step (0: ``block_length - 1``); ``threshold`` cuts them at the
     first one whose own probability is below it."""
 
-    def __init__(self, drafter: DFlashDrafter, verifier: CausalLMVerifier, max_drafts: int = 0,
-                 threshold: float = 0.0, pack: bool = False):
+    def __init__(self, drafter, verifier: CausalLMVerifier, max_drafts: int = 0, threshold: float = 0.0):
         self.net, self.verifier = drafter, verifier
         target = verifier.model
         self.embed = target.get_input_embeddings().weight
-        head = target.get_output_embeddings().weight.detach()
-        self.head = nn.Linear(head.shape[1], len(drafter.draft_ids), bias=False)  # the draft rows, one GEMM
-        rows = head[drafter.draft_ids].to(drafter.fc.weight.dtype).clone()
-        self.head.weight = nn.Parameter(rows, requires_grad=False)
-        if pack:
-            from blockdiff.modeling.lean import pack_linears
-
-            pack_linears(self.net, warm_rows=(1, 2, 3, 4, drafter.block_length))
-            pack_linears(self.head, warm_rows=(drafter.block_length - 1,))
+        self.head = getattr(drafter, "draft_head", None)  # the draft rows as one (packed) linear: load_drafter's
+        if self.head is None:
+            head = target.get_output_embeddings().weight.detach()
+            self.head = nn.Linear(head.shape[1], len(drafter.draft_ids), bias=False)
+            rows = head[drafter.draft_ids].to(drafter.fc.weight.dtype).clone()
+            self.head.weight = nn.Parameter(rows, requires_grad=False)
         self.max_drafts = min(max_drafts or drafter.block_length - 1, drafter.block_length - 1)
         self.threshold = threshold
         self.reset()
@@ -134,19 +122,6 @@ class DFlashProposer:
         return int(low[0]) if len(low) else len(tokens)
 
 
-def resolve_drafter_path(path: str | None, verifier) -> DFlashDrafter:
-    """The drafter at ``path`` (``None``: the shipped one for ``verifier``), checked against ``verifier``."""
-    if path is None:
-        found = shipped_drafter(verifier)
-        if found is None:
-            raise UsageError("no shipped DFlash drafter fits this verifier: train one (blockdiff train-drafter) and "
-                             "pass its folder (--dflash-path DIR), or use --drafter lookup")
-        path = str(found)
-    drafter = _load(str(Path(path).resolve()))
-    check_target(drafter, verifier, where=f"the drafter in {path}")
-    return drafter
-
-
 @register_drafter
 @dataclass(eq=False)
 class DFlash(Verified):
@@ -154,18 +129,28 @@ class DFlash(Verified):
 
     name = "dflash"
     needs_block_model = False
-    dflash_path: str | None = knob(None, "folder of the DFlash drafter (None: the one shipped for this verifier)")
+    dflash_path: str | None = knob(None, "folder of the DFlash drafter network, read by whoever loads it (the CLI, "
+                                         "the server; None: the one shipped for the verifier)")
     dflash_tokens: int = knob(0, "most drafts per step of the DFlash drafter (0: its block length - 1)")
     dflash_threshold: float = knob(0.0, "drop DFlash drafts from the first one whose own probability is below this")
 
     def __post_init__(self):
         super().__post_init__()
-        self.net = resolve_drafter_path(self.dflash_path, self.verifier.model)
-        self.verifier.feature_layers = self.net.target_layer_ids
-        from blockdiff.modeling.lean import is_packed
+        net, target = self.drafter, self.verifier.model
+        if not is_dflash_network(net):
+            raise UsageError(f"the {self.name} drafter needs a DFlash drafter network; {LOAD_IT}")
+        width = len(net.target_layer_ids) * target.config.hidden_size
+        if net.fc.in_features != width or max(net.target_layer_ids) >= target.config.num_hidden_layers:
+            raise UsageError(f"the DFlash drafter reads layers {net.target_layer_ids} ({net.fc.in_features} feature "
+                             f"columns) but this verifier has {target.config.num_hidden_layers} layers of width "
+                             f"{target.config.hidden_size}: it was trained for another model; pass that one")
+        self.net = net
+        self.verifier.feature_layers = net.target_layer_ids
+        self.drafter = DFlashProposer(net, self.verifier, self.dflash_tokens, self.dflash_threshold)
 
-        self.drafter = DFlashProposer(self.net, self.verifier, self.dflash_tokens, self.dflash_threshold,
-                                      pack=is_packed(self.verifier.model))
+    @classmethod
+    def accepts(cls, model) -> bool:
+        return is_dflash_network(model)
 
     @classmethod
     def check_knobs(cls, config) -> None:
@@ -179,4 +164,6 @@ class DFlash(Verified):
     def from_config(cls, model, config, verifier=None) -> "DFlash":
         if verifier is None:
             raise UsageError(f"the {cls.name} drafter needs a verifier: the decoder it was trained for (--base NAME)")
-        return cls(verifier, None, **cls.knob_values(config))
+        if not is_dflash_network(model):
+            raise UsageError(f"the {cls.name} drafter needs a DFlash drafter network; {LOAD_IT}")
+        return cls(verifier, model, **cls.knob_values(config))

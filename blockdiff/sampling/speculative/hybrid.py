@@ -75,6 +75,10 @@ class Hybrid(DFlash):
                                       self.hybrid_min_match)
 
     @classmethod
+    def fits(cls, model, verifier) -> bool:
+        return verifier is not None and cls.accepts(model)  # the default for a DFlash network and its verifier
+
+    @classmethod
     def check_knobs(cls, config) -> None:
         super().check_knobs(config)
         for key in ("lookup_ngram", "lookup_tokens", "hybrid_min_match"):

@@ -48,7 +48,7 @@ from blockdiff.sampling.outputs import GenerationOutput
 from blockdiff.sampling.resolve import eos_ids_of, resolve
 from blockdiff.sampling.speculative.base import Drafter
 from blockdiff.sampling.speculative.drafters import Proposer, TwoModels
-from blockdiff.sampling.speculative.registry import drafter_class, make_drafter
+from blockdiff.sampling.speculative.registry import accepting_drafter, drafter_class, make_drafter
 from blockdiff.sampling.speculative.settings import Sampling
 from blockdiff.sampling.speculative.verify import CausalLMVerifier, accept_greedy, accept_sampled
 
@@ -207,8 +207,12 @@ def _drafter(verifier, drafter, check_base: bool, config) -> Drafter:
         check_verifier(verifier.model if isinstance(verifier, CausalLMVerifier) else verifier, drafter,
                        related=check_base)
         return make_drafter(drafter, config, verifier)  # default: two_model
+    name = config.drafter if config.drafter is not None else accepting_drafter(drafter, verifier)
+    if name is not None and drafter_class(name).accepts(drafter):  # a drafter's own network (DFlash: default hybrid)
+        return make_drafter(drafter, with_overrides(config, {"drafter": name}), verifier)
     if not isinstance(drafter, Proposer):
-        raise UsageError("drafter must be a BlockDiffusionLM or have draft / commit / reset (a Proposer)")
+        raise UsageError("drafter must be a BlockDiffusionLM, a DFlash drafter network (blockdiff.modeling.dflash."
+                         "load_drafter) or have draft / commit / reset (a Proposer)")
     check_verifier(verifier.model if isinstance(verifier, CausalLMVerifier) else verifier, drafter, related=check_base)
     return TwoModels(verifier, drafter)
 

@@ -18,7 +18,7 @@ from blockdiff.sampling.samplers.registry import Family, Registry, add_settings_
 
 __all__ = [
     "SPECULATIVE", "register_drafter", "unregister_drafter", "registered_drafter", "drafter_names", "drafter_class",
-    "drafter_knobs", "check_drafter_knobs", "make_drafter", "needs_verifier",
+    "drafter_knobs", "check_drafter_knobs", "make_drafter", "needs_verifier", "accepting_drafter",
 ]
 
 # Speculative-decoding settings no drafter owns: name -> default (the comment is the doc).
@@ -41,6 +41,11 @@ def check_drafter_knobs(config) -> None:
         drafter_class(config.drafter)
     for cls in _DRAFTERS.classes.values():
         cls.check_knobs(config)
+
+
+def accepting_drafter(model, verifier) -> str | None:
+    """The first registered drafter that takes ``model`` as its own network and fits it with ``verifier``."""
+    return next((n for n, cls in _DRAFTERS.classes.items() if cls.accepts(model) and cls.fits(model, verifier)), None)
 
 
 def needs_verifier(model, name: str | None) -> bool:
