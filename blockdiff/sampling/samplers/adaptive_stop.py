@@ -56,7 +56,7 @@ class AdaptiveStop:
         None, "with any sampler: end a block once its argmax prediction is unchanged over this many forwards and "
         "its mean entropy is below stop_entropy (0: the entropy test alone; default: off)"
     )
-    stop_entropy: float = knob(0.005, "with stop_stable_steps: the mean entropy (nats) below which a block is confident")
+    stop_entropy: float = knob(0.005, "with stop_stable_steps: the mean entropy (nats) under which a block is sure")
 
     def __post_init__(self):
         k, h = self.stop_stable_steps, self.stop_entropy
