@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from blockdiff.core.certainty import certainty_term
 from blockdiff.core.noise import add_noise, sample_t
 from blockdiff.core.uniform import add_uniform_noise, uniform_token_nelbo
 
@@ -52,6 +53,7 @@ class LossOutput:
     per_block: torch.Tensor | None = None  # (b, k) nats per token of each block (reduction="block" only)
     per_position: torch.Tensor | None = None  # (l,) summed weighted -log p at each in-block position ("position")
     position_tokens: torch.Tensor | None = None  # (l,) predicted positions at each in-block position ("position")
+    certainty: torch.Tensor | None = None  # scalar: the certainty-forcing term (``certainty.py``), when asked for
 
 
 def masked_nelbo(
@@ -142,12 +144,14 @@ def block_diffusion_loss(
     block_length: int | None = None,
     bidirectional: float = 1.0,
     reduction: Literal["token", "block", "position"] = "token",
+    certainty: tuple[float, bool] | None = None,
 ) -> LossOutput:
     """Noise ``x0`` with one ``t ~ U[t_range]`` per block (or the given ``t`` of shape ``(b, k)``), run
     the vectorised forward, and return the per-token NELBO. ``block_length`` overrides the model's;
     ``bidirectional < 1`` anneals the in-block attention (see ``BlockDiffusionLM.training_hidden``).
     ``reduction="block"`` also fills ``per_block`` ``(b, k)`` (the clip search's samples); ``"position"`` fills
-    ``per_position`` and ``position_tokens`` ``(l,)``.
+    ``per_position`` and ``position_tokens`` ``(l,)``. ``certainty=(temperature, only_correct)`` also fills
+    ``certainty``, the certainty-forcing term on the same logits (``certainty.py``); ``loss`` stays the NELBO.
 
     The ``model.num_unpredictable`` leading positions (position 0 under the logit shift) are neither
     scored nor noised: the conditioning token stays clean in ``x_t`` (docs/design.md §5)."""
@@ -174,9 +178,13 @@ def block_diffusion_loss(
     per = block_length if reduction != "token" else None
     by_position = reduction == "position"
     if not uniform:
-        return nelbo(logits, x0, noised.masked, noised.weight, valid, per, by_position)
-    terms = uniform_token_nelbo(logits, x0[sel], noised.xt[sel], noised.alpha[sel], model.mask_token_id)  # (m,)
-    return weighted_sum(masked_nelbo(None, x0, sel, noised.weight, terms), sel, valid, per, by_position)
+        out = nelbo(logits, x0, noised.masked, noised.weight, valid, per, by_position)
+    else:
+        terms = uniform_token_nelbo(logits, x0[sel], noised.xt[sel], noised.alpha[sel], model.mask_token_id)  # (m,)
+        out = weighted_sum(masked_nelbo(None, x0, sel, noised.weight, terms), sel, valid, per, by_position)
+    if certainty is not None:
+        out.certainty = certainty_term(logits, x0[sel], *certainty)
+    return out
 
 
 def draw_block_lengths(mixture: dict[int, float], batch_size: int, generator=None, device=None) -> torch.Tensor:
