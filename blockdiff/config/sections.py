@@ -117,6 +117,11 @@ class ModelConfig:
     block_length_mixture: dict[int, float] = field(default_factory=dict)
     """Train on a mixture of block lengths: {L': probability} drawn per training sequence (e.g. {1: 0.1, 4: 0.3, 16:
     0.6}); empty = off. block_length stays the one generation uses."""
+    self_conditioning: bool = False
+    """Self-conditioning (Chen et al. 2022; DiffusionGemma): half the training steps first predict the block without
+    gradient and add that prediction's probability-weighted embedding to the noised positions' input; sampling feeds
+    each step's prediction into the next. Evaluation always runs both passes (a deterministic denoiser of x_t, so the
+    NELBO stays a bound: docs/design.md §3.3). Off = today's network, bit for bit."""
 
     def __post_init__(self) -> None:
         check_numbers("model", self)

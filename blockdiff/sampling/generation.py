@@ -48,7 +48,9 @@ from blockdiff.sampling.grid import (
     State,
     block_rows,
     drop_finished,
+    empty_soft,
     layout,
+    next_soft,
     slide,
 )
 from blockdiff.sampling.logits import choose_rows
@@ -176,6 +178,7 @@ def _denoise_block(model, st: State, start: int, settings: Settings, generator, 
     history = stop.start(b, l, device) if stop is not None else None
     opened = torch.zeros(b, dtype=torch.bool, device=device)  # (b,) rows kept open with no mask left (editing)
     fresh = torch.ones(b, dtype=torch.bool, device=device)  # (b,) rows whose block changed since their last forward
+    soft = empty_soft(model, b, l, device)  # (b, l, d) self-conditioning input: the last new prediction, or None
     logits, changed, predicted = None, True, None
     while True:
         live = state.masked.any(-1) | opened  # (b,) rows whose block is not final
@@ -187,26 +190,30 @@ def _denoise_block(model, st: State, start: int, settings: Settings, generator, 
         if ran:  # otherwise nothing changed since the last forward: its logits stand (for the rows still predicted)
             st.cols[act, start:] = state.tokens
             st.sample_nfe[act[live].cpu()] += 1  # the samples this forward denoises
-            rows = block_rows(model, st, start, start + l, config.use_cache)  # (b, l, d)
+            fed = None if soft is None else soft * state.masked[..., None]  # (b, l, d) at the masked positions only
+            rows = block_rows(model, st, start, start + l, config.use_cache, fed)  # (b, l, d)
             logits = model.logits(rows[predict])  # (r, v): the head runs on the predicted rows only
             if no_eos is not None:
                 logits[:, eos_cols] = logits[:, eos_cols].masked_fill(no_eos[predict][:, None], float("-inf"))
         else:
             logits = logits[predict[predicted]]  # a row may have closed since (predict only shrinks)
         predicted = predict
+        seen = live & predict.any(-1) if ran else torch.zeros_like(live)  # (b,) rows this step's forward predicted
+        soft_moved = torch.zeros_like(live)  # (b,) rows whose self-conditioning input changed with this forward
+        if soft is not None and ran:
+            soft, soft_moved = next_soft(model, soft, logits, predict, seen)
         temperature = sampler.temperature_at(settings.temperature, state.step, num_steps)
         proposal, conf, probs = _choose(logits, predict, temperature, config, generator, need_probs)
         step = sampler.step if state.step < hard_cap else _force
         result = step(proposal, conf, state, generator, probs)
         tokens = result.tokens.masked_fill(result.remasked, mask_id)
-        seen = live & predict.any(-1) if ran else torch.zeros_like(live)  # (b,) rows this step's forward predicted
         if stop is not None:
             tokens, stopped = _adaptive_stop(stop, history, state, tokens, probs, predict, fresh & seen, mask_id)
             result.revealed = result.revealed | (stopped[:, None] & state.masked & (tokens != mask_id))
         edited = result.edited if result.edited is not None else torch.zeros_like(result.revealed)
         moved = result.revealed | result.remasked | edited  # (b, l)
-        changed = bool(moved.any())
-        fresh = (fresh & ~seen) | moved.any(-1)
+        changed = bool(moved.any() or soft_moved.any())  # a new input (tokens or self-conditioning): a new forward
+        fresh = (fresh & ~seen) | moved.any(-1) | soft_moved
         opened = result.open if result.open is not None else torch.zeros_like(opened)
         if stop is not None:
             opened = opened & ~stopped

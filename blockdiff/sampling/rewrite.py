@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from blockdiff.sampling.grid import State, block_rows
+from blockdiff.sampling.grid import State, block_rows, empty_soft, next_soft
 from blockdiff.sampling.logits import choose_rows, filter_logits
 from blockdiff.sampling.outputs import StepEvent
 from blockdiff.sampling.samplers.base import RewriteResult, RewriteState, Sampler, noise_tokens, uniform
@@ -51,16 +51,22 @@ def denoise_uniform_block(
     history = stop.start(b, l, device) if stop is not None else None
     need_probs = sampler.needs_probs or stop is not None
     fresh = torch.ones(b, dtype=torch.bool, device=device)  # (b,) rows whose block changed since their last forward
+    soft = empty_soft(model, b, l, device)  # (b, l, d) self-conditioning input, or None
     logits, changed = None, True
     while not bool(done.all()):
         ran = logits is None or changed or not config.reuse_predictions
         if ran:
             st.cols[act, start:] = state.tokens
             st.sample_nfe[act[~done].cpu()] += 1
-            rows = block_rows(model, st, start, start + l, config.use_cache)  # (b, l, d)
+            fed = None if soft is None else soft * in_gen[..., None]  # (b, l, d) at the generated positions only
+            rows = block_rows(model, st, start, start + l, config.use_cache, fed)  # (b, l, d)
             logits = model.logits(rows[in_gen])  # (r, v)
             if no_eos is not None:
                 logits[:, eos_cols] = logits[:, eos_cols].masked_fill(no_eos[in_gen][:, None], float("-inf"))
+        seen = ~done if ran else torch.zeros_like(done)  # (b,) rows this step's forward predicted
+        soft_moved = torch.zeros_like(done)  # (b,) rows whose self-conditioning input changed with this forward
+        if soft is not None and ran:
+            soft, soft_moved = next_soft(model, soft, logits, in_gen, seen)
         step_temperature = sampler.temperature_at(temperature, state.step, num_steps)
         proposal, conf, probs, model_probs = _choose_all(logits, in_gen, ~done, step_temperature, config, generator,
                                                          need_probs)
@@ -72,18 +78,17 @@ def denoise_uniform_block(
             result = RewriteResult(tokens, in_gen.clone(), torch.ones_like(done))
         new_tokens, finished = result.tokens, result.done
         if stop is not None:  # a stable, confident block is final, as the forward's argmax (DiffusionGemma)
-            seen = ~done if ran else torch.zeros_like(done)
             argmax = model_probs.argmax(-1)  # (b, l)
             canvas = torch.where(in_gen, argmax, state.tokens)
             stopped = stop.update(history, canvas, model_probs, in_gen, fresh & seen)
             new_tokens = torch.where(stopped[:, None] & in_gen, argmax, new_tokens)
             finished = finished | stopped
-            fresh = fresh & ~seen
+        fresh = fresh & ~seen
         new = torch.where(done[:, None], state.tokens, new_tokens)  # a final block never changes
         rewritten = state.written & (new != state.tokens)  # (b, l)
         st.rewrites += int(rewritten.sum())
-        changed = bool((new != state.tokens).any())
-        fresh = fresh | (new != state.tokens).any(-1)
+        changed = bool((new != state.tokens).any() or soft_moved.any())  # a new input: a new forward
+        fresh = fresh | (new != state.tokens).any(-1) | soft_moved
         newly = result.written & ~state.written & ~done[:, None]
         post = post + (~done & ~(in_gen & ~state.written).any(-1)).long()
         state = RewriteState(new, state.written | (result.written & ~done[:, None]), in_gen, state.step + 1,

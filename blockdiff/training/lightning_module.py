@@ -83,7 +83,8 @@ class BlockDiffusionModule(L.LightningModule):
         block_length, bidirectional = self.curriculum_at(self.global_step)
         if self.block_length_mixture:  # each sequence draws its own block length
             out = mixture_loss(
-                self.model, batch, self.schedule, self.train_range, self.block_length_mixture, self.noise.antithetic
+                self.model, batch, self.schedule, self.train_range, self.block_length_mixture, self.noise.antithetic,
+                self_condition="random",
             )
         else:
             cf = self.certainty
@@ -96,6 +97,7 @@ class BlockDiffusionModule(L.LightningModule):
                 block_length=block_length,
                 bidirectional=bidirectional,
                 certainty=(cf.temperature, cf.only_correct) if cf.weight > 0 else None,
+                self_condition="random",  # half the steps (a model without self-conditioning ignores it)
             )
         loss = out.loss
         if out.certainty is not None:  # the NELBO plus the certainty-forcing term (never in val/nll)
