@@ -343,7 +343,8 @@ class SampleConfig:
     max_new_tokens: int = 64
     """Tokens generated per sample."""
     sampler: str = "threshold"
-    """Sampler: threshold, first_hitting, fixed, ddpm, remask, entropy_bound (or another registered one)."""
+    """Sampler: threshold, first_hitting, fixed, ddpm, remask, entropy_bound, edit, renoise (or another registered
+    one)."""
     tau: float = 0.9
     """Confidence threshold of the threshold sampler."""
     steps_per_block: Optional[int] = None
