@@ -5,11 +5,18 @@ cache = empty
 for each new block:
     block = prompt tail + [m] * rest          # blocks sit on the training grid: block k = positions [k l, (k+1) l)
     first forward: [finished block not yet cached ; block]   -> writes the finished block into the cache
-    repeat until no m left:
+    repeat until no m left (and no editing sampler keeps the block open):
         logits = net(block, past=cache)        # the cache is read-only: it is cropped back after every forward
-        block  = sampler.step(logits, block)   # which masks to reveal (or re-open), with which tokens
+        block  = sampler.step(logits, block)   # which masks to reveal (or re-open, or edit), with which tokens
+        adaptive stop (if set): a stable, confident block takes the argmax and is final
     stop the samples whose block holds EOS or a stop string, or reaches max_new_tokens; they leave the batch
 ```
+
+Editing samplers (``Sampler.edits``) get a proposal at every generated position and may keep a block open after
+its last mask (post steps); the adaptive stop (``samplers/adaptive_stop.py``) runs after any sampler's step; a
+self-conditioning model (``spec.self_conditioning``) reads the last forward's prediction of the block
+(``grid.next_soft``). A row's prediction is reused only while its whole input (tokens and self-conditioning) is
+unchanged, so each of these keeps cached == uncached and batch == one by one (docs/design.md §3.3, §9).
 
 Layout: a batch is a grid of *columns*. Prompts are left-padded by whole blocks so that every sample's
 first generation block occupies the same columns; pad columns are never attended to. Position ids are

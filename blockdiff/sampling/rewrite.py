@@ -5,7 +5,12 @@ block = prompt tail + random tokens             # the uniform prior: no mask tok
 repeat until the sampler says the block is final:
     logits = net(block, past=cache)             # the same cached forward as under absorbing noise
     block  = sampler.rewrite(proposal, probs)   # may write any generated position, a written one included
+    adaptive stop (if set): a stable, confident block becomes the forward's argmax and is final
 ```
+
+Self-conditioning and the adaptive stop work as in ``generation.py``; ``RewriteState.post_steps`` counts the steps
+after every position was written (editing), ``RewriteState.probs`` holds the model's own distribution for samplers
+that read entropies.
 
 The cache is the one ``generation.py`` keeps (``grid.block_rows``): read-only while the block is denoised, written
 once it is final, so cached == uncached holds as under absorbing noise. ``reuse_predictions`` is valid here too

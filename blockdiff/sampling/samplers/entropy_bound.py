@@ -61,7 +61,7 @@ def within_bound(h: torch.Tensor, open_: torch.Tensor, bound: float) -> torch.Te
     return torch.zeros_like(take_sorted).scatter(-1, order, take_sorted)
 
 
-def _positive(name: str, value) -> bool:
+def _positive(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < math.inf
 
 
@@ -78,11 +78,11 @@ class EntropyBoundSampler(Sampler):
 
     def __post_init__(self):
         bound = self.entropy_bound
-        if not _positive("entropy_bound", bound):
+        if not _positive(bound):
             raise UsageError(f"entropy_bound must be a finite number > 0 (nats), got {bound!r}")
         for key in ("t_max", "t_min"):
             value = getattr(self, key)
-            if value is not None and not _positive(key, value):
+            if value is not None and not _positive(value):
                 raise UsageError(f"{key} must be a finite number > 0 (a temperature), got {value!r}")
         if (self.t_max is None) != (self.t_min is None):
             raise UsageError(f"the temperature schedule needs both t_max and t_min (got t_max={self.t_max!r}, "
