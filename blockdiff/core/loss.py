@@ -180,7 +180,8 @@ def block_diffusion_loss(
     valid[:, :unscored] = False
     sel = noised.masked & valid  # (b, n)
     soft = _self_conditioning(model, noised.xt, x0, sel, block_length, bidirectional, generator, self_condition)
-    hidden = model.training_hidden(noised.xt, x0, block_length, bidirectional, generator, soft)  # (b, n, d)
+    extra = {} if soft is None else {"soft": soft}  # without self-conditioning: the call it has always been
+    hidden = model.training_hidden(noised.xt, x0, block_length, bidirectional, generator, **extra)  # (b, n, d)
     logits = model.logits(hidden[sel])  # (m, v)
     per = block_length if reduction != "token" else None
     by_position = reduction == "position"

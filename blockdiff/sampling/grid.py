@@ -66,11 +66,12 @@ def forward(model, st: State, feed_from: int, end: int, use_cache: bool, soft: t
     if use_cache and past is None:
         past = model.new_cache()
     noisy_from = end - model.block_length  # the block being denoised: the noisy stream (adapter on, if any)
+    extra = {}  # the call of a model without self-conditioning is the one it has always been
     if soft is not None:
-        soft = torch.cat([soft.new_zeros(soft.shape[0], noisy_from - feed_from, soft.shape[-1]), soft], dim=1)
+        extra["soft"] = torch.cat([soft.new_zeros(soft.shape[0], noisy_from - feed_from, soft.shape[-1]), soft], dim=1)
     hidden, past = model.hidden_states(
         st.cols[act, feed_from:end], positions, _mask(model, st, q_cols, k_cols, first, noisy_from),
-        past_key_values=past, use_cache=use_cache, gate=(q_cols >= noisy_from)[None], fast_gqa=True, soft=soft,
+        past_key_values=past, use_cache=use_cache, gate=(q_cols >= noisy_from)[None], fast_gqa=True, **extra,
     )
     st.nfe += 1
     st.processed += hidden.shape[0] * hidden.shape[1]
