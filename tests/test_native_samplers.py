@@ -290,6 +290,47 @@ def test_uniform_noise_samplers_cached_equals_uncached_and_batch_equals_one_by_o
         assert run([p], [i]).new_tokens(0) == batch.new_tokens(i), (sampler, i)
 
 
+@pytest.mark.parametrize("tau, per_block", [(0.99, 1), (1.0, 4)])
+def test_renoise_forward_counts_follow_the_threshold_rule(tau, per_block):
+    """A toy sure of token 9 at p = 0.997: every position passes tau = 0.99 at once (one forward per block); none passes
+    tau = 1, so one is written per forward (four); the positions left are renoised each time, the result is 9s."""
+    model = sharp_model(4, uniform=True)
+    toy(model, lambda call, r: peaked(r, 9, margin=10.0))
+    out = gen(model, max_new_tokens=12, sampler="renoise", tau=tau, temperature=0)
+    assert out.nfe == 3 * per_block and out.new_tokens(0) == [9] * 12
+
+
+@pytest.mark.parametrize("t, per_block", [(None, 4), (0.1, 1)])
+def test_entropy_bound_under_uniform_noise_forward_counts(t, per_block):
+    """(0.8, 0.2) everywhere: one position per step within a bound of 0.1 nats untempered, all four at t = 0.1."""
+    model = sharp_model(4, uniform=True)
+    toy(model, lambda call, r: two_point(r))
+    schedule = {} if t is None else dict(t_max=t, t_min=t)
+    out = gen(model, max_new_tokens=12, sampler="entropy_bound", entropy_bound=0.1, temperature=0, **schedule)
+    assert out.nfe == 3 * per_block and out.new_tokens(0) == [5] * 12
+
+
+@pytest.mark.parametrize("sampler", ["renoise", "entropy_bound", "edit"])
+def test_uniform_noise_samplers_stop_each_sample_at_its_own_eos(sampler):
+    """Two prompts and an EOS token that the first writes early and the second never: in one batch each stops on its
+    own, with the tokens it writes alone."""
+    model = sharp_model(4, uniform=True)
+    kw = dict(sampler=sampler, temperature=0, tau=0.3, entropy_bound=1.0, max_new_tokens=16)
+
+    def run(prompts, seeds, **extra):  # one generator per sample: its noise does not depend on the batch
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        return model.generate(prompts, generator=generators, pad_token_id=0, **kw, **extra)
+
+    candidates = [random_tokens(1, n, seed=10 + n)[0].tolist() for n in (2, 3, 5, 6, 7, 9)]
+    full = [run([p], [i], eos_token_id=None).new_tokens(0) for i, p in enumerate(candidates)]
+    pick = next((a, b, t, j) for a in range(6) for b in range(6) for j, t in enumerate(full[a][:10])
+                if a != b and j > 0 and t not in full[b] and t not in full[a][:j])
+    a, b, eos, j = pick
+    batch = run([candidates[a], candidates[b]], [a, b], eos_token_id=eos)
+    assert batch.new_tokens(0) == full[a][: j + 1] and bool(batch.stopped_at_eos[0])
+    assert batch.new_tokens(1) == full[b] and not bool(batch.stopped_at_eos[1])
+
+
 # -- editing ---------------------------------------------------------------------------------------------------------
 
 def _edit_state(post_steps=None) -> BlockState:
