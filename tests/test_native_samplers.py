@@ -382,6 +382,16 @@ def test_post_steps_edit_exactly_the_planted_positions_and_stop_when_nothing_cha
     assert capped.new_tokens(0) == [5, 5, 7, 5] and capped.nfe == 2  # the one post step edits, then the cap
 
 
+@pytest.mark.parametrize("uniform", [False, True])
+def test_a_block_that_keeps_editing_gets_exactly_max_post_steps(uniform):
+    """The toy proposes 6 and 7 in turn after filling the block with 5: every post step edits, so each block takes
+    its fill forward plus max_post_steps = 10 post steps, more than the loop's cap without editing (2 + 2 * 2)."""
+    model = sharp_model(2, uniform=uniform)
+    toy(model, lambda call, r: peaked(r, 5 if call % 11 == 0 else 6 + call % 11 % 2))
+    out = gen(model, [[1, 2]], max_new_tokens=4, sampler="edit", max_post_steps=10, temperature=0)
+    assert out.nfe == 2 * 11 and out.new_tokens(0) == [6, 6, 6, 6]  # the 10th post step proposes 6
+
+
 def test_editing_under_uniform_noise_edits_planted_tokens_after_the_fill():
     model = sharp_model(4, uniform=True)
     plan = {0: [5, 5, 5, 5], 1: [5, 8, 5, 5], 2: [5, 8, 5, 5]}

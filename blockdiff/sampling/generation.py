@@ -179,7 +179,7 @@ def _denoise_block(model, st: State, start: int, settings: Settings, generator, 
     b = len(tokens)
     post = torch.zeros(b, dtype=torch.long, device=device)  # (b,) steps after the row's last mask (editing)
     state = BlockState(tokens, in_gen.clone(), in_gen, torch.ones(tokens.shape, device=device), 0, num_steps, post)
-    hard_cap = num_steps + 2 * l  # samplers finish sooner; the cap guards bugs
+    hard_cap = num_steps + 2 * l + sampler.post_steps_budget  # samplers finish sooner; the cap guards bugs
     stop = settings.stop  # the adaptive stop, or None
     need_probs = sampler.needs_probs or stop is not None
     history = stop.start(b, l, device) if stop is not None else None

@@ -52,7 +52,7 @@ def denoise_uniform_block(
     vocab, mask_id = model.vocab_size, model.mask_token_id
     state = RewriteState(tokens, torch.zeros_like(in_gen), in_gen, 0, num_steps, mask_id, vocab, post)
     done = ~in_gen.any(-1)  # (b,)
-    hard_cap = num_steps + 2 * l  # samplers finish sooner; the cap guards bugs
+    hard_cap = num_steps + 2 * l + sampler.post_steps_budget  # samplers finish sooner; the cap guards bugs
     history = stop.start(b, l, device) if stop is not None else None
     need_probs = sampler.needs_probs or stop is not None
     fresh = torch.ones(b, dtype=torch.bool, device=device)  # (b,) rows whose block changed since their last forward

@@ -106,6 +106,12 @@ class Sampler:
         the noise schedule the model was trained with (only samplers that follow alpha(t) read it)."""
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if "knob" in f.metadata})
 
+    @property
+    def post_steps_budget(self) -> int:
+        """Steps a block may take after its last mask is filled (editing samplers); the block loop's safety cap on
+        steps per block is ``steps_per_block + 2 * block_length`` plus this."""
+        return 0
+
     def temperature_at(self, temperature: float, step: int, num_steps: int) -> float:
         """The temperature the proposal of step ``step`` (of a budget of ``num_steps``) is drawn at, given the
         call's ``temperature`` (0: greedy). The default keeps the call's."""

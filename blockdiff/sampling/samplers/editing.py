@@ -51,6 +51,10 @@ class EditingSampler(ThresholdSampler):
         if isinstance(most, bool) or not isinstance(most, int) or most < 0:
             raise UsageError(f"max_post_steps must be an integer >= 0, got {most!r}")
 
+    @property
+    def post_steps_budget(self) -> int:
+        return self.max_post_steps
+
     def _edits(self, tokens, confidence, current, committed, post_steps, filling) -> torch.Tensor:
         """Bool (b, l): the committed positions whose proposal differs from ``current`` with confidence above the
         threshold, in rows still filling or within their post-step budget."""
