@@ -481,3 +481,22 @@ def test_the_new_knobs_round_trip_through_config_cli_and_server(tmp_path):
     model = tiny_model(4)
     out = gen(model, max_new_tokens=8, **{**NEW_KNOBS, "sampler": "edit"})  # and they run
     assert out.lengths.tolist() == [8]
+
+
+def test_the_sweep_report_tells_the_new_variants_and_settings_apart():
+    from blockdiff.sweeps.report import sampler_label, variant
+
+    base = {"block_length_mixture": {}, "clip_search": "off", "beta": 0.0, "omega": 1.0, "schedule": "loglinear"}
+    assert variant({"settings": base}) == "loglinear U[0,1]"  # a summary from before issue 23
+    assert variant({"settings": {**base, "self_conditioning": True, "certainty_weight": 0.0}}) == (
+        "loglinear U[0,1], self-conditioning")
+    assert variant({"settings": {**base, "self_conditioning": False, "certainty_weight": 0.5}}) == (
+        "loglinear U[0,1], certainty 0.5")
+    record = {"sampler": "entropy_bound", "entropy_bound": 0.5, "t_max": 0.8, "t_min": 0.4, "stop_stable_steps": 1,
+              "stop_entropy": 0.05}
+    assert sampler_label(record) == "entropy_bound 0.5, t 0.8->0.4, stop 1/0.05"
+    assert sampler_label({"sampler": "entropy_bound", "entropy_bound": 0.1, "t_max": None}) == "entropy_bound 0.1"
+    assert sampler_label({"sampler": "edit", "tau": 0.7, "editing_threshold": 0.5}) == "edit tau=0.7, edit>0.5"
+    assert sampler_label({"sampler": "threshold", "tau": 0.9, "stop_stable_steps": None}) == "threshold tau=0.9"
+    assert sampler_label({"sampler": "threshold", "tau": 0.9, "stop_stable_steps": 0, "stop_entropy": 0.1}) == (
+        "threshold tau=0.9, stop 0/0.1")
