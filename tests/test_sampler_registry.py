@@ -39,7 +39,7 @@ from blockdiff.sampling.samplers.registry import knobs, register_sampler, regist
 from blockdiff.sweeps.spec import SAMPLE_KEYS, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILT_IN = ("threshold", "first_hitting", "fixed", "ddpm", "remask", "entropy_bound")
+BUILT_IN = ("threshold", "first_hitting", "fixed", "ddpm", "remask", "entropy_bound", "edit", "renoise")
 built = []  # one entry per Leftmost constructed (to count sampler constructions)
 
 
@@ -156,7 +156,9 @@ def test_the_built_in_samplers_and_their_knobs():
     assert sampler_names() == BUILT_IN
     assert {name: (k.default, k.sampler) for name, k in knobs().items()} == {
         "tau": (0.9, "threshold"), "tokens_per_step": (None, "fixed"), "remask_threshold": (0.3, "remask"),
-        "max_remask": (1, "remask"), "entropy_bound": (0.5, "entropy_bound"),
+        "max_remask": (1, "remask"), "entropy_bound": (0.5, "entropy_bound"), "t_max": (None, "entropy_bound"),
+        "t_min": (None, "entropy_bound"), "editing_threshold": (0.5, "edit"), "max_post_steps": (16, "edit"),
+        "stop_stable_steps": (None, "adaptive_stop"), "stop_entropy": (0.005, "adaptive_stop"),
     }
     config = BlockDiffusionGenerationConfig()
     assert {key: getattr(config, key) for key in settings()} == settings()

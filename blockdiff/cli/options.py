@@ -27,7 +27,7 @@ def add_drafter_flags(p) -> None:
 
     p.add_argument("--drafter", choices=drafter_names(),
                    help="with --speculative: " + ", ".join(drafter_names()) + " (default: fused for a model that "
-                   "verifies itself, else two_model; lookup for a plain decoder)")
+                   "verifies itself, else two_model; for a plain decoder hybrid where a drafter ships, else lookup)")
     for k in drafter_knobs().values():
         default = "" if k.default is None else f" (default {k.default})"
         kind = true_or_false if k.type is bool else k.type

@@ -328,4 +328,4 @@ def add_sampler_flags(p) -> None:
     for k in knobs().values():
         default = "" if k.default is None else f" (default {k.default})"
         kind = true_or_false if k.type is bool else k.type
-        p.add_argument(f"--{k.name.replace('_', '-')}", type=kind, help=f"{k.sampler} sampler: {k.doc}{default}")
+        p.add_argument(f"--{k.name.replace('_', '-')}", type=kind, help=f"{k.sampler} {k.family}: {k.doc}{default}")

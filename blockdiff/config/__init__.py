@@ -14,6 +14,7 @@ from blockdiff.config.load import describe_keys, load_config, read_utf8, to_yaml
 from blockdiff.config.sections import (
     T_EPS,
     Adapter,
+    CertaintyConfig,
     CleanAttention,
     ClipSearch,
     Config,
@@ -47,6 +48,7 @@ __all__ = [
     "OptimConfig",
     "TrainerConfig",
     "SampleConfig",
+    "CertaintyConfig",
     "CurriculumConfig",
     "Config",
     "ConfigError",

@@ -1,4 +1,5 @@
-"""The config sections (``model``, ``noise``, ``data``, ``optim``, ``trainer``, ``sample``, ``curriculum``) and
+"""The config sections (``model``, ``noise``, ``data``, ``optim``, ``trainer``, ``sample``, ``curriculum``,
+``certainty``) and
 ``Config``, the whole run: dataclasses whose defaults *are* the embedded demo (``blockdiff demo`` trains exactly
 ``Config()``), each field documented by the string under it, each validated in ``__post_init__`` with errors
 that name the CLI key.
@@ -116,6 +117,11 @@ class ModelConfig:
     block_length_mixture: dict[int, float] = field(default_factory=dict)
     """Train on a mixture of block lengths: {L': probability} drawn per training sequence (e.g. {1: 0.1, 4: 0.3, 16:
     0.6}); empty = off. block_length stays the one generation uses."""
+    self_conditioning: bool = False
+    """Self-conditioning (Chen et al. 2022; DiffusionGemma): half the training steps first predict the block without
+    gradient and add that prediction's probability-weighted embedding to the noised positions' input; sampling feeds
+    each step's prediction into the next. Evaluation always runs both passes (a deterministic denoiser of x_t, so the
+    NELBO stays a bound: docs/design.md §3.3). Off = today's network, bit for bit."""
 
     def __post_init__(self) -> None:
         check_numbers("model", self)
@@ -337,7 +343,8 @@ class SampleConfig:
     max_new_tokens: int = 64
     """Tokens generated per sample."""
     sampler: str = "threshold"
-    """Sampler: threshold, first_hitting, fixed, ddpm, remask, entropy_bound (or another registered one)."""
+    """Sampler: threshold, first_hitting, fixed, ddpm, remask, entropy_bound, edit, renoise (or another registered
+    one)."""
     tau: float = 0.9
     """Confidence threshold of the threshold sampler."""
     steps_per_block: Optional[int] = None
@@ -383,6 +390,27 @@ class CurriculumConfig:
 
 
 @dataclass
+class CertaintyConfig:
+    weight: float = 0.0
+    """Certainty-forcing term (dParallel): add weight * the mean entropy of the model's tempered prediction at the
+    noised positions where its argmax is already the target (0 = off). Minimising it makes a model that is right
+    also sure, so threshold samplers reveal more per forward; meant for data.source=distilled:... (the model's own
+    outputs). Only train/loss contains it: val/nll and blockdiff eval report the NELBO alone."""
+    temperature: float = 1.0
+    """Temperature of the distribution whose entropy the certainty term minimises (logits / temperature)."""
+    only_correct: bool = True
+    """Apply the certainty term only where the argmax is the target (dParallel's mask); false: at every noised
+    position (plain entropy minimisation, which also sharpens wrong predictions)."""
+
+    def __post_init__(self) -> None:
+        check_numbers("certainty", self)
+        if self.weight < 0:
+            raise ConfigError(f"certainty.weight must be >= 0 (0 = off), got {self.weight}")
+        if not self.temperature > 0:
+            raise ConfigError(f"certainty.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
@@ -391,6 +419,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    certainty: CertaintyConfig = field(default_factory=CertaintyConfig)
 
     def __post_init__(self) -> None:
         seq_len = self.data.max_seq_len
@@ -414,6 +443,11 @@ class Config:
             raise ConfigError(
                 "model.block_length_mixture and curriculum.block_length_fraction both set the training block "
                 "length; use one"
+            )
+        if self.certainty.weight > 0 and self.model.block_length_mixture:
+            raise ConfigError(
+                "certainty.weight > 0 is not supported with model.block_length_mixture (the term is computed on one "
+                "block length's forward); use one model.block_length or certainty.weight=0"
             )
         self._check_size()
         self._check_fsdp()

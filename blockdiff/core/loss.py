@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from blockdiff.core.certainty import certainty_term
 from blockdiff.core.noise import add_noise, sample_t
 from blockdiff.core.uniform import add_uniform_noise, uniform_token_nelbo
 
@@ -52,6 +53,7 @@ class LossOutput:
     per_block: torch.Tensor | None = None  # (b, k) nats per token of each block (reduction="block" only)
     per_position: torch.Tensor | None = None  # (l,) summed weighted -log p at each in-block position ("position")
     position_tokens: torch.Tensor | None = None  # (l,) predicted positions at each in-block position ("position")
+    certainty: torch.Tensor | None = None  # scalar: the certainty-forcing term (``certainty.py``), when asked for
 
 
 def masked_nelbo(
@@ -142,12 +144,20 @@ def block_diffusion_loss(
     block_length: int | None = None,
     bidirectional: float = 1.0,
     reduction: Literal["token", "block", "position"] = "token",
+    certainty: tuple[float, bool] | None = None,
+    self_condition: Literal["always", "random", "never"] = "always",
 ) -> LossOutput:
     """Noise ``x0`` with one ``t ~ U[t_range]`` per block (or the given ``t`` of shape ``(b, k)``), run
     the vectorised forward, and return the per-token NELBO. ``block_length`` overrides the model's;
     ``bidirectional < 1`` anneals the in-block attention (see ``BlockDiffusionLM.training_hidden``).
     ``reduction="block"`` also fills ``per_block`` ``(b, k)`` (the clip search's samples); ``"position"`` fills
-    ``per_position`` and ``position_tokens`` ``(l,)``.
+    ``per_position`` and ``position_tokens`` ``(l,)``. ``certainty=(temperature, only_correct)`` also fills
+    ``certainty``, the certainty-forcing term on the same logits (``certainty.py``); ``loss`` stays the NELBO.
+
+    A model with ``spec.self_conditioning`` first predicts the scored positions without gradient and feeds that
+    prediction's expected embedding back into them (``self_condition="always"``: evaluation, a deterministic function
+    of ``x_t``; ``"random"``: training, on half the calls, drawn from ``generator``; ``"never"``: one pass). A model
+    without it ignores ``self_condition`` (docs/design.md §3.3).
 
     The ``model.num_unpredictable`` leading positions (position 0 under the logit shift) are neither
     scored nor noised: the conditioning token stays clean in ``x_t`` (docs/design.md §5)."""
@@ -168,15 +178,37 @@ def block_diffusion_loss(
         noised = add_noise(x0, t, schedule, block_length, model.mask_token_id, generator, clean_prefix=unscored)
     valid = torch.ones_like(x0, dtype=torch.bool)  # (b, n)
     valid[:, :unscored] = False
-    hidden = model.training_hidden(noised.xt, x0, block_length, bidirectional, generator)  # (b, n, d)
     sel = noised.masked & valid  # (b, n)
+    soft = _self_conditioning(model, noised.xt, x0, sel, block_length, bidirectional, generator, self_condition)
+    extra = {} if soft is None else {"soft": soft}  # without self-conditioning: the call it has always been
+    hidden = model.training_hidden(noised.xt, x0, block_length, bidirectional, generator, **extra)  # (b, n, d)
     logits = model.logits(hidden[sel])  # (m, v)
     per = block_length if reduction != "token" else None
     by_position = reduction == "position"
     if not uniform:
-        return nelbo(logits, x0, noised.masked, noised.weight, valid, per, by_position)
-    terms = uniform_token_nelbo(logits, x0[sel], noised.xt[sel], noised.alpha[sel], model.mask_token_id)  # (m,)
-    return weighted_sum(masked_nelbo(None, x0, sel, noised.weight, terms), sel, valid, per, by_position)
+        out = nelbo(logits, x0, noised.masked, noised.weight, valid, per, by_position)
+    else:
+        terms = uniform_token_nelbo(logits, x0[sel], noised.xt[sel], noised.alpha[sel], model.mask_token_id)  # (m,)
+        out = weighted_sum(masked_nelbo(None, x0, sel, noised.weight, terms), sel, valid, per, by_position)
+    if certainty is not None:
+        out.certainty = certainty_term(logits, x0[sel], *certainty)
+    return out
+
+
+def _self_conditioning(model, xt, x0, sel, block_length, bidirectional, generator, mode: str):
+    """The self-conditioning input ``(b, n, d)`` of the scored positions ``sel`` (zero elsewhere), or ``None`` (one
+    pass: no self-conditioning, or ``"never"``, or the half of ``"random"`` calls that skip it)."""
+    if not getattr(model.spec, "self_conditioning", False) or mode == "never":
+        return None
+    if mode == "random":
+        draw = torch.rand((), generator=generator, device=generator.device if generator is not None else "cpu")
+        if float(draw) < 0.5:
+            return None
+    with torch.no_grad():
+        hidden = model.training_hidden(xt, x0, block_length, bidirectional, generator)  # (b, n, d)
+        soft = hidden.new_zeros(hidden.shape)
+        soft[sel] = model.soft_embedding(model.logits(hidden[sel])).to(hidden.dtype)  # (m, d)
+    return soft
 
 
 def draw_block_lengths(mixture: dict[int, float], batch_size: int, generator=None, device=None) -> torch.Tensor:
@@ -196,13 +228,15 @@ def mixture_loss(
     mixture: dict[int, float],
     antithetic: bool = True,
     generator: torch.Generator | None = None,
+    self_condition: Literal["always", "random", "never"] = "always",
 ) -> LossOutput:
     """NELBO under a mixture of block lengths: each sequence draws its ``L'`` from ``mixture``, and the rows
     that drew the same ``L'`` go through one forward with that length's mask and noise blocks (exact: a row
     never attends across rows). Sums and token counts are pooled, so the loss is per token over the batch."""
     drawn = draw_block_lengths(mixture, x0.shape[0], generator, x0.device)  # (b,)
     parts = [
-        block_diffusion_loss(model, x0[drawn == l], schedule, t_range, antithetic, generator, block_length=int(l))
+        block_diffusion_loss(model, x0[drawn == l], schedule, t_range, antithetic, generator, block_length=int(l),
+                             self_condition=self_condition)
         for l in torch.unique(drawn).tolist()
     ]
     nll_sum = sum(p.nll_sum for p in parts)

@@ -156,8 +156,12 @@ class BlockDiffusionLM(TrainingForward, nn.Module):
         gate=None,
         *,
         fast_gqa=False,
+        soft=None,
     ):
         """Run the decoder body with an explicit 4-D mask and positions; returns ``(hidden (b,q,d), cache)``.
+
+        ``soft`` (b, q, d): self-conditioning input (``soft_embedding`` of the last prediction, zero where there is
+        none), added to the token embeddings; ``None`` runs the decoder on ``input_ids`` exactly as without it.
 
         ``gate`` (b, q): where the gated adapter is on (1: a noisy row, drafting) or off (0: a clean row, the base
         decoder); ``None`` = off everywhere. Without an adapter it has no effect. The gate holds for this call only.
@@ -167,9 +171,12 @@ class BlockDiffusionLM(TrainingForward, nn.Module):
         result). Both are the sampling forward's fast paths (docs/benchmarks.md); see ``_attention_options``.
         """
         gated = self.adapter.gated(gate) if self.adapter is not None else contextlib.nullcontext()
+        inputs = {"input_ids": input_ids}
+        if soft is not None:  # self-conditioning: the token embeddings plus the last prediction's expected embedding
+            inputs = {"inputs_embeds": self.backbone.get_input_embeddings()(input_ids) + soft.to(self.backbone.dtype)}
         with gated, self._attention_options(attention_mask, fast_gqa, input_ids.device) as kwargs:
             out = self.backbone.base_model(
-                input_ids=input_ids,
+                **inputs,
                 position_ids=position_ids,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
@@ -221,6 +228,13 @@ class BlockDiffusionLM(TrainingForward, nn.Module):
         logits = self.backbone.get_output_embeddings()(hidden).float()  # (b, q, v)
         logits[..., self.mask_token_id] = float("-inf")
         return logits
+
+    def soft_embedding(self, logits: torch.Tensor) -> torch.Tensor:
+        """Self-conditioning input (docs/design.md §3.3): the expected input embedding ``softmax(logits) @ E`` of a
+        prediction, ``(..., v) -> (..., d)``, with no gradient (the previous pass is a constant to the next)."""
+        with torch.no_grad():
+            weight = self.backbone.get_input_embeddings().weight  # (v, d)
+            return logits.float().softmax(-1).to(weight.dtype) @ weight
 
     def format_mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """Boolean (b|1, 1, q, s) "may attend" mask in the form the attention implementation expects."""

@@ -3,7 +3,7 @@ training context, noise schedule and kind, clean-stream attention, drafting adap
 ``blockdiff.json`` (``SPEC_FILE``: the file that marks a blockdiff model directory) and checked on read.
 
 The keys added after the first release (``clean_attention``, ``adapter``, ``adapter_rank``, ``adapter_alpha``,
-``noise_kind``) are
+``noise_kind``, ``self_conditioning``) are
 written only when they differ from their defaults, so a model that does not use them reads with an older blockdiff;
 a file without them takes the defaults (today's behaviour)."""
 
@@ -27,7 +27,7 @@ NOISE_KIND_CHOICES = ("absorbing", "uniform")
 ADAPTER_CHOICES = ("none", "gated_lora")
 _OPTIONAL_DEFAULTS = {
     "clean_attention": "block_causal", "adapter": "none", "adapter_rank": None, "adapter_alpha": None,
-    "noise_kind": "absorbing",
+    "noise_kind": "absorbing", "self_conditioning": False,
 }
 
 
@@ -52,6 +52,7 @@ class BlockDiffusionSpec:
     adapter_rank: int | None = None  # gated_lora: rank r
     adapter_alpha: float | None = None  # gated_lora: the delta is scaled by adapter_alpha / adapter_rank
     noise_kind: str = "absorbing"  # absorbing (mask) or uniform (random-token) noise inside a block (core/uniform.py)
+    self_conditioning: bool = False  # the noised positions' input also gets the last prediction's expected embedding
 
     def __post_init__(self):
         if not _is_int(self.mask_token_id) or self.mask_token_id < 0:
@@ -73,6 +74,8 @@ class BlockDiffusionSpec:
             raise UsageError(
                 f"clean_attention must be one of {list(CLEAN_ATTENTION_CHOICES)}, got {self.clean_attention!r}"
             )
+        if not isinstance(self.self_conditioning, bool):
+            raise UsageError(f"self_conditioning must be true or false, got {self.self_conditioning!r}")
         if self.noise_kind not in NOISE_KIND_CHOICES:
             raise UsageError(f"noise_kind must be one of {list(NOISE_KIND_CHOICES)}, got {self.noise_kind!r}")
         if self.adapter not in ADAPTER_CHOICES:

@@ -58,15 +58,17 @@ class TrainingForward:
         block_length: int | None = None,
         bidirectional: float = 1.0,
         generator: torch.Generator | None = None,
+        soft: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The hidden states behind ``forward``'s logits, ``(b, n, d)`` (lets the loss project only masked rows).
 
         ``block_length`` overrides the model's own for this call (block-length curricula and mixtures);
         the spec, and so generation, keeps the model's. ``bidirectional < 1`` anneals the mask: each
         anti-causal cell inside a noisy block stays open with that probability (``curriculum.py``).
+        ``soft`` (b, n, d): self-conditioning input added at the ``x_t`` positions (docs/design.md §3.3).
         """
         block_length = block_length or self.block_length
-        h_xt, h_x0 = self.training_streams(xt, x0, block_length, bidirectional, generator)
+        h_xt, h_x0 = self.training_streams(xt, x0, block_length, bidirectional, generator, soft)
         if self.spec.logit_shift:  # block k > 0 reads the clean stream at its last position; block 0 a placeholder
             before = torch.cat([h_xt[:, :1], h_x0[:, block_length - 1 :: block_length]], dim=1)  # (b, n/l, d)
             h_xt = self.apply_logit_shift(h_xt, before, block_length)  # (b, n, d); row 0 is a placeholder
@@ -79,6 +81,7 @@ class TrainingForward:
         block_length: int | None = None,
         bidirectional: float = 1.0,
         generator: torch.Generator | None = None,
+        soft: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The two halves of the training forward before the logit shift: ``(noisy (b, n, d), clean (b, n - l, d))``,
         row ``i`` of each being the decoder's output at position ``i`` of ``x_t`` / ``x_0``.
@@ -100,16 +103,18 @@ class TrainingForward:
         if bidirectional < 1.0:
             mask = mask & _annealing_keep(n, block_length, bidirectional, generator, xt.device)
         if self.adapter is not None and kind != "flex_attention":
-            return self._split_streams(xt, x0, block_length, mask)
+            return self._split_streams(xt, x0, block_length, mask, soft)
         if kind != "flex_attention":
             mask = self.format_mask(mask)
         clean = n - block_length  # clean tokens fed: all blocks but the last
         positions = torch.cat([torch.arange(n), torch.arange(clean)]).to(xt.device)[None].expand(b, -1)  # (b, n+clean)
         gate = (torch.arange(n + clean, device=xt.device) < n)[None] if self.adapter is not None else None  # x_t rows
-        hidden, _ = self.hidden_states(torch.cat([xt, x0[:, :clean]], dim=1), positions, mask, gate=gate)
+        if soft is not None:  # self-conditioning on the noisy half only
+            soft = torch.cat([soft, soft.new_zeros(b, clean, soft.shape[-1])], dim=1)  # (b, n + clean, d)
+        hidden, _ = self.hidden_states(torch.cat([xt, x0[:, :clean]], dim=1), positions, mask, gate=gate, soft=soft)
         return hidden[:, :n], hidden[:, n:]  # (b, n, d), (b, clean, d)
 
-    def _split_streams(self, xt, x0, block_length: int, mask: torch.Tensor):
+    def _split_streams(self, xt, x0, block_length: int, mask: torch.Tensor, soft: torch.Tensor | None = None):
         """``training_streams`` as two forwards (``mask``: the dense training mask (1, 1, n + clean, n + clean) over
         ``[x_t ; x_0[:clean]]``): the clean stream with the gate off, then the noisy rows, gate on, against its cache
         (keys ``[x_0[:clean] ; x_t]``)."""
@@ -128,6 +133,6 @@ class TrainingForward:
         noisy_mask = torch.cat([mask[..., :n, n:], mask[..., :n, :n]], dim=-1)  # (1, 1, n, clean + n)
         h_xt, _ = self.hidden_states(
             xt, torch.arange(n, device=device)[None].expand(b, -1), self.format_mask(noisy_mask),
-            past_key_values=cache, use_cache=cache is not None, gate=torch.ones(1, n, device=device),
+            past_key_values=cache, use_cache=cache is not None, gate=torch.ones(1, n, device=device), soft=soft,
         )  # (b, n, d)
         return h_xt, h_x0

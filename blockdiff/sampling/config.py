@@ -17,7 +17,14 @@ import numbers
 from transformers import GenerationConfig
 
 from blockdiff.errors import UsageError
-from blockdiff.sampling.samplers.registry import check_knobs, knobs, make_sampler, sampler_names, settings
+from blockdiff.sampling.samplers.registry import (
+    check_knobs,
+    knobs,
+    make_sampler,
+    sampler_class,
+    sampler_names,
+    settings,
+)
 
 __all__ = ["BlockDiffusionGenerationConfig", "GENERATION_CONFIG_FILE", "HONOURED", "make_sampler"]  # and SAMPLERS
 
@@ -137,6 +144,12 @@ class BlockDiffusionGenerationConfig(GenerationConfig):
             if not _is_int(getattr(self, key)) or getattr(self, key) < 1:
                 raise UsageError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
         check_beams(self.block_beams, self.beam_width)
+        if block_length == 1 and sampler_class(self.sampler).edits:
+            raise UsageError(
+                f"sampler={self.sampler!r} (editing_threshold, max_post_steps) edits the tokens of a block it has "
+                "written, but block_length=1 leaves nothing to edit (the block is its one new token); use a model "
+                "with block_length > 1, or another sampler"
+            )
         check_knobs(self, schedule)  # each sampler's own checks, on its knobs
 
     def unsupported_settings(self) -> list[str]:

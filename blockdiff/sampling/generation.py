@@ -5,11 +5,18 @@ cache = empty
 for each new block:
     block = prompt tail + [m] * rest          # blocks sit on the training grid: block k = positions [k l, (k+1) l)
     first forward: [finished block not yet cached ; block]   -> writes the finished block into the cache
-    repeat until no m left:
+    repeat until no m left (and no editing sampler keeps the block open):
         logits = net(block, past=cache)        # the cache is read-only: it is cropped back after every forward
-        block  = sampler.step(logits, block)   # which masks to reveal (or re-open), with which tokens
+        block  = sampler.step(logits, block)   # which masks to reveal (or re-open, or edit), with which tokens
+        adaptive stop (if set): a stable, confident block takes the argmax and is final
     stop the samples whose block holds EOS or a stop string, or reaches max_new_tokens; they leave the batch
 ```
+
+Editing samplers (``Sampler.edits``) get a proposal at every generated position and may keep a block open after
+its last mask (post steps); the adaptive stop (``samplers/adaptive_stop.py``) runs after any sampler's step; a
+self-conditioning model (``spec.self_conditioning``) reads the last forward's prediction of the block
+(``grid.next_soft``). A row's prediction is reused only while its whole input (tokens and self-conditioning) is
+unchanged, so each of these keeps cached == uncached and batch == one by one (docs/design.md §3.3, §9).
 
 Layout: a batch is a grid of *columns*. Prompts are left-padded by whole blocks so that every sample's
 first generation block occupies the same columns; pad columns are never attended to. Position ids are
@@ -48,7 +55,9 @@ from blockdiff.sampling.grid import (
     State,
     block_rows,
     drop_finished,
+    empty_soft,
     layout,
+    next_soft,
     slide,
 )
 from blockdiff.sampling.logits import choose_rows
@@ -162,29 +171,62 @@ def _denoise_block(model, st: State, start: int, settings: Settings, generator, 
         generator = [generator[i] for i in st.active]
     if model.spec.noise_kind == "uniform":  # random tokens, no mask: the sampler may rewrite any position
         return denoise_uniform_block(
-            model, st, start, config, sampler, generator, observer, in_gen, after_prompt, no_eos, eos_cols, temperature
+            model, st, start, config, sampler, generator, observer, in_gen, after_prompt, no_eos, eos_cols, temperature,
+            settings.stop,
         )
     tokens = st.cols[act, start:].masked_fill(after_prompt, mask_id)  # (b, l): prompt tail, then masks
     num_steps = config.steps_per_block or l
-    state = BlockState(tokens, in_gen.clone(), in_gen, torch.ones(tokens.shape, device=device), 0, num_steps)
-    hard_cap = num_steps + 2 * l  # samplers finish sooner; the cap guards bugs
-    need_probs = sampler.needs_probs
-    logits, changed = None, True
-    while state.masked.any():
+    b = len(tokens)
+    post = torch.zeros(b, dtype=torch.long, device=device)  # (b,) steps after the row's last mask (editing)
+    state = BlockState(tokens, in_gen.clone(), in_gen, torch.ones(tokens.shape, device=device), 0, num_steps, post)
+    hard_cap = num_steps + 2 * l + sampler.post_steps_budget  # samplers finish sooner; the cap guards bugs
+    stop = settings.stop  # the adaptive stop, or None
+    need_probs = sampler.needs_probs or stop is not None
+    history = stop.start(b, l, device) if stop is not None else None
+    opened = torch.zeros(b, dtype=torch.bool, device=device)  # (b,) rows kept open with no mask left (editing)
+    fresh = torch.ones(b, dtype=torch.bool, device=device)  # (b,) rows whose block changed since their last forward
+    soft = empty_soft(model, b, l, device)  # (b, l, d) self-conditioning input: the last new prediction, or None
+    logits, changed, predicted = None, True, None
+    while True:
+        live = state.masked.any(-1) | opened  # (b,) rows whose block is not final
+        if not live.any():
+            break
+        # The positions the head predicts: the masked ones, or every generated one of a live row for editing samplers.
+        predict = (state.editable & live[:, None]) if sampler.edits else state.masked  # (b, l)
         ran = logits is None or changed or not config.reuse_predictions
-        if ran:  # otherwise nothing changed since the last forward (nor which rows are masked): its logits stand
+        if ran:  # otherwise nothing changed since the last forward: its logits stand (for the rows still predicted)
             st.cols[act, start:] = state.tokens
-            st.sample_nfe[act[state.masked.any(-1)].cpu()] += 1  # the samples this forward denoises
-            rows = block_rows(model, st, start, start + l, config.use_cache)  # (b, l, d)
-            logits = model.logits(rows[state.masked])  # (r, v): the head runs on the masked rows only
+            st.sample_nfe[act[live].cpu()] += 1  # the samples this forward denoises
+            fed = None if soft is None else soft * state.masked[..., None]  # (b, l, d) at the masked positions only
+            rows = block_rows(model, st, start, start + l, config.use_cache, fed)  # (b, l, d)
+            logits = model.logits(rows[predict])  # (r, v): the head runs on the predicted rows only
             if no_eos is not None:
-                logits[:, eos_cols] = logits[:, eos_cols].masked_fill(no_eos[state.masked][:, None], float("-inf"))
-        proposal, conf, probs = _choose(logits, state, temperature, config, generator, need_probs)
+                logits[:, eos_cols] = logits[:, eos_cols].masked_fill(no_eos[predict][:, None], float("-inf"))
+        else:
+            logits = logits[predict[predicted]]  # a row may have closed since (predict only shrinks)
+        predicted = predict
+        seen = live & predict.any(-1) if ran else torch.zeros_like(live)  # (b,) rows this step's forward predicted
+        soft_moved = torch.zeros_like(live)  # (b,) rows whose self-conditioning input changed with this forward
+        if soft is not None and ran:
+            soft, soft_moved = next_soft(model, soft, logits, predict, seen)
+        temperature = sampler.temperature_at(settings.temperature, state.step, num_steps)
+        proposal, conf, probs = _choose(logits, predict, temperature, config, generator, need_probs)
         step = sampler.step if state.step < hard_cap else _force
         result = step(proposal, conf, state, generator, probs)
         tokens = result.tokens.masked_fill(result.remasked, mask_id)
-        changed = bool(result.revealed.any() or result.remasked.any())
-        state = BlockState(tokens, (tokens == mask_id) & in_gen, in_gen, result.confidence, state.step + 1, num_steps)
+        if stop is not None:
+            tokens, stopped = _adaptive_stop(stop, history, state, tokens, probs, predict, fresh & seen, mask_id)
+            result.revealed = result.revealed | (stopped[:, None] & state.masked & (tokens != mask_id))
+        edited = result.edited if result.edited is not None else torch.zeros_like(result.revealed)
+        moved = result.revealed | result.remasked | edited  # (b, l)
+        changed = bool(moved.any() or soft_moved.any())  # a new input (tokens or self-conditioning): a new forward
+        fresh = (fresh & ~seen) | moved.any(-1) | soft_moved
+        opened = result.open if result.open is not None else torch.zeros_like(opened)
+        if stop is not None:
+            opened = opened & ~stopped
+        post = post + (live & ~state.masked.any(-1)).long()
+        state = BlockState(tokens, (tokens == mask_id) & in_gen, in_gen, result.confidence, state.step + 1, num_steps,
+                           post)
         if observer is not None:
             observer(_event(st, start, l, state, result, ran, conf))
     if observer is not None:
@@ -192,21 +234,32 @@ def _denoise_block(model, st: State, start: int, settings: Settings, generator, 
     return state.tokens
 
 
-def _choose(logits, state: BlockState, temperature: float, config, generator, need_probs: bool):
-    """Token choice at the masked positions (``logits`` (r, v) holds their rows), as the samplers take it:
-    ``(proposal (b, l), confidence (b, l), probs (b, l, v) or None)``; unmasked positions get token 0, confidence 0
-    and zero probabilities (a sampler reveals masked positions only). Sampling draws one ``U[0, 1)`` per position of
-    the block (``uniform``: with per-sample generators only the samples still denoising draw)."""
-    masked = state.masked  # (b, l)
+def _adaptive_stop(stop, history, state: BlockState, tokens, probs, predict, tested, mask_id: int):
+    """Apply the adaptive stop after a step (``samplers/adaptive_stop.py``): ``(tokens (b, l), stopped (b,))``, where
+    the rows that are stable and confident have every mask left replaced by the forward's argmax. ``tested`` (b,): the
+    rows whose input changed since their previous forward (only they are tested)."""
+    argmax = probs.argmax(-1)  # (b, l)
+    canvas = torch.where(predict, argmax, state.tokens)  # (b, l) the forward's argmax canvas
+    stopped = stop.update(history, canvas, probs, predict, tested)  # (b,)
+    fill = stopped[:, None] & (tokens == mask_id) & state.editable
+    return torch.where(fill, argmax, tokens), stopped
+
+
+def _choose(logits, predict: torch.Tensor, temperature: float, config, generator, need_probs: bool):
+    """Token choice at the ``predict`` (b, l) positions (``logits`` (r, v) holds their rows), as the samplers take it:
+    ``(proposal (b, l), confidence (b, l), probs (b, l, v) or None)``; other positions get token 0, confidence 0
+    and zero probabilities (a sampler reveals masked positions only, or edits the predicted committed ones). Sampling
+    draws one ``U[0, 1)`` per position of the block (``uniform``: with per-sample generators only the rows with a
+    predicted position draw)."""
     u = None
     if temperature != 0:
-        u = uniform(masked.shape, generator, masked.device, rows=masked.any(-1))[masked]  # (r,)
+        u = uniform(predict.shape, generator, predict.device, rows=predict.any(-1))[predict]  # (r,)
     tokens, confidence, probs = choose_rows(logits, u, temperature, config.top_k, config.top_p, need_probs)
-    proposal = torch.zeros(masked.shape, dtype=torch.long, device=masked.device).masked_scatter(masked, tokens)
-    conf = torch.zeros(masked.shape, device=masked.device).masked_scatter(masked, confidence)
+    proposal = torch.zeros(predict.shape, dtype=torch.long, device=predict.device).masked_scatter(predict, tokens)
+    conf = torch.zeros(predict.shape, device=predict.device).masked_scatter(predict, confidence)
     if probs is not None:
-        full = probs.new_zeros((*masked.shape, probs.shape[-1]))  # (b, l, v)
-        full[masked] = probs
+        full = probs.new_zeros((*predict.shape, probs.shape[-1]))  # (b, l, v)
+        full[predict] = probs
         probs = full
     return proposal, conf, probs
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-__all__ = ["State", "layout", "forward", "block_logits", "block_rows", "slide", "drop_finished"]
+__all__ = ["State", "layout", "forward", "block_logits", "block_rows", "slide", "drop_finished", "empty_soft",
+           "next_soft"]
 
 
 @dataclass
@@ -52,9 +53,10 @@ def layout(prompts: list[list[int]], l: int, pad_id: int, device) -> State:
                   sample_nfe=torch.zeros(len(prompts), dtype=torch.long))
 
 
-def forward(model, st: State, feed_from: int, end: int, use_cache: bool):
+def forward(model, st: State, feed_from: int, end: int, use_cache: bool, soft: torch.Tensor | None = None):
     """Run columns ``[feed_from, end)`` of the active samples against the cache; returns
-    ``(hidden (b, q, d), cache)``."""
+    ``(hidden (b, q, d), cache)``. ``soft`` (b, l, d): self-conditioning input of the block being denoised (the last
+    ``l`` columns; the other fed columns get none)."""
     act = torch.tensor(st.active, device=st.cols.device)
     q_cols = torch.arange(feed_from, end, device=st.cols.device)  # (q,)
     k_cols = torch.arange(st.window_start, end, device=st.cols.device)  # (s,)
@@ -64,9 +66,12 @@ def forward(model, st: State, feed_from: int, end: int, use_cache: bool):
     if use_cache and past is None:
         past = model.new_cache()
     noisy_from = end - model.block_length  # the block being denoised: the noisy stream (adapter on, if any)
+    extra = {}  # the call of a model without self-conditioning is the one it has always been
+    if soft is not None:
+        extra["soft"] = torch.cat([soft.new_zeros(soft.shape[0], noisy_from - feed_from, soft.shape[-1]), soft], dim=1)
     hidden, past = model.hidden_states(
         st.cols[act, feed_from:end], positions, _mask(model, st, q_cols, k_cols, first, noisy_from),
-        past_key_values=past, use_cache=use_cache, gate=(q_cols >= noisy_from)[None], fast_gqa=True,
+        past_key_values=past, use_cache=use_cache, gate=(q_cols >= noisy_from)[None], fast_gqa=True, **extra,
     )
     st.nfe += 1
     st.processed += hidden.shape[0] * hidden.shape[1]
@@ -89,11 +94,14 @@ def block_logits(model, st: State, start: int, end: int, use_cache: bool) -> tor
     return model.logits(block_rows(model, st, start, end, use_cache))
 
 
-def block_rows(model, st: State, start: int, end: int, use_cache: bool) -> torch.Tensor:
+def block_rows(
+    model, st: State, start: int, end: int, use_cache: bool, soft: torch.Tensor | None = None
+) -> torch.Tensor:
     """The hidden states (b, l, d) that predict the block at columns ``[start, end)`` (logit shift applied: the
-    output head turns them into its logits); folds the finished block into the cache."""
+    output head turns them into its logits); folds the finished block into the cache. ``soft`` (b, l, d): the block's
+    self-conditioning input (``None``: none)."""
     feed_from = st.cache_end if use_cache else st.window_start
-    hidden, past = forward(model, st, feed_from, end, use_cache)  # (b, q, d)
+    hidden, past = forward(model, st, feed_from, end, use_cache, soft)  # (b, q, d)
     if use_cache:
         past.crop(-(end - start))  # keep finished columns only: the cache stays read-only for the block
         st.cache, st.cache_end = past, start
@@ -106,6 +114,25 @@ def block_rows(model, st: State, start: int, end: int, use_cache: bool) -> torch
             prev = st.last_hidden if st.last_hidden is not None else torch.zeros_like(rows[:, 0])
         rows = model.apply_logit_shift(rows, prev[:, None])  # (b, l, d)
     return rows
+
+
+def empty_soft(model, b: int, l: int, device) -> torch.Tensor | None:
+    """The self-conditioning input of a new block (zeros: no prediction yet), or ``None`` for a model without it."""
+    if not getattr(model.spec, "self_conditioning", False):
+        return None
+    return torch.zeros(b, l, model.backbone.get_input_embeddings().embedding_dim, device=device)
+
+
+def next_soft(model, soft: torch.Tensor, logits: torch.Tensor, predict: torch.Tensor, rows: torch.Tensor):
+    """``(soft (b, l, d), moved (b,))``: the self-conditioning input of the next forward (docs/design.md §3.3), i.e.
+    this forward's prediction (``logits`` (r, v) at the ``predict`` (b, l) positions) for the ``rows`` (b,) it
+    predicted, the previous input for the others; ``moved``: the rows whose input changed. A forward whose block and
+    input are unchanged would give the same logits again, so the block loop reuses them only when no row moved, and a
+    row's tokens do not depend on its batch."""
+    new = torch.zeros_like(soft)
+    new[predict] = model.soft_embedding(logits).to(soft.dtype)
+    new = torch.where(rows[:, None, None], new, soft)
+    return new, (new != soft).flatten(1).any(-1)
 
 
 def slide(model, st: State, window: int) -> None:

@@ -21,7 +21,7 @@ from blockdiff.core.noise import make_schedule
 from blockdiff.errors import UsageError
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
 from blockdiff.sampling.samplers.base import Sampler
-from blockdiff.sampling.samplers.registry import make_sampler, sampler_class, sampler_names
+from blockdiff.sampling.samplers.registry import make_rule, make_sampler, sampler_class, sampler_names
 
 __all__ = ["Settings", "resolve", "window_of", "temperature_of", "eos_ids_of"]
 
@@ -41,6 +41,7 @@ class Settings:
     temperature: float  # 0 = greedy (do_sample=False or temperature 0)
     max_new_tokens: int
     stops: tuple[str, ...]  # stop strings ((): none)
+    stop: object = None  # the adaptive stop (``samplers/adaptive_stop.py``) when stop_stable_steps is set, else None
 
     @property
     def greedy(self) -> bool:
@@ -91,6 +92,12 @@ def resolve(model, config: BlockDiffusionGenerationConfig, prompts: list[list[in
                 f"sampler={config.sampler!r} reveals mask tokens, but this model was trained with uniform noise "
                 f"(noise.kind=uniform: no mask to reveal); use sampler= one of {usable}"
             )
+        if model.spec.noise_kind != "uniform" and not sampler.reveals:
+            usable = [n for n in sampler_names() if sampler_class(n).reveals]
+            raise UsageError(
+                f"sampler={config.sampler!r} renoises random tokens, but this model was trained with absorbing noise "
+                f"(noise.kind=absorbing: its noise is the mask token); use sampler= one of {usable}"
+            )
     copies = config.num_return_sequences or 1
     given = prompts is not None
     prompts = [p for p in prompts for _ in range(copies)] if given else []
@@ -98,8 +105,10 @@ def resolve(model, config: BlockDiffusionGenerationConfig, prompts: list[list[in
     if model is not None and (given or streamer is not None):  # no prompt at all is an error too
         _check_prompts(model, prompts, config, window, streamer)
     stops = tuple(config.stop_string_list()) if config.stop_strings is not None else ()
+    stop = make_rule("adaptive_stop", config) if not speculative else None
     return Settings(
         config=config, prompts=prompts, copies=copies, window=window, eos_ids=eos_ids_of(config.eos_token_id),
+        stop=stop if stop is not None and stop.active else None,
         pad_id=config.pad_token_id if config.pad_token_id is not None else 0, schedule=schedule, sampler=sampler,
         temperature=temperature_of(config), max_new_tokens=config.max_new_tokens, stops=stops,
     )

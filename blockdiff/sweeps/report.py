@@ -51,8 +51,13 @@ def load_summaries(root: str | Path) -> list[dict]:
 def variant(run: dict) -> str:
     """What was trained, ignoring block length and seed: the schedule / objective label of a run (``uniform noise,
     ...`` under ``noise.kind=uniform``; the context ``L=...`` is prefixed by ``_rows`` when runs differ in it)."""
-    label = _objective(run["settings"])
-    return "uniform noise, " + label if run["settings"].get("noise_kind", "absorbing") == "uniform" else label
+    settings = run["settings"]
+    label = _objective(settings)
+    if settings.get("self_conditioning"):  # (keys a summary written before issue 23 lacks)
+        label += ", self-conditioning"
+    if settings.get("certainty_weight"):
+        label += f", certainty {settings['certainty_weight']:g}"
+    return "uniform noise, " + label if settings.get("noise_kind", "absorbing") == "uniform" else label
 
 
 def _objective(s: dict) -> str:
@@ -70,6 +75,11 @@ def sampler_label(record: dict) -> str:
     name = record["sampler"]
     beams = "block_beams" in record  # a beam setting, 1x1 (plain sampling through the beam loop) included
     tail = f", beams {record.get('block_beams', 1)}x{record.get('beam_width', 1)}" if beams else ""
+    tail = _native_tail(record) + tail
+    if name == "entropy_bound":
+        return f"entropy_bound {record.get('entropy_bound', 0.5):g}{tail}"
+    if name in ("edit", "renoise"):
+        return f"{name} tau={record.get('tau', 0.9):g}{tail}"
     if name == "threshold":
         return f"threshold tau={record.get('tau', 0.9):g}{tail}"
     if name == "fixed" and record.get("tokens_per_step"):
@@ -77,6 +87,19 @@ def sampler_label(record: dict) -> str:
     if record.get("steps_per_block"):
         return f"{name} {record['steps_per_block']} steps/block{tail}"
     return name + tail
+
+
+def _native_tail(record: dict) -> str:
+    """The issue-23 settings of a sample record that change its NFE: the temperature schedule (entropy_bound), the
+    editing threshold (edit) and the adaptive stop (any sampler); ``""`` when none is set."""
+    parts = []
+    if record["sampler"] == "entropy_bound" and record.get("t_max") is not None:
+        parts.append(f"t {record['t_max']:g}->{record['t_min']:g}")
+    if record["sampler"] == "edit":
+        parts.append(f"edit>{record.get('editing_threshold', 0.5):g}")
+    if record.get("stop_stable_steps") is not None:
+        parts.append(f"stop {record['stop_stable_steps']}/{record.get('stop_entropy', 0.005):g}")
+    return "".join(", " + p for p in parts)
 
 
 def mean_sd(values: list[float]) -> tuple[float, float, int]:

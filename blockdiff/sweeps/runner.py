@@ -160,6 +160,8 @@ def run_one(sweep: Sweep, run: Run) -> dict:
             "clip_search": getattr(cfg.noise.clip_search, "value", cfg.noise.clip_search),
             "seed": cfg.trainer.seed,
             "max_seq_len": cfg.data.max_seq_len,
+            "self_conditioning": cfg.model.self_conditioning,
+            "certainty_weight": cfg.certainty.weight,
         },
         "train": {
             "steps": result.steps,

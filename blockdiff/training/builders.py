@@ -61,6 +61,7 @@ def build_model(cfg: Config, docs, tokenizer=None, progress: bool = False) -> tu
         adapter_rank=cfg.model.adapter_rank if gated else None,
         adapter_alpha=float(cfg.model.adapter_alpha) if gated else None,
         noise_kind=NoiseKind(cfg.noise.kind).value,
+        self_conditioning=bool(cfg.model.self_conditioning),
     )
     if gated:  # the decoder is the frozen verifier: only the adapter (attached by BlockDiffusionLM) trains
         backbone.requires_grad_(False)

@@ -8,6 +8,8 @@ linear warm-up then cosine or constant LR (``torch.optim.lr_scheduler``). EMA, c
 clipping, progress bars and logging are Lightning callbacks/flags configured in ``train.py``.
 
 With ``model.block_length_mixture`` each training sequence draws its block length (``loss.mixture_loss``).
+With ``certainty.weight > 0`` the optimised ``train/loss`` is the NELBO plus that weight times the certainty-forcing
+term (``core/certainty.py``; logged apart as ``train/nelbo`` and ``train/certainty``); validation never adds it.
 With ``noise.clip_search`` set, every validation also scores each ``(beta, omega)`` window of the grid on
 the first ``noise.clip_search_batches`` batches, logs the lowest-variance one (``val/clip_beta``,
 ``val/clip_omega``, ``val/clip_var``) and, under ``apply``, trains with it from then on (``clip_search.py``).
@@ -22,7 +24,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from blockdiff.config import ClipSearch, CurriculumConfig, LRSchedule, NoiseConfig, OptimConfig
+from blockdiff.config import CertaintyConfig, ClipSearch, CurriculumConfig, LRSchedule, NoiseConfig, OptimConfig
 from blockdiff.core.clip_search import ClipWindowScores
 from blockdiff.core.curriculum import bidirectional_fraction_at, block_length_at
 from blockdiff.core.loss import bits_per_byte, block_diffusion_loss, mixture_loss
@@ -54,8 +56,10 @@ class BlockDiffusionModule(L.LightningModule):
         seed: int = 0,
         curriculum: CurriculumConfig | None = None,
         block_length_mixture: dict[int, float] | None = None,
+        certainty: CertaintyConfig | None = None,
     ):
         super().__init__()
+        self.certainty = certainty or CertaintyConfig()
         self.model, self.noise, self.optim = model, noise, optim
         self.curriculum = curriculum or CurriculumConfig()
         self.max_steps, self.tokens_per_byte, self.seed = max_steps, tokens_per_byte, seed
@@ -79,9 +83,11 @@ class BlockDiffusionModule(L.LightningModule):
         block_length, bidirectional = self.curriculum_at(self.global_step)
         if self.block_length_mixture:  # each sequence draws its own block length
             out = mixture_loss(
-                self.model, batch, self.schedule, self.train_range, self.block_length_mixture, self.noise.antithetic
+                self.model, batch, self.schedule, self.train_range, self.block_length_mixture, self.noise.antithetic,
+                self_condition="random",
             )
         else:
+            cf = self.certainty
             out = block_diffusion_loss(
                 self.model,
                 batch,
@@ -90,14 +96,21 @@ class BlockDiffusionModule(L.LightningModule):
                 self.noise.antithetic,
                 block_length=block_length,
                 bidirectional=bidirectional,
+                certainty=(cf.temperature, cf.only_correct) if cf.weight > 0 else None,
+                self_condition="random",  # half the steps (a model without self-conditioning ignores it)
             )
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch.shape[0], sync_dist=True)  # mean over ranks
+        loss = out.loss
+        if out.certainty is not None:  # the NELBO plus the certainty-forcing term (never in val/nll)
+            loss = out.loss + self.certainty.weight * out.certainty
+            self.log_dict({"train/nelbo": out.loss.detach(), "train/certainty": out.certainty.detach()},
+                          batch_size=batch.shape[0], sync_dist=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.shape[0], sync_dist=True)  # mean over ranks
         if self.curriculum.block_length_fraction > 0 or bidirectional < 1.0:
             self.log_dict(
                 {"train/block_length": float(block_length), "train/bidirectional": bidirectional},
                 batch_size=batch.shape[0],
             )
-        return out.loss
+        return loss
 
     def curriculum_at(self, step: int) -> tuple[int, float]:
         """``(block length, open fraction of anti-causal in-block attention)`` at optimiser step ``step``."""

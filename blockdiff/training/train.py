@@ -114,7 +114,7 @@ def _training_parts(cfg: Config, plan: ResumePlan, progress: bool = False):
         )
     module = BlockDiffusionModule(
         model, cfg.noise, cfg.optim, cfg.trainer.max_steps, corpus.tokens_per_byte, cfg.trainer.seed, cfg.curriculum,
-        block_length_mixture=cfg.model.block_length_mixture,
+        block_length_mixture=cfg.model.block_length_mixture, certainty=cfg.certainty,
     )
     datamodule = BlockDiffusionDataModule(corpus, cfg.data.batch_size, cfg.data.num_workers, cfg.trainer.seed)
     return tokenizer, model, module, datamodule

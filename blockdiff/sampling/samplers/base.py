@@ -15,6 +15,12 @@ Under uniform (random-token) noise (``spec.noise_kind == "uniform"``) there is n
 as random tokens and a sampler that sets ``rewrites`` implements ``rewrite`` instead of ``step``: at each step it
 may write *any* generated position of the block, including one it wrote before (``rewrite.py`` is that loop).
 
+A sampler that sets ``edits`` (``editing.py``) also gets a proposal at the block's *committed* generated positions,
+may replace committed tokens (``StepResult.edited``) and may keep a block open after its last mask
+(``StepResult.open``: post-fill editing steps); ``BlockState.post_steps`` counts those steps. A sampler that clears
+``reveals`` runs under uniform noise only (``renoise.py``). ``temperature_at`` lets a sampler set the temperature of
+each step's proposal (the entropy-bound sampler's t_max -> t_min schedule).
+
 Shape legend: ``b`` batch, ``l`` block length, ``v`` vocab.
 """
 
@@ -28,7 +34,7 @@ import torch
 
 __all__ = [
     "BlockState", "StepResult", "RewriteState", "RewriteResult", "Sampler", "Generators", "knob", "reveal",
-    "top_confident", "uniform",
+    "top_confident", "uniform", "noise_tokens", "entropy",
 ]
 
 # One generator for the whole batch, or one per sample (then a sample's random stream, and so its text,
@@ -44,6 +50,7 @@ class BlockState:
     confidence: torch.Tensor  # (b, l) model probability of each committed token when it was revealed
     step: int  # 0-based step within this block
     num_steps: int  # the block's step budget (steps_per_block)
+    post_steps: torch.Tensor | None = None  # (b,) long: steps taken after the row's last mask was filled (editing)
 
 
 @dataclass
@@ -52,6 +59,8 @@ class StepResult:
     confidence: torch.Tensor  # (b, l) updated confidences
     revealed: torch.Tensor  # (b, l) bool: positions unmasked at this step
     remasked: torch.Tensor  # (b, l) bool: committed positions re-opened at this step
+    edited: torch.Tensor | None = None  # (b, l) bool: committed tokens replaced by another at this step (``edits``)
+    open: torch.Tensor | None = None  # (b,) bool: rows whose block stays open with no mask left (``edits``)
 
 
 @dataclass
@@ -64,6 +73,9 @@ class RewriteState:
     step: int  # 0-based step within this block
     num_steps: int  # the block's step budget (steps_per_block)
     mask_token_id: int  # never a class of the uniform process (the posterior gives it no mass)
+    vocab_size: int = 0  # the network's vocabulary (random tokens are drawn from it, the mask token excluded)
+    post_steps: torch.Tensor | None = None  # (b,) long: steps taken after every position was written (editing)
+    probs: torch.Tensor | None = None  # (b, l, v) the model's untempered distribution (samplers with needs_probs)
 
 
 @dataclass
@@ -85,12 +97,25 @@ class Sampler:
     name: ClassVar[str]
     needs_probs: ClassVar[bool] = False  # whether ``step`` reads ``probs`` (the block loop skips them otherwise)
     rewrites: ClassVar[bool] = False  # implements ``rewrite``: usable with uniform-noise models
+    reveals: ClassVar[bool] = True  # implements ``step``: usable with absorbing-noise (mask) models
+    edits: ClassVar[bool] = False  # sees proposals at committed positions, may edit them and keep a block open
 
     @classmethod
     def from_config(cls, config, schedule=None) -> "Sampler":
         """The sampler with its knobs read from ``config`` (a ``BlockDiffusionGenerationConfig``); ``schedule`` is
         the noise schedule the model was trained with (only samplers that follow alpha(t) read it)."""
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if "knob" in f.metadata})
+
+    @property
+    def post_steps_budget(self) -> int:
+        """Steps a block may take after its last mask is filled (editing samplers); the block loop's safety cap on
+        steps per block is ``steps_per_block + 2 * block_length`` plus this."""
+        return 0
+
+    def temperature_at(self, temperature: float, step: int, num_steps: int) -> float:
+        """The temperature the proposal of step ``step`` (of a budget of ``num_steps``) is drawn at, given the
+        call's ``temperature`` (0: greedy). The default keeps the call's."""
+        return temperature
 
     def step(
         self,
@@ -135,6 +160,23 @@ def uniform(shape, generator: Generators, device, rows: torch.Tensor | None = No
         if rows is None or rows[i]:
             out[i] = torch.rand(shape[1:], generator=g, device=device)
     return out
+
+
+def noise_tokens(shape, vocab_size: int, mask_token_id: int, generator: Generators, device, rows=None) -> torch.Tensor:
+    """Tokens uniform over the ``vocab_size - 1`` non-mask ids, one ``U[0, 1)`` each (per-sample generators honoured,
+    as ``uniform``): ``shape`` long tensor. The uniform prior of a block, and the fresh noise of a renoised position."""
+    r = (uniform(shape, generator, device, rows=rows) * (vocab_size - 1)).long().clamp(max=vocab_size - 2)
+    return r + (r >= mask_token_id).long()
+
+
+def entropy(probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy in nats (...) of each distribution ``probs`` (..., v), after tempering it to ``probs ** (1 /
+    temperature)`` renormalised (``temperature`` > 0; 1 leaves it as it is). All-zero rows get entropy 0."""
+    if temperature != 1.0:
+        logp = torch.where(probs > 0, probs.clamp_min(1e-45).log(), float("-inf")) / temperature
+        probs = torch.where(probs.sum(-1, keepdim=True) > 0, logp.softmax(-1), probs)
+        probs = torch.nan_to_num(probs)
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
 
 
 def top_confident(confidence: torch.Tensor, masked: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,10 @@ Everything is read from the registry when it is used, so a sampler registered la
 throwaway one: ``with registered(MySampler): ...``) is reachable from ``model.generate``, the CLI and sweeps
 without touching any other file. A knob name may be shared by samplers only with the same default.
 
+A *rule* (``register_rule``) is a dataclass with knobs that applies with every sampler instead of being one: the
+adaptive stop (``adaptive_stop.py``). Its knobs join ``knobs()`` after the samplers' (so they are config fields,
+flags, sweep keys and server fields like theirs) and its checks run in ``check_knobs``; the block loop builds it.
+
 The built-in samplers are imported by the package (``samplers/__init__.py``), in the order their names are listed;
 this module imports none of them, so the registry and the samplers do not import each other.
 """
@@ -38,6 +42,7 @@ from blockdiff.sampling.samplers.base import Sampler, knob
 __all__ = [
     "Sampler", "knob", "GENERAL", "Knob", "WithKnobs", "register_sampler", "unregister_sampler", "registered",
     "sampler_names", "sampler_class", "knobs", "knobs_of", "settings", "make_sampler", "check_knobs", "Family",
+    "register_rule", "make_rule",
     "add_settings_family", "all_knobs", "knobs_of_class", "check_new_knobs", "Registry",
 ]
 
@@ -177,6 +182,19 @@ class Registry:
 
 
 _SAMPLERS = Registry("sampler")  # the samplers, in registration order
+_RULES = Registry("rule")  # the rules that apply with any sampler (the adaptive stop), in registration order
+
+
+def register_rule(cls):
+    """Class decorator: make the knobs of the rule ``cls`` (a dataclass with ``knob`` fields, a ``name`` and a
+    ``from_config(config, schedule)``) generation settings, checked with the samplers' (``check_knobs``)."""
+    check_new_knobs(cls, "rule", knobs())
+    return _RULES.register(cls)
+
+
+def make_rule(name: str, config):
+    """The registered rule ``name`` built from ``config`` (its knobs checked)."""
+    return _RULES.get(name).from_config(config)
 
 
 def register_sampler(cls):
@@ -209,8 +227,11 @@ def knobs_of(name: str) -> list[str]:
 
 
 def knobs() -> dict[str, Knob]:
-    """Every registered sampler's knobs, by name (a shared knob once, under its first sampler)."""
-    return _SAMPLERS.knobs()
+    """Every registered sampler's knobs, by name (a shared knob once, under its first sampler), then every rule's."""
+    out = _SAMPLERS.knobs()
+    for name, k in _RULES.knobs().items():
+        out.setdefault(name, k)
+    return out
 
 
 def settings() -> dict[str, Any]:
@@ -238,6 +259,8 @@ def check_knobs(config, schedule=None) -> None:
     for name, cls in _SAMPLERS.classes.items():
         if name != config.sampler:
             cls.from_config(config, schedule)
+    for cls in _RULES.classes.values():  # the rules' own checks of their knobs
+        cls.from_config(config, schedule)
     for family in _FAMILIES:  # the drafters' own checks of their knobs
         family.check(config)
 
