@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install smollm2 demo test finetune drafter clean
+.PHONY: install smollm2 demo test finetune drafter distill clean
 
 $(BIN)/blockdiff: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,12 +34,17 @@ test: install
 finetune: install
 	$(BIN)/blockdiff finetune
 
-# The shipped SmolLM2 drafter's recipe (configs/drafter_smollm2.yaml): SmolLM2's greedy continuations of 1,024
-# training-split prompts, then the drafter; both steps resume when run again.
+# The shipped SmolLM2 drafter's recipe (configs/drafter_smollm2.yaml), from the committed token ids of SmolLM2's greedy
+# continuations of 1,024 training-split prompts (experiments/drafter_smollm2/distilled_ids.npz, made by `make distill`);
+# run again to resume.
 drafter: install
+	$(BIN)/blockdiff train-drafter -c configs/drafter_smollm2.yaml $(if $(wildcard runs/drafter_smollm2/checkpoints/last.ckpt),--resume)
+
+distill: install
 	$(BIN)/blockdiff distill -c configs/finetune_smollm2.yaml --teacher smollm2 --out runs/distill_smollm2_greedy \
 		--num-prompts 1024 --prompt-tokens 32 --new-tokens 96 --temperature 0 --batch-size 32 --shard-size 128
-	$(BIN)/blockdiff train-drafter -c configs/drafter_smollm2.yaml $(if $(wildcard runs/drafter_smollm2/checkpoints/last.ckpt),--resume)
+	$(BIN)/python -c "from blockdiff.training.drafter_data import save_ids; \
+		save_ids('runs/distill_smollm2_greedy', 'experiments/drafter_smollm2/distilled_ids.npz')"
 
 clean:
 	rm -rf $(VENV) runs

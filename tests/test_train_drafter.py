@@ -69,3 +69,11 @@ def test_export_writes_the_dflash_layout_and_never_replaces_other_files(distille
     (other / "notes.txt").write_text("mine")
     assert main(["export", str(run), str(other), "--overwrite"]) == 2  # not a drafter: never replaced
     assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_saved_ids_read_back_as_the_distilled_set(distilled_set, tmp_path):  # noqa: F811
+    from blockdiff.training.drafter_data import read_rows, save_ids
+
+    save_ids(str(distilled_set), str(tmp_path / "ids.npz"))
+    for a, b in zip(read_rows([str(distilled_set)], 0.2), read_rows([str(tmp_path / "ids.npz")], 0.2)):
+        assert a.ids == b.ids and a.prompt == b.prompt and len(a) > 0

@@ -25,13 +25,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from blockdiff.data.distilled import load_distilled
 from blockdiff.errors import UsageError
 from blockdiff.modeling.dflash import target_features
 
-__all__ = ["Rows", "read_rows", "capture_features", "feature_scales", "draft_vocabulary", "anchor_batch",
+__all__ = ["Rows", "read_rows", "save_ids", "capture_features", "feature_scales", "draft_vocabulary", "anchor_batch",
            "AnchorBatch"]
 
 
@@ -50,14 +51,39 @@ class Rows:
         return sum(len(x) for x in self.ids)
 
 
+def save_ids(directory: str, path: str) -> None:
+    """The token ids of a distilled set, compact (``.npz``, uint16 where the vocabulary allows): what a drafter's
+    training needs to resume anywhere without distilling again (``read_rows`` reads it as a set)."""
+    rows, _ = load_distilled(directory)
+    prompts, conts = rows["prompt_ids"], rows["continuation_ids"]
+    flat = [t for p, c in zip(prompts, conts) for t in list(p) + list(c)]
+    dtype = np.uint16 if max(flat) < 2**16 else np.int32
+    np.savez_compressed(path, ids=np.array(flat, dtype=dtype), prompt_index=np.array(rows["prompt_index"]),
+                        prompt_len=np.array([len(p) for p in prompts]), cont_len=np.array([len(c) for c in conts]))
+
+
+def _rows_of(source: str):
+    """``(prompt_index, prompt ids, continuation ids)`` of a distilled set or of its ``save_ids`` file."""
+    if not source.endswith(".npz"):
+        rows, _ = load_distilled(source)
+        return rows["prompt_index"], rows["prompt_ids"], rows["continuation_ids"]
+    data = np.load(source)
+    ends = np.cumsum(data["prompt_len"] + data["cont_len"]).tolist()
+    starts = [0, *ends[:-1]]
+    ids = data["ids"].astype(np.int64).tolist()
+    prompts = [ids[a : a + p] for a, p in zip(starts, data["prompt_len"].tolist())]
+    conts = [ids[a + p : b] for a, p, b in zip(starts, data["prompt_len"].tolist(), ends)]
+    return data["prompt_index"].tolist(), prompts, conts
+
+
 def read_rows(directories: list[str], val_fraction: float) -> tuple[Rows, Rows]:
-    """``(train, held_out)`` rows of the distilled sets; the held-out rows are those of the last ``val_fraction`` of
-    prompts (by prompt index), every temperature of a prompt on the same side."""
+    """``(train, held_out)`` rows of the distilled sets (or their ``save_ids`` files); the held-out rows are those of
+    the last ``val_fraction`` of prompts (by prompt index), every temperature of a prompt on the same side."""
     train, held = Rows([], []), Rows([], [])
     for directory in directories:
-        rows, _ = load_distilled(directory)
-        cut = round(max(rows["prompt_index"]) * (1 - val_fraction))
-        for index, prompt, cont in zip(rows["prompt_index"], rows["prompt_ids"], rows["continuation_ids"]):
+        index_of, prompts, conts = _rows_of(str(directory))
+        cut = round(max(index_of) * (1 - val_fraction))
+        for index, prompt, cont in zip(index_of, prompts, conts):
             side = held if index > cut else train
             if len(cont) >= 2:
                 side.ids.append(list(prompt) + list(cont))
