@@ -34,11 +34,11 @@ test: install
 finetune: install
 	$(BIN)/blockdiff finetune
 
-# The shipped SmolLM2 drafter's recipe (configs/drafter_smollm2.yaml), from the committed token ids of SmolLM2's greedy
+# The shipped SmolLM2 drafter's recipe (configs/drafter/smollm2.yaml), from the committed token ids of SmolLM2's greedy
 # continuations of 1,024 training-split prompts (experiments/drafter_smollm2/distilled_ids.npz, made by `make distill`);
 # run again to resume.
 drafter: install
-	$(BIN)/blockdiff train-drafter -c configs/drafter_smollm2.yaml $(if $(wildcard runs/drafter_smollm2/checkpoints/last.ckpt),--resume)
+	$(BIN)/blockdiff train-drafter -c configs/drafter/smollm2.yaml $(if $(wildcard runs/drafter_smollm2/checkpoints/last.ckpt),--resume)
 
 distill: install
 	$(BIN)/blockdiff distill -c configs/finetune_smollm2.yaml --teacher smollm2 --out runs/distill_smollm2_greedy \

@@ -5,6 +5,7 @@ finished one is never overwritten without ``--resume``, and a bad key is one lin
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from test_distill import corpus_dir, distilled_set, teacher  # noqa: F401  (fixtures)
@@ -77,3 +78,16 @@ def test_saved_ids_read_back_as_the_distilled_set(distilled_set, tmp_path):  # n
     save_ids(str(distilled_set), str(tmp_path / "ids.npz"))
     for a, b in zip(read_rows([str(distilled_set)], 0.2), read_rows([str(tmp_path / "ids.npz")], 0.2)):
         assert a.ids == b.ids and a.prompt == b.prompt and len(a) > 0
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].joinpath("configs", "drafter").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_drafter_config_loads_with_the_keys_it_sets(path):
+    from omegaconf import OmegaConf
+
+    from blockdiff.config.drafter import load_drafter_config
+
+    cfg = OmegaConf.to_container(OmegaConf.structured(load_drafter_config([path])))
+    for key, value in OmegaConf.to_container(OmegaConf.load(path)).items():
+        for sub, item in (value.items() if isinstance(value, dict) else [(None, value)]):
+            assert (cfg[key] if sub is None else cfg[key][sub]) == item, (key, sub)

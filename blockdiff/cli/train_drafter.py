@@ -14,7 +14,7 @@ def run(args) -> None:
     Reads the decoder's own continuations (distilled sets: `blockdiff distill`), captures its hidden states once and
     trains a few decoder layers on them with no backward through the decoder. Held-out acceptance is checked every
     train.val_every steps; training stops early when it stops rising. Writes OUT_DIR/drafter (DFlash's checkpoint
-    layout, bf16, with a model card). `configs/drafter_smollm2.yaml` is the shipped recipe (`make drafter`).
+    layout, bf16, with a model card). `configs/drafter/smollm2.yaml` is the shipped recipe (`make drafter`).
     """
     from blockdiff.config.drafter import load_drafter_config
     from blockdiff.training.drafter import train_drafter

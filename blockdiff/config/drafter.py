@@ -1,6 +1,6 @@
 """The typed config of ``blockdiff train-drafter``: a DFlash-style drafter trained on a frozen target's features
 (docs/design.md §14, docs/generation.md "Training a drafter"). Loaded like the main config (YAML files merged in
-order, then ``key=value`` overrides, every key checked at start); ``configs/drafter_smollm2.yaml`` is the shipped
+order, then ``key=value`` overrides, every key checked at start); ``configs/drafter/smollm2.yaml`` is the shipped
 recipe."""
 
 from __future__ import annotations
