@@ -140,20 +140,25 @@ def test_greedy_equals_the_verifiers_generate(tmp_path, family, drafter_name):
         assert out.sequences[0].tolist() == want
 
 
-def test_greedy_with_a_drafter_that_copies_the_verifier_accepts_and_stays_exact(tmp_path):
-    """A drafter whose drafts are often right: long accepted runs, EOS and max_new_tokens inside them."""
-    target = ar_model("llama", VOCAB, std=2.0)
-    drafter = make_drafter(target, std=0.05)
-    path = saved(drafter, tmp_path)
-    prompt = [3, 9, 27, 1]
-    want = hf_greedy(target, prompt, 24)
-    for new in (1, 5, 24):
-        out = speculative_generate(target, load_drafter(path, target), prompt, drafter="dflash", max_new_tokens=new)
-        assert out.sequences[0].tolist() == want[: len(prompt) + new]
-    eos = want[len(prompt) + 6]
-    out = speculative_generate(target, load_drafter(path, target), prompt, drafter="dflash", max_new_tokens=24,
-                               eos_token_id=eos)
-    assert out.sequences[0].tolist() == hf_greedy(target, prompt, 24, eos=eos)
+def test_greedy_stops_at_eos_and_max_new_tokens_inside_an_accepted_run(tmp_path):
+    """A four-token target, so random drafts are often accepted: EOS and ``max_new_tokens`` fall inside accepted
+    runs, and the output is still the verifier's generate()."""
+    target = ar_model("llama", 4, std=1.0)
+    net = load_drafter(saved(make_drafter(target, std=1.0, mask=3), tmp_path), target)
+    prompt = [1, 0, 2, 1]
+    steps = []
+    full = speculative_generate(target, net, prompt, drafter="dflash", max_new_tokens=30,
+                                observer=lambda s: steps.append(s.new_tokens)).new_tokens(0)
+    assert full == hf_greedy(target, prompt, 30)[len(prompt):]
+    ends = [sum(len(t) for t in steps[: i + 1]) for i in range(len(steps))]
+    inside = sorted({e - 1 - j for e, t in zip(ends, steps) for j in range(1, len(t))})  # not a step's last token
+    assert inside, "no accepted run to test inside"
+    for new in inside[:4]:  # max_new_tokens ending inside an accepted run
+        out = speculative_generate(target, net, prompt, drafter="dflash", max_new_tokens=new + 1)
+        assert out.new_tokens(0) == full[: new + 1]
+    eos = next(t for t in set(full) if full.index(t) in inside and full.index(t) > 0)  # first seen mid-run
+    out = speculative_generate(target, net, prompt, drafter="dflash", max_new_tokens=30, eos_token_id=eos)
+    assert out.sequences[0].tolist() == hf_greedy(target, prompt, 30, eos=eos) and bool(out.stopped_at_eos[0])
 
 
 def test_greedy_on_packed_kernels_equals_generate_in_fp32(tmp_path):
