@@ -12,8 +12,10 @@
 4. ``save``: the best checkpoint's drafter, scales folded into ``fc``, written in DFlash's layout (bf16) with its
    model card (``drafter_card.py``) into ``out_dir/drafter``.
 
-Resuming: Lightning's ``last.ckpt`` in ``out_dir/checkpoints`` (the features are captured again from the token ids:
-minutes, and the same on any machine).
+Resuming: Lightning's ``last.ckpt`` in ``out_dir/checkpoints`` (weights, optimiser, schedule, step, the early-stop
+and best-checkpoint state); the features are captured again from the token ids (minutes, the same on any machine),
+and the random anchors continue from a stream seeded by the step resumed at (not the first run's own stream: a
+resumed run is not bit-identical to an uninterrupted one).
 
 Held-out acceptance (``val/accept``): for each held-out anchor, the number of leading drafts equal to the target's
 own next tokens (the distilled continuation is the target's greedy output) — what greedy speculative decoding would
@@ -191,12 +193,13 @@ class DrafterModule(L.LightningModule):
 class _Anchors(torch.utils.data.IterableDataset):
     """Endless random batches (training) or one fixed pass (held out, fixed anchors)."""
 
-    def __init__(self, rows: Rows, features, config: DrafterConfig, mask_id: int, train: bool):
+    def __init__(self, rows: Rows, features, config: DrafterConfig, mask_id: int, train: bool, start: int = 0):
         self.rows, self.features, self.cfg, self.mask_id, self.train = rows, features, config, mask_id, train
+        self.start = start  # the step a resumed run starts at: its batches differ from the first run's
 
     def __iter__(self):
         t, l = self.cfg.train, self.cfg.net.block_length
-        gen = torch.Generator().manual_seed(t.seed + (0 if self.train else 10**6))
+        gen = torch.Generator().manual_seed(t.seed + (10**6 if not self.train else 7919 * self.start))
         if not self.train:
             for s in range(0, len(self.rows), t.batch_size):
                 idx = list(range(s, min(s + t.batch_size, len(self.rows))))
@@ -242,7 +245,10 @@ def train_drafter(config: DrafterConfig, resume: bool = False, progress=None) ->
         enable_model_summary=False, default_root_dir=str(out), limit_val_batches=None,
     )
     started = time.perf_counter()
-    trainer.fit(module, _loader(_Anchors(prep.train, prep.train_features, config, mask_id, True)),
+    start = 0
+    if resume and last.exists():
+        start = int(torch.load(last, map_location="cpu", weights_only=False).get("global_step", 0))
+    trainer.fit(module, _loader(_Anchors(prep.train, prep.train_features, config, mask_id, True, start)),
                 _loader(_Anchors(prep.held, prep.held_features, config, mask_id, False)),
                 ckpt_path=str(last) if resume and last.exists() else None)
     seconds = time.perf_counter() - started
