@@ -31,6 +31,7 @@ Shape legend: ``b`` batch, ``c`` context tokens, ``q`` block tokens, ``s`` keys,
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,6 +268,9 @@ class DFlashDrafter(nn.Module):
         state = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
                  for k, v in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(directory / WEIGHTS, 0o666 & ~umask)  # safetensors writes 0600; every output follows the umask
         self.config.save_pretrained(directory)
 
     @classmethod

@@ -27,6 +27,8 @@ Shape legend: ``r`` rows, ``q`` block tokens of a batch (anchors x l), ``l`` blo
 from __future__ import annotations
 
 import math
+import os
+import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -260,6 +262,9 @@ def train_drafter(config: DrafterConfig, resume: bool = False, progress=None) ->
         "best_accept": float(best.best_model_score) if best.best_model_score is not None else None,
         "early_stopped": stop.wait_count >= stop.patience,
         "train_rows": len(prep.train), "train_tokens": prep.train.tokens, "held_rows": len(prep.held),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "config": asdict(config),
     }
     drafter = module.drafter

@@ -34,16 +34,16 @@ base_model: {cfg['target']}
 # DFlash-style drafter for `{cfg['target']}`
 
 A block-diffusion drafter for lossless speculative decoding: {len(drafter.layers)} decoder layer(s)
-({params / 1e6:.1f}M parameters, bf16) that denoise a block of {drafter.block_length} tokens (the last committed token
-and
-{drafter.block_length - 1} masks, mask id {drafter.mask_token_id}) in one forward, reading the target's hidden states of
-layers {d['target_layer_ids']}. It shares the target's embedding and head (not stored) and drafts over
-{len(drafter.draft_ids)} token ids (`draft_ids`). The target verifies every draft, so the output is exactly the
+({params / 1e6:.1f}M parameters, bf16) that denoise a block of {drafter.block_length} tokens (the last committed
+token and {drafter.block_length - 1} masks, mask id {drafter.mask_token_id}) in one forward, reading the target's
+hidden states of layers {d['target_layer_ids']}. It shares the target's embedding and head (not stored) and drafts
+over {len(drafter.draft_ids)} token ids (`draft_ids`). The target verifies every draft, so the output is exactly the
 target's own; the drafter only decides how fast.
 
-Use: `blockdiff sample {cfg['target']} --speculative --drafter dflash --drafter-path THIS_DIR` (or `hybrid`), or
-in Python `speculative_generate(target, None, ids, drafter="dflash", drafter_path=THIS_DIR)`. The layout is
-DFlash's (`dflash.DFlashDraftModel.from_pretrained(THIS_DIR)` loads it; vLLM / SGLang read the same layout).
+Use: `blockdiff sample {cfg['target']} --speculative --drafter hybrid --dflash-path THIS_DIR` (or `dflash`), or in
+Python `speculative_generate(target, load_drafter(THIS_DIR, target), ids, drafter="hybrid")`
+(`blockdiff.modeling.dflash.load_drafter`). The layout is DFlash's: `dflash.DFlashDraftModel.from_pretrained(THIS_DIR)`
+loads it, and vLLM / SGLang read the same layout (they draft over the whole head: `draft_ids` is blockdiff's).
 
 ## Training
 
@@ -52,8 +52,8 @@ DFlash's (`dflash.DFlashDraftModel.from_pretrained(THIS_DIR)` loads it; vLLM / S
 - Recipe: `blockdiff train-drafter` with `{RECIPE}`'s config: lr {train['lr']}, {train['batch_size']} rows x
   {train['anchors']} anchors per step, loss decay {train['loss_decay']}, {net['num_layers']} layer(s) initialised from
   the target's top layers.
-- Cost: {summary['steps']} steps in {summary['train_seconds'] / 60:.1f} CPU-minutes of training plus
-  {summary['capture_seconds'] / 60:.1f} minutes capturing features (machine: see `{RECIPE}`).
+- Cost: {summary['steps']} steps in {summary['train_seconds'] / 60:.1f} minutes of training plus
+  {summary['capture_seconds'] / 60:.1f} minutes capturing features, on the machine `{RECIPE}` names (2 CPU cores).
 
 ## Held-out acceptance
 
