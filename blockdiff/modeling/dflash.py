@@ -81,9 +81,10 @@ def target_fingerprint(target) -> dict:
     }
 
 
-def check_target(drafter: "DFlashDrafter", target, where: str = "the drafter") -> None:
-    """Refuse a target the drafter was not trained for, naming what differs (one line)."""
-    want, have = drafter.target, target_fingerprint(target)
+def check_target(want: dict, target, where: str = "the drafter") -> None:
+    """Refuse a target other than the one ``want`` (a drafter's recorded ``target``) describes, naming what differs
+    (one line)."""
+    have = target_fingerprint(target)
     if not want:
         return
     for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
@@ -304,16 +305,11 @@ def shipped_drafter(verifier) -> Path | None:
     for directory in sorted(SHIPPED.glob("*/")) if SHIPPED.is_dir() else ():
         try:
             target = json.loads((directory / CONFIG).read_text(encoding="utf-8"))["dflash_config"].get("target")
-            check_target(_Recorded(target), verifier)
+            check_target(target or {}, verifier)
         except (OSError, KeyError, ValueError, UsageError):
             continue
         return directory
     return None
-
-
-@dataclass
-class _Recorded:
-    target: dict
 
 
 def load_drafter(path: str | Path | None, verifier, lean: bool | None = None) -> DFlashDrafter:
@@ -328,7 +324,7 @@ def load_drafter(path: str | Path | None, verifier, lean: bool | None = None) ->
             raise UsageError("no shipped DFlash drafter fits this model: train one (blockdiff train-drafter) and pass "
                              "its folder (--dflash-path DIR), or use --drafter lookup")
     drafter = DFlashDrafter.load(path)
-    check_target(drafter, verifier, where=f"the drafter in {path}")
+    check_target(drafter.target, verifier, where=f"the drafter in {path}")
     head = verifier.get_output_embeddings().weight.detach()
     drafter.draft_head = nn.Linear(head.shape[1], len(drafter.draft_ids), bias=False)
     drafter.draft_head.weight = nn.Parameter(head[drafter.draft_ids].float().clone(), requires_grad=False)

@@ -81,7 +81,7 @@ def pick_mask_token(tokenizer, rows: Rows, wanted: int | None) -> int:
     return special[-1]
 
 
-def init_drafter(target, config, scales: torch.Tensor) -> DFlashDrafter:
+def init_drafter(target, config) -> DFlashDrafter:
     """A drafter initialised from ``target`` (module docstring, phase 2)."""
     drafter = DFlashDrafter(config)
     body = target.model if hasattr(target, "model") else target.base_model
@@ -117,8 +117,9 @@ def prepare(config: DrafterConfig, progress=None) -> Prepared:
                          mask_token_id=mask_id, draft_vocab=len(vocab) if net.draft_vocab else 0,
                          target=target_fingerprint(target))
     scales = feature_scales(target, train.ids[0], layer_ids)
-    drafter = init_drafter(target, cfg, scales)
-    drafter.draft_ids.copy_(vocab) if len(vocab) == len(drafter.draft_ids) else None
+    drafter = init_drafter(target, cfg)
+    if net.draft_vocab:
+        drafter.draft_ids.copy_(vocab)
     start = time.perf_counter()
     batch = config.data.feature_batch
     train_f = capture_features(target, train, layer_ids, scales, batch, progress)
@@ -144,8 +145,8 @@ class DrafterModule(L.LightningModule):
         decay = config.train.loss_decay
         weights = torch.tensor([0.0] + [math.exp(-(i - 1) / decay) if decay else 1.0 for i in range(1, l)])
         self.register_buffer("weights", weights, persistent=False)  # (l,) position 0 is the anchor: no loss
-        self.hits = torch.zeros(l)
-        self.counted = 0
+        self.hits = torch.zeros(l)  # held-out: right drafts by in-block position
+        self.accepted, self.counted = 0.0, 0  # held-out: leading right drafts, blocks
 
     def _forward(self, batch):
         ctx_pos = torch.arange(batch.features.shape[1], device=self.device)[None].expand(len(batch.features), -1)
@@ -170,12 +171,12 @@ class DrafterModule(L.LightningModule):
         right = (guess == batch.targets).view(-1, l)[:, 1:]  # (blocks, l - 1)
         real = (batch.targets.view(-1, l)[:, 1] >= 0)  # blocks that exist
         self.hits[1:] += right[real].float().sum(0).cpu()
-        self.accepted = getattr(self, "accepted", 0.0) + float(right[real].long().cumprod(1).sum())
+        self.accepted += float(right[real].long().cumprod(1).sum())
         self.counted += int(real.sum())
 
     def on_validation_epoch_end(self):
         count = max(self.counted, 1)
-        self.log("val/accept", getattr(self, "accepted", 0.0) / count, prog_bar=True)
+        self.log("val/accept", self.accepted / count, prog_bar=True)
         for i in (1, 2, 3):
             if i < self.drafter.block_length:
                 self.log(f"val/acc_{i}", float(self.hits[i]) / count)
