@@ -6,7 +6,9 @@ stopped run never leaves half a drafter."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -62,6 +64,15 @@ rows: **{accept if accept is None else round(accept, 3)}**. End-to-end speed: do
 """
 
 
+def _staging(directory: Path) -> Path:
+    """A fresh folder beside ``directory`` to write into before renaming (never one that already exists)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the drafter folder follows the umask
+    return staging
+
+
 def write_drafter(drafter: DFlashDrafter, directory: Path, summary: dict) -> None:
     """The drafter, its recipe and its card in ``directory`` (replacing only a drafter this command wrote before:
     a directory holding anything else is refused)."""
@@ -69,8 +80,8 @@ def write_drafter(drafter: DFlashDrafter, directory: Path, summary: dict) -> Non
     if directory.exists() and not (directory / RECIPE).is_file():
         raise WouldOverwriteError(f"{directory} exists and is not a drafter train-drafter wrote: choose another "
                                   "out_dir")
-    staging = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = _staging(directory)
     drafter.to(torch.float32).save(staging, dtype=torch.bfloat16)
     write_text_atomic(staging / RECIPE, json.dumps(summary, indent=2, default=str) + "\n")
     write_text_atomic(staging / CARD, _card(drafter, summary))
@@ -101,9 +112,8 @@ def export_drafter(source: Path, out_dir: str | Path, overwrite: bool = False) -
                 f"{out_dir} is not empty" + ("" if drafter_source(out_dir) != out_dir else " (a drafter: add "
                                               "--overwrite to replace it)") + "; choose another OUT_DIR")
     DFlashDrafter.load(source)  # a readable, consistent drafter, before anything is written
-    staging = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = _staging(out_dir)
     for name in ("config.json", "model.safetensors", RECIPE, CARD):
         if (source / name).is_file():
             shutil.copy2(source / name, staging / name)
