@@ -97,3 +97,12 @@ def unigram_entropy(tokens: list[int], base: float = math.e) -> float:
     counts = Counter(tokens)
     total = len(tokens)
     return -sum(c / total * math.log(c / total, base) for c in counts.values())
+
+
+def distinct_ngrams(tokens: list[int], n: int = 2) -> float:
+    """Distinct n-grams / all n-grams of one sample (1.0: no n-gram repeats; repetition lowers it); 1.0 for a sample
+    shorter than ``n`` (nothing can repeat)."""
+    if n < 1:
+        raise ValueError(f"distinct_ngrams: n must be >= 1, got {n}")
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0

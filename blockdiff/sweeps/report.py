@@ -159,7 +159,8 @@ def _rows(runs: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
                             "row_forwards_per_token": smp.get("row_forwards_per_token", smp["nfe_per_token"]),
                             "rewrites_per_token": smp.get("rewrites_per_token", 0.0),
                             "seconds_per_token": smp.get("seconds_per_token"),
-                            "gen_nll": smp.get("gen_nll"), "entropy": smp["entropy"], "example": smp["example"]})
+                            "gen_nll": smp.get("gen_nll"), "entropy": smp["entropy"],
+                            "distinct_2": smp.get("distinct_2"), "example": smp["example"]})
     return results, evals, samples
 
 
@@ -211,6 +212,7 @@ def report(root: str | Path, console=None, checks: Sequence[Check] = ()) -> list
     sample_rows = [[var, l, smp, sl, len(rows),
                     _pm([r["nfe_per_token"] for r in rows], 3), _pm([r["row_forwards_per_token"] for r in rows], 2),
                     _pm([r["gen_nll"] for r in rows], 3), _pm([r["entropy"] for r in rows], 2),
+                    _pm([r["distinct_2"] for r in rows if r["distinct_2"] is not None], 3),
                     _pm([r["rewrites_per_token"] for r in rows], 3)]
                    for (var, l, smp, sl), rows in group_rows(
                        samples, ("variant", "block_length", "sampler", "sample_block_length")).items()]
@@ -223,7 +225,8 @@ def report(root: str | Path, console=None, checks: Sequence[Check] = ()) -> list
     if sample_rows:
         md += ["", "## Sampling: NFE per token and quality (AR NLL of the samples under the reference run)", "",
                _md_table(["variant", "L' (train)", "sampler", "L' (sample)", "seeds", "NFE/token",
-                          "row forwards/token", "gen NLL (nats/tok)", "unigram entropy (bits)", "rewrites/token"],
+                          "row forwards/token", "gen NLL (nats/tok)", "unigram entropy (bits)", "distinct bigrams",
+                          "rewrites/token"],
                          sample_rows)]
     plots = _plots(root, runs, results, evals, samples)
     if plots:

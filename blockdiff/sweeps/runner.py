@@ -261,7 +261,7 @@ def _reference_model(sweep: Sweep):
 def _sample(sweep: Sweep, loaded, setting: dict) -> dict:
     """Generate from fixed prompts with one sampling setting; NFE per token and quality under the reference."""
     from blockdiff.evaluation.generative import sample_each
-    from blockdiff.evaluation.scoring import unigram_entropy
+    from blockdiff.evaluation.scoring import distinct_ngrams, unigram_entropy
 
     setting = dict(setting)
     l = setting.pop("block_length", None) or loaded.model.block_length
@@ -293,6 +293,7 @@ def _sample(sweep: Sweep, loaded, setting: dict) -> dict:
         "rewrites_per_token": sum(gens.rewrites) / max(1, gens.produced),  # uniform noise: corrected tokens
         "row_forwards_per_token": sum(gens.row_forwards) / max(1, gens.produced),  # compute (beams: x candidates)
         "entropy": sum(unigram_entropy(t, base=2) for t in gens.tokens) / len(gens.tokens),  # bits
+        "distinct_2": sum(distinct_ngrams(t, 2) for t in gens.tokens) / len(gens.tokens),  # repetition lowers it
         "example": prompts[0] + gens.texts[0],
     }
     ref = _reference_model(sweep)
