@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from test_dflash import VOCAB, make_drafter, saved
 from test_speculative import ar_model, hf_greedy
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from blockdiff.cli import main
 from blockdiff.cli.options import add_drafter_flags, drafter_settings
@@ -30,7 +32,13 @@ from blockdiff.sampling.config import BlockDiffusionGenerationConfig
 from blockdiff.sampling.samplers.registry import settings
 from blockdiff.sampling.speculative import CausalLMVerifier, Draft, speculative_generate
 from blockdiff.sampling.speculative import make_drafter as make_pair
-from blockdiff.sampling.speculative.tree import choose_branch, keep_branch, score_tree, takes_tree_masks
+from blockdiff.sampling.speculative.tree import (
+    choose_branch,
+    keep_branch,
+    plain_cache,
+    score_tree,
+    takes_tree_masks,
+)
 from blockdiff.serving.protocol import parse_request
 
 TREE = {"drafter": "hybrid", "hybrid_tree": True, "hybrid_threshold": 0.0}
@@ -200,6 +208,11 @@ def test_a_verifier_that_ignores_4d_masks_falls_back_to_the_chain(tmp_path, monk
     net = network(target, tmp_path, std=1.0, mask=3)
     assert takes_tree_masks(target) and takes_tree_masks(ar_model("gpt2", VOCAB))
     assert not takes_tree_masks(SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2")))
+    small = dict(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2)
+    assert plain_cache(CausalLMVerifier(Qwen2ForCausalLM(Qwen2Config(**small))))
+    sliding = Qwen2Config(**small, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    assert not plain_cache(CausalLMVerifier(Qwen2ForCausalLM(sliding)))  # its cache drops old entries: the chain
     deaf = copy.deepcopy(target)  # a new model: its own probe
     forward = deaf.model.forward
     monkeypatch.setattr(deaf.model, "forward", lambda *args, attention_mask=None, **kw: forward(*args, **kw))
@@ -219,7 +232,9 @@ def test_hybrid_tree_is_a_setting_a_flag_a_request_field_and_a_config_key(capsys
     request = parse_request({"model": "m", "prompt": "hi", "hybrid_tree": True}, chat=False, served_model="m")
     assert request.settings["hybrid_tree"] is True
     assert main(["config", "keys", "--markdown"]) in (0, None)
-    assert "| `hybrid_tree` | `False` | hybrid drafter: greedy:" in capsys.readouterr().out
+    row = "| `hybrid_tree` | `False` | hybrid drafter: greedy:"
+    assert row in capsys.readouterr().out
+    assert row in (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
     target = ar_model("llama", VOCAB)
     with pytest.raises(UsageError, match="hybrid_tree must be bool"):
         speculative_generate(target, None, [1, 2], drafter="lookup", hybrid_tree="yes")

@@ -38,7 +38,7 @@ from transformers.cache_utils import DynamicLayer
 
 from blockdiff.sampling.speculative.verify import CausalLMVerifier, accept_greedy
 
-__all__ = ["TreeStep", "takes_tree_masks", "tree_mask", "score_tree", "choose_branch", "keep_branch"]
+__all__ = ["TreeStep", "takes_tree_masks", "plain_cache", "tree_mask", "score_tree", "choose_branch", "keep_branch"]
 
 _PROBED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (attention implementation, verdict)
 

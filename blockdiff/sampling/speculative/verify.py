@@ -4,6 +4,7 @@ exact KV cache, and the two acceptance rules (the sampling settings both models 
 * ``CausalLMVerifier`` wraps a plain Hugging Face causal LM and a ``DynamicCache`` that always holds the
   committed tokens but the last; one ``score`` forward feeds [that last token ; the drafts] and returns the
   verifier's logits for every position after it; ``commit`` crops the cache back to the committed tokens.
+  ``forward`` is that forward's bookkeeping for any fed tokens, positions and 4-D mask (the draft tree's, ``tree.py``).
 * ``accept_greedy``: the longest prefix of the drafts equal to the verifier's argmax, plus the verifier's own
   next token. ``accept_sampled``: keep draft ``i`` with probability ``min(1, p_i(d)/q_i(d))``; at the first
   rejection draw from ``norm(max(0, p_i - q_i))``; if every draft survives, draw one more token from ``p``.
