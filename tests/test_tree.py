@@ -1,7 +1,8 @@
 """The ``hybrid`` drafter's greedy 2-branch draft tree (``sampling/speculative/tree.py``, ``hybrid_tree=True``):
 
 * with the tree, speculative output is the verifier's own greedy ``generate()`` token for token (fp64, Llama, Qwen2
-  and GPT-2; prompts that repeat so lookup fires; EOS and ``max_new_tokens`` inside accepted runs);
+  and GPT-2; prompts that repeat so lookup fires; EOS and ``max_new_tokens`` inside accepted runs; fp32 on packed
+  kernels);
 * one tree forward gives each branch the rows (and cache entries, and features) two separate chain forwards give;
 * planted drafts where the DFlash branch wins, where lookup wins and where both fail (a tie: lookup): the committed
   tokens are the verifier's, and after every step the verifier's cache equals a fresh prefill of ``committed[:-1]``
@@ -28,6 +29,7 @@ from blockdiff.cli import main
 from blockdiff.cli.options import add_drafter_flags, drafter_settings
 from blockdiff.errors import UsageError
 from blockdiff.modeling.dflash import load_drafter, target_features
+from blockdiff.modeling.lean import pack_linears
 from blockdiff.sampling.config import BlockDiffusionGenerationConfig
 from blockdiff.sampling.samplers.registry import settings
 from blockdiff.sampling.speculative import CausalLMVerifier, Draft, speculative_generate
@@ -82,6 +84,19 @@ def test_eos_and_max_new_tokens_inside_accepted_runs_with_the_tree(tmp_path, fam
     for eos in set(full.new_tokens(0)):
         out = speculative_generate(target, net, prompt, max_new_tokens=30, eos_token_id=eos, **TREE)
         assert out.sequences[0].tolist() == hf_greedy(target, prompt, 30, eos=eos) and bool(out.stopped_at_eos[0])
+
+
+def test_greedy_with_the_tree_on_packed_kernels_equals_generate_in_fp32(tmp_path):
+    target = ar_model("llama", VOCAB).float()
+    packed = copy.deepcopy(target)
+    pack_linears(packed)
+    net = load_drafter(saved(make_drafter(target), tmp_path), packed)
+    trees = 0
+    for prompt in PROMPTS:
+        out = speculative_generate(packed, net, prompt, max_new_tokens=16, **TREE)
+        assert out.sequences[0].tolist() == hf_greedy(target, prompt, 16)
+        trees += out.drafter_counts["tree_steps"]
+    assert trees > 0
 
 
 # -- one tree forward is two chain forwards ---------------------------------------------------------------------------
@@ -187,6 +202,7 @@ def test_planted_branches_commit_the_verifiers_tokens_and_leave_exact_caches(tmp
         return
     wins = {"dflash_wins": "tree_dflash_wins"}.get(case, "tree_lookup_wins")
     assert counts["tree_steps"] == counts[wins] == len(both)
+    assert counts["tree_drafts"] == 2 * sum(k for i, (_, k) in enumerate(checked) if i > 0)  # both 4 (or the room)
     full = [accepted for i, (accepted, k) in enumerate(checked) if i > 0 and k == 4]  # no draft cut by the room
     assert full and set(full) == {{"dflash_wins": 3, "lookup_wins": 3, "both_wrong": 0}[case]}
 

@@ -17,7 +17,8 @@ checks both chains as a 2-branch tree (``tree.py``) and the branch with the long
 lookup). Otherwise, and always when sampling (two branches would need recursive rejection sampling to stay exact),
 when the verifier's attention does not apply custom 4-D masks, or when its cache has sliding-window layers, a step
 checks one chain as above. The DFlash drafter then drafts on every step (lookup steps too). Counted:
-``tree_steps``, ``tree_lookup_wins``, ``tree_dflash_wins`` (``SpeculativeOutput.drafter_counts``).
+``tree_steps``, ``tree_lookup_wins``, ``tree_dflash_wins`` and ``tree_drafts`` (both branches' drafts; the loop's
+``drafted_tokens`` counts the winner's) in ``SpeculativeOutput.drafter_counts``.
 """
 
 from __future__ import annotations
@@ -102,16 +103,17 @@ class Hybrid(DFlash):
         self.drafter = HybridProposer(NgramProposer(self.vocab_size, self.lookup_ngram, self.lookup_tokens), learned,
                                       self.hybrid_min_match)
         self._tree: TreeStep | None = None  # this step's tree, between propose and commit
-        self.tree_steps = self.tree_lookup_wins = self.tree_dflash_wins = 0
+        self.tree_steps = self.tree_lookup_wins = self.tree_dflash_wins = self.tree_drafts = 0
 
     def reset(self) -> None:
         super().reset()
         self._tree = None
-        self.tree_steps = self.tree_lookup_wins = self.tree_dflash_wins = 0
+        self.tree_steps = self.tree_lookup_wins = self.tree_dflash_wins = self.tree_drafts = 0
 
     def counts(self) -> dict[str, int]:
         return {"lookup_steps": self.drafter.lookup_steps, "tree_steps": self.tree_steps,
-                "tree_lookup_wins": self.tree_lookup_wins, "tree_dflash_wins": self.tree_dflash_wins}
+                "tree_lookup_wins": self.tree_lookup_wins, "tree_dflash_wins": self.tree_dflash_wins,
+                "tree_drafts": self.tree_drafts}
 
     def propose(self, committed, limit, sampling, generator=None) -> Draft:
         """The step's drafts. With ``hybrid_tree`` and greedy, when both drafters propose and differ at the first
@@ -132,6 +134,7 @@ class Hybrid(DFlash):
         self.tree_steps += 1
         self.tree_dflash_wins += self._tree.winner
         self.tree_lookup_wins += 1 - self._tree.winner
+        self.tree_drafts += len(a.tokens) + len(b.tokens)
         return Draft(self._tree.drafts[self._tree.winner])
 
     def score(self, committed, drafts) -> torch.Tensor:
