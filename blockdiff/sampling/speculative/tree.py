@@ -34,7 +34,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers import cache_utils
 
 from blockdiff.sampling.speculative.verify import CausalLMVerifier, accept_greedy
 
@@ -99,8 +99,10 @@ def _format(allowed: torch.Tensor, impl: str, dtype: torch.dtype) -> torch.Tenso
 
 
 def plain_cache(verifier: CausalLMVerifier) -> bool:
-    """Whether every layer of the verifier's cache is a plain ``DynamicLayer`` (entries can be moved freely)."""
-    return all(type(layer) is DynamicLayer for layer in verifier.cache.layers)
+    """Whether every layer of the verifier's cache is a plain ``DynamicLayer`` (entries can be moved freely; a
+    transformers without per-layer cache objects: no)."""
+    plain, layers = getattr(cache_utils, "DynamicLayer", None), getattr(verifier.cache, "layers", None)
+    return plain is not None and layers is not None and all(type(layer) is plain for layer in layers)
 
 
 @torch.no_grad()
