@@ -3,7 +3,8 @@
 (``registry.py``): ``fused`` (``fused.py``: one forward verifies and drafts), ``two_model`` (``drafters.py``: a
 separate verifier, ``verify.py``), ``lookup`` (``lookup.py``: n-gram drafts from the text so far, no drafting
 network), ``dflash`` (``dflash.py``: a small block-diffusion network reading the verifier's states) and ``hybrid``
-(``hybrid.py``: lookup where it matches, dflash elsewhere). ``settings.py``: the sampling both models share.
+(``hybrid.py``: lookup where it matches, dflash elsewhere; with ``hybrid_tree``, both checked as a greedy 2-branch
+tree in one verifier forward, ``tree.py``). ``settings.py``: the sampling both models share.
 Importing this package registers the built-in drafters, in this order (``drafter_names()``); each imports the
 registry, never the other way round."""
 

@@ -111,3 +111,8 @@ class Drafter:
     def commit(self, committed: list[int], accepted: int) -> None:
         """``committed`` now ends with ``accepted`` drafts plus the verifier's token: drop everything else."""
         raise NotImplementedError
+
+    def counts(self) -> dict[str, int]:
+        """This drafter's own step counts since ``reset`` (``SpeculativeOutput.drafter_counts``; e.g. ``hybrid``'s
+        ``lookup_steps`` and tree steps); none by default."""
+        return {}

@@ -21,7 +21,8 @@ gives the verifier's output.
 Counting: ``SpeculativeOutput.verifier_forwards`` (one per step; the prompt is folded into the first),
 ``drafter_forwards``, ``acceptance_histogram[a]`` = steps that kept ``a`` drafts, and
 ``tokens_per_verifier_forward`` = new tokens / verifier forwards (accepted + 1 on average, less when EOS or
-``max_new_tokens`` cut the last step). ``nfe`` counts the forwards of both models.
+``max_new_tokens`` cut the last step). ``nfe`` counts the forwards of both models. ``drafter_counts``: the drafter's
+own (``Drafter.counts``; e.g. ``hybrid``'s lookup and tree steps).
 
 The loop sees what drafts and verifies through one step protocol (``base.Drafter``: ``propose`` the drafts, ``score``
 them, ``commit`` the step), chosen by name from the drafter registry (``registry.py``; ``drafter=`` in the
@@ -67,6 +68,7 @@ class SpeculativeOutput(GenerationOutput):
     acceptance_histogram: list[int] = field(default_factory=list)  # [a]: verification steps that kept a drafts
     drafted_tokens: int = 0  # drafts the verifier checked
     accepted_tokens: int = 0  # of them, kept
+    drafter_counts: dict[str, int] = field(default_factory=dict)  # the drafter's own counts (Drafter.counts)
 
     @property
     def tokens_per_verifier_forward(self) -> float:
@@ -322,4 +324,5 @@ def _output(prompt, committed, reason, pair: Drafter, hist, drafted) -> Speculat
         acceptance_histogram=hist,
         drafted_tokens=drafted,
         accepted_tokens=sum(a * c for a, c in enumerate(hist)),
+        drafter_counts=pair.counts(),
     )

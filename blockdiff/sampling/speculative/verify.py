@@ -4,6 +4,7 @@ exact KV cache, and the two acceptance rules (the sampling settings both models 
 * ``CausalLMVerifier`` wraps a plain Hugging Face causal LM and a ``DynamicCache`` that always holds the
   committed tokens but the last; one ``score`` forward feeds [that last token ; the drafts] and returns the
   verifier's logits for every position after it; ``commit`` crops the cache back to the committed tokens.
+  ``forward`` is that forward's bookkeeping for any fed tokens, positions and 4-D mask (the draft tree's, ``tree.py``).
 * ``accept_greedy``: the longest prefix of the drafts equal to the verifier's argmax, plus the verifier's own
   next token. ``accept_sampled``: keep draft ``i`` with probability ``min(1, p_i(d)/q_i(d))``; at the first
   rejection draw from ``norm(max(0, p_i - q_i))``; if every draft survives, draw one more token from ``p``.
@@ -59,9 +60,18 @@ class CausalLMVerifier:
         start = self.cache.get_seq_length()  # == len(committed) - 1 after a commit, 0 at first
         fed = torch.cat([torch.tensor(committed[start:], dtype=torch.long), drafts.cpu().long()]).to(device)  # (q,)
         positions = torch.arange(start, start + len(fed), device=device)  # no padding: position = index
+        return self.forward(fed, positions, len(drafts) + 1)
+
+    @torch.no_grad()
+    def forward(self, fed: torch.Tensor, positions: torch.Tensor, keep: int, attention_mask=None) -> torch.Tensor:
+        """One cached forward of ``fed`` (q,) at ``positions`` (q,) (``attention_mask``: a 4-D mask over cache and
+        fed tokens, ``None``: causal): the last ``keep`` rows' logits ``(keep, v)`` in float32 (as transformers'
+        generate reads them); the cache grows by ``q`` entries, and the fed tokens' features are kept."""
+        start = self.cache.get_seq_length()
         out = self.model(
-            input_ids=fed[None], position_ids=positions[None], past_key_values=self.cache, use_cache=True,
-            logits_to_keep=len(drafts) + 1, output_hidden_states=self.feature_layers is not None,
+            input_ids=fed[None], position_ids=positions[None], attention_mask=attention_mask,
+            past_key_values=self.cache, use_cache=True, logits_to_keep=keep,
+            output_hidden_states=self.feature_layers is not None,
         )
         if self.feature_layers is not None:
             self.features = torch.cat([out.hidden_states[i + 1][0] for i in self.feature_layers], dim=-1)  # (q, F)
@@ -70,7 +80,7 @@ class CausalLMVerifier:
         self.forwards += 1
         self.processed += len(fed)
         self.max_cache = max(self.max_cache, self.cache.get_seq_length())
-        return out.logits[0].float()  # (k + 1, v), float32 as transformers' generate reads them
+        return out.logits[0].float()  # (keep, v)
 
     def commit(self, committed: list[int]) -> None:
         """The step's tokens are final: crop the cache to ``committed[:-1]`` (rejected drafts leave it)."""
