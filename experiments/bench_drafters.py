@@ -8,6 +8,8 @@ Every row writes ``--new-tokens`` tokens after each prompt (stopping at EOS as `
   same kernels as ours: the fair row);
 * ``lookup`` / ``dflash`` / ``hybrid``: ``speculative_generate(model, None, ids, drafter=...)`` on the packed model
   (``lean.pack_linears``), the DFlash drafter from ``--drafter`` (default: the one shipped for the model);
+  ``hybrid tree`` is ``hybrid`` with ``hybrid_tree=True`` (lookup and DFlash drafts checked as a 2-branch tree);
+  ``--hybrid-threshold`` sets the hybrid rows' cut (default: the knob's default);
   ``dflash, unpacked`` is the same algorithm on MKL kernels (what the kernel buys);
 * ``dflash package``: the ``dflash`` package's own ``dflash_generate`` with the same drafter folder (its layout) on
   the packed model: its loop, its full-vocabulary drafts.
@@ -58,12 +60,12 @@ def hf_row(model, new_tokens, eos, temperature=0.0, **kw):
     return run
 
 
-def ours_row(model, drafter, new_tokens, eos, path, temperature=0.0):
+def ours_row(model, drafter, new_tokens, eos, path, temperature=0.0, **knobs):
     network = load_drafter(path, model, lean=is_packed(model)) if drafter in ("dflash", "hybrid") else None
 
     def run(ids, seed):
         out = speculative_generate(model, network, ids, drafter=drafter, max_new_tokens=new_tokens, eos_token_id=eos,
-                                   temperature=temperature, generator=torch.Generator().manual_seed(seed))
+                                   temperature=temperature, generator=torch.Generator().manual_seed(seed), **knobs)
         return out.new_tokens(0), out.verifier_forwards, out.acceptance_histogram
     return run
 
@@ -80,8 +82,9 @@ def package_row(model, path, new_tokens, eos):
     return run
 
 
-def rows(plain, packed, path, new_tokens, eos, temperature, sampled: bool, package: bool) -> dict:
-    """``name -> (fn(ids, seed) -> (new tokens, verifier forwards | None, histogram | None), reference row)``."""
+def rows(plain, packed, path, new_tokens, eos, temperature, sampled: bool, package: bool, hybrid: dict) -> dict:
+    """``name -> (fn(ids, seed) -> (new tokens, verifier forwards | None, histogram | None), reference row)``;
+    ``hybrid``: the hybrid rows' knobs (e.g. ``hybrid_threshold``)."""
     greedy = "HF generate"
     out = {
         greedy: (hf_row(plain, new_tokens, eos), greedy),
@@ -90,7 +93,8 @@ def rows(plain, packed, path, new_tokens, eos, temperature, sampled: bool, packa
         "lookup, packed": (ours_row(packed, "lookup", new_tokens, eos, path), greedy),
         "dflash, unpacked": (ours_row(plain, "dflash", new_tokens, eos, path), greedy),
         "dflash, packed": (ours_row(packed, "dflash", new_tokens, eos, path), greedy),
-        "hybrid, packed": (ours_row(packed, "hybrid", new_tokens, eos, path), greedy),
+        "hybrid, packed": (ours_row(packed, "hybrid", new_tokens, eos, path, **hybrid), greedy),
+        "hybrid tree, packed": (ours_row(packed, "hybrid", new_tokens, eos, path, hybrid_tree=True, **hybrid), greedy),
     }
     if package:
         out["dflash package, packed"] = (package_row(packed, path, new_tokens, eos), greedy)
@@ -98,7 +102,8 @@ def rows(plain, packed, path, new_tokens, eos, temperature, sampled: bool, packa
         t, ref = temperature, f"HF sampling T={temperature}"
         out[ref] = (hf_row(plain, new_tokens, eos, temperature=t), ref)
         for name in ("lookup", "dflash", "hybrid"):
-            out[f"{name} T={t}, packed"] = (ours_row(packed, name, new_tokens, eos, path, temperature=t), ref)
+            knobs = hybrid if name == "hybrid" else {}
+            out[f"{name} T={t}, packed"] = (ours_row(packed, name, new_tokens, eos, path, temperature=t, **knobs), ref)
     return out
 
 
@@ -154,6 +159,8 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--skip-sampled", action="store_true", help="greedy rows only")
     p.add_argument("--skip-package", action="store_true", help="no row for the dflash package")
+    p.add_argument("--hybrid-threshold", type=float, default=None,
+                   help="hybrid_threshold of the hybrid rows (default: the knob's default)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ood-modules", default=OOD_MODULES, help="standard-library modules whose docstrings are prompts")
@@ -165,8 +172,9 @@ def main() -> None:
     path = args.drafter or str(shipped_drafter(plain))
     packed = copy.deepcopy(plain)
     pack_linears(packed)
+    hybrid = {} if args.hybrid_threshold is None else {"hybrid_threshold": args.hybrid_threshold}
     fns = rows(plain, packed, path, args.new_tokens, tokenizer.eos_token_id, args.temperature, not args.skip_sampled,
-               not args.skip_package)
+               not args.skip_package, hybrid)
     report, table = dict(settings=vars(args), drafter=path, sets={}), []
     for set_name, prompts in prompt_sets(tokenizer, args.num_prompts, args.prompt_tokens, args.ood_modules).items():
         result = bench(fns, prompts, args.rounds)

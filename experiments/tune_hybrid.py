@@ -8,7 +8,8 @@ two *development* sets that share neither prompt with them:
 * **dev out-of-domain**: docstrings of third-party packages installed here (numpy, requests, torch, ...), not of
   Python's own standard library, which stays the reported out-of-domain check.
 
-Rows: HF ``generate()`` (greedy, the reference) and ``hybrid`` on the packed model at each ``--thresholds`` value, timed
+Rows: HF ``generate()`` (greedy, the reference) and ``hybrid`` on the packed model at each ``--thresholds`` value, with
+and without its 2-branch tree (``hybrid_tree``; ``--no-tree`` drops those rows), timed
 round-robin (``bench_drafters.bench``; x HF = median of same-round ratios). The cut with the best worst set wins (the
 larger of the two sets' x HF is not what a user notices; the slower one is)::
 
@@ -59,17 +60,18 @@ def dev_ood(tokenizer, count: int, length: int, modules: str) -> list[list[int]]
     return [tokenizer(d, add_special_tokens=False)["input_ids"][:length] for d in docs if len(d) > 80][:count]
 
 
-def hybrid_row(model, network, new_tokens, eos, threshold):
+def hybrid_row(model, network, new_tokens, eos, threshold, tree=False):
     def run(ids, seed):
         out = speculative_generate(model, network, ids, drafter="hybrid", hybrid_threshold=threshold,
-                                   max_new_tokens=new_tokens, eos_token_id=eos)
+                                   hybrid_tree=tree, max_new_tokens=new_tokens, eos_token_id=eos)
         return out.new_tokens(0), out.verifier_forwards, out.acceptance_histogram
     return run
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.35, 0.5])
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.25, 0.5])
+    p.add_argument("--no-tree", action="store_true", help="no hybrid_tree=True row per threshold")
     p.add_argument("--num-prompts", type=int, default=6)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -88,6 +90,8 @@ def main() -> None:
     fns = {"HF generate": (hf_row(plain, args.new_tokens, eos), "HF generate")}
     for t in args.thresholds:
         fns[f"hybrid {t:g}"] = (hybrid_row(packed, network, args.new_tokens, eos, t), "HF generate")
+        if not args.no_tree:
+            fns[f"hybrid {t:g} tree"] = (hybrid_row(packed, network, args.new_tokens, eos, t, True), "HF generate")
     sets = {"dev in-domain": dev_windows(tokenizer, args.num_prompts, args.prompt_tokens),
             "dev out-of-domain": dev_ood(tokenizer, args.num_prompts, args.prompt_tokens, args.ood_modules)}
     report, table, worst = dict(settings=vars(args), sets={}), [], {}
