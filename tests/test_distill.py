@@ -111,6 +111,27 @@ def test_ragged_prompts_are_left_padded_and_cut_after_eos(teacher):
     assert outs[0][0] == free[0][:3] and outs[0][1]
 
 
+def test_a_teachers_mask_token_is_never_generated(teacher):
+    """A teacher that is a block diffuser's AR parent written out as a plain decoder has a mask token in its
+    tokenizer; text holding it cannot be trained on, so distillation suppresses it (greedy and sampled)."""
+    model, _, _ = load_decoder(str(teacher))
+    mask, other = 259, 65
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-10.0)
+        head.bias[mask], head.bias[other] = 10.0, 5.0  # the mask token is the teacher's favourite
+    model.lm_head = head
+    prompts = [[65, 66, 67], [70, 71]]
+    plain = generate_continuations(model, prompts, NEW, 0.0, [257], pad_id=258)
+    assert all(mask in c for c, _ in plain)  # without suppression the teacher writes it
+    for temperature in (0.0, 1.0):
+        outs = generate_continuations(model, prompts, NEW, temperature, [257], pad_id=258, suppress=[mask])
+        assert all(mask not in c and len(c) == NEW for c, _ in outs)
+    assert distill_module._special_ids(model, finetune_tokenizer())[2] == [mask]
+    assert distill_module._special_ids(model, teacher_tokenizer())[2] == []  # no mask token: nothing suppressed
+
+
 def test_sampled_rows_are_reproducible_and_differ_from_greedy(teacher, corpus_dir, tmp_path):
     run_distill(teacher, corpus_dir, tmp_path / "a", temperatures=(0.0, 1.5))
     run_distill(teacher, corpus_dir, tmp_path / "b", temperatures=(0.0, 1.5))

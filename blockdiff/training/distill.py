@@ -137,11 +137,13 @@ def select_prompts(
 
 @torch.no_grad()
 def generate_continuations(
-    model, prompts: list[list[int]], new_tokens: int, temperature: float, eos_ids: list[int], pad_id: int
+    model, prompts: list[list[int]], new_tokens: int, temperature: float, eos_ids: list[int], pad_id: int,
+    suppress: list[int] = (),
 ) -> list[tuple[list[int], bool]]:
     """``(continuation ids, finished)`` per prompt from one left-padded ``model.generate`` call: greedy at temperature
     0, else plain sampling at ``temperature`` (no top-k / top-p) from the global torch RNG. A continuation is cut after
-    its first EOS (kept); ``finished`` says it reached one."""
+    its first EOS (kept); ``finished`` says it reached one. ``suppress``: token ids never generated (the teacher
+    tokenizer's mask token: a block diffuser cannot train on text that holds it)."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (b, p), left-padded
@@ -154,7 +156,7 @@ def generate_continuations(
     }
     out = model.generate(
         input_ids=ids.to(device), attention_mask=attention.to(device), max_new_tokens=new_tokens, min_new_tokens=0,
-        eos_token_id=eos_ids, pad_token_id=pad_id, **sampling,
+        eos_token_id=eos_ids, pad_token_id=pad_id, suppress_tokens=list(suppress) or None, **sampling,
     )  # (b, p + up to m)
     results = []
     for row in out[:, width:].tolist():
@@ -194,8 +196,10 @@ def _load_teacher(name: str, device: torch.device):
     return model.to(device).eval(), tokenizer
 
 
-def _special_ids(model, tokenizer) -> tuple[list[int], int]:
-    """``(eos ids, pad id)`` as the teacher's own ``generate()`` uses them (generation config, else tokenizer)."""
+def _special_ids(model, tokenizer) -> tuple[list[int], int, list[int]]:
+    """``(eos ids, pad id, suppressed ids)``: EOS and padding as the teacher's own ``generate()`` uses them
+    (generation config, else tokenizer), and its tokenizer's mask token where the model can emit it (a teacher that
+    is a block diffuser's AR parent, written out as a plain decoder, has one; no training text may hold it)."""
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -203,7 +207,9 @@ def _special_ids(model, tokenizer) -> tuple[list[int], int]:
     pad = model.generation_config.pad_token_id
     if pad is None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
-    return eos_ids, int(pad)
+    mask = getattr(tokenizer, "mask_token_id", None)
+    rows = model.get_output_embeddings().weight.shape[0]
+    return eos_ids, int(pad), [mask] if mask is not None and mask < rows else []
 
 
 def _check_positions(model, settings: DistillSettings) -> None:
@@ -318,14 +324,14 @@ def _open_set(out_dir: Path, plan: str, overwrite: bool, asked: DistillSettings,
 def _distill_shard(model, tokenizer, prompts, settings: DistillSettings, index: int, device, on_batch):
     """The rows of shard ``index`` (prompt by prompt, settings in order) and the tokens generated; each temperature
     samples from its own seeded stream, so the shard is the same whether or not earlier shards ran here."""
-    eos_ids, pad_id = _special_ids(model, tokenizer)
+    eos_ids, pad_id, suppress = _special_ids(model, tokenizer)
     rows, generated = [], 0
     for setting, temperature in enumerate(settings.temperatures):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(_stream_seed(settings.seed, index, setting))
             for batch in _batches(_shard(prompts, settings, index), settings.batch_size):
                 outs = generate_continuations(
-                    model, [ids for _, _, ids in batch], settings.new_tokens, temperature, eos_ids, pad_id
+                    model, [ids for _, _, ids in batch], settings.new_tokens, temperature, eos_ids, pad_id, suppress
                 )
                 for (order, window, ids), (continuation, finished) in zip(batch, outs):
                     rows.append(_row(tokenizer, order, window, setting, temperature, ids, continuation, finished))
