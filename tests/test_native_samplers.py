@@ -492,6 +492,11 @@ def test_the_sweep_report_tells_the_new_variants_and_settings_apart():
         "loglinear U[0,1], self-conditioning")
     assert variant({"settings": {**base, "self_conditioning": False, "certainty_weight": 0.5}}) == (
         "loglinear U[0,1], certainty 0.5")
+    distilled = {**base, "certainty_weight": 0.5, "data_source": "distilled:runs/d"}
+    assert variant({"settings": distilled}) == "loglinear U[0,1], distilled, certainty 0.5"
+    assert variant({"settings": {**base, "data_source": "shakespeare"}}) == "loglinear U[0,1]"
+    # a summary written before data_source was recorded: the sweep's grid values say it
+    assert variant({"settings": base, "values": {"data.source": "distilled:runs/d"}}) == "loglinear U[0,1], distilled"
     record = {"sampler": "entropy_bound", "entropy_bound": 0.5, "t_max": 0.8, "t_min": 0.4, "stop_stable_steps": 1,
               "stop_entropy": 0.05}
     assert sampler_label(record) == "entropy_bound 0.5, t 0.8->0.4, stop 1/0.05"

@@ -50,9 +50,13 @@ def load_summaries(root: str | Path) -> list[dict]:
 
 def variant(run: dict) -> str:
     """What was trained, ignoring block length and seed: the schedule / objective label of a run (``uniform noise,
-    ...`` under ``noise.kind=uniform``; the context ``L=...`` is prefixed by ``_rows`` when runs differ in it)."""
+    ...`` under ``noise.kind=uniform``; ``, distilled`` for a run trained on ``data.source=distilled:...``; the context
+    ``L=...`` is prefixed by ``_rows`` when runs differ in it)."""
     settings = run["settings"]
     label = _objective(settings)
+    source = settings.get("data_source") or run.get("values", {}).get("data.source") or ""
+    if str(source).startswith("distilled:"):  # trained on a teacher's continuations, not on the corpus
+        label += ", distilled"
     if settings.get("self_conditioning"):  # (keys a summary written before issue 23 lacks)
         label += ", self-conditioning"
     if settings.get("certainty_weight"):

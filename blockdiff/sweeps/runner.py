@@ -162,6 +162,7 @@ def run_one(sweep: Sweep, run: Run) -> dict:
             "max_seq_len": cfg.data.max_seq_len,
             "self_conditioning": cfg.model.self_conditioning,
             "certainty_weight": cfg.certainty.weight,
+            "data_source": cfg.data.source,
         },
         "train": {
             "steps": result.steps,

@@ -27,3 +27,4 @@ PYTHON
 "$PY" -m blockdiff.cli sweep --report "$ROOT"
 mkdir -p docs/ablations/issue23
 cp "$ROOT"/{results.md,results.csv,evals.csv,samples.csv,*.png} docs/ablations/issue23/
+"$PY" experiments/native/pareto.py "$ROOT/samples.csv" docs/ablations/issue23
