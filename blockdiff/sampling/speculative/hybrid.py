@@ -91,7 +91,7 @@ class Hybrid(DFlash):
     lookup_ngram: int = knob(3, "longest n-gram the lookup drafter matches (it tries n, n-1, ..., 1)")
     lookup_tokens: int = knob(7, "most drafts the lookup drafter copies per step")
     hybrid_min_match: int = knob(2, "shortest n-gram match for which the hybrid drafter uses lookup")
-    hybrid_threshold: float = knob(0.1, "the hybrid drafter drops learned drafts from the first one below this "
+    hybrid_threshold: float = knob(0.5, "the hybrid drafter drops learned drafts from the first one below this "
                                         "probability")
     hybrid_tree: bool = knob(False, "greedy: when lookup and the learned drafter disagree, verify both as a 2-branch "
                                     "tree in one forward and keep the longer accepted branch")
