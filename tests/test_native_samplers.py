@@ -497,6 +497,8 @@ def test_the_sweep_report_tells_the_new_variants_and_settings_apart():
     assert variant({"settings": {**base, "data_source": "shakespeare"}}) == "loglinear U[0,1]"
     # a summary written before data_source was recorded: the sweep's grid values say it
     assert variant({"settings": base, "values": {"data.source": "distilled:runs/d"}}) == "loglinear U[0,1], distilled"
+    floor = {**base, "certainty_weight": 0.5, "mask_floor": [0.5, 0.4]}
+    assert variant({"settings": floor}) == "loglinear U[0,1], certainty 0.5, mask floor -> 0.4 over 0.5"
     record = {"sampler": "entropy_bound", "entropy_bound": 0.5, "t_max": 0.8, "t_min": 0.4, "stop_stable_steps": 1,
               "stop_entropy": 0.05}
     assert sampler_label(record) == "entropy_bound 0.5, t 0.8->0.4, stop 1/0.05"

@@ -379,10 +379,16 @@ class CurriculumConfig:
     mask_annealing_fraction: float = 0.0
     """Anneal attention inside noisy blocks from causal to bidirectional over this fraction of trainer.max_steps (0 =
     off)."""
+    mask_floor_fraction: float = 0.0
+    """Raise the lowest training noise level (t ~ U[floor, noise.omega]) linearly from noise.beta to
+    curriculum.mask_floor_end over this fraction of trainer.max_steps, then keep it (0 = off): training moves toward
+    heavily masked blocks, where a sampler reveals many tokens per forward. val/nll keeps the full range."""
+    mask_floor_end: float = 0.5
+    """The noise floor the mask-floor curriculum ends at (between noise.beta and noise.omega)."""
 
     def __post_init__(self) -> None:
         check_numbers("curriculum", self)
-        for key in ("block_length_fraction", "mask_annealing_fraction"):
+        for key in ("block_length_fraction", "mask_annealing_fraction", "mask_floor_fraction", "mask_floor_end"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"curriculum.{key} must be in [0, 1], got {getattr(self, key)}")
         if self.start_block_length < 1:
@@ -439,6 +445,12 @@ class Config:
             seq_len,
             ConfigError,
         )
+        c = self.curriculum
+        if c.mask_floor_fraction > 0 and not self.noise.beta <= c.mask_floor_end <= self.noise.omega:
+            raise ConfigError(
+                f"curriculum.mask_floor_end={c.mask_floor_end} must lie in [noise.beta, noise.omega] = "
+                f"[{self.noise.beta}, {self.noise.omega}]; raise noise.omega or lower curriculum.mask_floor_end"
+            )
         if self.model.block_length_mixture and self.curriculum.block_length_fraction > 0:
             raise ConfigError(
                 "model.block_length_mixture and curriculum.block_length_fraction both set the training block "

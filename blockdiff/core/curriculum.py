@@ -10,11 +10,15 @@ section and usable together:
 * **attention-mask annealing** — inside each noisy block, a query may attend to *later* positions of its
   block with probability ``p`` rising linearly from 0 (causal, as the decoder was trained) to 1
   (bidirectional, the block-diffusion mask) over the first ``fraction`` of the steps.
+* **mask-floor curriculum** (toward fewer denoising steps per block, issue 23) — the lowest training noise level
+  (the floor of ``t ~ U[floor, omega]``) rises linearly from ``noise.beta`` to ``end`` over the first ``fraction``
+  of the steps: training moves toward heavily masked blocks, the state a sampler that reveals many tokens per
+  forward works in. Validation keeps the full range, so ``val/nll`` stays the NELBO.
 """
 
 from __future__ import annotations
 
-__all__ = ["block_length_stages", "block_length_at", "bidirectional_fraction_at"]
+__all__ = ["block_length_stages", "block_length_at", "bidirectional_fraction_at", "mask_floor_at"]
 
 
 def block_length_stages(start: int, target: int) -> list[int]:
@@ -43,3 +47,11 @@ def bidirectional_fraction_at(step: int, max_steps: int, fraction: float) -> flo
     if fraction <= 0:
         return 1.0
     return min(1.0, step / (fraction * max_steps))
+
+
+def mask_floor_at(step: int, max_steps: int, start: float, end: float, fraction: float) -> float:
+    """Lowest training noise level at ``step``: ``start`` rising linearly to ``end`` over the first ``fraction`` of
+    ``max_steps``, then ``end`` (``start`` throughout when ``fraction`` is 0)."""
+    if fraction <= 0:
+        return start
+    return start + (end - start) * min(1.0, step / (fraction * max_steps))

@@ -61,6 +61,11 @@ def variant(run: dict) -> str:
         label += ", self-conditioning"
     if settings.get("certainty_weight"):
         label += f", certainty {settings['certainty_weight']:g}"
+    values = run.get("values", {})
+    fraction, end = settings.get("mask_floor") or [values.get("curriculum.mask_floor_fraction", 0.0),
+                                                   values.get("curriculum.mask_floor_end", 0.5)]
+    if fraction:
+        label += f", mask floor -> {end:g} over {fraction:g}"
     return "uniform noise, " + label if settings.get("noise_kind", "absorbing") == "uniform" else label
 
 

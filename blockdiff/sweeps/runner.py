@@ -163,6 +163,7 @@ def run_one(sweep: Sweep, run: Run) -> dict:
             "self_conditioning": cfg.model.self_conditioning,
             "certainty_weight": cfg.certainty.weight,
             "data_source": cfg.data.source,
+            "mask_floor": [cfg.curriculum.mask_floor_fraction, cfg.curriculum.mask_floor_end],
         },
         "train": {
             "steps": result.steps,

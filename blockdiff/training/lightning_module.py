@@ -26,7 +26,7 @@ from torchmetrics import MeanMetric
 
 from blockdiff.config import CertaintyConfig, ClipSearch, CurriculumConfig, LRSchedule, NoiseConfig, OptimConfig
 from blockdiff.core.clip_search import ClipWindowScores
-from blockdiff.core.curriculum import bidirectional_fraction_at, block_length_at
+from blockdiff.core.curriculum import bidirectional_fraction_at, block_length_at, mask_floor_at
 from blockdiff.core.loss import bits_per_byte, block_diffusion_loss, mixture_loss
 from blockdiff.core.noise import make_schedule
 from blockdiff.modeling.model import BlockDiffusionLM
@@ -81,9 +81,10 @@ class BlockDiffusionModule(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         block_length, bidirectional = self.curriculum_at(self.global_step)
+        train_range = self.training_range(self.global_step)
         if self.block_length_mixture:  # each sequence draws its own block length
             out = mixture_loss(
-                self.model, batch, self.schedule, self.train_range, self.block_length_mixture, self.noise.antithetic,
+                self.model, batch, self.schedule, train_range, self.block_length_mixture, self.noise.antithetic,
                 self_condition="random",
             )
         else:
@@ -92,7 +93,7 @@ class BlockDiffusionModule(L.LightningModule):
                 self.model,
                 batch,
                 self.schedule,
-                self.train_range,
+                train_range,
                 self.noise.antithetic,
                 block_length=block_length,
                 bidirectional=bidirectional,
@@ -111,6 +112,16 @@ class BlockDiffusionModule(L.LightningModule):
                 batch_size=batch.shape[0],
             )
         return loss
+
+    def training_range(self, step: int) -> tuple[float, float]:
+        """``(lo, hi)`` of the training noise levels at ``step``: ``train_range``, its floor raised by the mask-floor
+        curriculum while it runs (``core/curriculum.py``)."""
+        lo, hi = self.train_range
+        c = self.curriculum
+        if c.mask_floor_fraction > 0:
+            lo = max(lo, min(hi, mask_floor_at(step, self.max_steps, self.noise.beta, c.mask_floor_end,
+                                               c.mask_floor_fraction)))
+        return lo, hi
 
     def curriculum_at(self, step: int) -> tuple[int, float]:
         """``(block length, open fraction of anti-causal in-block attention)`` at optimiser step ``step``."""

@@ -32,7 +32,8 @@ def read(path: Path) -> dict[tuple[str, int], list[dict]]:
 
 def _label(run: str) -> str:
     if "source-distilled" in run:
-        return "distilled" + (", certainty 0.5" if run.endswith("weight-0.5") else "")
+        floor = ", mask-floor curriculum" if "mask_floor" in run else ""
+        return "distilled" + (", certainty 0.5" if "weight-0.5" in run else "") + floor
     if "self_conditioning-True" in run:
         return "self-conditioning"
     return "certainty 0.5" if run.endswith("weight-0.5") else "plain"
