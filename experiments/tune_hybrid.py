@@ -28,16 +28,15 @@ import _timing  # sorts before torch: sets OMP_WAIT_POLICY before torch loads
 import torch
 from _report import print_report, results_dir, write_report
 from _timing import header
-from bench_drafters import bench, hf_row, summarise
+from bench_drafters import bench, hf_row, ours_row, summarise
 from bench_lookup import load
 from rich.console import Console
 from transformers.utils import logging as hf_logging
 
 from blockdiff.config import DataConfig
 from blockdiff.evaluation.heldout import held_out_split
-from blockdiff.modeling.dflash import load_drafter, shipped_drafter
+from blockdiff.modeling.dflash import shipped_drafter
 from blockdiff.modeling.lean import pack_linears
-from blockdiff.sampling.speculative import speculative_generate
 
 DEV_OOD_MODULES = "numpy,numpy.linalg,numpy.fft,requests,requests.sessions,torch.optim,click,jinja2"
 
@@ -60,14 +59,6 @@ def dev_ood(tokenizer, count: int, length: int, modules: str) -> list[list[int]]
     return [tokenizer(d, add_special_tokens=False)["input_ids"][:length] for d in docs if len(d) > 80][:count]
 
 
-def hybrid_row(model, network, new_tokens, eos, threshold, tree=False):
-    def run(ids, seed):
-        out = speculative_generate(model, network, ids, drafter="hybrid", hybrid_threshold=threshold,
-                                   hybrid_tree=tree, max_new_tokens=new_tokens, eos_token_id=eos)
-        return out.new_tokens(0), out.verifier_forwards, out.acceptance_histogram
-    return run
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.25, 0.5])
@@ -85,13 +76,13 @@ def main() -> None:
     plain, tokenizer = load("smollm2")
     packed = copy.deepcopy(plain)
     pack_linears(packed)
-    network = load_drafter(str(shipped_drafter(plain)), packed, lean=True)
-    eos = tokenizer.eos_token_id
+    path, eos = str(shipped_drafter(plain)), tokenizer.eos_token_id
     fns = {"HF generate": (hf_row(plain, args.new_tokens, eos), "HF generate")}
     for t in args.thresholds:
-        fns[f"hybrid {t:g}"] = (hybrid_row(packed, network, args.new_tokens, eos, t), "HF generate")
-        if not args.no_tree:
-            fns[f"hybrid {t:g} tree"] = (hybrid_row(packed, network, args.new_tokens, eos, t, True), "HF generate")
+        for tree in (False,) if args.no_tree else (False, True):
+            name = f"hybrid {t:g}" + (" tree" if tree else "")
+            row = ours_row(packed, "hybrid", args.new_tokens, eos, path, hybrid_threshold=t, hybrid_tree=tree)
+            fns[name] = (row, "HF generate")
     sets = {"dev in-domain": dev_windows(tokenizer, args.num_prompts, args.prompt_tokens),
             "dev out-of-domain": dev_ood(tokenizer, args.num_prompts, args.prompt_tokens, args.ood_modules)}
     report, table, worst = dict(settings=vars(args), sets={}), [], {}
