@@ -46,6 +46,19 @@ def test_train_drafter_writes_a_drafter_that_drafts_losslessly(distilled_set, te
     assert json.loads((folder / "recipe.json").read_text())["steps"] == 9  # resumed at 6, ran to 9
 
 
+def test_corpus_rows_join_the_training_rows_and_the_card_says_so(distilled_set, teacher, corpus_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(argv(distilled_set, teacher, out, f"data.corpus={corpus_dir}", "data.corpus_windows=3",
+                     "data.corpus_window_tokens=16")) == 0
+    recipe = json.loads((out / "drafter" / "recipe.json").read_text())
+    plain = tmp_path / "plain"
+    assert main(argv(distilled_set, teacher, plain)) == 0
+    before = json.loads((plain / "drafter" / "recipe.json").read_text())
+    assert recipe["corpus_rows"] == 3 and recipe["corpus_tokens"] == 48
+    assert recipe["train_rows"] == before["train_rows"] + 3 and recipe["held_rows"] == before["held_rows"]
+    assert "3 training windows" in (out / "drafter" / "README.md").read_text()
+
+
 def test_a_bad_key_or_value_is_one_line(tmp_path, capsys):
     assert main(["train-drafter", "net.block_length=1", f"out_dir={tmp_path}"]) == 2
     assert "net.block_length must be in [2, 64]" in capsys.readouterr().err

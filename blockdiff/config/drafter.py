@@ -32,6 +32,10 @@ class DrafterDataConfig:
     distilled: list[str] = field(default_factory=lambda: ["runs/distill_greedy"])  # sets `blockdiff distill` wrote
     val_fraction: float = 0.05  # of the rows (by prompt), held out for acceptance
     feature_batch: int = 8  # rows per target forward when capturing features
+    corpus: str | None = None  # a text corpus (a data.source value, e.g. shakespeare) whose training windows are added,
+    # labelled by the target's own greedy next tokens (drafter_data.corpus_rows); None: none
+    corpus_windows: int = 0  # how many of its training windows (0: none)
+    corpus_window_tokens: int = 128  # tokens per corpus window
 
 
 @dataclass
@@ -79,6 +83,12 @@ def check_drafter_config(c: DrafterConfig) -> None:
     if c.train.loss_decay < 0 or c.train.max_minutes <= 0 or c.train.warmup_steps < 0 or c.train.threads < 0:
         raise ConfigError("train.loss_decay, train.warmup_steps and train.threads must be >= 0 and train.max_minutes "
                           "> 0")
+    if c.data.corpus_windows < 0 or c.data.corpus_window_tokens < 8:
+        raise ConfigError(f"data.corpus_windows must be >= 0 and data.corpus_window_tokens >= 8, got "
+                          f"{c.data.corpus_windows} and {c.data.corpus_window_tokens}")
+    if c.data.corpus_windows and not c.data.corpus:
+        raise ConfigError(f"data.corpus_windows={c.data.corpus_windows} needs data.corpus (a text corpus, e.g. "
+                          "data.corpus=shakespeare)")
     if not c.data.distilled:
         raise ConfigError("data.distilled must name at least one distilled set (blockdiff distill --out DIR)")
 

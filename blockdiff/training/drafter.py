@@ -1,9 +1,10 @@
 """``blockdiff train-drafter``: a DFlash-style drafter trained on a frozen target's cached features (docs/design.md
 §14, docs/generation.md "Training a drafter"). Named phases:
 
-1. ``prepare``: the target (loaded once), the distilled rows split by prompt, the mask token, the draft vocabulary,
-   per-layer feature scales and the features of every row (``drafter_data.py``); the target is dropped after, only
-   its embedding and head are kept (frozen);
+1. ``prepare``: the target (loaded once), the distilled rows split by prompt, the corpus rows (``data.corpus``;
+   training only, labelled by the target), the mask token, per-layer feature scales, the features of every row and
+   the draft vocabulary (``drafter_data.py``); the target is dropped after, only its embedding and head are kept
+   (frozen);
 2. ``init_drafter``: the drafter's layers copied from the target's top layers, its final norm from the target's,
    ``fc`` reading the last fed layer (identity), ``hidden_norm`` from the first copied layer's input norm: at step 0
    it already behaves like the target's last layers reading the last fed layer;
@@ -44,6 +45,7 @@ from blockdiff.training.drafter_data import (
     Rows,
     anchor_batch,
     capture_features,
+    corpus_rows,
     draft_vocabulary,
     feature_scales,
     read_rows,
@@ -65,6 +67,8 @@ class Prepared:
     scales: torch.Tensor  # (len(layer_ids),) feature divisors
     drafter: DFlashDrafter
     capture_seconds: float
+    corpus_rows: int  # of ``train``, the corpus rows (labelled by the target; the last ones)
+    corpus_tokens: int
 
 
 def pick_mask_token(tokenizer, rows: Rows, wanted: int | None) -> int:
@@ -109,24 +113,31 @@ def prepare(config: DrafterConfig, progress=None) -> Prepared:
     target, tokenizer, _ = load_decoder(config.target, what="target")
     target.eval().requires_grad_(False)
     train, held = read_rows(config.data.distilled, config.data.val_fraction)
+    data = config.data
+    corpus = (corpus_rows(data.corpus, tokenizer, data.corpus_windows, data.corpus_window_tokens, config.train.seed)
+              if data.corpus_windows else Rows([], []))
     net = config.net
     layer_ids = default_layer_ids(target.config.num_hidden_layers, net.target_layers)
-    mask_id = pick_mask_token(tokenizer, train, net.mask_token_id)
+    mask_id = pick_mask_token(tokenizer, Rows(train.ids + corpus.ids, train.prompt + corpus.prompt),
+                              net.mask_token_id)
+    scales = feature_scales(target, train.ids[0], layer_ids)
+    start = time.perf_counter()
+    batch = data.feature_batch
+    train_f = capture_features(target, train, layer_ids, scales, batch, progress)
+    train_f += capture_features(target, corpus, layer_ids, scales, batch, progress, labels=True)
+    held_f = capture_features(target, held, layer_ids, scales, batch)
+    train.extend(corpus)
     vocab = draft_vocabulary(train, net.draft_vocab, target.get_output_embeddings().weight.shape[0])
     cfg = drafter_config(target.config, num_layers=net.num_layers, layer_ids=layer_ids, block_length=net.block_length,
                          mask_token_id=mask_id, draft_vocab=len(vocab) if net.draft_vocab else 0,
                          target=target_fingerprint(target))
-    scales = feature_scales(target, train.ids[0], layer_ids)
     drafter = init_drafter(target, cfg)
     if net.draft_vocab:
         drafter.draft_ids.copy_(vocab)
-    start = time.perf_counter()
-    batch = config.data.feature_batch
-    train_f = capture_features(target, train, layer_ids, scales, batch, progress)
-    held_f = capture_features(target, held, layer_ids, scales, batch)
     embed = target.get_input_embeddings().weight.detach().clone()
     head = target.get_output_embeddings().weight.detach().clone()
-    return Prepared(train, held, train_f, held_f, embed, head, scales, drafter, time.perf_counter() - start)
+    return Prepared(train, held, train_f, held_f, embed, head, scales, drafter, time.perf_counter() - start,
+                    len(corpus), corpus.tokens)
 
 
 class DrafterModule(L.LightningModule):
@@ -214,7 +225,8 @@ class _Anchors(torch.utils.data.IterableDataset):
 
     def _batch(self, idx, gen, l):
         return anchor_batch([self.features[i] for i in idx], [self.rows.ids[i] for i in idx],
-                            [self.rows.prompt[i] for i in idx], self.cfg.train.anchors, l, self.mask_id, gen)
+                            [self.rows.prompt[i] for i in idx], self.cfg.train.anchors, l, self.mask_id, gen,
+                            [self.rows.labels.get(i) for i in idx])
 
 
 def _loader(dataset):
@@ -263,6 +275,7 @@ def train_drafter(config: DrafterConfig, resume: bool = False, progress=None) ->
         "best_accept": float(best.best_model_score) if best.best_model_score is not None else None,
         "early_stopped": stop.wait_count >= stop.patience,
         "train_rows": len(prep.train), "train_tokens": prep.train.tokens, "held_rows": len(prep.held),
+        "corpus_rows": prep.corpus_rows, "corpus_tokens": prep.corpus_tokens,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},

@@ -49,8 +49,7 @@ loads it, and vLLM / SGLang read the same layout (they draft over the whole head
 
 ## Training
 
-- Data: the target's own greedy continuations (`blockdiff distill`), {summary['train_rows']} rows,
-  {summary['train_tokens']:,} tokens; {summary['held_rows']} rows held out by prompt.
+- Data: {_data_line(summary)}; {summary['held_rows']} rows held out by prompt.
 - Recipe: `blockdiff train-drafter` with `{RECIPE}`'s config: lr {train['lr']}, {train['batch_size']} rows x
   {train['anchors']} anchors per step, loss decay {train['loss_decay']}, {net['num_layers']} layer(s) initialised from
   the target's top layers.
@@ -62,6 +61,18 @@ loads it, and vLLM / SGLang read the same layout (they draft over the whole head
 Mean leading drafts equal to the target's greedy tokens per block of {drafter.block_length - 1} drafts, on held-out
 rows: **{accept if accept is None else round(accept, 3)}**. End-to-end speed: docs/benchmarks.md of blockdiff.
 """
+
+
+def _data_line(summary: dict) -> str:
+    """What the drafter trained on: the distilled rows, and the corpus rows when there were any."""
+    corpus = summary.get("corpus_rows", 0)
+    rows, tokens = summary["train_rows"] - corpus, summary["train_tokens"] - summary.get("corpus_tokens", 0)
+    line = f"the target's own greedy continuations (`blockdiff distill`), {rows} rows, {tokens:,} tokens"
+    if corpus:
+        source = summary["config"]["data"]["corpus"]
+        line += (f", and {corpus} training windows of `{source}` ({summary['corpus_tokens']:,} tokens) labelled by "
+                 "the target's own greedy next tokens")
+    return line
 
 
 def _staging(directory: Path) -> Path:

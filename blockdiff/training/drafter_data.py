@@ -4,11 +4,21 @@ runs the target again.
 
 * ``read_rows``: every row of the distilled sets as ``(prompt length, ids)``, split by prompt into training and
   held-out rows (the held-out rows' continuations are never trained on);
+* ``corpus_rows``: training windows of a text corpus (``data.corpus``), labelled by the target itself: a feature
+  forward costs a few times less than writing a continuation, so the same CPU time buys more rows;
 * ``capture_features``: one target forward per batch of rows (right-padded: causal attention keeps each row's
   states exact), each target layer divided by a per-layer constant (``feature_scales``; folded into ``fc`` at save);
+  with ``labels``, also the target's greedy next token after every position (the labels of corpus rows);
 * ``draft_vocabulary``: the most frequent tokens of the training rows (EAGLE-3 / FR-Spec);
 * ``AnchorBatches``: random anchors in the continuations, turned into one forward's worth of blocks with their
   attention mask (``anchor_batch``).
+
+Targets. A distilled row's continuation is the target's own output, so draft ``k`` of a block learns the row's token
+``x_{a+k}``. A corpus row's text is not: its drafts learn the target's greedy chain from the anchor, which the labels
+give exactly as long as the text follows it. With ``g_t`` the target's greedy token after ``x_{<=t}``, draft ``k``
+learns ``g_{a+k-1}`` when ``x_{a+j} = g_{a+j-1}`` for every ``j < k``, and nothing after the first ``j`` where the text
+leaves the chain (there the target's chain is no longer the text's, and its next tokens are unknown). For a greedy
+distilled row the two rules agree.
 
 ```
 row      = prompt (p tokens) + continuation;   features H (n, F) of every token
@@ -23,25 +33,34 @@ Shape legend: ``r`` rows in a batch, ``n`` tokens (the longest row), ``A`` ancho
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from blockdiff.config.sections import DataConfig
+from blockdiff.data.corpus import load_documents, pack_documents
 from blockdiff.data.distilled import load_distilled
 from blockdiff.errors import UsageError
 from blockdiff.modeling.dflash import target_features
 
-__all__ = ["Rows", "read_rows", "save_ids", "capture_features", "feature_scales", "draft_vocabulary", "anchor_batch",
-           "AnchorBatch"]
+__all__ = ["Rows", "read_rows", "corpus_rows", "save_ids", "capture_features", "feature_scales", "draft_vocabulary",
+           "anchor_batch", "AnchorBatch"]
 
 
 @dataclass
 class Rows:
-    """Token rows: ``ids[i]`` (prompt + continuation) with its prompt length ``prompt[i]``."""
+    """Token rows: ``ids[i]`` (prompt + continuation) with its prompt length ``prompt[i]``; ``labels[i]``: the target's
+    greedy next token after each position of corpus row ``i`` (absent: the row is the target's own text)."""
 
     ids: list[list[int]]
     prompt: list[int]
+    labels: dict[int, list[int]] = field(default_factory=dict)  # row index -> labels (corpus rows only)
+
+    def extend(self, other: "Rows") -> None:
+        self.labels.update({len(self.ids) + i: x for i, x in other.labels.items()})
+        self.ids += other.ids
+        self.prompt += other.prompt
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -94,6 +113,21 @@ def read_rows(directories: list[str], val_fraction: float) -> tuple[Rows, Rows]:
     return train, held
 
 
+def corpus_rows(source: str, tokenizer, count: int, window: int, seed: int = 0) -> Rows:
+    """``count`` training windows of ``window`` tokens of the text corpus ``source``, chosen at random (``seed``),
+    each a row with a one-token prompt and no labels yet (``capture_features(labels=True)`` adds them). The corpus is
+    split as every blockdiff command splits it (``data.val_fraction``'s default); the last training window is left out
+    too, so no held-out prompt cut at another window length overlaps a row."""
+    corpus = pack_documents(load_documents(DataConfig(source=source, max_seq_len=window)), tokenizer, window,
+                            DataConfig.val_fraction)
+    usable = len(corpus.train) - 1
+    if count > usable:
+        raise UsageError(f"data.corpus_windows={count} is more than the {usable} training windows of {window} tokens "
+                         f"in {source}: lower data.corpus_windows or data.corpus_window_tokens")
+    picks = sorted(torch.randperm(usable, generator=torch.Generator().manual_seed(seed))[:count].tolist())
+    return Rows([corpus.train[i]["input_ids"].tolist() for i in picks], [1] * count)
+
+
 @torch.no_grad()
 def feature_scales(target, ids: list[int], layer_ids: list[int]) -> torch.Tensor:
     """Per-layer divisors ``(len(layer_ids),)``: each layer's median per-token RMS over ``ids`` (the first token, an
@@ -104,9 +138,10 @@ def feature_scales(target, ids: list[int], layer_ids: list[int]) -> torch.Tensor
 
 @torch.no_grad()
 def capture_features(target, rows: Rows, layer_ids: list[int], scales: torch.Tensor, batch: int,
-                     progress=None) -> list[torch.Tensor]:
+                     progress=None, labels: bool = False) -> list[torch.Tensor]:
     """``features[i]`` (n_i, F) bf16: the target's states of row ``i`` at ``layer_ids``, layer ``j`` divided by
-    ``scales[j]``."""
+    ``scales[j]``; with ``labels``, ``rows.labels[i]`` becomes the target's greedy next token after each position
+    (its logits over every position, from the same forward)."""
     width = target.config.hidden_size
     divisor = scales.repeat_interleave(width)  # (F,)
     out: list[torch.Tensor] = []
@@ -115,8 +150,13 @@ def capture_features(target, rows: Rows, layer_ids: list[int], scales: torch.Ten
         chunk = rows.ids[start : start + batch]
         n = max(len(x) for x in chunk)
         ids = torch.tensor([x + [0] * (n - len(x)) for x in chunk], device=device)  # (r, n) right-padded
-        states = target(ids, output_hidden_states=True, logits_to_keep=1).hidden_states
-        fused = (target_features(states, layer_ids).float() / divisor.to(device)).to(torch.bfloat16).cpu()  # (r,n,F)
+        result = target(ids, output_hidden_states=True, logits_to_keep=0 if labels else 1)
+        fused = (target_features(result.hidden_states, layer_ids).float() / divisor.to(device))
+        fused = fused.to(torch.bfloat16).cpu()  # (r, n, F)
+        if labels:
+            greedy = result.logits.argmax(-1).cpu()  # (r, n)
+            for i, x in enumerate(chunk):
+                rows.labels[start + i] = greedy[i, : len(x)].tolist()
         out += [fused[i, : len(x)].clone() for i, x in enumerate(chunk)]
         if progress is not None:
             progress(len(out), len(rows))
@@ -124,11 +164,13 @@ def capture_features(target, rows: Rows, layer_ids: list[int], scales: torch.Ten
 
 
 def draft_vocabulary(rows: Rows, size: int, vocab_size: int, always: tuple[int, ...] = ()) -> torch.Tensor:
-    """The ``size`` most frequent token ids of the rows' continuations (ties by id; ``always`` included), sorted;
+    """The ``size`` most frequent token ids of the rows' continuations (of a corpus row: its labels, the target's
+    tokens; ties by id; ``always`` included), sorted;
     the whole vocabulary when ``size`` is 0 or covers it."""
     if size == 0 or size >= vocab_size:
         return torch.arange(vocab_size)
-    counts = Counter(t for ids, p in zip(rows.ids, rows.prompt) for t in ids[p:])
+    counts = Counter(t for i, (ids, p) in enumerate(zip(rows.ids, rows.prompt))
+                     for t in (ids[p:] if i not in rows.labels else rows.labels[i][p - 1 :]))
     counts.update({t: 0 for t in range(vocab_size)})  # every id is a candidate, unseen ones last
     chosen = set(always) | {t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: size - len(always)]}
     return torch.tensor(sorted(chosen))
@@ -148,9 +190,11 @@ class AnchorBatch:
 
 
 def anchor_batch(features: list[torch.Tensor], rows: list[list[int]], prompts: list[int], anchors: int,
-                 block_length: int, mask_token_id: int, generator: torch.Generator) -> AnchorBatch:
+                 block_length: int, mask_token_id: int, generator: torch.Generator,
+                 labels: list[list[int] | None] | None = None) -> AnchorBatch:
     """Blocks at random anchors of each row (module docstring): up to ``anchors`` distinct anchors per row in its
-    continuation (a row with fewer positions repeats none: the extra blocks are all ignored targets)."""
+    continuation (a row with fewer positions repeats none: the extra blocks are all ignored targets); a row with
+    ``labels`` learns the target's greedy chain (module docstring, "Targets")."""
     r, l = len(rows), block_length
     n = max(len(x) for x in rows)
     q = anchors * l
@@ -171,8 +215,23 @@ def anchor_batch(features: list[torch.Tensor], rows: list[list[int]], prompts: l
             positions[i, s] = a + offsets
             inside = (a + offsets[1:] < len(ids))
             targets[i, s.start + 1 : s.stop][inside] = row[a + offsets[1:][inside]]
+            if labels is not None and labels[i] is not None:
+                targets[i, s.start + 1 : s.stop] = _chain_targets(ids, labels[i], a, l)
             mask[i, 0, s, :a] = True  # the committed tokens before the anchor
             mask[i, 0, s, n + s.start : n + s.stop] = True  # its own block
         for j in range(len(choices), anchors):  # unused blocks: see themselves only (no NaN rows)
             mask[i, 0, j * l : (j + 1) * l, n + j * l : n + (j + 1) * l] = True
     return AnchorBatch(feats, block_ids, positions, targets, mask)
+
+
+def _chain_targets(ids: list[int], labels: list[int], a: int, l: int) -> torch.Tensor:
+    """``(l - 1,)`` targets of the block at anchor ``a`` of a labelled row: ``labels[a + k - 1]`` while the text has
+    followed the target's greedy chain, -100 from the first draft after it left it or past the row."""
+    out = torch.full((l - 1,), -100, dtype=torch.long)
+    for k in range(1, l):
+        if a + k >= len(ids):
+            break
+        out[k - 1] = labels[a + k - 1]
+        if ids[a + k] != labels[a + k - 1]:  # the text leaves the chain here: later tokens are not the target's
+            break
+    return out
