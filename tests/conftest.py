@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -119,3 +121,13 @@ def train_tiny_cli_run(tmp):
                    "trainer.accelerator=cpu", f"trainer.out_dir={tmp / 'run'}"])
     assert rc == 0
     return tmp / "run"
+
+
+def idle_stats(engine, timeout: float = 30.0) -> dict:
+    """A serving engine's ``stats()`` once no job is queued or running: the last batch answers its jobs just before
+    the worker counts them, so counters read right after a response can still move."""
+    deadline = time.monotonic() + timeout
+    while (stats := engine.stats())["running"] or stats["queued"]:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.01)
+    return stats

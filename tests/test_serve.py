@@ -23,7 +23,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 import uvicorn  # noqa: E402
-from conftest import write_tiny_model_dir  # noqa: E402
+from conftest import idle_stats, write_tiny_model_dir  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from blockdiff.serving import build_engine  # noqa: E402
@@ -193,7 +193,7 @@ async def _post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
 
 def test_concurrent_requests_with_equal_settings_share_batches_and_others_do_not_mix(server):
     url, engine = server
-    before = engine.stats()
+    before = idle_stats(engine)
     same = [{"model": NAME, "prompt": f"p{i}", "max_tokens": 8, "seed": i, "temperature": 1.0} for i in range(8)]
     other = [{**b, "tau": 0.3, "prompt": f"q{i}"} for i, b in enumerate(same[:4])]
     responses = asyncio.run(_post_all(url, same + other))
@@ -255,10 +255,7 @@ def test_soak_200_requests_from_8_clients_no_error_every_response_complete_no_ca
         t.join(timeout=120)
     assert not errors, errors[:3]
     assert len(done) == 200
-    deadline = time.monotonic() + 10  # the last batch answers its jobs just before the worker counts it done
-    while engine.stats()["running"] or engine.stats()["queued"]:
-        assert time.monotonic() < deadline, engine.stats()
-        time.sleep(0.02)
+    idle_stats(engine, timeout=10)
     gc.collect()
     assert not [o for o in gc.get_objects() if isinstance(o, DynamicCache)], "a KV cache outlived its request"
 
@@ -411,7 +408,7 @@ def test_the_seed_bound_is_the_clis_and_a_requests_prompt_seeds_wrap_around(serv
 
 def test_health_counts_cancelled_requests_apart_from_completed(server):
     url, engine = server
-    before = engine.stats()
+    before = idle_stats(engine)
     body = {"model": NAME, "prompt": "x", "max_tokens": 512, "stream": True, "temperature": 1.0,
             "sampler": "first_hitting"}
     with httpx.Client(timeout=30) as http:

@@ -24,7 +24,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 import uvicorn  # noqa: E402
-from conftest import write_tiny_model_dir  # noqa: E402
+from conftest import idle_stats, write_tiny_model_dir  # noqa: E402
 
 from blockdiff.errors import UsageError  # noqa: E402
 from blockdiff.serving import build_engine  # noqa: E402
@@ -227,7 +227,7 @@ def test_cancel_mid_stream_leaves_the_engine_serving_the_next_request(plain, mon
 
     monkeypatch.setattr(Engine, "cancel", staticmethod(cancelled))
     handle = engine.models.verifier.register_forward_pre_hook(gate, with_kwargs=True)
-    before = engine.stats()
+    before = idle_stats(engine)
     try:
         body = {"model": PLAIN, "prompt": "x", "max_tokens": 28, "stream": True, "temperature": 0}
         with httpx.Client(timeout=30) as http:
