@@ -35,8 +35,8 @@ finetune: install
 	$(BIN)/blockdiff finetune
 
 # The shipped SmolLM2 drafter's recipe (configs/drafter/smollm2.yaml), from the committed token ids of SmolLM2's greedy
-# continuations of 1,024 training-split prompts (experiments/drafter_smollm2/distilled_ids.npz, made by `make distill`);
-# run again to resume.
+# continuations of 1,024 training-split prompts (experiments/drafter_smollm2/distilled_ids.npz, made by `make distill`)
+# and 768 corpus windows labelled by SmolLM2 itself; run again to resume.
 drafter: install
 	$(BIN)/blockdiff train-drafter -c configs/drafter/smollm2.yaml $(if $(wildcard runs/drafter_smollm2/checkpoints/last.ckpt),--resume)
 
