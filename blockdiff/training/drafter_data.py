@@ -117,7 +117,9 @@ def corpus_rows(source: str, tokenizer, count: int, window: int, seed: int = 0) 
     """``count`` training windows of ``window`` tokens of the text corpus ``source``, chosen at random (``seed``),
     each a row with a one-token prompt and no labels yet (``capture_features(labels=True)`` adds them). The corpus is
     split as every blockdiff command splits it (``data.val_fraction``'s default); the last training window is left out
-    too, so no held-out prompt cut at another window length overlaps a row."""
+    too, a margin for held-out splits cut at other window lengths, whose boundary rounds differently (``shakespeare``
+    at 128 tokens: the rows end before the held-out tail of every window length up to 128 and reach 128 tokens into
+    that of 256-token windows)."""
     corpus = pack_documents(load_documents(DataConfig(source=source, max_seq_len=window)), tokenizer, window,
                             DataConfig.val_fraction)
     usable = len(corpus.train) - 1
