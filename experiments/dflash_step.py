@@ -1,11 +1,11 @@
 """Where a ``dflash`` step's time goes: the drafter's forward, the verifier's forward, and the rest of the loop, each
 in units of one HF ``generate()`` decoding step measured in the same round (docs/benchmarks.md, "The dflash step").
 
-Per round: ``speculative_generate(drafter="dflash")`` on the packed SmolLM2 with the shipped drafter over the prompts,
-then HF ``generate()`` (plain, greedy) over the same prompts; the drafter's ``DFlashProposer.draft`` and the verifier's
-``CausalLMVerifier.forward`` are wrapped with a clock. A step's parts are their seconds per verifier forward divided
-by HF's seconds per token of that round, so a slow round slows both sides. Every round is reported (not only the
-median): the point is how much each part moves from round to round.
+Per round: ``bench_drafters``' ``dflash, packed`` row (``speculative_generate(drafter="dflash")`` on the packed SmolLM2
+with the shipped drafter) over the prompts, then its ``HF generate`` row (plain, greedy) over the same prompts; the
+drafter's ``DFlashProposer.draft`` and the verifier's ``CausalLMVerifier.forward`` are wrapped with a clock. A step's
+parts are their seconds per verifier forward divided by HF's seconds per token of that round, so a slow round slows both
+sides. Every round is reported (not only the median): the point is how much each part moves from round to round.
 
     python experiments/dflash_step.py                        # 4 held-out prompts, 64 new tokens, 3 rounds
     python experiments/dflash_step.py --rounds 1 --new-tokens 8   # smoke
@@ -22,14 +22,14 @@ from collections import defaultdict
 import _timing  # sorts before torch: sets OMP_WAIT_POLICY before torch loads
 import torch
 from _report import print_report, results_dir, write_report
-from _timing import clock, header
+from _timing import clock, header, warm_up
+from bench_drafters import hf_row, ours_row
 from bench_lookup import OOD_MODULES, load, prompt_sets
 from rich.console import Console
 
-from blockdiff.modeling.dflash import load_drafter, shipped_drafter
+from blockdiff.modeling.dflash import shipped_drafter
 from blockdiff.modeling.lean import pack_linears
 from blockdiff.sampling.speculative import dflash as dflash_module
-from blockdiff.sampling.speculative import speculative_generate
 from blockdiff.sampling.speculative import verify as verify_module
 
 SPENT: dict[str, float] = defaultdict(float)
@@ -61,32 +61,24 @@ def main() -> None:
     plain, tokenizer = load("smollm2")
     packed = copy.deepcopy(plain)
     pack_linears(packed)
-    network = load_drafter(args.drafter or shipped_drafter(plain), packed, lean=True)
     prompts = prompt_sets(tokenizer, 6, 32, OOD_MODULES)["held-out"][: args.num_prompts]
     eos = tokenizer.eos_token_id
+    ours = ours_row(packed, "dflash", args.new_tokens, eos, str(args.drafter or shipped_drafter(plain)))
+    hf = hf_row(plain, args.new_tokens, eos)  # both: fn(ids, seed) -> (new tokens, verifier forwards | None, _)
     clocked(dflash_module.DFlashProposer, "draft", "draft")
     clocked(verify_module.CausalLMVerifier, "forward", "verify")
-
-    def ours(ids, n):
-        return speculative_generate(packed, network, ids, drafter="dflash", max_new_tokens=n, eos_token_id=eos)
-
-    def hf(ids, n):
-        x = torch.tensor([ids])
-        return plain.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                              pad_token_id=eos)
-
-    ours(prompts[0][:8], 8), hf(prompts[0][:8], 8)  # warm-up
+    warm_up([lambda: ours(prompts[0][:8], 0), lambda: hf(prompts[0][:8], 0)])
     rounds = []
     for _ in range(args.rounds):
         SPENT.clear()
         start, forwards, tokens = clock(), 0, 0
         for ids in prompts:
-            out = ours(ids, args.new_tokens)
-            forwards, tokens = forwards + out.verifier_forwards, tokens + len(out.new_tokens(0))
+            new, used, _ = ours(ids, 0)
+            forwards, tokens = forwards + used, tokens + len(new)
         total = clock() - start
         start, hf_tokens = clock(), 0
         for ids in prompts:
-            hf_tokens += hf(ids, args.new_tokens).shape[1] - len(ids)
+            hf_tokens += len(hf(ids, 0)[0])
         hf_step = (clock() - start) / hf_tokens
         rounds.append(dict(
             x_hf=(tokens / total) * hf_step, tokens_per_forward=tokens / forwards, hf_step_ms=1e3 * hf_step,

@@ -67,8 +67,6 @@ class Prepared:
     scales: torch.Tensor  # (len(layer_ids),) feature divisors
     drafter: DFlashDrafter
     capture_seconds: float
-    corpus_rows: int  # of ``train``, the corpus rows (labelled by the target; the last ones)
-    corpus_tokens: int
 
 
 def pick_mask_token(tokenizer, rows: Rows, wanted: int | None) -> int:
@@ -118,8 +116,6 @@ def prepare(config: DrafterConfig, progress=None) -> Prepared:
               if data.corpus_windows else Rows([], []))
     net = config.net
     layer_ids = default_layer_ids(target.config.num_hidden_layers, net.target_layers)
-    mask_id = pick_mask_token(tokenizer, Rows(train.ids + corpus.ids, train.prompt + corpus.prompt),
-                              net.mask_token_id)
     scales = feature_scales(target, train.ids[0], layer_ids)
     start = time.perf_counter()
     batch = data.feature_batch
@@ -127,6 +123,7 @@ def prepare(config: DrafterConfig, progress=None) -> Prepared:
     train_f += capture_features(target, corpus, layer_ids, scales, batch, progress, labels=True)
     held_f = capture_features(target, held, layer_ids, scales, batch)
     train.extend(corpus)
+    mask_id = pick_mask_token(tokenizer, train, net.mask_token_id)
     vocab = draft_vocabulary(train, net.draft_vocab, target.get_output_embeddings().weight.shape[0])
     cfg = drafter_config(target.config, num_layers=net.num_layers, layer_ids=layer_ids, block_length=net.block_length,
                          mask_token_id=mask_id, draft_vocab=len(vocab) if net.draft_vocab else 0,
@@ -136,8 +133,7 @@ def prepare(config: DrafterConfig, progress=None) -> Prepared:
         drafter.draft_ids.copy_(vocab)
     embed = target.get_input_embeddings().weight.detach().clone()
     head = target.get_output_embeddings().weight.detach().clone()
-    return Prepared(train, held, train_f, held_f, embed, head, scales, drafter, time.perf_counter() - start,
-                    len(corpus), corpus.tokens)
+    return Prepared(train, held, train_f, held_f, embed, head, scales, drafter, time.perf_counter() - start)
 
 
 class DrafterModule(L.LightningModule):
@@ -275,7 +271,8 @@ def train_drafter(config: DrafterConfig, resume: bool = False, progress=None) ->
         "best_accept": float(best.best_model_score) if best.best_model_score is not None else None,
         "early_stopped": stop.wait_count >= stop.patience,
         "train_rows": len(prep.train), "train_tokens": prep.train.tokens, "held_rows": len(prep.held),
-        "corpus_rows": prep.corpus_rows, "corpus_tokens": prep.corpus_tokens,
+        "corpus_rows": len(prep.train.labels),  # the labelled rows are the corpus's
+        "corpus_tokens": sum(len(prep.train.ids[i]) for i in prep.train.labels),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},

@@ -215,10 +215,11 @@ def anchor_batch(features: list[torch.Tensor], rows: list[list[int]], prompts: l
             s = slice(j * l, (j + 1) * l)
             block_ids[i, s.start] = ids[a]
             positions[i, s] = a + offsets
-            inside = (a + offsets[1:] < len(ids))
-            targets[i, s.start + 1 : s.stop][inside] = row[a + offsets[1:][inside]]
             if labels is not None and labels[i] is not None:
                 targets[i, s.start + 1 : s.stop] = _chain_targets(ids, labels[i], a, l)
+            else:
+                inside = (a + offsets[1:] < len(ids))
+                targets[i, s.start + 1 : s.stop][inside] = row[a + offsets[1:][inside]]
             mask[i, 0, s, :a] = True  # the committed tokens before the anchor
             mask[i, 0, s, n + s.start : n + s.stop] = True  # its own block
         for j in range(len(choices), anchors):  # unused blocks: see themselves only (no NaN rows)
